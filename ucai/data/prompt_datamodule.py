@@ -1,0 +1,152 @@
+"""`PromptDataModule`: prompts for the generating stages (predict) and for PPO (fit).
+
+Batches are lists of row dicts (``id``, ``prompt``, ``principle`` ...), not tensors:
+each stage tokenises for its own model and chat template. The held-out split is chosen
+by a hash of the prompt id, so it is the same set whatever the file order, the
+principle filter or the number of devices — PPO never trains on a prompt that
+evaluation later uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from typing import Literal
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from ucai.data.prompts import DEFAULT_PROMPTS, PromptRecord, read_prompts
+
+log = logging.getLogger(__name__)
+
+Split = Literal["all", "train", "heldout"]
+
+
+def is_heldout(prompt_id: str, fraction: float, seed: int = 0) -> bool:
+    """Whether an id falls in the held-out fraction (stable across runs and machines)."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+class _Rows(Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+
+def _as_list(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts from a JSONL/CSV/JSON/text file, filtered and split.
+
+    Args:
+        path: prompt file (any format `read_prompts` accepts); the shipped default set
+            is ``data/red_team_prompts.jsonl``.
+        principles: keep only prompts tagged with these principles (``none`` is the tag
+            of benign controls); null keeps all.
+        split: ``all``, ``train`` (drops the held-out prompts) or ``heldout``.
+        heldout_fraction: share of prompts reserved for evaluation, by id hash.
+        split_seed: salt of the id hash; change it to draw another held-out set.
+        limit: keep at most this many prompts after filtering (small demo runs).
+        batch_size: prompts per batch.
+        num_workers: DataLoader workers (reading is cheap; 0 is usually right).
+        empty: ``error`` stops at the first empty prompt naming file and line;
+            ``drop`` skips empty prompts.
+        max_chars: drop prompts longer than this many characters.
+        shuffle: shuffle training batches (fit only; predict keeps file order).
+    """
+
+    def __init__(
+        self,
+        path: str = DEFAULT_PROMPTS,
+        principles: list[str] | None = None,
+        split: Split = "all",
+        heldout_fraction: float = 0.1,
+        split_seed: int = 0,
+        limit: int | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        empty: Literal["drop", "error"] = "error",
+        max_chars: int | None = 2000,
+        shuffle: bool = True,
+    ):
+        super().__init__()
+        self.path = path
+        self.principles = principles
+        self.split = split
+        self.heldout_fraction = heldout_fraction
+        self.split_seed = split_seed
+        self.limit = limit
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.empty = empty
+        self.max_chars = max_chars
+        self.shuffle = shuffle
+        self.records: list[PromptRecord] | None = None
+        self._skip: set = set()
+
+    def load(self) -> list[PromptRecord]:
+        """Read, filter and split the prompts (cached)."""
+        if self.records is None:
+            records = read_prompts(
+                self.path, empty=self.empty, max_chars=self.max_chars, principles=self.principles
+            )
+            if self.split != "all":
+                want_heldout = self.split == "heldout"
+                records = [
+                    r
+                    for r in records
+                    if is_heldout(r.id, self.heldout_fraction, self.split_seed) == want_heldout
+                ]
+            if self.limit is not None:
+                records = records[: self.limit]
+            self.records = records
+            counts = Counter(r.principle or "untagged" for r in records)
+            log.info("%d prompts from %s (%s split): %s", len(records), self.path, self.split, dict(counts))
+        return self.records
+
+    @property
+    def all_ids(self) -> list[str]:
+        return [r.id for r in self.load()]
+
+    def skip_ids(self, ids) -> None:
+        """Leave these ids out of the next dataloader (finished rows of a resumed run)."""
+        self._skip = set(ids)
+
+    def rows(self) -> list[dict]:
+        return [r.to_row() for r in self.load() if r.id not in self._skip]
+
+    def setup(self, stage: str) -> None:
+        self.load()
+
+    def _loader(self, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            _Rows(self.rows()),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=_as_list,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.shuffle)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(False)

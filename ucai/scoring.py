@@ -1,0 +1,100 @@
+"""Multiple-choice scoring with a causal LM, the way the Constitutional AI paper does it.
+
+The model reads a question whose options are labelled ``(A)``, ``(B)``, ... and the text
+ends just before the answer label. The next-token log-probabilities of the option
+labels, normalised over the options only, give a distribution over the options. Small
+models prefer some positions regardless of content, so callers ask the question under
+several option orders (`cyclic_orders`: each option in each position once) and
+average the per-option probabilities (`average_over_orders`), which cancels a pure
+position bias exactly.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+OPTION_LETTERS = string.ascii_uppercase
+
+
+def option_token_ids(tokenizer, labels: list[str]) -> list[int]:
+    """The first token id of each option label; labels must start with distinct tokens."""
+    ids = []
+    for label in labels:
+        tokens = tokenizer(label, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise ValueError(f"option label {label!r} tokenises to nothing")
+        ids.append(tokens[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"option labels {labels} do not start with distinct tokens")
+    return ids
+
+
+@torch.no_grad()
+def option_probabilities(model, tokenizer, prompts: list[str], labels: list[str], max_length: int | None = None) -> torch.Tensor:
+    """Probability of each option label as the next token, normalised over the options.
+
+    Args:
+        prompts: B rendered texts, each ending right before the answer label.
+        labels: K option labels as they would be written next (e.g. ``["A", "B"]``).
+    Returns:
+        (B, K) float32 rows summing to 1.
+    """
+    label_ids = torch.tensor(option_token_ids(tokenizer, labels))
+    side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"  # last position = next token
+    try:
+        batch = tokenizer(
+            prompts,
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+            truncation=max_length is not None,
+            max_length=max_length,
+        )
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(**batch, use_cache=False).logits[:, -1, :]  # (B, V)
+    finally:
+        model.train(was_training)
+    option_logits = logits.float()[:, label_ids.to(device)]  # (B, K)
+    return torch.softmax(option_logits, dim=-1).cpu()
+
+
+def cyclic_orders(k: int) -> list[list[int]]:
+    """K orders of K options in which every option takes every position exactly once.
+
+    ``orders[s][position]`` is the option shown at ``position`` in order ``s``.
+    """
+    return [[(position + shift) % k for position in range(k)] for shift in range(k)]
+
+
+def average_over_orders(probs_per_order: list[torch.Tensor], orders: list[list[int]]) -> torch.Tensor:
+    """Map per-position probabilities back to options and average over the orders.
+
+    Args:
+        probs_per_order: one (B, K) tensor per order; column ``position`` is the
+            probability of the option shown at that position.
+        orders: the orders used, as from `cyclic_orders`.
+    Returns:
+        (B, K) probabilities per option (column ``i`` is option ``i``).
+    """
+    total = torch.zeros_like(probs_per_order[0])
+    for probs, order in zip(probs_per_order, orders):
+        total[:, order] += probs
+    return total / len(orders)
+
+
+def position_bias(probs_per_order: list[torch.Tensor]) -> float:
+    """Mean probability given to the first position across all orders, minus 1/K.
+
+    0 means no preference for the first slot; 1 - 1/K means the model always picks it.
+    """
+    first = torch.cat([p[:, 0] for p in probs_per_order])
+    return float(first.mean() - 1.0 / probs_per_order[0].shape[1])

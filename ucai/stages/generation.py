@@ -1,0 +1,399 @@
+"""Batched generation and the resumable, rank-sharded prediction writer.
+
+Every generating stage (answering, critique → revision, preference sampling, PPO
+rollouts, evaluation) shares these pieces; stages never import each other.
+
+* `GenerationSettings` — sampling options, one dataclass so configs read the same in
+  every stage.
+* `generate` — left-padded batched ``model.generate`` with KV cache that stops at eos
+  and returns the completions cut at the first end-of-turn token, plus token counts.
+* `ResumableJsonlWriter` — a `BasePredictionWriter`: each rank appends finished rows to
+  its own shard (``<output>.shards/rank-N.jsonl``, fsynced per batch, repaired after
+  ``kill -9``); on a rerun the finished ids are skipped; when every id is done, rank 0
+  merges the shards in input order into the final JSONL (and CSV) atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+
+from ucai.data.io import ResumableJsonl, write_csv, write_jsonl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Sampling settings.
+
+    Args:
+        max_new_tokens: longest completion, in tokens.
+        do_sample: sample (true) or decode greedily (false).
+        temperature: softmax temperature when sampling.
+        top_p: nucleus sampling mass; 1.0 disables it.
+        top_k: keep the k most likely tokens; 0 disables it.
+        repetition_penalty: >1 discourages repeats (small models loop without it).
+    """
+
+    max_new_tokens: int = 128
+    do_sample: bool = True
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    def to_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        else:  # silence transformers' warnings about unused sampling flags
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+@dataclass
+class Generated:
+    """Output of `generate` for a batch of B prompts.
+
+    Attributes:
+        texts: B completions, cut at the first eos and stripped.
+        sequences: (B, P + T) prompt and completion ids (prompt left-padded, completion
+            right-padded with pad after eos).
+        prompt_length: P, the padded prompt width.
+        completion_mask: (B, T) 1 for completion tokens up to and including eos.
+        finished: (B,) whether each completion reached eos.
+    """
+
+    texts: list[str]
+    sequences: torch.Tensor
+    prompt_length: int
+    completion_mask: torch.Tensor
+    finished: torch.Tensor
+
+    @property
+    def completion_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+
+def eos_ids(tokenizer, model=None) -> list[int]:
+    """All token ids that end a turn: the tokenizer's eos plus the model's generation eos."""
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif isinstance(config_eos, (list, tuple)):
+        ids.update(config_eos)
+    return sorted(i for i in ids if i is not None)
+
+
+def completion_mask_from(completions: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of real completion tokens: everything up to and including the first stop id.
+
+    Args:
+        completions: (B, T) generated ids (after the prompt).
+        stop_ids: ids that end a turn.
+    Returns:
+        mask: (B, T) long, 1 up to and including the first stop token, 0 after.
+        finished: (B,) bool, whether a stop token occurred.
+    """
+    is_stop = torch.isin(completions, torch.tensor(stop_ids, device=completions.device))
+    # Number of stop tokens strictly before each position; real tokens have none.
+    stops_before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
+    mask = (stops_before == 0).long()
+    return mask, is_stop.any(dim=1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    settings: GenerationSettings,
+    synced_gpus: bool = False,
+    max_prompt_tokens: int | None = None,
+) -> Generated:
+    """Generate one completion per already-rendered prompt, batched.
+
+    Prompts are left-padded (generation appends on the right), the model runs in eval
+    mode with the KV cache, and each row stops at eos. ``synced_gpus`` keeps FSDP ranks
+    stepping together until every rank is done, so sharded generation cannot hang.
+    """
+    was_training = model.training
+    model.eval()
+    side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
+    # Pad and truncate on the left: generation continues the right end of the prompt.
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
+    try:
+        device = next(model.parameters()).device
+        encoded = tokenizer(
+            prompts,
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+            truncation=max_prompt_tokens is not None,
+            max_length=max_prompt_tokens,
+        ).to(device)
+        stop_ids = eos_ids(tokenizer, model)
+        sequences = model.generate(
+            **encoded,
+            **settings.to_kwargs(),
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            synced_gpus=synced_gpus,
+        )
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
+        model.train(was_training)
+    prompt_length = encoded["input_ids"].shape[1]
+    completions = sequences[:, prompt_length:]
+    mask, finished = completion_mask_from(completions, stop_ids)
+    texts = []
+    for row, row_mask in zip(completions, mask):
+        ids = row[row_mask.bool()].tolist()
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return Generated(texts, sequences, prompt_length, mask, finished)
+
+
+_ECHO = re.compile(
+    r"^\s*(?:\*\*)?(?:revision|revised response|critique|response|answer|assistant)(?:\*\*)?\s*:\s*(?:\*\*)?\s*",
+    re.IGNORECASE,
+)
+
+
+def strip_echo(text: str, extra_prefixes: tuple[str, ...] = ()) -> str:
+    """Remove a label the model echoed at the start, such as ``Revision:`` or ``Critique:``.
+
+    Small models often repeat the request's label before answering; the label is not
+    part of the answer and would otherwise be learned by SFT.
+    """
+    previous = None
+    while previous != text:
+        previous = text
+        text = _ECHO.sub("", text, count=1)
+        for prefix in extra_prefixes:
+            if text.lower().startswith(prefix.lower()):
+                text = text[len(prefix) :].lstrip()
+    return text.strip()
+
+
+def synced_gpus_needed(trainer) -> bool:
+    """FSDP shards weights across ranks: every rank must run the same number of forwards."""
+    if trainer is None or trainer.world_size <= 1:
+        return False
+    return "FSDP" in type(trainer.strategy).__name__
+
+
+class ResumableJsonlWriter(BasePredictionWriter):
+    """Append each rank's finished rows to a shard; merge into one file when complete.
+
+    The stage's ``predict_step`` returns a list of row dicts (each with ``id``). The
+    merged file keeps the input order given by ``trainer.datamodule.all_ids`` when the
+    datamodule has it.
+    """
+
+    def __init__(self, output: str | Path, csv: bool = True, csv_columns: list[str] | None = None):
+        super().__init__(write_interval="batch")
+        self.output = Path(output)
+        self.csv = csv
+        self.csv_columns = csv_columns
+        self.rows_written = 0
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.output.with_name(self.output.name + ".shards")
+
+    def _shard(self, rank: int) -> ResumableJsonl:
+        return ResumableJsonl(self.shard_dir / f"rank-{rank}.jsonl")
+
+    def finished_rows(self) -> list[dict]:
+        """Rows of a previous complete output (if any) followed by every shard's rows."""
+        rows = ResumableJsonl(self.output).rows() if self.output.exists() else []
+        if self.shard_dir.is_dir():
+            for shard in sorted(self.shard_dir.glob("rank-*.jsonl")):
+                rows.extend(ResumableJsonl(shard).rows())
+        return rows
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        datamodule = trainer.datamodule
+        done = {row.get("id") for row in self.finished_rows()}
+        if done and hasattr(datamodule, "skip_ids"):
+            datamodule.skip_ids(done)
+            if trainer.is_global_zero:
+                log.info("resuming: %d rows already in %s", len(done), self.shard_dir)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if not prediction:
+            return
+        self._shard(trainer.global_rank).append(prediction)
+        self.rows_written += len(prediction)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        trainer.strategy.barrier("ucai-merge")
+        if trainer.is_global_zero:
+            self.merge(getattr(trainer.datamodule, "all_ids", None))
+        trainer.strategy.barrier("ucai-merged")
+
+    def merge(self, expected_ids: list | None = None) -> bool:
+        """Write the final file if every expected id is done; returns whether it did."""
+        rows: dict[Any, dict] = {}
+        for row in self.finished_rows():
+            rows.setdefault(row.get("id"), row)  # first copy wins; a duplicate cannot arise twice
+        if not rows:
+            return self.output.exists()
+        if expected_ids is not None:
+            missing = [i for i in expected_ids if i not in rows]
+            if missing:
+                log.warning(
+                    "%d of %d rows done; rerun the same command to finish %s",
+                    len(expected_ids) - len(missing), len(expected_ids), self.output,
+                )
+                return False
+            order = {i: n for n, i in enumerate(expected_ids)}
+            ordered = sorted((r for r in rows.values() if r.get("id") in order), key=lambda r: order[r["id"]])
+        else:
+            ordered = list(rows.values())
+        write_jsonl(self.output, ordered)
+        if self.csv:
+            write_csv(self.output.with_suffix(".csv"), ordered, self.csv_columns)
+        if self.shard_dir.is_dir():
+            for shard in self.shard_dir.glob("*"):
+                shard.unlink()
+            self.shard_dir.rmdir()
+        log.info("wrote %d rows to %s", len(ordered), self.output)
+        return True
+
+
+class ThroughputMeter:
+    """Counts prompts and tokens per second for the progress bar."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.prompts = 0
+        self.tokens = 0
+
+    def add(self, prompts: int, tokens: int) -> dict[str, float]:
+        self.prompts += prompts
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {"prompts/s": self.prompts / elapsed, "tok/s": self.tokens / elapsed}
+
+
+class GenerationProgressBar(TQDMProgressBar):
+    """Progress bar whose postfix shows prompts/s and tokens/s during predict."""
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        rates = getattr(pl_module, "throughput", None)
+        if rates is not None and self.predict_progress_bar is not None:
+            self.predict_progress_bar.set_postfix(
+                {key: f"{value:.1f}" for key, value in rates.items()}, refresh=False
+            )
+
+
+def predict_callbacks(
+    trainer, output: str | Path, csv: bool = True, csv_columns: list[str] | None = None
+) -> list:
+    """The callbacks every generating stage returns from ``configure_callbacks``."""
+    callbacks: list = [ResumableJsonlWriter(output, csv=csv, csv_columns=csv_columns)]
+    # Only the TQDM bar is replaced; a Rich bar or none at all is left as configured.
+    if trainer is not None and isinstance(trainer.progress_bar_callback, TQDMProgressBar):
+        callbacks.append(GenerationProgressBar())
+    return callbacks
+
+
+def module_device_dtype(module: L.LightningModule) -> tuple[torch.device, torch.dtype]:
+    parameter = next(module.parameters())
+    return parameter.device, parameter.dtype
+
+
+class GeneratingModule(L.LightningModule):
+    """Base of the predict stages: loads one causal LM and writes rows resumably.
+
+    Subclasses implement ``predict_step(batch, batch_idx) -> list[dict]``, calling
+    `self.generate(prompts)` and `self.count(...)`. The model is built in
+    ``configure_model`` with the dtype of the trainer's precision, so the same config
+    runs in fp32 on a laptop and bf16 on a GPU.
+
+    Args:
+        model: model alias, local folder or Hugging Face id.
+        output: the JSONL file this stage produces (a CSV twin is written beside it).
+        generation: sampling settings.
+        system_prompt: system message of every conversation (null: the template default).
+        max_prompt_tokens: prompts longer than this are truncated from the left.
+        trust_remote_code: allow custom model code from the hub (off unless you ask).
+    """
+
+    csv_columns: list[str] | None = None
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        output: str = "lightning_logs/data/answers.jsonl",
+        generation: GenerationSettings = GenerationSettings(),
+        system_prompt: str | None = "You are a helpful assistant.",
+        max_prompt_tokens: int | None = 1024,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        self.model_name = model
+        self.output = output
+        self.generation = generation
+        self.system_prompt = system_prompt
+        self.max_prompt_tokens = max_prompt_tokens
+        self.trust_remote_code = trust_remote_code
+        self.lm = None
+        self.tokenizer = None
+        self.throughput: dict[str, float] | None = None
+        self._meter: ThroughputMeter | None = None
+
+    def configure_model(self) -> None:
+        if self.lm is not None:
+            return
+        from ucai.models import dtype_from_precision, load_causal_lm, load_tokenizer, trainer_precision
+
+        self.tokenizer = load_tokenizer(self.model_name, trust_remote_code=self.trust_remote_code)
+        self.lm = load_causal_lm(
+            self.model_name,
+            dtype=dtype_from_precision(trainer_precision(self)),
+            trust_remote_code=self.trust_remote_code,
+        )
+        self.lm.eval()
+
+    def configure_callbacks(self):
+        return predict_callbacks(self._trainer, self.output, csv_columns=self.csv_columns)
+
+    def on_predict_start(self) -> None:
+        self._meter = ThroughputMeter()
+
+    def generate(self, prompts: list[str], settings: GenerationSettings | None = None) -> Generated:
+        """Generate for rendered prompts and update the prompts/s and tokens/s counters."""
+        result = generate(
+            self.lm,
+            self.tokenizer,
+            prompts,
+            settings or self.generation,
+            synced_gpus=synced_gpus_needed(self._trainer),
+            max_prompt_tokens=self.max_prompt_tokens,
+        )
+        if self._meter is None:
+            self._meter = ThroughputMeter()
+        self.throughput = self._meter.add(0, result.completion_tokens)
+        return result
+
+    def count_prompts(self, n: int) -> None:
+        if self._meter is not None:
+            self.throughput = self._meter.add(n, 0)
