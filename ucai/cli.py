@@ -50,6 +50,13 @@ TRAINER_DEFAULTS = {
 }
 
 
+DESCRIPTION = (
+    "ucai: Constitutional AI and its mirror image as Lightning stages. "
+    "Subcommands: fit (sft, reward, ppo), predict (categorise, critique-revision, preferences), "
+    "test (evaluation); `ucai pipeline --config configs/pipeline/demo.yaml` runs every stage."
+)
+
+
 class UcaiCLI(LightningCLI):
     """LightningCLI with ucai's defaults: subclass mode, TensorBoard, overwrite-able configs."""
 
@@ -62,6 +69,7 @@ class UcaiCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=0,
+            parser_kwargs={"prog": "ucai", "description": DESCRIPTION},
             args=args,
             run=run,
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import os
 import tempfile
@@ -23,27 +22,36 @@ from typing import Any
 from ucai.errors import UcaiError, located
 
 
-def open_text(path: str | Path):
-    """Open a text file for reading, transparently un-gzipping ``.gz`` files."""
-    path = Path(path)
+def read_text(path: str | Path) -> str:
+    """The whole file as text (``.gz`` un-gzipped); a bad byte names its line."""
+    return "".join(line + "\n" for _, line in iter_lines(path))
+
+
+def _open_binary(path: Path):
     if not path.exists():
         raise UcaiError(f"{path}: file not found")
     if path.is_dir():
         raise UcaiError(f"{path}: is a folder, expected a file")
-    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", newline="")
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """Yield ``(line_number, line)`` with the newline removed; bad UTF-8 names the line."""
+    """Yield ``(line_number, line)`` with the newline removed.
+
+    Lines are decoded one at a time so that a non-UTF-8 byte is reported on its own
+    line rather than wherever a decoding buffer happened to end.
+    """
+    path = Path(path)
     line_number = 0
-    with open_text(path) as handle:
+    with _open_binary(path) as handle:
         try:
-            for line_number, line in enumerate(handle, start=1):
-                yield line_number, line.rstrip("\r\n")
-        except UnicodeDecodeError as exc:
-            raise located(path, line_number + 1, f"not valid UTF-8 ({exc.reason})") from None
-        except (OSError, EOFError) as exc:  # truncated gzip
+            for line_number, raw in enumerate(handle, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise located(path, line_number, f"not valid UTF-8 ({exc.reason})") from None
+                yield line_number, text.rstrip("\r\n")
+        except (OSError, EOFError) as exc:  # truncated or corrupt gzip
             raise located(path, line_number + 1, f"could not be read ({exc})") from None
 
 
@@ -135,19 +143,16 @@ def write_csv(path: str | Path, rows: Sequence[dict], columns: Sequence[str] | N
 def read_csv(path: str | Path, required: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, row)`` from a CSV with a header; missing columns are an error."""
     path = Path(path)
-    with open_text(path) as handle:
-        try:
-            reader = csv.DictReader(handle)
-            header = reader.fieldnames or []
-            missing = [key for key in required if key not in header]
-            if missing:
-                raise located(path, 1, f"missing column(s) {', '.join(map(repr, missing))}; header is {header}")
-            for row in reader:
-                yield reader.line_num, row
-        except UnicodeDecodeError as exc:
-            raise located(path, None, f"not valid UTF-8 ({exc.reason})") from None
-        except csv.Error as exc:
-            raise located(path, None, f"malformed CSV ({exc})") from None
+    reader = csv.DictReader(line + "\n" for _, line in iter_lines(path))
+    try:
+        header = reader.fieldnames or []
+        missing = [key for key in required if key not in header]
+        if missing:
+            raise located(path, 1, f"missing column(s) {', '.join(map(repr, missing))}; header is {header}")
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as exc:
+        raise located(path, reader.line_num, f"malformed CSV ({exc})") from None
 
 
 class ResumableJsonl:

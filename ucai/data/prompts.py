@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ucai.data.io import iter_lines, open_text, read_csv, read_jsonl
+from ucai.data.io import iter_lines, read_csv, read_jsonl, read_text
 from ucai.errors import UcaiError, located
 from ucai.resources import resolve_shipped
 
@@ -113,13 +113,10 @@ def _iter_raw(path: Path) -> Iterator[tuple[int | None, PromptRecord]]:
         for line, row in read_jsonl(path):
             yield line, _records_from_object(path, line, row, source)
     elif name.endswith((".json", ".json.gz")):
-        with open_text(path) as handle:
-            try:
-                data = json.load(handle)
-            except json.JSONDecodeError as exc:
-                raise located(path, exc.lineno, f"invalid JSON ({exc.msg})") from None
-            except UnicodeDecodeError as exc:
-                raise located(path, None, f"not valid UTF-8 ({exc.reason})") from None
+        try:
+            data = json.loads(read_text(path))
+        except json.JSONDecodeError as exc:
+            raise located(path, exc.lineno, f"invalid JSON ({exc.msg})") from None
         if not isinstance(data, list):
             raise located(path, None, "expected a JSON array of objects")
         for index, row in enumerate(data):

@@ -1,0 +1,100 @@
+"""Atomic files, the kill-9-proof append log, completion masks and the shard merge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ucai.data.io import ResumableJsonl, atomic_output, load_jsonl, write_csv, write_jsonl
+from ucai.errors import UcaiError
+from ucai.stages.generation import (
+    GenerationSettings,
+    ResumableJsonlWriter,
+    completion_mask_from,
+    generate,
+)
+
+
+def test_atomic_output_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_jsonl(path, [{"id": 1}])
+    with pytest.raises(RuntimeError):
+        with atomic_output(path) as handle:
+            handle.write("partial")
+            raise RuntimeError("crash")
+    assert load_jsonl(path) == [{"id": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_csv_twin_encodes_lists_as_json(tmp_path):
+    path = tmp_path / "x.csv"
+    write_csv(path, [{"id": "a", "critiques": ["c1", "c2"]}])
+    assert path.read_text().splitlines()[1] == 'a,"[""c1"", ""c2""]"'
+
+
+def test_empty_jsonl_is_an_error(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text("\n")
+    with pytest.raises(UcaiError, match="file is empty"):
+        load_jsonl(path)
+
+
+def test_resumable_jsonl_cuts_a_torn_last_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = ResumableJsonl(path)
+    log.append([{"id": "a"}, {"id": "b"}])
+    with open(path, "a") as handle:
+        handle.write('{"id": "c", "tex')  # killed mid-write
+    reopened = ResumableJsonl(path)
+    assert reopened.done_ids() == {"a", "b"}
+    reopened.append([{"id": "c"}])
+    assert [row["id"] for row in reopened.rows()] == ["a", "b", "c"]
+
+
+def test_completion_mask_includes_first_eos_only():
+    eos = 2
+    completions = torch.tensor(
+        [
+            [5, 6, eos, 0, 0],  # stops, then padding
+            [5, 6, 7, 8, 9],  # never stops
+            [eos, 0, 0, 0, 0],  # empty answer
+        ]
+    )
+    mask, finished = completion_mask_from(completions, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert finished.tolist() == [True, False, True]
+
+
+def test_batched_generation_matches_one_at_a_time(tiny_model, tiny_tokenizer):
+    """Left padding must not change greedy outputs: batch results equal single runs."""
+    prompts = ["<|im_start|>user\nhi<|im_end|>\n", "<|im_start|>user\na longer question here<|im_end|>\n"]
+    settings = GenerationSettings(max_new_tokens=6, do_sample=False)
+    batched = generate(tiny_model, tiny_tokenizer, prompts, settings)
+    singles = [generate(tiny_model, tiny_tokenizer, [p], settings).texts[0] for p in prompts]
+    assert batched.texts == singles
+    assert batched.completion_mask.shape[0] == 2
+
+
+def _writer_with_shards(tmp_path, shards: dict[int, list[dict]]) -> ResumableJsonlWriter:
+    writer = ResumableJsonlWriter(tmp_path / "out.jsonl")
+    for rank, rows in shards.items():
+        ResumableJsonl(writer.shard_dir / f"rank-{rank}.jsonl").append(rows)
+    return writer
+
+
+def test_merge_orders_by_input_and_drops_duplicates(tmp_path):
+    writer = _writer_with_shards(
+        tmp_path, {0: [{"id": "c"}, {"id": "a", "v": 1}], 1: [{"id": "b"}, {"id": "a", "v": 2}]}
+    )
+    assert writer.merge(["a", "b", "c"])
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b", "c"] and rows[0]["v"] == 1
+    assert (tmp_path / "out.csv").exists() and not writer.shard_dir.exists()
+
+
+def test_merge_waits_until_every_id_is_done(tmp_path):
+    writer = _writer_with_shards(tmp_path, {0: [{"id": "a"}]})
+    assert not writer.merge(["a", "b"])
+    assert not (tmp_path / "out.jsonl").exists() and writer.shard_dir.exists()

@@ -1,0 +1,379 @@
+"""Preference pairs for reward-model training, and prompt/response rows for scoring.
+
+`PreferenceDataModule` reads
+
+* ucai preference files (``prompt``, ``chosen``, ``rejected``, optional ``p_chosen``,
+  which defaults to 1.0 — a hard label), written by the preference stage;
+* Anthropic hh-rlhf files (``chosen``/``rejected`` transcripts, ``.jsonl`` or
+  ``.jsonl.gz``): the turns both transcripts share are the conversation, the final
+  assistant reply of each is the response.
+
+Each side of each pair is rendered with the reward backbone's chat template (plain
+transcript text for encoders, see `ucai.reward_scoring.render_for_reward`) and
+tokenised ONCE in ``setup``. Batches hold pairs of similar length (length-sorted
+buckets), which removes most of the padding a random batch carries; the buckets are
+fixed, the order of the batches is shuffled each epoch by the (distributed) sampler,
+so DDP shards batches like any dataset.
+
+`ResponseDataModule` reads prompt/response rows for ``ucai predict`` scoring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ucai.chat import DEFAULT_SYSTEM_PROMPT
+from ucai.data.io import read_jsonl
+from ucai.data.prompt_datamodule import is_heldout
+from ucai.data.prompts import parse_transcript
+from ucai.errors import UcaiError, located
+from ucai.reward_scoring import render_for_reward, tokenize_for_reward
+
+log = logging.getLogger(__name__)
+
+MADE_BY = "the preference stage (ucai predict --config configs/preferences_<side>.yaml)"
+
+
+@dataclass
+class PreferencePair:
+    """One preference: ``conversation`` (messages ending with a user turn) and two replies."""
+
+    id: str
+    conversation: list[dict[str, str]]
+    chosen: str
+    rejected: str
+    p_chosen: float = 1.0
+
+
+def _pair_id(chosen: str, rejected: str) -> str:
+    return "hh-" + hashlib.sha1(f"{chosen}\0{rejected}".encode()).hexdigest()[:12]
+
+
+def _string(path, line, row, key) -> str:
+    value = row[key]
+    if not isinstance(value, str):
+        raise located(path, line, f"field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _from_transcripts(path, line, chosen: str, rejected: str) -> PreferencePair | None:
+    """Split two hh-rlhf transcripts into the shared conversation and the two final replies.
+
+    Returns None (the caller counts it) when the transcripts do not end in an
+    assistant turn or differ before their final replies.
+    """
+    c, r = parse_transcript(chosen), parse_transcript(rejected)
+    if not c or not r or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
+        return None
+    if c[:-1] != r[:-1] or not c[:-1] or c[-2]["role"] != "user":
+        return None
+    return PreferencePair(_pair_id(chosen, rejected), c[:-1], c[-1]["content"], r[-1]["content"])
+
+
+def read_preferences(path: str | Path, limit: int | None = None) -> list[PreferencePair]:
+    """Read a ucai preference file or an hh-rlhf file (detected per line).
+
+    Pairs whose two responses are identical carry no preference and are dropped, as
+    are hh-rlhf rows whose transcripts differ before the last reply; both are counted
+    in the log. A bad line is one `UcaiError` naming file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UcaiError(f"{path}: preference file not found; it is made by {MADE_BY}")
+    pairs: list[PreferencePair] = []
+    skipped = {"identical responses": 0, "transcripts differ before the last reply": 0}
+    seen: set[str] = set()
+    for line, row in read_jsonl(path):
+        if "chosen" not in row or "rejected" not in row:
+            raise located(path, line, "missing field(s) 'chosen' and/or 'rejected'")
+        chosen, rejected = _string(path, line, row, "chosen"), _string(path, line, row, "rejected")
+        if "prompt" in row:
+            prompt = row["prompt"]
+            if isinstance(prompt, str):
+                conversation = [{"role": "user", "content": prompt}]
+            elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+                conversation = [{"role": m["role"], "content": m["content"]} for m in prompt]
+            else:
+                raise located(path, line, "field 'prompt' must be a string or a list of chat messages")
+            p = row.get("p_chosen", 1.0)
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+                raise located(path, line, f"field 'p_chosen' must be a number in [0, 1], got {p!r}")
+            pair = PreferencePair(str(row.get("id", f"line-{line}")), conversation, chosen, rejected, float(p))
+        else:
+            pair = _from_transcripts(path, line, chosen, rejected)
+            if pair is None:
+                skipped["transcripts differ before the last reply"] += 1
+                continue
+        if pair.chosen.strip() == pair.rejected.strip():
+            skipped["identical responses"] += 1
+            continue
+        if pair.id in seen:
+            pair.id = f"{pair.id}-line-{line}"
+        seen.add(pair.id)
+        pairs.append(pair)
+        if limit is not None and len(pairs) >= limit:
+            break
+    if not pairs:
+        raise UcaiError(f"{path}: no usable preference pairs")
+    if any(skipped.values()):
+        log.info("%s: skipped %s", path, ", ".join(f"{n} with {why}" for why, n in skipped.items() if n))
+    return pairs
+
+
+class _Batches(Dataset):
+    """A dataset whose items are whole, already-padded batches (see the module docstring)."""
+
+    def __init__(self, batches: list[list[int]], collate):
+        self.batches = batches
+        self.collate = collate
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.collate(self.batches[index])
+
+
+def length_buckets(lengths: list[int], batch_size: int, seed: int, bucket_batches: int = 50) -> list[list[int]]:
+    """Group indices into batches of similar length.
+
+    The indices are shuffled, cut into chunks of ``bucket_batches`` batches, each chunk
+    sorted by length and cut into batches: batches are nearly pad-free but still drawn
+    from the whole file rather than all short ones first.
+    """
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    chunk = max(batch_size * bucket_batches, batch_size)
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    return batches
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Tokenised preference pairs for `ucai.stages.reward.RewardModule`.
+
+    Args:
+        path: preference JSONL (from the preference stage) or an hh-rlhf file.
+        tokenizer: model whose tokenizer and chat template render the texts; null uses
+            the reward module's ``model``.
+        system_prompt: system message of the rendered conversations (chat templates only).
+        max_length: tokens per text; longer texts keep their end, where the response is.
+        batch_size: pairs per batch (the model sees 2 × batch_size sequences).
+        val_fraction: share of pairs held out for validation, chosen by a hash of the id.
+        val_size: if set, the LAST ``val_size`` pairs of the file are the validation set
+            instead (a fixed split, e.g. 2,000 train / 312 test on hh-rlhf test files).
+        limit: read at most this many pairs.
+        bucket_batches: batches per length-sorting bucket (1 disables sorting).
+        seed: seed of the bucket shuffling.
+        num_workers: DataLoader workers (batches are pre-tokenised; 0 is usually right).
+    """
+
+    def __init__(
+        self,
+        path: str = "lightning_logs/data/ethical/preferences.jsonl",
+        tokenizer: str | None = None,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        max_length: int = 512,
+        batch_size: int = 4,
+        val_fraction: float = 0.1,
+        val_size: int | None = None,
+        limit: int | None = None,
+        bucket_batches: int = 50,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.path = path
+        self.tokenizer_name = tokenizer
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.val_size = val_size
+        self.limit = limit
+        self.bucket_batches = bucket_batches
+        self.seed = seed
+        self.num_workers = num_workers
+        self.tokenizer = None
+        self.train_pairs: list[PreferencePair] = []
+        self.val_pairs: list[PreferencePair] = []
+        self._encoded: dict[str, list[dict]] = {}
+
+    # ----------------------------------------------------------------- loading
+
+    def _model_name(self) -> str:
+        if self.tokenizer_name:
+            return self.tokenizer_name
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        name = getattr(module, "model_name", None)
+        if not name:
+            raise UcaiError("PreferenceDataModule needs data.init_args.tokenizer or a model with model_name")
+        return name
+
+    def split(self, pairs: list[PreferencePair]) -> tuple[list[PreferencePair], list[PreferencePair]]:
+        if self.val_size is not None:
+            if not 0 <= self.val_size < len(pairs):
+                raise UcaiError(f"{self.path}: val_size {self.val_size} leaves no training pairs of {len(pairs)}")
+            cut = len(pairs) - self.val_size
+            return pairs[:cut], pairs[cut:]
+        val = [p for p in pairs if is_heldout(p.id, self.val_fraction, self.seed)]
+        train = [p for p in pairs if not is_heldout(p.id, self.val_fraction, self.seed)]
+        if not train:
+            raise UcaiError(f"{self.path}: val_fraction {self.val_fraction} leaves no training pairs")
+        return train, val
+
+    def encode(self, pairs: list[PreferencePair]) -> list[dict]:
+        """Token ids of both sides of each pair (lists, unpadded)."""
+        texts = []
+        for pair in pairs:
+            texts.append(render_for_reward(self.tokenizer, pair.conversation, pair.chosen, self.system_prompt))
+            texts.append(render_for_reward(self.tokenizer, pair.conversation, pair.rejected, self.system_prompt))
+        ids = tokenize_for_reward_lists(self.tokenizer, texts, self.max_length)
+        return [
+            {"chosen": ids[2 * i], "rejected": ids[2 * i + 1], "p_chosen": pair.p_chosen}
+            for i, pair in enumerate(pairs)
+        ]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._encoded:
+            return
+        from ucai.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self._model_name(), padding_side="right")
+        self.train_pairs, self.val_pairs = self.split(read_preferences(self.path, self.limit))
+        self._encoded = {"train": self.encode(self.train_pairs), "val": self.encode(self.val_pairs)}
+        lengths = [len(r["chosen"]) + len(r["rejected"]) for r in self._encoded["train"]]
+        log.info(
+            "%d training and %d validation pairs from %s (mean %.0f tokens per pair)",
+            len(self.train_pairs), len(self.val_pairs), self.path, sum(lengths) / max(len(lengths), 1),
+        )
+
+    # ----------------------------------------------------------------- batches
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Right-padded (2B, T) ids and mask: chosen rows first, then rejected; (B,) p_chosen."""
+        sequences = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            input_ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        p = torch.tensor([r["p_chosen"] for r in rows], dtype=torch.float32)
+        return {"input_ids": input_ids, "attention_mask": mask, "p_chosen": p}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        rows = self._encoded[split]
+        lengths = [max(len(r["chosen"]), len(r["rejected"])) for r in rows]
+        if shuffle:
+            index_batches = length_buckets(lengths, self.batch_size, self.seed, self.bucket_batches)
+        else:  # evaluation: fully sorted, the fewest pad tokens
+            order = sorted(range(len(rows)), key=lambda i: lengths[i])
+            index_batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        dataset = _Batches(index_batches, lambda idx: self.collate([rows[i] for i in idx]))
+        return DataLoader(dataset, batch_size=None, shuffle=shuffle, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def stats_dataloader(self) -> DataLoader:
+        """Training pairs in a fixed order, for the reward mean/std after training."""
+        return self._loader("train", shuffle=False)
+
+
+def tokenize_for_reward_lists(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Unpadded token ids of each text, truncated like `tokenize_for_reward`."""
+    out = []
+    for start in range(0, len(texts), 256):
+        batch = tokenize_for_reward(tokenizer, texts[start : start + 256], max_length)
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            out.append(ids[mask.bool()].tolist())
+    return out
+
+
+# --------------------------------------------------------------------------- scoring data
+
+
+class _Rows(Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+
+def _as_list(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+class ResponseDataModule(L.LightningDataModule):
+    """Prompt/response rows to score (``ucai predict --config configs/reward_score.yaml``).
+
+    Any JSONL with ``prompt`` and a response column works: answers, SL data
+    (``response``), rollouts, evaluation files. Batches are lists of row dicts.
+
+    Args:
+        path: the JSONL file.
+        response_field: the column holding the response.
+        limit: score at most this many rows.
+        batch_size: rows per batch.
+    """
+
+    def __init__(self, path: str, response_field: str = "response", limit: int | None = None, batch_size: int = 16):
+        super().__init__()
+        self.path = path
+        self.response_field = response_field
+        self.limit = limit
+        self.batch_size = batch_size
+        self._rows: list[dict] | None = None
+        self._skip: set = set()
+
+    def load(self) -> list[dict]:
+        if self._rows is None:
+            rows = []
+            for line, row in read_jsonl(self.path, required=("prompt", self.response_field)):
+                for key in ("prompt", self.response_field):
+                    _string(self.path, line, row, key)
+                row_id = row.get("id")
+                if row_id is None:
+                    digest = hashlib.sha1(f"{row['prompt']}\0{row[self.response_field]}".encode()).hexdigest()[:12]
+                    row_id = f"r-{digest}-{line}"
+                rows.append({**row, "id": row_id, "response": row[self.response_field]})
+                if self.limit is not None and len(rows) >= self.limit:
+                    break
+            if not rows:
+                raise UcaiError(f"{self.path}: file is empty")
+            self._rows = rows
+        return self._rows
+
+    @property
+    def all_ids(self) -> list:
+        return [r["id"] for r in self.load()]
+
+    def skip_ids(self, ids) -> None:
+        self._skip = set(ids)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load()
+
+    def predict_dataloader(self) -> DataLoader:
+        rows = [r for r in self.load() if r["id"] not in self._skip]
+        return DataLoader(_Rows(rows), batch_size=self.batch_size, shuffle=False, collate_fn=_as_list)

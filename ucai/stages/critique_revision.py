@@ -1,0 +1,257 @@
+"""Critique → revision: the supervised half of Constitutional AI, for either side.
+
+    ucai predict --config configs/critique_revision_ethical.yaml
+    ucai predict --config configs/critique_revision_unethical.yaml
+
+For each prompt the model answers, then for each of ``rounds`` rounds it is asked to
+critique its last answer against a principle and to revise it. Every step is one
+multi-turn chat rendered with the model's own template, as in the original project::
+
+    user: <red-team prompt>
+    assistant: <initial answer>
+    user: <critique request>
+    assistant: <critique>
+    user: <revision request>
+    assistant: <revision>          (round 2 continues the same conversation)
+
+Each step runs batched over the whole batch (left padding, KV cache, stop at eos);
+echoed labels such as ``Revision:`` are stripped from critiques and revisions. The
+principle of each round is drawn from the side in use by a hash of (seed, prompt id,
+round), so it is the same whatever the batch size, the number of devices or a resume;
+``principle_source: categorised`` uses the prompt's own principle instead (random when
+it is ``none`` or missing). Few-shot examples of the constitution, when present, are
+shown as earlier turns of the critique and revision conversations.
+``mode: context_distillation`` skips the critique: the answer is generated once more
+with the principle's revision request folded into the system prompt, and recorded as
+the revision (for models too small to critique themselves).
+
+Rows: ``id, prompt, principle`` (pair id of the last round), ``principle_name``,
+``principles`` (pair id per round), ``side, initial, critiques, revisions,
+response`` (= the last revision) — written resumably and rank-sharded by the shared
+writer, with a CSV twin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ucai.chat import Message, render_chat
+from ucai.constitution import SIDES, FewShotExample, Principle, load_constitution
+from ucai.errors import UcaiError
+from ucai.resources import resolve_shipped
+from ucai.stages.generation import GeneratingModule, GenerationSettings, strip_echo
+
+DEFAULT_DISTILLATION_TEMPLATE = "{system_prompt}\n\nWhen you answer, follow this instruction: {revision_request}"
+
+
+def draw_principle(principles: Sequence[Principle], seed: int, prompt_id: str, round_index: int) -> Principle:
+    """The principle of one round, a pure function of (seed, prompt id, round).
+
+    A hash instead of a shared RNG stream: the draw of a prompt cannot depend on which
+    prompts came before it on the same rank, so batching, sharding and resuming give
+    the same dataset.
+    """
+    digest = hashlib.sha256(f"{seed}\x1f{prompt_id}\x1f{round_index}".encode()).digest()
+    return principles[int.from_bytes(digest[:8], "big") % len(principles)]
+
+
+def few_shot_turns(principle: Principle) -> list[Message]:
+    """The principle's worked examples as complete earlier conversations."""
+    turns: list[Message] = []
+    for example in principle.few_shot:
+        turns += example_turns(example, principle)
+    return turns
+
+
+def example_turns(example: FewShotExample, principle: Principle) -> list[Message]:
+    return [
+        {"role": "user", "content": example.prompt},
+        {"role": "assistant", "content": example.initial},
+        {"role": "user", "content": principle.critique_request},
+        {"role": "assistant", "content": example.critique},
+        {"role": "user", "content": principle.revision_request},
+        {"role": "assistant", "content": example.revision},
+    ]
+
+
+@dataclass
+class Conversation:
+    """One prompt's conversation so far (the record of a row being built)."""
+
+    prompt: str
+    principles: list[Principle]
+    prefix: list[Message] = field(default_factory=list)  # few-shot turns
+    turns: list[Message] = field(default_factory=list)
+    critiques: list[str] = field(default_factory=list)
+    revisions: list[str] = field(default_factory=list)
+    initial: str = ""
+
+    def answer(self, text: str) -> None:
+        self.initial = text
+        self.turns = [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": text}]
+
+    def critique_request(self, round_index: int) -> list[Message]:
+        request = {"role": "user", "content": self.principles[round_index].critique_request}
+        self.turns.append(request)
+        return self.prefix + self.turns
+
+    def critique(self, text: str) -> None:
+        self.critiques.append(text)
+        self.turns.append({"role": "assistant", "content": text})
+
+    def revision_request(self, round_index: int) -> list[Message]:
+        self.turns.append({"role": "user", "content": self.principles[round_index].revision_request})
+        return self.prefix + self.turns
+
+    def revise(self, text: str) -> None:
+        self.revisions.append(text)
+        self.turns.append({"role": "assistant", "content": text})
+
+
+class CritiqueRevisionModule(GeneratingModule):
+    """Generate initial answers, critiques and revisions (the SL dataset of one side).
+
+    Args:
+        constitution: constitution file or shipped name.
+        side: ``ethical`` or ``unethical`` — which half of each pair is used.
+        rounds: critique → revision rounds per prompt.
+        principle_source: ``random`` (seeded draw per prompt and round) or
+            ``categorised`` (the prompt's ``principle`` field; random when it is
+            ``none`` or not a pair of the constitution).
+        seed: salt of the principle draw; change it for another assignment.
+        mode: ``critique_revision`` or ``context_distillation`` (one generation with
+            the revision request in the system prompt, no critique).
+        few_shot: show the constitution's few-shot examples before the critique and
+            revision requests (when the constitution has them).
+        critique_generation: sampling settings for critiques (null: ``generation``).
+        distillation_template: system prompt of context distillation, with
+            ``{system_prompt}`` and ``{revision_request}``.
+        (The other arguments are those of `GeneratingModule`.)
+    """
+
+    csv_columns = [
+        "id", "prompt", "principle", "principle_name", "principles", "side",
+        "initial", "critiques", "revisions", "response",
+    ]
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        output: str = "lightning_logs/data/ethical/sl.jsonl",
+        generation: GenerationSettings = GenerationSettings(),
+        system_prompt: str | None = "You are a helpful assistant.",
+        max_prompt_tokens: int | None = 1024,
+        trust_remote_code: bool = False,
+        constitution: str = "constitutions/ucai.yaml",
+        side: Literal["ethical", "unethical"] = "ethical",
+        rounds: int = 1,
+        principle_source: Literal["random", "categorised"] = "random",
+        seed: int = 0,
+        mode: Literal["critique_revision", "context_distillation"] = "critique_revision",
+        few_shot: bool = True,
+        critique_generation: GenerationSettings | None = None,
+        distillation_template: str = DEFAULT_DISTILLATION_TEMPLATE,
+    ):
+        super().__init__(model, output, generation, system_prompt, max_prompt_tokens, trust_remote_code)
+        if side not in SIDES:
+            raise UcaiError(f"side must be one of {', '.join(SIDES)}, got {side!r}")
+        if rounds < 1:
+            raise UcaiError(f"rounds must be at least 1, got {rounds}")
+        if principle_source not in ("random", "categorised"):
+            raise UcaiError(f"principle_source must be 'random' or 'categorised', got {principle_source!r}")
+        if mode not in ("critique_revision", "context_distillation"):
+            raise UcaiError(f"mode must be 'critique_revision' or 'context_distillation', got {mode!r}")
+        self.constitution = load_constitution(constitution)
+        self.side = side
+        self.principles = self.constitution.principles(side)
+        self.rounds = rounds
+        self.principle_source = principle_source
+        self.seed = seed
+        self.mode = mode
+        self.few_shot = few_shot
+        self.critique_generation = critique_generation
+        self.distillation_template = distillation_template
+
+    def prepare_data(self) -> None:
+        # Runs before the datamodule reads anything, so a missing input names its maker.
+        path = getattr(getattr(self._trainer, "datamodule", None), "path", None)
+        if path is not None and not resolve_shipped(path, "data").exists():
+            raise UcaiError(
+                f"{path}: prompt file not found; categorised prompts are made by "
+                "`ucai predict --config configs/categorise.yaml` (or set data.init_args.path "
+                "to any prompt file)"
+            )
+
+    # ------------------------------------------------------------------ principles
+    def principles_for(self, row: dict) -> list[Principle]:
+        """The principle of each round for one prompt row."""
+        tagged = row.get("principle")
+        if self.principle_source == "categorised" and tagged in self.constitution.pair_ids:
+            return [self.constitution.principle(tagged, self.side)] * self.rounds
+        return [draw_principle(self.principles, self.seed, str(row["id"]), r) for r in range(self.rounds)]
+
+    # ------------------------------------------------------------------ generation
+    def _render(self, messages: list[Message], system_prompt: str | None = None) -> str:
+        return render_chat(self.tokenizer, messages, system_prompt if system_prompt is not None else self.system_prompt)
+
+    def _generate(self, conversations: list[list[Message]], settings: GenerationSettings | None = None) -> list[str]:
+        return self.generate([self._render(messages) for messages in conversations], settings).texts
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
+        conversations = []
+        for row in batch:
+            principles = self.principles_for(row)
+            prefix = few_shot_turns(principles[0]) if self.few_shot else []
+            conversations.append(Conversation(row["prompt"], principles, prefix))
+
+        initial = self._generate([[{"role": "user", "content": c.prompt}] for c in conversations])
+        for conversation, text in zip(conversations, initial):
+            conversation.answer(strip_echo(text))
+
+        if self.mode == "context_distillation":
+            self._distil(conversations)
+        else:
+            for round_index in range(self.rounds):
+                critiques = self._generate(
+                    [c.critique_request(round_index) for c in conversations], self.critique_generation
+                )
+                for conversation, text in zip(conversations, critiques):
+                    conversation.critique(strip_echo(text))
+                revisions = self._generate([c.revision_request(round_index) for c in conversations])
+                for conversation, text in zip(conversations, revisions):
+                    conversation.revise(strip_echo(text))
+
+        self.count_prompts(len(batch))
+        return [self._row(row, conversation) for row, conversation in zip(batch, conversations)]
+
+    def _distil(self, conversations: list[Conversation]) -> None:
+        """One generation per prompt with the (first) principle's revision request as system prompt."""
+        prompts = []
+        for conversation in conversations:
+            system = self.distillation_template.format(
+                system_prompt=self.system_prompt or "",
+                revision_request=conversation.principles[0].revision_request,
+            ).strip()
+            prompts.append(self._render([{"role": "user", "content": conversation.prompt}], system))
+        for conversation, text in zip(conversations, self.generate(prompts).texts):
+            conversation.revisions.append(strip_echo(text))
+        for conversation in conversations:  # one revision: report one principle
+            conversation.principles = conversation.principles[:1]
+
+    def _row(self, row: dict, conversation: Conversation) -> dict:
+        last = conversation.principles[len(conversation.revisions) - 1]
+        return {
+            "id": row["id"],
+            "prompt": row["prompt"],
+            "principle": last.pair,
+            "principle_name": last.name,
+            "principles": [p.pair for p in conversation.principles],
+            "side": self.side,
+            "initial": conversation.initial,
+            "critiques": conversation.critiques,
+            "revisions": conversation.revisions,
+            "response": conversation.revisions[-1],
+        }
