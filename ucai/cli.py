@@ -21,7 +21,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ucai.errors import UcaiError
 from ucai.resources import resolve_shipped
@@ -57,6 +57,16 @@ DESCRIPTION = (
 )
 
 
+class RunConfigSaver(SaveConfigCallback):
+    """Save the resolved config into the run's log folder; with no logger there is no
+    run folder, so nothing is written (rather than a stray config.yaml in the cwd)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
+
+
 class UcaiCLI(LightningCLI):
     """LightningCLI with ucai's defaults: subclass mode, TensorBoard, overwrite-able configs."""
 
@@ -66,6 +76,7 @@ class UcaiCLI(LightningCLI):
             datamodule_class=None,
             subclass_mode_model=True,
             subclass_mode_data=True,
+            save_config_callback=RunConfigSaver,
             save_config_kwargs={"overwrite": True},
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=0,
