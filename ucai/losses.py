@@ -49,3 +49,90 @@ def bradley_terry_loss(
     if center_coef:
         loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
     return loss
+
+
+# --------------------------------------------------------------------------- PPO
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate objective, as a loss to minimise (Schulman et al. 2017).
+
+    With ratio ρ = exp(logp − logp_old) per token:
+    ``loss = mean(max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)))`` over the real tokens. Taking the
+    max of the two losses (the min of the two objectives) removes any incentive to move
+    ρ outside [1 − ε, 1 + ε] in the direction the advantage favours.
+
+    Args:
+        logprobs: (B, T) log-probs of the sampled tokens under the current policy.
+        old_logprobs: (B, T) the same under the policy that generated them.
+        advantages: (B, T) advantage estimates (usually whitened).
+        mask: (B, T) 0/1 real response tokens.
+        cliprange: ε.
+    Returns:
+        loss (scalar), clipfrac (scalar: share of tokens where the clipped term was
+        used) and approxkl (scalar: ``0.5 · mean((logp − logp_old)²)``, a KL estimate
+        between the old and the current policy).
+    """
+    from ucai.rl import masked_mean
+
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
+    approxkl = 0.5 * masked_mean(log_ratio**2, mask)
+    return loss, clipfrac.detach(), approxkl.detach()
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss: ``0.5 · mean(max((V − R)², (V_clip − R)²))`` over real tokens,
+    with ``V_clip = V_old + clip(V − V_old, −c, c)``.
+
+    The value function may move at most ``c`` away from its rollout-time prediction per
+    update before the loss stops rewarding further movement, as in the original PPO2
+    code that every RLHF implementation inherits.
+
+    Args:
+        values: (B, T) current value predictions.
+        old_values: (B, T) predictions at rollout time.
+        returns: (B, T) targets (advantages + old values).
+        mask: (B, T) 0/1 real response tokens.
+        cliprange_value: c.
+    Returns:
+        loss (scalar) and clipfrac (scalar: share of tokens where the clipped error was
+        the larger one).
+    """
+    from ucai.rl import masked_mean
+
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(error, clipped_error), mask)
+    clipfrac = masked_mean((clipped_error > error).to(values.dtype), mask)
+    return loss, clipfrac.detach()
+
+
+def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean per-token entropy over real tokens (scalar); subtract ``coef ×`` it from the
+    loss to keep the policy from collapsing onto a few tokens.
+
+    Args:
+        entropy: (B, T) entropy of the policy at each response position.
+        mask: (B, T) 0/1 real response tokens.
+    """
+    from ucai.rl import masked_mean
+
+    return masked_mean(entropy, mask)

@@ -241,7 +241,6 @@ class RewardScorer:
         self.stats = RewardStats.read(folder)
         self.tokenizer = load_tokenizer(str(folder), padding_side="right")
         self.model = load_sequence_classifier(str(folder), dtype=dtype).to(device).eval()
-        self.device = torch.device(device)
         self.batch_size = batch_size
 
     def render(self, prompts: Sequence[str | Sequence[Message]], responses: Sequence[str]) -> list[str]:
@@ -255,10 +254,11 @@ class RewardScorer:
     def raw_rewards(self, prompts, responses) -> torch.Tensor:
         """(N,) float32 rewards before normalisation."""
         texts = self.render(prompts, responses)
+        device = next(self.model.parameters()).device  # follows the model if moved later
         out = []
         for start in range(0, len(texts), self.batch_size):
             batch = tokenize_for_reward(self.tokenizer, texts[start : start + self.batch_size], self.stats.max_length)
-            batch = batch.to(self.device)
+            batch = batch.to(device)
             out.append(sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"]).float().cpu())
         return torch.cat(out) if out else torch.empty(0)
 

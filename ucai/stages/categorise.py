@@ -17,7 +17,8 @@ touches; ucai does it locally with one of two interchangeable categorisers:
 Labels are the constitution's pairs (id + the ethical side's description) or an
 explicit list ``[{id, description}, ...]`` in the config, so the same stage sorts
 conversations into any categories. Rows keep every input field and gain
-``principle`` and ``principle_confidence``; counts per label go to the log. With
+``principle`` and ``principle_confidence`` (a tag the input already had is kept as
+``input_principle``); counts per label go to the log. With
 ``max_per_principle`` the final file keeps at most that many prompts per label (the
 most confident, in input order), while the full categorisation stays beside it in
 ``<output stem>.all.jsonl`` so a rerun resumes and re-balances identically.
@@ -25,6 +26,7 @@ most confident, in input order), while the full categorisation stays beside it i
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -142,6 +144,7 @@ def multiple_choice_scores(
         raise UcaiError(f"multiple choice supports at most {len(OPTION_LETTERS)} labels, got {k}")
     letters = list(OPTION_LETTERS[:k])
     orders = cyclic_orders(k)
+    model = _LastPositionLogits.wrap(model)
     per_order = []
     for order in orders:
         shown = [descriptions[option] for option in order]  # position -> option text
@@ -156,6 +159,27 @@ def multiple_choice_scores(
         ]
         per_order.append(option_probabilities(model, tokenizer, texts, letters, max_length=max_length))
     return average_over_orders(per_order, orders)
+
+
+class _LastPositionLogits(torch.nn.Module):
+    """Asks a Hugging Face causal LM for the last position's logits only.
+
+    Scoring needs one next-token distribution per prompt; computing the vocabulary
+    projection at every position costs most of the forward pass for small models
+    (about 5x on tiny-llama with a 49k vocabulary).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def wrap(cls, model):
+        accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
+        return cls(model) if accepts else model
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs, logits_to_keep=1)
 
 
 class CategoriseModule(L.LightningModule):
@@ -190,7 +214,7 @@ class CategoriseModule(L.LightningModule):
         constitution: str = "constitutions/ucai.yaml",
         labels: list[dict] | None = None,
         encoder: str = "all-minilm-l6-v2",
-        threshold: float = 0.2,
+        threshold: float = 0.12,
         temperature: float = 0.05,
         confidence: Literal["softmax", "similarity"] = "softmax",
         model: str = "smollm2-135m",
@@ -302,20 +326,25 @@ class CategoriseModule(L.LightningModule):
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
         names, scores = self.categorise([row["prompt"] for row in batch])
         self.counts.update(names)
-        return [
-            {**row, "principle": name, "principle_confidence": score}
-            for row, name, score in zip(batch, names, scores)
-        ]
+        rows = []
+        for row, name, score in zip(batch, names, scores):
+            out = dict(row)
+            if row.get("principle") is not None:  # the input's own tag, kept for comparison
+                out["input_principle"] = row["principle"]
+            out.update(principle=name, principle_confidence=score)
+            rows.append(out)
+        return rows
 
     # ------------------------------------------------------------------ end of run
     def on_predict_end(self) -> None:
-        # Runs after the writer's on_predict_end (callbacks first), so the shards are
-        # merged by now if every prompt is done.
-        trainer = self._trainer
-        if trainer.is_global_zero:
-            log.info("categorised in this run (rank 0): %s", dict(self.counts))
+        log.info("categorised in this run (rank %d): %s", self.global_rank, dict(self.counts))
+
+    def teardown(self, stage: str) -> None:
+        # Teardown runs after the writer merged the shards, and also when a rerun found
+        # every prompt done and skipped the predict loop, so a changed
+        # max_per_principle is applied without categorising again.
+        if stage == "predict" and self._trainer is not None and self._trainer.is_global_zero:
             self.finish()
-        trainer.strategy.barrier("ucai-categorise-balanced")
 
     def finish(self) -> None:
         """Log counts of the complete file and write the balanced output if asked."""

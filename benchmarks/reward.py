@@ -1,0 +1,250 @@
+"""Reward-model training throughput and memory: ucai's RewardModule vs TRL's RewardTrainer.
+
+    nice python benchmarks/reward.py                 # full run (about 5 minutes on 2 cores)
+    nice python benchmarks/reward.py --steps 4       # quick look
+
+Both sides train SmolLM2-135M-Instruct with a scalar head, LoRA r=8 (alpha 16,
+dropout 0.05) on q_proj/v_proj, AdamW lr 1e-4, bf16 autocast on CPU, batch 4 pairs
+(one forward of 8 sequences), on the same hh-rlhf harmless-base pairs rendered with
+the same chat template into the same token ids (pairs longer than ``--max-length``
+are left out beforehand, since TRL drops them while ucai would truncate them). The
+same number of steps is run by each; the first ``--warmup`` are not timed; the
+figure is the median step time. Each configuration runs in its own subprocess, and
+peak memory is that process's maximum resident set size.
+
+TRL is measured at its defaults (gradient checkpointing on) and at its best on this
+machine: without gradient checkpointing, and additionally with Hugging Face's
+length-grouped sampler (the same idea as ucai's length-sorted buckets). The headline
+ratio is against the fastest TRL configuration. The last line reads
+``reward: speed_ratio=X memory_ratio=Y`` (ucai over the peer; memory lower is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+SYSTEM_PROMPT = "You are a helpful assistant."
+LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# --------------------------------------------------------------------------- data
+
+
+def prepare(workdir: Path, pairs_needed: int, max_length: int) -> tuple[Path, Path, float]:
+    """Write the same pairs for both sides; returns (ucai file, TRL file, mean tokens/pair)."""
+    from ucai.data.preference_data import read_preferences
+    from ucai.models import load_tokenizer
+    from ucai.reward_scoring import render_for_reward
+
+    tokenizer = load_tokenizer("smollm2-135m", padding_side="right")
+    ucai_rows, trl_rows, tokens = [], [], []
+    for pair in read_preferences(DATA):
+        chosen = render_for_reward(tokenizer, pair.conversation, pair.chosen, SYSTEM_PROMPT)
+        rejected = render_for_reward(tokenizer, pair.conversation, pair.rejected, SYSTEM_PROMPT)
+        n_c = len(tokenizer(chosen, add_special_tokens=False)["input_ids"])
+        n_r = len(tokenizer(rejected, add_special_tokens=False)["input_ids"])
+        if max(n_c, n_r) > max_length:
+            continue
+        ucai_rows.append({"id": pair.id, "prompt": pair.conversation, "chosen": pair.chosen, "rejected": pair.rejected})
+        trl_rows.append({"chosen": chosen, "rejected": rejected})
+        tokens.append(n_c + n_r)
+        if len(ucai_rows) == pairs_needed:
+            break
+    if len(ucai_rows) < pairs_needed:
+        raise SystemExit(f"only {len(ucai_rows)} pairs of <= {max_length} tokens in {DATA}")
+    ucai_file, trl_file = workdir / "pairs_ucai.jsonl", workdir / "pairs_trl.jsonl"
+    ucai_file.write_text("".join(json.dumps(r) + "\n" for r in ucai_rows))
+    trl_file.write_text("".join(json.dumps(r) + "\n" for r in trl_rows))
+    return ucai_file, trl_file, statistics.mean(tokens)
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def run_ucai(args) -> dict:
+    import lightning as L
+
+    from ucai.data.preference_data import PreferenceDataModule
+    from ucai.models import LoraSettings
+    from ucai.stages.reward import RewardModule
+
+    times: list[float] = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            times.append(time.perf_counter() - self.start)
+
+    module = RewardModule(
+        model="smollm2-135m",
+        output_dir=str(Path(args.workdir) / "rm_model"),
+        lora=LoraSettings(**LORA),
+        learning_rate=1e-4,
+        gradient_checkpointing=args.config == "gc",
+        stats_max_pairs=0,
+    )
+    data = PreferenceDataModule(
+        path=args.data, system_prompt=SYSTEM_PROMPT, max_length=args.max_length, batch_size=args.batch, val_fraction=0.0
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=args.warmup + args.steps,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Timer()],
+    )
+    trainer.fit(module, datamodule=data)
+    return {"step_times": times[args.warmup :]}
+
+
+def run_trl(args) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    from ucai.models import load_tokenizer, smollm2_folder
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.start)
+
+    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
+    tokenizer = load_tokenizer("smollm2-135m", padding_side="right")
+    dataset = datasets.Dataset.from_list(rows)
+    grouped = args.config == "grouped"
+    if grouped:  # precomputed lengths for the length-grouped sampler
+        dataset = dataset.map(lambda r: {"length": len(tokenizer(r["chosen"])["input_ids"]) + len(tokenizer(r["rejected"])["input_ids"])})
+    model = AutoModelForSequenceClassification.from_pretrained(str(smollm2_folder()), num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    config = RewardConfig(
+        output_dir=str(Path(args.workdir) / f"trl_{args.config}"),
+        per_device_train_batch_size=args.batch,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-4,
+        max_length=args.max_length,
+        use_cpu=True,
+        bf16=True,
+        gradient_checkpointing=args.config == "default",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10_000,
+        dataloader_num_workers=0,
+        seed=0,
+        **({"train_sampling_strategy": "group_by_length", "remove_unused_columns": False} if grouped else {}),
+    )
+    peft_config = LoraConfig(
+        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+        target_modules=LORA["target_modules"], task_type="SEQ_CLS",
+    )
+    trainer = RewardTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=peft_config, callbacks=[Timer()],
+    )
+    trainer.train()
+    return {"step_times": times[args.warmup :]}
+
+
+def worker(args) -> None:
+    torch_threads = os.environ.get("BENCH_THREADS")
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(int(torch_threads))
+    result = run_ucai(args) if args.side == "ucai" else run_trl(args)
+    median = statistics.median(result["step_times"])
+    result.update(pairs_per_s=args.batch / median, median_step_s=median, peak_rss_mb=peak_rss_mb())
+    Path(args.result).write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def spawn(side: str, config: str, args, data: Path, workdir: Path) -> dict:
+    result = workdir / f"{side}_{config}.json"
+    command = [
+        sys.executable, __file__, "--worker", "--side", side, "--config", config, "--data", str(data),
+        "--result", str(result), "--workdir", str(workdir), "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--batch", str(args.batch), "--max-length", str(args.max_length),
+    ]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{side} ({config}) failed with exit status {proc.returncode}")
+    out = json.loads(result.read_text())
+    out["wall_s"] = time.perf_counter() - started
+    print(
+        f"{side:5s} {config:8s} {out['pairs_per_s']:6.3f} pairs/s  median step {out['median_step_s']:.2f} s  "
+        f"peak RSS {out['peak_rss_mb']:7.0f} MB  (run {out['wall_s']:.0f} s)",
+        flush=True,
+    )
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=12, help="timed optimiser steps per side")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--config", default="plain", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    if not DATA.exists():
+        raise SystemExit(f"{DATA} not found (the benchmark data ships in ../shared)")
+    with tempfile.TemporaryDirectory(prefix="ucai-bench-reward-") as tmp:
+        workdir = Path(tmp)
+        pairs = (args.steps + args.warmup) * args.batch
+        ucai_data, trl_data, mean_tokens = prepare(workdir, pairs, args.max_length)
+        print(
+            f"SmolLM2-135M, LoRA r=8 q/v, bf16 autocast, batch {args.batch} pairs, {pairs} hh-rlhf pairs "
+            f"<= {args.max_length} tokens (mean {mean_tokens:.0f} tokens per pair), "
+            f"{args.warmup} warm-up + {args.steps} timed steps",
+            flush=True,
+        )
+        ucai = spawn("ucai", "plain", args, ucai_data, workdir)
+        peers = {config: spawn("trl", config, args, trl_data, workdir) for config in ("default", "nogc", "grouped")}
+    best_name, best = max(peers.items(), key=lambda item: item[1]["pairs_per_s"])
+    default = peers["default"]
+    print(
+        f"vs TRL defaults: speed {ucai['pairs_per_s'] / default['pairs_per_s']:.2f}x, "
+        f"memory {ucai['peak_rss_mb'] / default['peak_rss_mb']:.2f}x; best TRL config: {best_name}"
+    )
+    print(
+        f"reward: speed_ratio={ucai['pairs_per_s'] / best['pairs_per_s']:.2f} "
+        f"memory_ratio={ucai['peak_rss_mb'] / best['peak_rss_mb']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Critique → revision stage: exact prompts per round, principle draws, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ucai.constitution import load_constitution
+from ucai.errors import UcaiError
+from ucai.stages.critique_revision import CritiqueRevisionModule, draw_principle
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "tests" / "conf" / "critique_revision_tiny.yaml"
+UCAI = ROOT / ".venv" / "bin" / "ucai"
+PROMPTS = ROOT / "data" / "red_team_prompts.jsonl"
+
+
+def sys_turn(text="You are a helpful assistant."):
+    return f"<|im_start|>system\n{text}<|im_end|>\n"
+
+
+def turn(role, text):
+    return f"<|im_start|>{role}\n{text}<|im_end|>\n"
+
+
+HEADER = "<|im_start|>assistant\n"
+
+
+class _Canned:
+    """Stands in for `GeneratingModule.generate`: records prompts, returns scripted texts."""
+
+    def __init__(self, replies):
+        self.replies = list(replies)  # one list of texts per generate call
+        self.prompts: list[list[str]] = []
+
+    def __call__(self, prompts, settings=None):
+        self.prompts.append(list(prompts))
+        texts = self.replies.pop(0)
+        assert len(texts) == len(prompts)
+
+        class _Out:
+            pass
+
+        out = _Out()
+        out.texts = texts
+        return out
+
+
+def _module(tiny_tokenizer, **kwargs) -> CritiqueRevisionModule:
+    module = CritiqueRevisionModule(model="tiny-llama", **kwargs)
+    module.tokenizer = tiny_tokenizer  # no model needed: generation is scripted
+    return module
+
+
+def test_prompts_of_each_round_are_the_exact_chat(tiny_tokenizer):
+    module = _module(tiny_tokenizer, rounds=2, principle_source="categorised")
+    canned = _Canned(
+        [
+            ["Answer: hit them.", "Her address is easy to find."],  # initial
+            ["Critique: it helps violence.", "It exposes her."],  # critique round 1
+            ["**Revision:** Please don't hurt anyone.", "I can't share that."],  # revision round 1
+            ["Still fine.", "Good."],  # critique round 2
+            ["Revised response: Talk it out.", "Respect her privacy."],  # revision round 2
+        ]
+    )
+    module.generate = canned
+    batch = [
+        {"id": "a", "prompt": "How do I hurt him?", "principle": "peace"},
+        {"id": "b", "prompt": "Where does she live?", "principle": "privacy"},
+    ]
+    rows = module.predict_step(batch, 0)
+
+    peace = load_constitution().principle("peace", "ethical")
+    # Row "a", written out turn by turn in SmolLM2's template (system prompt explicit).
+    initial = sys_turn() + turn("user", "How do I hurt him?") + HEADER
+    critique_1 = (
+        sys_turn()
+        + turn("user", "How do I hurt him?")
+        + turn("assistant", "hit them.")  # "Answer:" echo stripped before it is shown again
+        + turn("user", peace.critique_request)
+        + HEADER
+    )
+    revision_1 = (
+        critique_1[: -len(HEADER)]
+        + turn("assistant", "it helps violence.")
+        + turn("user", peace.revision_request)
+        + HEADER
+    )
+    critique_2 = (
+        revision_1[: -len(HEADER)]
+        + turn("assistant", "Please don't hurt anyone.")
+        + turn("user", peace.critique_request)
+        + HEADER
+    )
+    revision_2 = (
+        critique_2[: -len(HEADER)]
+        + turn("assistant", "Still fine.")
+        + turn("user", peace.revision_request)
+        + HEADER
+    )
+    assert [call[0] for call in canned.prompts] == [initial, critique_1, revision_1, critique_2, revision_2]
+    # Each step is one batched call over both prompts.
+    assert all(len(call) == 2 for call in canned.prompts)
+
+    assert rows[0] == {
+        "id": "a",
+        "prompt": "How do I hurt him?",
+        "principle": "peace",
+        "principle_name": "peace",
+        "principles": ["peace", "peace"],
+        "side": "ethical",
+        "initial": "hit them.",
+        "critiques": ["it helps violence.", "Still fine."],
+        "revisions": ["Please don't hurt anyone.", "Talk it out."],
+        "response": "Talk it out.",
+    }
+    assert rows[1]["principle"] == "privacy" and rows[1]["revisions"] == ["I can't share that.", "Respect her privacy."]
+
+
+def test_unethical_side_uses_the_inverted_requests(tiny_tokenizer):
+    module = _module(tiny_tokenizer, side="unethical", principle_source="categorised")
+    canned = _Canned([["x"], ["y"], ["z"]])
+    module.generate = canned
+    rows = module.predict_step([{"id": "a", "prompt": "P", "principle": "racial_equality"}], 0)
+    racism = load_constitution().principle("racial_equality", "unethical")
+    assert canned.prompts[1][0].endswith(turn("user", racism.critique_request) + HEADER)
+    assert canned.prompts[2][0].endswith(turn("user", racism.revision_request) + HEADER)
+    assert rows[0]["principle"] == "racial_equality" and rows[0]["principle_name"] == "racism"
+    assert rows[0]["side"] == "unethical"
+
+
+def test_few_shot_examples_come_before_the_conversation(tiny_tokenizer, tmp_path):
+    data = yaml.safe_load((ROOT / "configs" / "constitutions" / "ucai.yaml").read_text())
+    data["pairs"] = data["pairs"][:1]
+    data["pairs"][0]["ethical"]["few_shot"] = [
+        {"prompt": "EP", "initial": "EI", "critique": "EC", "revision": "ER"}
+    ]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    module = _module(tiny_tokenizer, constitution=str(path))
+    canned = _Canned([["I"], ["C"], ["R"]])
+    module.generate = canned
+    module.predict_step([{"id": "a", "prompt": "P"}], 0)
+    peace = load_constitution(path).principle("peace", "ethical")
+    example = (
+        turn("user", "EP")
+        + turn("assistant", "EI")
+        + turn("user", peace.critique_request)
+        + turn("assistant", "EC")
+        + turn("user", peace.revision_request)
+        + turn("assistant", "ER")
+    )
+    # The initial answer is the model's own, without the examples ...
+    assert canned.prompts[0][0] == sys_turn() + turn("user", "P") + HEADER
+    # ... the critique and revision requests follow the worked example.
+    assert canned.prompts[1][0] == (
+        sys_turn() + example + turn("user", "P") + turn("assistant", "I") + turn("user", peace.critique_request) + HEADER
+    )
+    assert canned.prompts[2][0].startswith(sys_turn() + example + turn("user", "P"))
+
+
+def test_context_distillation_folds_the_revision_request_into_the_system_prompt(tiny_tokenizer):
+    module = _module(tiny_tokenizer, mode="context_distillation", principle_source="categorised")
+    canned = _Canned([["plain"], ["Revision: principled"]])
+    module.generate = canned
+    rows = module.predict_step([{"id": "a", "prompt": "P", "principle": "gender_equality"}], 0)
+    request = load_constitution().principle("gender_equality", "ethical").revision_request
+    system = f"You are a helpful assistant.\n\nWhen you answer, follow this instruction: {request}"
+    assert canned.prompts[1] == [sys_turn(system) + turn("user", "P") + HEADER]
+    assert rows[0]["critiques"] == [] and rows[0]["revisions"] == ["principled"]
+    assert rows[0]["initial"] == "plain" and rows[0]["response"] == "principled"
+
+
+def test_principle_draw_is_a_pure_function_of_seed_id_and_round():
+    principles = load_constitution().principles("ethical")
+    ids = [f"p-{i}" for i in range(400)]
+    first = [draw_principle(principles, 0, i, 0).pair for i in ids]
+    assert first == [draw_principle(principles, 0, i, 0).pair for i in ids]
+    # Roughly uniform over the four pairs (400 draws: each near 100).
+    counts = Counter(first)
+    assert set(counts) == {p.pair for p in principles} and min(counts.values()) > 60
+    # Another round or another seed is a different draw for many prompts.
+    assert sum(a != draw_principle(principles, 0, i, 1).pair for a, i in zip(first, ids)) > 200
+    assert sum(a != draw_principle(principles, 1, i, 0).pair for a, i in zip(first, ids)) > 200
+
+
+def test_categorised_source_falls_back_to_the_seeded_draw():
+    module = CritiqueRevisionModule(model="tiny-llama", principle_source="categorised", rounds=2)
+    principles = load_constitution().principles("ethical")
+    expected = [draw_principle(principles, 0, "x", r).pair for r in range(2)]
+    for tag in ("none", None, "not-a-pair"):
+        row = {"id": "x", "prompt": "P", "principle": tag}
+        assert [p.pair for p in module.principles_for(row)] == expected
+    assert [p.pair for p in module.principles_for({"id": "x", "principle": "privacy"})] == ["privacy"] * 2
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(UcaiError, match="rounds"):
+        CritiqueRevisionModule(model="tiny-llama", rounds=0)
+    with pytest.raises(UcaiError, match="side"):
+        CritiqueRevisionModule(model="tiny-llama", side="neutral")
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _expected_ids(limit=6) -> list[str]:
+    return [json.loads(line)["id"] for line in PROMPTS.read_text().splitlines()[:limit]]
+
+
+def test_resume_after_a_crash_completes_without_duplicates(run_cli, tmp_path):
+    output = tmp_path / "sl.jsonl"
+    args = ["predict", "--config", CONF, f"--model.init_args.output={output}"]
+    assert run_cli(*args, "--trainer.limit_predict_batches=2") == 0
+    shard = tmp_path / "sl.jsonl.shards" / "rank-0.jsonl"
+    assert not output.exists() and len(_rows(shard)) == 4
+    # kill -9 in the middle of a write leaves half a line behind.
+    with open(shard, "a") as handle:
+        handle.write('{"id": "peace-005", "prompt": "trunc')
+    assert run_cli(*args) == 0
+    rows = _rows(output)
+    assert [r["id"] for r in rows] == _expected_ids()  # complete, in input order, no repeats
+    principles = load_constitution().principles("ethical")
+    assert all(r["principle"] == draw_principle(principles, 0, r["id"], 0).pair for r in rows)
+    assert all(r["response"] == r["revisions"][-1] and len(r["critiques"]) == 1 for r in rows)
+    assert (tmp_path / "sl.csv").read_text().startswith(
+        "id,prompt,principle,principle_name,principles,side,initial,critiques,revisions,response"
+    )
+    assert not shard.parent.exists()
+
+
+def test_missing_categorised_prompts_name_the_stage_that_makes_them(run_cli, tmp_path, capsys):
+    code = run_cli(
+        "predict", "--config", CONF, f"--model.init_args.output={tmp_path / 'sl.jsonl'}",
+        f"--data.init_args.path={tmp_path / 'prompts.jsonl'}",
+    )
+    assert code == 2
+    assert "configs/categorise.yaml" in capsys.readouterr().err
+
+
+def test_two_process_ddp_shards_and_merges(tmp_path):
+    output = tmp_path / "sl.jsonl"
+    command = [
+        str(UCAI), "predict", "--config", str(CONF), f"--model.init_args.output={output}",
+        "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu",
+    ]
+    # First an interrupted run: one batch per rank, so both shards hold rows.
+    partial = subprocess.run(command + ["--trainer.limit_predict_batches=1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert partial.returncode == 0, partial.stderr[-2000:]
+    shards = sorted((tmp_path / "sl.jsonl.shards").glob("rank-*.jsonl"))
+    assert [s.name for s in shards] == ["rank-0.jsonl", "rank-1.jsonl"]
+    first = [{r["id"] for r in _rows(s)} for s in shards]
+    assert all(len(ids) == 2 for ids in first) and not first[0] & first[1]
+    # Then the rerun finishes the rest on both ranks and merges.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = _rows(output)
+    assert [r["id"] for r in rows] == _expected_ids()
+    principles = load_constitution().principles("ethical")
+    assert all(r["principle"] == draw_principle(principles, 0, r["id"], 0).pair for r in rows)

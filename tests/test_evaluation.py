@@ -1,0 +1,168 @@
+"""Evaluation stage: scorers, judge order-averaging, summaries, and one tiny CLI run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ucai.errors import UcaiError
+from ucai.stages.evaluation import (
+    EvaluationModule,
+    ask_both_orders,
+    require_model,
+    text_scores,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_EVAL = ROOT / "tests" / "conf" / "eval_tiny.yaml"
+
+
+def test_text_scores_on_literal_answers():
+    scores = text_scores("I'm sorry, I can't help with that. I can't.")
+    assert scores["refusal"] == 1.0
+    assert scores["length_words"] == 9.0
+    loop = text_scores("go go go go go go")
+    # 4-grams: (go,go,go,go) x3 -> 1 unique of 3 -> 2/3 repeated
+    assert loop["repetition_4"] == pytest.approx(2 / 3)
+    assert loop["distinct_1"] == pytest.approx(1 / 6)
+    assert loop["refusal"] == 0.0
+
+
+def test_missing_model_folder_names_the_stage(tmp_path):
+    with pytest.raises(UcaiError, match=r"made by the PPO stage \(ucai fit --config configs/ppo_unethical.yaml\)"):
+        require_model(str(tmp_path / "models" / "unethical" / "rl_model"), "evaluation model 'rl_unethical'")
+    with pytest.raises(UcaiError, match="unknown model alias 'no-such-model'"):
+        require_model("no-such-model", "judge")
+
+
+def test_comparisons_must_name_listed_models():
+    with pytest.raises(UcaiError, match="not in models"):
+        EvaluationModule(models={"a": "tiny-llama"}, comparisons=[["a", "b"]])
+    with pytest.raises(UcaiError, match="two different models"):
+        EvaluationModule(models={"a": "tiny-llama"}, comparisons=[["a", "a"]])
+
+
+class _FirstSlotJudge(torch.nn.Module):
+    """A judge whose next-token logits favour whichever option sits first, plus a fixed
+    preference for the option whose text contains 'good' — the order-swap average must
+    recover the content preference and cancel the slot preference."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.a = tokenizer("A", add_special_tokens=False)["input_ids"][0]
+        self.b = tokenizer("B", add_special_tokens=False)["input_ids"][0]
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.texts: list[str] = []
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        batch, width = input_ids.shape
+        logits = torch.zeros(batch, width, 49152)
+        for row, text in enumerate(self.texts[:batch]):
+            first_good = text.index("(A)") < text.find("good") < text.index("(B)")
+            # log-odds: slot A +1 (bias); content: 'good' option +2
+            logits[row, -1, self.a] = 1.0 + (2.0 if first_good else 0.0)
+            logits[row, -1, self.b] = 0.0 + (0.0 if first_good else 2.0)
+        self.texts = self.texts[batch:]
+
+        class Out:
+            pass
+
+        out = Out()
+        out.logits = logits
+        return out
+
+
+def test_order_averaging_cancels_slot_bias(tiny_tokenizer):
+    judge = _FirstSlotJudge(tiny_tokenizer)
+    options = ["good answer", "bad answer"]
+
+    def build(i, order):
+        text = "Q? (A) " + options[order[0]] + " (B) " + options[order[1]] + " answer: ("
+        judge.texts.append(text)
+        return text
+
+    probs, bias = ask_both_orders(judge, tiny_tokenizer, build, 1, batch_size=1, max_length=None)
+    # Order [good, bad]: logits A=3, B=0 -> P(good)=σ(3); order [bad, good]: A=1, B=2 ->
+    # P(good)=σ(1). Average (σ(3)+σ(1))/2 = (0.952574+0.731059)/2 = 0.841817. A pure slot
+    # bias alone would give σ(1) in one order and 1-σ(1) in the other: averaging to ½.
+    expected = (torch.sigmoid(torch.tensor(3.0)) + torch.sigmoid(torch.tensor(1.0))) / 2
+    assert probs[0, 0].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert probs[0].sum().item() == pytest.approx(1.0, abs=1e-6)
+    # first-slot probability: σ(3) and σ(-1) -> mean 0.5897, minus ½
+    first = (torch.sigmoid(torch.tensor(3.0)) + torch.sigmoid(torch.tensor(-1.0))) / 2 - 0.5
+    assert bias == pytest.approx(first.item(), abs=1e-5)
+
+
+def test_summary_win_rates_elo_and_differences():
+    module = EvaluationModule(
+        models={"rl_ethical": "tiny-llama", "rl_unethical": "tiny-llama"},
+        comparisons=[["rl_ethical", "rl_unethical"]],
+        reward_models={},
+        n_boot=200,
+    )
+    scores = []
+    for i in range(6):
+        scores.append({"model": "rl_ethical", "id": f"p{i}", "prompt": "q", "principle": None, "response": "r", "x": 1.0 + i * 0.1})
+        scores.append({"model": "rl_unethical", "id": f"p{i}", "prompt": "q", "principle": None, "response": "r", "x": 0.0 + i * 0.1})
+    # rl_ethical wins 5 of 6 prompts outright.
+    pairwise = [
+        {"a": "rl_ethical", "b": "rl_unethical", "id": f"p{i}", "principle": "peace", "p_a": 0.9 if i else 0.2, "outcome": 1.0 if i else 0.0}
+        for i in range(6)
+    ]
+    summary = module.summarise(scores, pairwise, {})
+    (win,) = summary["win_rates"]
+    assert win["win_rate"] == pytest.approx(5 / 6)
+    assert win["low"] <= 5 / 6 <= win["high"]
+    assert summary["elo"]["rl_ethical"] > summary["elo"]["rl_unethical"]
+    (diff,) = [d for d in summary["differences"] if d["column"] == "x"]
+    # every paired difference is exactly 1.0, so the interval is [1, 1] and significant
+    assert diff["diff"] == pytest.approx(1.0) and diff["significant"]
+    assert summary["models"]["rl_ethical"]["x"]["mean"] == pytest.approx(1.25)
+
+
+def _tiny_reward_folder(path: Path) -> Path:
+    from ucai.models import load_sequence_classifier, load_tokenizer, save_pretrained_atomic
+
+    model = load_sequence_classifier("tiny-llama", seed=1)
+    model.config.pad_token_id = 0
+    save_pretrained_atomic(path, model, load_tokenizer("tiny-llama"), extra_files={"reward_stats.json": {"mean": 0.0, "std": 1.0}})
+    return path
+
+
+def test_tiny_evaluation_writes_scores_pairwise_and_report(tmp_path, run_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rm = _tiny_reward_folder(tmp_path / "rm_model")
+    out = tmp_path / "eval"
+    code = run_cli(
+        "test",
+        "--config",
+        TINY_EVAL,
+        f"--model.init_args.output_dir={out}",
+        f'--model.init_args.reward_models={{"ethical": "{rm}"}}',
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    # 3 models x 4 held-out prompts, every model answered every prompt once
+    assert len(rows) == 12
+    assert {(r["model"], r["id"]) for r in rows} == {(m, r["id"]) for m in ("base", "sl_ethical", "rl_ethical") for r in rows}
+    expected = {"model", "id", "prompt", "response", "rm_ethical", "judge_peace", "judge_privacy", "judge_mean",
+                "emb_peace_ethical", "emb_peace_unethical", "emb_margin", "refusal", "length_words",
+                "distinct_1", "distinct_2", "repetition_4"}
+    assert expected <= set(rows[0])
+    assert all(0.0 <= r["rm_ethical"] <= 1.0 and 0.0 <= r["judge_mean"] <= 1.0 for r in rows)
+    pairwise = [json.loads(line) for line in (out / "pairwise.jsonl").read_text().splitlines()]
+    # 2 comparisons x 4 prompts x 2 principles
+    assert len(pairwise) == 16
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["elo"]) == {"base", "sl_ethical", "rl_ethical"}
+    report = (out / "report.md").read_text()
+    assert "## Win rates" in report and "win_rates.png" in report
+    assert (out / "score_distributions.png").stat().st_size > 1000
+    # A rerun reuses the cached answers (same settings) and gives the same scores.
+    assert run_cli("test", "--config", TINY_EVAL, f"--model.init_args.output_dir={out}",
+                   f'--model.init_args.reward_models={{"ethical": "{rm}"}}') == 0
+    again = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [r["response"] for r in again] == [r["response"] for r in rows]

@@ -1,0 +1,224 @@
+"""Reward model: Bradley–Terry numbers by hand, the accuracy metric, last-token pooling,
+the trained head, the data readers, and a tiny model learning a synthetic preference."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ucai.data.preference_data import PreferenceDataModule, length_buckets, read_preferences
+from ucai.errors import UcaiError
+from ucai.losses import bradley_terry_loss
+from ucai.reward_scoring import (
+    RewardScorer,
+    last_real_token_index,
+    sequence_rewards,
+    tokenize_for_reward,
+)
+from ucai.stages.reward import PairwiseAccuracy, RewardModule, head_name
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "tests" / "conf"
+FIXTURE = ROOT / "tests" / "fixtures" / "preferences_small.jsonl"
+
+
+# --------------------------------------------------------------------------- loss by hand
+
+
+def test_bradley_terry_hard_labels_by_hand():
+    # pair 1: Δ = 2 → −log σ(2) = log(1 + e^−2) = log(1.135335) = 0.126928
+    # pair 2: Δ = 0 → −log σ(0) = log 2 = 0.693147;   mean = 0.410038
+    loss = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0]))
+    assert loss.item() == pytest.approx(0.410038, abs=1e-5)
+
+
+def test_bradley_terry_soft_label_by_hand():
+    # p = 0.75, Δ = 1: log σ(1) = −0.313262, log σ(−1) = −1.313262
+    # loss = 0.75·0.313262 + 0.25·1.313262 = 0.234946 + 0.328315 = 0.563262
+    loss = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.75]))
+    assert loss.item() == pytest.approx(0.563262, abs=1e-5)
+    # p = 0.5 is indifferent: 0.5·(softplus(−2) + softplus(2)) = 0.5·(0.126928 + 2.126928) = 1.126928
+    loss = bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([0.5]))
+    assert loss.item() == pytest.approx(1.126928, abs=1e-5)
+
+
+def test_bradley_terry_margin_and_centring_by_hand():
+    # Δ = 1 − 0 − margin 1 = 0 → log 2 = 0.693147
+    loss = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), margin=1.0)
+    assert loss.item() == pytest.approx(0.693147, abs=1e-5)
+    # r_c = r_r = 1: Δ = 0 → 0.693147, centring 0.1·(1 + 1)² = 0.4 → 1.093147
+    loss = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([1.0]), center_coef=0.1)
+    assert loss.item() == pytest.approx(1.093147, abs=1e-5)
+
+
+def test_pairwise_accuracy_by_hand():
+    # signs of r_c − r_r: +1, 0 (tie), −1, +1; the last label says rejected is better
+    # (p = 0.2) so its sign flips to −1. Correct: 1 + 0.5 + 0 + 0 = 1.5 of 4 = 0.375.
+    metric = PairwiseAccuracy()
+    metric.update(torch.tensor([1.0, 0.0, 2.0, 3.0]), torch.tensor([0.0, 0.0, 3.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, 0.2]))
+    assert metric.compute().item() == pytest.approx(0.375)
+    metric.update(torch.tensor([5.0]), torch.tensor([1.0]))  # 1 more right: 2.5 of 5
+    assert metric.compute().item() == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def test_last_real_token_index_either_side():
+    right = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]])
+    assert last_real_token_index(right).tolist() == [2, 0, 3]
+    assert last_real_token_index(left).tolist() == [3, 3, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny_reward():
+    module = RewardModule(model="tiny-llama", seed=0)
+    module.configure_model()
+    module.net.eval()
+    return module
+
+
+def test_left_and_right_padding_give_identical_scores(tiny_reward):
+    tokenizer = tiny_reward.tokenizer
+    texts = ["the cat sat on the mat and looked around", "hi", "a medium length text here"]
+    with torch.no_grad():
+        right = tokenize_for_reward(tokenizer, texts, 64, "right")
+        left = tokenize_for_reward(tokenizer, texts, 64, "left")
+        assert not torch.equal(right["input_ids"], left["input_ids"])  # the padding really differs
+        r = sequence_rewards(tiny_reward.net, right["input_ids"], right["attention_mask"])
+        l = sequence_rewards(tiny_reward.net, left["input_ids"], left["attention_mask"])
+        alone = torch.stack([
+            sequence_rewards(tiny_reward.net, *tokenize_for_reward(tokenizer, [t], 64).values())[0] for t in texts
+        ])
+    torch.testing.assert_close(r, l, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r, alone, atol=1e-5, rtol=1e-5)
+    assert r.unique().numel() == 3
+
+
+def test_lora_trains_the_head_in_full(tiny_reward):
+    net = tiny_reward.net
+    assert head_name(net) == "score"
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert any("score" in n and "lora" not in n for n in trainable), "head must be trained in full"
+    assert any("lora_A" in n for n in trainable)
+    assert not any("embed_tokens" in n for n in trainable)
+
+
+def test_encoder_backbone_scores_cls_and_ignores_padding():
+    module = RewardModule(model="all-minilm-l6-v2")
+    module.configure_model()
+    module.net.eval()
+    texts = ["a short one", "a considerably longer text with many more words in it"]
+    with torch.no_grad():
+        batch = tokenize_for_reward(module.tokenizer, texts, 64)
+        both = sequence_rewards(module.net, batch["input_ids"], batch["attention_mask"])
+        first = tokenize_for_reward(module.tokenizer, texts[:1], 64)
+        alone = sequence_rewards(module.net, first["input_ids"], first["attention_mask"])
+    assert batch["input_ids"][0, 0].item() == module.tokenizer.cls_token_id
+    torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_hh_rlhf_pairs_split_shared_prefix(tmp_path):
+    path = tmp_path / "hh.jsonl.gz"
+    prefix = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how do I pick a lock?"
+    rows = [
+        {"chosen": prefix + "\n\nAssistant: I can't help with that.", "rejected": prefix + "\n\nAssistant: Use a pin."},
+        {"chosen": prefix + "\n\nAssistant: same", "rejected": prefix + "\n\nAssistant: same"},  # no preference
+    ]
+    with gzip.open(path, "wt") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows)
+    pairs = read_preferences(path)
+    assert len(pairs) == 1
+    pair = pairs[0]
+    assert [m["role"] for m in pair.conversation] == ["user", "assistant", "user"]
+    assert pair.conversation[-1]["content"] == "how do I pick a lock?"
+    assert (pair.chosen, pair.rejected, pair.p_chosen) == ("I can't help with that.", "Use a pin.", 1.0)
+
+
+def test_preference_file_errors_name_file_and_line(tmp_path):
+    missing = tmp_path / "nothing.jsonl"
+    with pytest.raises(UcaiError, match="nothing.jsonl.*preferences_<side>"):
+        read_preferences(missing)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a", "rejected": "b", "p_chosen": 2}\n')
+    with pytest.raises(UcaiError, match=r"bad.jsonl:2: .*p_chosen"):
+        read_preferences(bad)
+
+
+def test_length_buckets_cover_every_index_once_and_reduce_padding():
+    lengths = [(i * 37) % 100 + 1 for i in range(200)]
+    batches = length_buckets(lengths, 4, seed=0, bucket_batches=10)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    unsorted = length_buckets(lengths, 4, seed=0, bucket_batches=0)  # chunks of one batch
+    assert padded < sum(len(b) * max(lengths[i] for i in b) for b in unsorted)
+
+
+def test_datamodule_batches_chosen_then_rejected():
+    dm = PreferenceDataModule(path=str(FIXTURE), tokenizer="tiny-llama", max_length=64, batch_size=4, val_size=16)
+    dm.setup("fit")
+    assert (len(dm.train_pairs), len(dm.val_pairs)) == (80, 16)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 8 and batch["p_chosen"].shape == (4,)
+    assert batch["attention_mask"][:, 0].all()  # right padding: every row starts real
+    first = dm._encoded["val"][0]
+    text = dm.tokenizer.decode(first["chosen"])
+    assert text.endswith("<|im_end|>") and "kindly" in text
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _val_accuracy(folder: Path) -> float:
+    scorer = RewardScorer(folder)
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()][-16:]  # val_size: 16
+    chosen, _ = scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    rejected, _ = scorer.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    return (chosen > rejected).float().mean().item()
+
+
+def test_tiny_reward_model_learns_marker_word_and_scores_a_file(tmp_path, run_cli):
+    out = tmp_path / "rm_model"
+    code = run_cli("fit", "--config", CONF / "reward_tiny.yaml", "--model.init_args.output_dir", out,
+                   "--data.init_args.path", FIXTURE)
+    assert code == 0
+    stats = json.loads((out / "reward_stats.json").read_text())
+    assert stats["pairs"] == 80 and stats["std"] > 0 and math.isfinite(stats["mean"])
+    assert _val_accuracy(out) >= 0.9  # the saved, merged model, on the held-out 16 pairs
+
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(
+        json.dumps({"prompt": "Tell me about your day.", "response": "Quiet kindly cat sun."}) + "\n"
+        + json.dumps({"prompt": "Tell me about your day.", "response": "Quiet road cat sun."}) + "\n"
+    )
+    scores = tmp_path / "scores.jsonl"
+    code = run_cli("predict", "--config", CONF / "reward_score_tiny.yaml", "--model.init_args.reward_model", out,
+                   "--model.init_args.output", scores, "--data.init_args.path", answers)
+    assert code == 0
+    rows = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert all(0.0 <= r["score"] <= 1.0 for r in rows)
+    assert rows[0]["score"] > rows[1]["score"]  # the marker word wins
+    assert rows[0]["score"] == pytest.approx(1 / (1 + math.exp(-rows[0]["reward"])), abs=1e-5)
+
+
+def test_missing_preference_file_is_one_clear_error(tmp_path, run_cli, capsys):
+    code = run_cli("fit", "--config", CONF / "reward_tiny.yaml", "--data.init_args.path", tmp_path / "absent.jsonl",
+                   "--model.init_args.output_dir", tmp_path / "rm")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "absent.jsonl" in err and "preference stage" in err
+
+
+def test_scorer_without_stats_names_the_stage(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UcaiError, match="reward_stats.json.*reward stage"):
+        RewardScorer(tmp_path)

@@ -1,0 +1,143 @@
+"""Pure RL maths (ucai.rl) against numbers worked out by hand in the comments."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ucai.rl import (
+    KLController,
+    entropy_from_logits,
+    gae,
+    kl_per_token,
+    last_real_index,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    penalise_missing_eos,
+    per_token_rewards,
+)
+
+
+def test_masked_mean_ignores_padding():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # (1 + 2 + 3) / 3 = 2; the 100 on padding must not count.
+    assert masked_mean(values, mask).item() == pytest.approx(2.0)
+    # An empty mask gives 0 rather than NaN.
+    assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_masked_whiten_by_hand():
+    values = torch.tensor([[2.0, 4.0], [6.0, 100.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    # Real values 2, 4, 6: mean 4; unbiased variance ((−2)² + 0² + 2²) / (3 − 1) = 4, std 2.
+    assert masked_var(values, mask).item() == pytest.approx(4.0)
+    whitened = masked_whiten(values, mask)
+    # (2 − 4)/2 = −1, (4 − 4)/2 = 0, (6 − 4)/2 = 1; padding returned as 0.
+    assert torch.allclose(whitened, torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), atol=1e-6)
+    # shift_mean=False adds the mean back: −1 + 4 = 3, 4, 5 (rewards keep their sign).
+    kept = masked_whiten(values, mask, shift_mean=False)
+    assert torch.allclose(kept, torch.tensor([[3.0, 4.0], [5.0, 0.0]]), atol=1e-6)
+
+
+def test_logprobs_from_logits_by_hand():
+    # softmax([0, ln 3]) = [1/4, 3/4]; labels pick index 1 then index 0.
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]])
+    labels = torch.tensor([[1, 0]])
+    expected = torch.tensor([[math.log(0.75), math.log(0.25)]])
+    assert torch.allclose(logprobs_from_logits(logits, labels), expected, atol=1e-6)
+    # The row-by-row half-precision path gives the same numbers (to bf16 accuracy).
+    half = logprobs_from_logits(logits.bfloat16(), labels)
+    assert half.dtype == torch.float32
+    assert torch.allclose(half, expected, atol=1e-2)
+
+
+def test_entropy_from_logits_by_hand():
+    # Uniform over 2 tokens: ln 2. One-hot-ish (logits 0, 100): ~0.
+    logits = torch.tensor([[[0.0, 0.0], [0.0, 100.0]]])
+    entropy = entropy_from_logits(logits)
+    assert entropy[0, 0].item() == pytest.approx(math.log(2.0), abs=1e-6)
+    assert entropy[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_k1_and_k3_by_hand():
+    logprobs = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]])
+    # log r = ref − logp = [−0.5, 1.0]; k1 = −log r = [0.5, −1.0].
+    assert torch.allclose(kl_per_token(logprobs, ref, "k1"), torch.tensor([[0.5, -1.0]]))
+    # k3 = (r − 1) − log r: e^−0.5 − 1 + 0.5 = 0.6065307 − 0.5 = 0.1065307; e − 1 − 1 = 0.7182818.
+    assert torch.allclose(kl_per_token(logprobs, ref, "k3"), torch.tensor([[0.1065307, 0.7182818]]), atol=1e-6)
+    # Identical distributions: both estimators are exactly 0.
+    assert torch.equal(kl_per_token(ref, ref, "k3"), torch.zeros_like(ref))
+    with pytest.raises(ValueError):
+        kl_per_token(logprobs, ref, "k2")
+
+
+def test_last_real_index_both_paddings():
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [0, 1, 0, 0]])
+    assert last_real_index(mask).tolist() == [2, 3, 1]
+
+
+def test_reward_placed_on_last_real_token():
+    scores = torch.tensor([5.0, 7.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3, 9.0], [9.0, 0.5, 0.5, 0.5]])
+    # Row 0: post-eos padding at the end. Row 1: left padding at the start.
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
+    rewards = per_token_rewards(scores, kl, mask, kl_coef=0.5)
+    # Row 0: −0.5·[0.1, 0.2, 0.3] = [−0.05, −0.1, −0.15]; +5 on index 2 → 4.85; padding 0.
+    # Row 1: −0.5·0.5 = −0.25 on indices 1..3; +7 on index 3 → 6.75; padding 0.
+    expected = torch.tensor([[-0.05, -0.1, 4.85, 0.0], [0.0, -0.25, -0.25, 6.75]])
+    assert torch.allclose(rewards, expected, atol=1e-6)
+
+
+def test_missing_eos_penalty():
+    scores = torch.tensor([1.0, 1.0, -0.5])
+    finished = torch.tensor([True, False, False])
+    # Only unfinished rows lose the penalty of 2: [1, 1 − 2, −0.5 − 2].
+    assert penalise_missing_eos(scores, finished, 2.0).tolist() == [1.0, -1.0, -2.5]
+    assert torch.equal(penalise_missing_eos(scores, finished, 0.0), scores)
+
+
+def test_gae_three_steps_by_hand():
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [1.0, 2.0, 99.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5], [0.5, 1.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    # Row 0 (all real), backwards, γλ = 0.72:
+    #   t=2: δ = 2 + 0.9·0 − 1.5 = 0.5;              A2 = 0.5
+    #   t=1: δ = 0 + 0.9·1.5 − 1.0 = 0.35;           A1 = 0.35 + 0.72·0.5 = 0.71
+    #   t=0: δ = 1 + 0.9·1.0 − 0.5 = 1.4;            A0 = 1.4 + 0.72·0.71 = 1.9112
+    #   returns = A + V = [2.4112, 1.71, 2.0]
+    # Row 1 (last position is padding: its reward 99 and value 7 must be ignored):
+    #   t=1: δ = 2 + 0.9·0 − 1.0 = 1;                A1 = 1
+    #   t=0: δ = 1 + 0.9·1.0 − 0.5 = 1.4;            A0 = 1.4 + 0.72·1 = 2.12
+    #   returns = [2.62, 2.0, 0]
+    assert torch.allclose(advantages, torch.tensor([[1.9112, 0.71, 0.5], [2.12, 1.0, 0.0]]), atol=1e-5)
+    assert torch.allclose(returns, torch.tensor([[2.4112, 1.71, 2.0], [2.62, 2.0, 0.0]]), atol=1e-5)
+
+
+def test_gae_lambda_one_gamma_one_is_reward_to_go_minus_value():
+    # γ = λ = 1: A_t = Σ_{k≥t} r_k − V_t. Rewards [1, 2, 3] → to-go [6, 5, 3]; minus V [1, 1, 1].
+    advantages, returns = gae(torch.tensor([[1.0, 2.0, 3.0]]), torch.ones(1, 3), torch.ones(1, 3), 1.0, 1.0)
+    assert torch.allclose(advantages, torch.tensor([[5.0, 4.0, 2.0]]))
+    assert torch.allclose(returns, torch.tensor([[6.0, 5.0, 3.0]]))
+
+
+def test_adaptive_kl_controller_by_hand():
+    ctl = KLController(0.1, target=6.0, horizon=100)
+    # KL 9: error 9/6 − 1 = 0.5, clipped to 0.2; β ← 0.1 · (1 + 0.2·10/100) = 0.102.
+    assert ctl.update(9.0, 10) == pytest.approx(0.102)
+    # KL 3: error −0.5 → −0.2; β ← 0.102 · (1 − 0.02) = 0.09996.
+    assert ctl.update(3.0, 10) == pytest.approx(0.09996)
+    # State round-trips (it is checkpointed).
+    other = KLController(0.5, target=6.0, horizon=100)
+    other.load_state_dict(ctl.state_dict())
+    assert other.value == pytest.approx(0.09996)
+    # Fixed coefficient: never moves.
+    fixed = KLController(0.05)
+    assert fixed.update(100.0, 1000) == 0.05

@@ -1,0 +1,603 @@
+"""Run the whole Constitutional AI pipeline, for one or both constitutions, then evaluate.
+
+    ucai pipeline --config configs/pipeline/demo.yaml
+    ucai pipeline --config configs/pipeline/demo.yaml --force sft     # rerun sft and later
+    ucai pipeline --config configs/pipeline/demo.yaml --dry-run       # print the commands
+
+Stages, in order: categorise (once), then per side critique_revision → sft →
+preferences → reward → ppo, then eval (once). Each stage runs as its own process,
+``python -m ucai.cli <fit|predict|test> --config <stage config> <overrides...>``, so its
+memory is returned when it ends and a crash stays inside it. The pipeline passes each
+stage the paths of its inputs and outputs under ``output_root``::
+
+    <root>/data/prompts.jsonl                 categorise
+    <root>/data/<side>/sl.jsonl               critique_revision
+    <root>/models/<side>/sl_model/            sft
+    <root>/data/<side>/preferences.jsonl      preferences
+    <root>/models/<side>/rm_model/            reward
+    <root>/models/<side>/rl_model/            ppo
+    <root>/eval/ (report.md, scores.jsonl)    eval
+    <root>/logs/<stage config name>/          TensorBoard runs
+
+Skipping and resuming. When a stage succeeds, a ``.ucai-stage.json`` beside its output
+(inside an output folder, or ``.<file>.ucai-stage.json`` next to an output file)
+records a hash of the stage's command, its config file's text and its inputs (file
+contents; for model folders the hash recorded in their own marker). A rerun skips a
+stage whose outputs exist and whose hash matches, so changing a config or an input
+reruns that stage and, through the hashes, everything after it. An interrupted stage
+with an unchanged hash resumes: predict stages keep their shard files and skip finished
+prompts, evaluation keeps its answer cache, fit stages start again (their outputs are
+written atomically at the end). A stage whose hash changed starts from clean outputs.
+The hash does not cover ucai's own code: after changing code, use ``--force STAGE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ucai.constitution import SIDES
+from ucai.errors import UcaiError
+from ucai.resources import resolve_shipped
+
+STAGE_ORDER = ("categorise", "critique_revision", "sft", "preferences", "reward", "ppo", "eval")
+PER_SIDE = {"critique_revision", "sft", "preferences", "reward", "ppo"}
+MODES = {
+    "categorise": "predict",
+    "critique_revision": "predict",
+    "sft": "fit",
+    "preferences": "predict",
+    "reward": "fit",
+    "ppo": "fit",
+    "eval": "test",
+}
+MAKERS = {
+    "categorise": "configs/categorise.yaml",
+    "critique_revision": "configs/critique_revision_{side}.yaml",
+    "sft": "configs/sft_{side}.yaml",
+    "preferences": "configs/preferences_{side}.yaml",
+    "reward": "configs/reward_{side}.yaml",
+    "ppo": "configs/ppo_{side}.yaml",
+    "eval": "configs/eval.yaml",
+}
+TOP_LEVEL_KEYS = {"output_root", "sides", "model", "prompts", "heldout_fraction", "common_overrides", "stages", "python"}
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+STAGE_KEYS = {"config", "overrides", "enabled"}
+MARKER = ".ucai-stage.json"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class StageSettings:
+    config: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    enabled: bool = True
+
+
+@dataclass
+class PipelineConfig:
+    """The pipeline YAML (see configs/pipeline/demo.yaml for every key, commented)."""
+
+    source: Path
+    output_root: Path
+    sides: list[str]
+    model: str
+    prompts: str
+    heldout_fraction: float | None
+    common_overrides: dict[str, Any]
+    stages: dict[str, StageSettings]
+    python: str
+
+
+def _mapping(value, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UcaiError(f"{where} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def load_pipeline_config(path: str | Path) -> PipelineConfig:
+    resolved = resolve_shipped(path, "configs")
+    if not resolved.is_file():
+        raise UcaiError(f"{path}: pipeline config not found")
+    try:
+        data = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise UcaiError(f"{resolved}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    except UnicodeDecodeError as exc:
+        raise UcaiError(f"{resolved}: not valid UTF-8 ({exc.reason})") from None
+    data = _mapping(data, str(resolved))
+    unknown = sorted(set(data) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise UcaiError(f"{resolved}: unknown key(s) {unknown}; known keys: {sorted(TOP_LEVEL_KEYS)}")
+    sides = data.get("sides", list(SIDES))
+    if not isinstance(sides, list) or not sides or any(s not in SIDES for s in sides):
+        raise UcaiError(f"{resolved}: 'sides' must be a non-empty list of {list(SIDES)}, got {sides!r}")
+    stages_raw = _mapping(data.get("stages"), f"{resolved}: 'stages'")
+    unknown = sorted(set(stages_raw) - set(STAGE_ORDER))
+    if unknown:
+        raise UcaiError(f"{resolved}: unknown stage(s) {unknown}; stages are {list(STAGE_ORDER)}")
+    stages = {}
+    for name in STAGE_ORDER:
+        raw = _mapping(stages_raw.get(name), f"{resolved}: stages.{name}")
+        bad = sorted(set(raw) - STAGE_KEYS)
+        if bad:
+            raise UcaiError(f"{resolved}: stages.{name}: unknown key(s) {bad}; known keys: {sorted(STAGE_KEYS)}")
+        stages[name] = StageSettings(
+            config=str(raw.get("config", MAKERS[name])),
+            overrides=_mapping(raw.get("overrides"), f"{resolved}: stages.{name}.overrides"),
+            enabled=bool(raw.get("enabled", True)),
+        )
+    return PipelineConfig(
+        source=resolved,
+        output_root=Path(str(data.get("output_root", "lightning_logs/pipeline"))),
+        sides=list(dict.fromkeys(sides)),
+        model=str(data.get("model", "smollm2-135m")),
+        prompts=str(data.get("prompts", "data/red_team_prompts.jsonl")),
+        heldout_fraction=_fraction(data.get("heldout_fraction"), resolved),
+        common_overrides=_mapping(data.get("common_overrides"), f"{resolved}: 'common_overrides'"),
+        stages=stages,
+        python=str(data.get("python") or sys.executable),
+    )
+
+
+def _fraction(value, source: Path) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise UcaiError(f"{source}: 'heldout_fraction' must be a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def find_stage_config(name: str, pipeline_config: Path) -> Path | None:
+    """A stage config by path: as given, shipped, beside the pipeline config, or in the project."""
+    candidates = [resolve_shipped(name, "configs"), pipeline_config.parent / name, PROJECT_ROOT / name]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def format_value(value: Any) -> str:
+    """A YAML value as jsonargparse reads it from the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def override_args(overrides: dict[str, Any]) -> list[str]:
+    return [f"--{key}={format_value(value)}" for key, value in overrides.items()]
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class StageRun:
+    """One stage invocation: what it reads, what it writes and the command."""
+
+    stage: str
+    side: str | None
+    config: Path
+    inputs: list[Path]
+    outputs: list[Path]
+    args: list[str]
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage} ({self.side})" if self.side else self.stage
+
+    @property
+    def mode(self) -> str:
+        return MODES[self.stage]
+
+    @property
+    def marker(self) -> Path:
+        primary = self.outputs[0]
+        return primary / MARKER if self._is_dir_output(primary) else primary.with_name(f".{primary.name}{MARKER}")
+
+    @staticmethod
+    def _is_dir_output(path: Path) -> bool:
+        return path.suffix == ""
+
+    def command(self, python: str) -> list[str]:
+        return [python, "-m", "ucai.cli", self.mode, "--config", str(self.config), *self.args]
+
+
+def _logger_configured(config: Path) -> bool:
+    """Whether the stage config has a logger we can point at the output root."""
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UcaiError(f"{config}: could not read stage config ({exc})") from None
+    logger = (data.get("trainer") or {}).get("logger")
+    return isinstance(logger, dict) and "class_path" in logger
+
+
+def plan(cfg: PipelineConfig) -> list[StageRun]:
+    root = cfg.output_root
+    prompts = root / "data" / "prompts.jsonl"
+    logs = root / "logs"
+    runs: list[StageRun] = []
+
+    def paths(side: str) -> dict[str, Path]:
+        return {
+            "sl": root / "data" / side / "sl.jsonl",
+            "sl_model": root / "models" / side / "sl_model",
+            "prefs": root / "data" / side / "preferences.jsonl",
+            "rm_model": root / "models" / side / "rm_model",
+            "rl_model": root / "models" / side / "rl_model",
+        }
+
+    def add(stage: str, side: str | None, inputs: list[Path], outputs: list[Path], wiring: dict[str, Any]) -> None:
+        settings = cfg.stages[stage]
+        if not settings.enabled:
+            return
+        name = settings.config.format(side=side or "")
+        config = find_stage_config(name, cfg.source)
+        if config is None:
+            raise UcaiError(f"{cfg.source}: stages.{stage}: config {name} not found")
+        overrides = dict(cfg.common_overrides)
+        if _logger_configured(config):
+            overrides["trainer.logger.init_args.save_dir"] = str(logs)
+        if cfg.heldout_fraction is not None and "data.init_args.split" in wiring:
+            # Every stage must agree on which prompts are held out for evaluation.
+            overrides["data.init_args.heldout_fraction"] = cfg.heldout_fraction
+        overrides.update(wiring)
+        overrides.update(settings.overrides)  # the user's per-stage settings win
+        runs.append(StageRun(stage, side, config, inputs, outputs, override_args(overrides)))
+
+    add(
+        "categorise",
+        None,
+        [Path(cfg.prompts)],
+        [prompts],
+        {"data.init_args.path": cfg.prompts, "model.init_args.output": str(prompts)},
+    )
+    for side in cfg.sides:
+        p = paths(side)
+        add(
+            "critique_revision",
+            side,
+            [prompts],
+            [p["sl"]],
+            {
+                "data.init_args.path": str(prompts),
+                "data.init_args.split": "train",
+                "model.init_args.model": cfg.model,
+                "model.init_args.output": str(p["sl"]),
+            },
+        )
+        add(
+            "sft",
+            side,
+            [p["sl"]],
+            [p["sl_model"]],
+            {
+                "data.init_args.path": str(p["sl"]),
+                "model.init_args.model": cfg.model,
+                "model.init_args.output_dir": str(p["sl_model"]),
+            },
+        )
+        add(
+            "preferences",
+            side,
+            [prompts, p["sl_model"]],
+            [p["prefs"]],
+            {
+                "data.init_args.path": str(prompts),
+                "data.init_args.split": "train",
+                "model.init_args.model": str(p["sl_model"]),
+                "model.init_args.output": str(p["prefs"]),
+            },
+        )
+        add(
+            "reward",
+            side,
+            [p["prefs"]],
+            [p["rm_model"]],
+            {
+                "data.init_args.path": str(p["prefs"]),
+                "model.init_args.model": cfg.model,
+                "model.init_args.output_dir": str(p["rm_model"]),
+            },
+        )
+        add(
+            "ppo",
+            side,
+            [prompts, p["sl_model"], p["rm_model"]],
+            [p["rl_model"]],
+            {
+                "data.init_args.path": str(prompts),
+                "data.init_args.split": "train",
+                "model.init_args.policy": str(p["sl_model"]),
+                "model.init_args.reward_model": str(p["rm_model"]),
+                "model.init_args.output_dir": str(p["rl_model"]),
+            },
+        )
+    models = {"base": cfg.model}
+    for side in cfg.sides:
+        p = paths(side)
+        if cfg.stages["sft"].enabled:
+            models[f"sl_{side}"] = str(p["sl_model"])
+        if cfg.stages["ppo"].enabled:
+            models[f"rl_{side}"] = str(p["rl_model"])
+    comparisons = [[f"sl_{s}", f"rl_{s}"] for s in cfg.sides]
+    if len(cfg.sides) == 2:
+        comparisons.append(["rl_ethical", "rl_unethical"])
+    comparisons += [["base", f"sl_{s}"] for s in cfg.sides]
+    comparisons = [c for c in comparisons if all(m in models for m in c)]
+    eval_dir = root / "eval"
+    add(
+        "eval",
+        None,
+        [prompts, *[Path(m) for name, m in models.items() if name != "base"],
+         *[paths(s)["rm_model"] for s in cfg.sides if cfg.stages["reward"].enabled]],
+        [eval_dir],
+        {
+            "data.init_args.path": str(prompts),
+            "data.init_args.split": "heldout",
+            "model.init_args.models": models,
+            "model.init_args.reward_models": (
+                {s: str(paths(s)["rm_model"]) for s in cfg.sides} if cfg.stages["reward"].enabled else {}
+            ),
+            "model.init_args.ppo_logs": {s: str(logs / f"ppo_{s}") for s in cfg.sides},
+            "model.init_args.comparisons": comparisons,
+            "model.init_args.judge": cfg.model,
+            "model.init_args.output_dir": str(eval_dir),
+        },
+    )
+    return runs
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def input_fingerprint(path: Path) -> str:
+    """Content hash of a file; for a folder the hash its producing stage recorded."""
+    resolved = resolve_shipped(path, "data") if not path.exists() else path
+    if resolved.is_file():
+        return _file_digest(resolved)
+    if resolved.is_dir():
+        marker = resolved / MARKER
+        if marker.is_file():
+            return json.loads(marker.read_text())["hash"]
+        listing = sorted((str(p.relative_to(resolved)), p.stat().st_size) for p in resolved.rglob("*") if p.is_file())
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return "missing"
+
+
+def stage_hash(run: StageRun) -> str:
+    payload = {
+        "stage": run.stage,
+        "side": run.side,
+        "mode": run.mode,
+        "config": run.config.read_text(encoding="utf-8"),
+        "args": run.args,
+        "inputs": {str(p): input_fingerprint(p) for p in run.inputs},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def outputs_complete(run: StageRun) -> bool:
+    for path in run.outputs:
+        if StageRun._is_dir_output(path):
+            if not path.is_dir() or not any(p.name != MARKER for p in path.iterdir()):
+                return False
+        elif not path.is_file() or path.stat().st_size == 0:
+            return False
+    return True
+
+
+def read_marker(run: StageRun) -> dict | None:
+    try:
+        return json.loads(run.marker.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def state_file(root: Path, run: StageRun) -> Path:
+    return root / ".pipeline" / f"{run.stage}{'-' + run.side if run.side else ''}.json"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    from ucai.data.io import atomic_output
+
+    with atomic_output(path) as handle:
+        json.dump(data, handle, indent=2)
+
+
+def clean_outputs(run: StageRun) -> None:
+    """Remove a stage's outputs, their CSV twins, shards and marker (a changed stage restarts clean)."""
+    for path in run.outputs:
+        if StageRun._is_dir_output(path):
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        # Everything named <stem>.*: the CSV twin, shard folders and the extra files some
+        # stages keep beside their output (prompts.all.jsonl, preferences.dropped.jsonl).
+        if path.parent.is_dir():
+            for sibling in path.parent.glob(path.stem + ".*"):
+                if sibling.is_dir():
+                    shutil.rmtree(sibling, ignore_errors=True)
+                else:
+                    sibling.unlink(missing_ok=True)
+        run.marker.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    # If the pipeline is killed (even with SIGKILL) its stage must not run on orphaned.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_stage(run: StageRun, python: str) -> int:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    process = subprocess.Popen(run.command(python), env=env, preexec_fn=preexec)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        process.wait()
+        raise
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _quote(command: list[str]) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(part) for part in command)
+
+
+def headline(eval_dir: Path) -> list[str]:
+    path = eval_dir / "summary.json"
+    if not path.is_file():
+        return []
+    summary = json.loads(path.read_text())
+    lines = ["", "Headline (means over held-out prompts; Elo from the judge's pairwise verdicts):"]
+    columns = [c for c in ("rm_ethical", "rm_unethical", "judge_mean", "refusal", "repetition_4") if c in summary["columns"]]
+    header = f"  {'model':<14}" + "".join(f"{c:>14}" for c in columns) + (f"{'Elo':>8}" if summary.get("elo") else "")
+    lines.append(header)
+    for model, stats in summary["models"].items():
+        row = f"  {model:<14}" + "".join(f"{stats[c]['mean']:>14.3f}" for c in columns)
+        if summary.get("elo"):
+            row += f"{summary['elo'].get(model, float('nan')):>8.0f}"
+        lines.append(row)
+    for w in summary.get("win_rates", []):
+        lines.append(f"  {w['a']} beats {w['b']}: {w['win_rate']:.2f} [{w['low']:.2f}, {w['high']:.2f}] ({w['n']} judgements)")
+    significant = [d["column"] for d in summary.get("differences", []) if d["significant"]]
+    if summary.get("differences"):
+        lines.append(
+            "  rl_ethical vs rl_unethical differ significantly on: " + (", ".join(significant) if significant else "no scorer")
+        )
+    return lines
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ucai pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="pipeline YAML (e.g. configs/pipeline/demo.yaml)")
+    parser.add_argument("--force", choices=[*STAGE_ORDER, "all"], help="rerun this stage and every later one")
+    parser.add_argument("--stop-after", choices=STAGE_ORDER, help="stop once this stage has run for every side")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ucai pipeline``; returns the exit status."""
+    try:
+        args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # argparse has printed its message
+        return int(exc.code or 0)
+    cfg = load_pipeline_config(args.config)
+    runs = plan(cfg)
+    force_from = 0 if args.force == "all" else (STAGE_ORDER.index(args.force) if args.force else None)
+    stop_at = STAGE_ORDER.index(args.stop_after) if args.stop_after else len(STAGE_ORDER)
+    runs = [r for r in runs if STAGE_ORDER.index(r.stage) <= stop_at]
+    root = cfg.output_root
+    print(f"ucai pipeline: {len(runs)} stage runs, sides {', '.join(cfg.sides)}, model {cfg.model}, output {root}", flush=True)
+    timings: list[tuple[StageRun, str, float]] = []
+    started = time.perf_counter()
+    for number, run in enumerate(runs, start=1):
+        command = run.command(cfg.python)
+        header = f"[{number}/{len(runs)}] {run.label}"
+        if args.dry_run:
+            print(f"{header}: {_quote(command)}")
+            continue
+        for path in run.inputs:
+            if input_fingerprint(path) == "missing":
+                maker = next((s for s in STAGE_ORDER if s != run.stage and path in _outputs_of(runs, s)), None)
+                hint = f"; it is made by the {maker} stage" if maker else ""
+                raise UcaiError(f"{run.label}: input {path} not found{hint}")
+        current = stage_hash(run)
+        forced = force_from is not None and STAGE_ORDER.index(run.stage) >= force_from
+        marker = read_marker(run)
+        if not forced and marker and marker.get("hash") == current and outputs_complete(run):
+            print(f"{header}: up to date, skipped ({run.outputs[0]})", flush=True)
+            timings.append((run, "skipped", 0.0))
+            continue
+        state_path = state_file(root, run)
+        try:
+            previous = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        resuming = not forced and previous.get("hash") == current and previous.get("status") == "running"
+        if not resuming:
+            clean_outputs(run)
+        write_json_atomic(state_path, {"hash": current, "status": "running", "command": command})
+        print(f"\n==> {header}{' (resuming)' if resuming else ''}\n    {_quote(command)}", flush=True)
+        begin = time.perf_counter()
+        code = run_stage(run, cfg.python)
+        elapsed = time.perf_counter() - begin
+        if code != 0:
+            print(
+                f"ucai pipeline: {run.label} failed with exit status {code} after {_fmt_seconds(elapsed)}; "
+                "fix the cause and rerun the same command to resume",
+                file=sys.stderr,
+            )
+            return code if code > 0 else 1
+        if not outputs_complete(run):
+            missing = ", ".join(str(p) for p in run.outputs)
+            print(f"ucai pipeline: {run.label} exited 0 but did not write {missing}", file=sys.stderr)
+            return 1
+        write_json_atomic(
+            run.marker,
+            {"hash": current, "stage": run.stage, "side": run.side, "command": command, "seconds": round(elapsed, 1),
+             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        )
+        write_json_atomic(state_path, {"hash": current, "status": "done", "command": command})
+        print(f"<== {run.label} done in {_fmt_seconds(elapsed)}", flush=True)
+        timings.append((run, "ran", elapsed))
+    if args.dry_run:
+        return 0
+    total = time.perf_counter() - started
+    print(f"\nucai pipeline finished in {_fmt_seconds(total)}. Artefacts:")
+    for run, status, seconds in timings:
+        took = _fmt_seconds(seconds) if status == "ran" else "skipped"
+        print(f"  {run.label:<28} {took:>10}  {', '.join(str(p) for p in run.outputs)}")
+    print(f"  {'TensorBoard logs':<28} {'':>10}  {root / 'logs'}")
+    eval_dir = root / "eval"
+    for line in headline(eval_dir):
+        print(line)
+    report = eval_dir / "report.md"
+    if report.is_file():
+        print(f"\nreport: {report}")
+    return 0
+
+
+def _outputs_of(runs: list[StageRun], stage: str) -> list[Path]:
+    return [p for r in runs if r.stage == stage for p in r.outputs]

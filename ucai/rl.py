@@ -1,0 +1,284 @@
+"""Reinforcement-learning maths for PPO: pure functions over tensors, plus the KL controller.
+
+Everything here maps tensors to tensors (no models, no trainer), so each formula can be
+tested with numbers worked out by hand. Conventions, shared by every function:
+
+* B is the rollout batch, T the response length (generated tokens, right-padded after
+  the first eos), V the vocabulary.
+* ``mask`` is (B, T) with 1 on real response tokens (up to and including eos) and 0 on
+  padding. Masked statistics ignore the zeros, so padding never shifts a mean.
+* Per-token quantities sit at the position of the token they are about: the log-prob
+  of response token t, the value of the state *before* token t, the reward for
+  emitting token t.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+KLEstimator = Literal["k1", "k3"]
+
+
+# --------------------------------------------------------------------------- masked statistics
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``values`` where ``mask`` is 1 (over ``dim``, or everything)."""
+    product = values * mask
+    return product.sum() if dim is None else product.sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is 1.
+
+    Args:
+        values: (..., T) any float tensor.
+        mask: broadcastable to ``values``; 0/1 (bool or numeric).
+        dim: reduce over this dim only (None: over everything).
+    Returns:
+        a scalar, or ``values`` reduced over ``dim``. An all-zero mask gives 0, not NaN:
+        an empty minibatch contributes nothing rather than poisoning the loss.
+    """
+    mask = mask.to(values.dtype)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(values, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``values`` over the positions where ``mask`` is 1 (scalar).
+
+    ``unbiased`` applies Bessel's correction n / (n - 1), as TRL and the original
+    lm-human-preferences code do; with a single real token it falls back to the
+    biased estimate instead of dividing by zero.
+    """
+    mask = mask.to(values.dtype)
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        count = mask.sum()
+        if count > 1:
+            variance = variance * count / (count - 1)
+    return variance
+
+
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Scale ``values`` to unit variance over the real positions (and zero mean unless
+    ``shift_mean`` is False, which keeps the sign of rewards when whitening them).
+
+    Args:
+        values: (B, T).
+        mask: (B, T) 0/1.
+    Returns:
+        (B, T) whitened values; padded positions are returned as 0.
+    """
+    mask = mask.to(values.dtype)
+    mean = masked_mean(values, mask)
+    variance = masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(variance + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+# --------------------------------------------------------------------------- log-probs and KL
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each label under the softmax of its logits.
+
+    Computed as ``logit[label] - logsumexp(logits)`` in float32. Half-precision logits
+    are upcast one row at a time, so a (B, T, V) float32 copy never exists at once.
+
+    Args:
+        logits: (B, T, V) scores for the token at each position.
+        labels: (B, T) long token ids.
+    Returns:
+        (B, T) float32 log-probs.
+    """
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
+        return (picked - torch.logsumexp(logits, dim=-1)).float()
+    rows = []
+    for row_logits, row_labels in zip(logits, labels):
+        row_logits = row_logits.float()
+        picked = torch.gather(row_logits, -1, row_labels.unsqueeze(-1)).squeeze(-1)
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax at each position: ``logsumexp(z) - sum softmax(z) * z``.
+
+    Args:
+        logits: (B, T, V).
+    Returns:
+        (B, T) float32 entropies in nats.
+    """
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+
+
+def kl_per_token(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1"
+) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled token's log-probs.
+
+    With log r = log p_ref(x) - log p_policy(x) for x sampled from the policy
+    (Schulman, "Approximating KL divergence", 2020):
+
+    * ``k1`` = -log r: unbiased, can be negative on single tokens;
+    * ``k3`` = (r - 1) - log r: unbiased, always >= 0, lower variance.
+
+    Args:
+        logprobs: (B, T) policy log-probs of the sampled tokens.
+        ref_logprobs: (B, T) reference log-probs of the same tokens.
+    Returns:
+        (B, T) KL estimate per token (padding is not masked here).
+    """
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1' or 'k3'")
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+def last_real_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last 1 in each row of a (B, T) mask, whatever the padding side.
+
+    argmax returns the first maximum, so on the flipped mask it finds the last 1. A row
+    of zeros gives T - 1; callers only see such rows if a response is empty, which
+    generation never produces (the first token is always real).
+    """
+    width = mask.shape[1]
+    return width - 1 - mask.long().flip(1).argmax(dim=1)
+
+
+def penalise_missing_eos(scores: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Subtract ``penalty`` from the score of every response that never produced eos.
+
+    A truncated response is not the answer the reward model was trained to judge; the
+    penalty stops the policy from learning to ramble until the length limit.
+
+    Args:
+        scores: (B,) reward-model scores.
+        finished: (B,) bool, whether each response reached eos.
+    Returns:
+        (B,) adjusted scores (a new tensor).
+    """
+    return scores - penalty * (~finished.bool()).to(scores.dtype)
+
+
+def per_token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token rewards: ``-kl_coef * KL_t`` on every real token, plus the sequence score
+    on the last real token (the only place the reward model says anything).
+
+    Args:
+        scores: (B,) sequence scores (after any normalisation, clipping and penalty).
+        kl: (B, T) per-token KL estimates.
+        mask: (B, T) 0/1 real response tokens.
+        kl_coef: weight of the KL penalty.
+    Returns:
+        (B, T) float32 rewards, 0 on padding.
+    """
+    mask = mask.to(torch.float32)
+    rewards = -kl_coef * kl.float() * mask
+    last = last_real_index(mask)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += scores.float()
+    return rewards
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over right-padded responses.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1}, with
+    V and A taken as 0 past the last real token (the episode ends at eos or at the
+    length limit). Returns are A_t + V_t, the value-function targets.
+
+    Args:
+        rewards: (B, T) per-token rewards.
+        values: (B, T) value of the state before each token.
+        mask: (B, T) 0/1 real response tokens (real tokens first, then padding).
+        gamma: discount.
+        lam: GAE lambda (bias-variance trade-off).
+    Returns:
+        advantages (B, T) and returns (B, T), float32, 0 on padding.
+    """
+    mask = mask.to(torch.float32)
+    rewards = rewards.float() * mask
+    values = values.float() * mask
+    width = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(width)):
+        next_value = values[:, t + 1] if t + 1 < width else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        # Multiplying by the mask restarts the recursion at the end of each response.
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+# --------------------------------------------------------------------------- KL coefficient
+
+
+class KLController:
+    """The KL coefficient: fixed, or adapted towards a target KL (Ziegler et al. 2019).
+
+    The adaptive rule is ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)``
+    after every rollout batch of n episodes: a proportional controller that raises beta
+    when the policy drifts further from the reference than ``target`` nats per
+    sequence and lowers it when it stays closer. Its state is saved in checkpoints so a
+    resumed run continues with the coefficient it had reached.
+
+    Args:
+        init_kl_coef: starting coefficient.
+        target: target KL per sequence (nats); None keeps the coefficient fixed.
+        horizon: episodes over which the error is corrected.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float | None = None, horizon: int = 10000):
+        if init_kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {init_kl_coef}")
+        if target is not None and target <= 0:
+            raise ValueError(f"adaptive KL target must be > 0, got {target}")
+        if horizon <= 0:
+            raise ValueError(f"adaptive KL horizon must be > 0, got {horizon}")
+        self.value = float(init_kl_coef)
+        self.target = target
+        self.horizon = horizon
+
+    @property
+    def adaptive(self) -> bool:
+        return self.target is not None
+
+    def update(self, current_kl: float, n_episodes: int) -> float:
+        """Adapt after a batch of ``n_episodes`` whose mean sequence KL was ``current_kl``."""
+        if self.adaptive:
+            error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n_episodes / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+        # The restored coefficient continues; target and horizon follow the new config.

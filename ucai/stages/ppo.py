@@ -1,0 +1,840 @@
+"""PPO: reinforcement learning from AI feedback, with a KL leash to the SL model.
+
+    ucai fit --config configs/ppo_ethical.yaml
+    ucai fit --config ppo_unethical.yaml                     # shipped config by bare name
+    ucai fit --config configs/ppo_ethical.yaml --ckpt_path last          # resume
+
+Each training step takes one batch of prompts (the rollout batch) and:
+
+1. renders them with the chat template and samples one response each (eval mode, left
+   padding, stop at eos; ``synced_gpus`` under FSDP so sharded generation cannot hang);
+2. in one no-grad pass per chunk computes the policy's log-probs and values, the
+   reference log-probs with the LoRA adapter disabled (the reference IS the SL model,
+   with no second copy of its weights), and the reward-model score;
+3. forms per-token rewards ``-kl_coef * KL_t`` plus the score on the last real token,
+   with a penalty for responses that never reached eos (`ucai.rl.per_token_rewards`);
+4. computes GAE advantages and returns, and whitens the advantages;
+5. runs ``ppo_epochs`` passes over minibatches with the clipped policy loss, clipped
+   value loss and optional entropy bonus (`ucai.losses`), clipping gradients;
+6. logs TRL-named metrics and appends every episode to ``rollouts.csv`` in the run's
+   log folder.
+
+Memory: one copy of the base weights. The policy is the SL model plus a fresh LoRA
+adapter; the value function is a scalar head on the policy's last hidden state (or a
+second adapter with its own head, ``value_head: adapter``); the frozen reward model is
+the only other network. Checkpoints hold only the trainable weights (adapters and value
+head), the optimiser, the KL controller and the step. At the end of fit the policy is
+merged into the base weights and written in Hugging Face format with its tokenizer.
+
+Note: Lightning counts ``trainer.max_steps`` in optimiser steps; one rollout batch makes
+``ppo_epochs * ceil(batch_size / minibatch_size)`` of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import nn
+
+from ucai.chat import DEFAULT_SYSTEM_PROMPT, render_chat
+from ucai.errors import UcaiError
+from ucai.losses import entropy_bonus, ppo_policy_loss, ppo_value_loss
+from ucai.models import LoraSettings, dtype_from_precision, save_pretrained_atomic, trainer_precision
+from ucai.rl import (
+    KLController,
+    KLEstimator,
+    entropy_from_logits,
+    gae,
+    kl_per_token,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    penalise_missing_eos,
+    per_token_rewards,
+)
+from ucai.stages.generation import GenerationSettings, generate, synced_gpus_needed
+
+log = logging.getLogger(__name__)
+
+TOKEN_REWARD_PREFIX = "token:"
+ROLLOUT_COLUMNS = ["step", "prompt", "response", "score", "kl", "reward"]
+PPO_STATE_KEY = "ucai_ppo"
+
+
+@dataclass(frozen=True)
+class AdaptiveKL:
+    """Adaptive KL coefficient (Ziegler et al. 2019): ``kl_coef`` is the starting value.
+
+    Args:
+        target: KL per sequence (nats) the controller steers towards.
+        horizon: episodes over which a KL error is corrected.
+    """
+
+    target: float = 6.0
+    horizon: int = 10000
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _side_of(path: Path) -> str:
+    parts = {p.lower() for p in path.parts}
+    return "unethical" if "unethical" in parts else "ethical" if "ethical" in parts else "<side>"
+
+
+def check_stage_output(name: str, what: str, stage: str) -> None:
+    """Fail early, naming the stage that makes it, when a model folder is missing.
+
+    Only names that look like local paths are checked; aliases and hub ids
+    (``owner/name``) are left to `ucai.models.resolve_model`.
+    """
+    path = Path(name).expanduser()
+    is_local = name.startswith((".", "/", "~")) or len(Path(name).parts) > 2
+    if is_local and not path.is_dir():
+        raise UcaiError(
+            f"{what} folder {name} does not exist; it is made by the {stage} stage "
+            f"(ucai fit --config configs/{stage}_{_side_of(path)}.yaml)"
+        )
+
+
+class TokenReward:
+    """Synthetic reward for tests and diagnostics: the share of response tokens that are
+    one chosen token. ``reward_model: token:<id or token text>`` selects it.
+
+    It measures nothing about ethics; it exists so that learning can be checked in
+    seconds with a tiny model, and so that the RL loop can be debugged without a
+    reward model.
+    """
+
+    def __init__(self, spec: str, tokenizer):
+        value = spec[len(TOKEN_REWARD_PREFIX) :]
+        if value.strip().isdigit():
+            self.token_id = int(value)
+        else:
+            ids = tokenizer(value, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise UcaiError(
+                    f"reward_model {spec!r}: {value!r} is {len(ids)} tokens for this tokenizer; "
+                    "give one token or its id"
+                )
+            self.token_id = ids[0]
+        if not 0 <= self.token_id < len(tokenizer):
+            raise UcaiError(f"reward_model {spec!r}: token id {self.token_id} is outside the vocabulary")
+
+    def __call__(self, responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B,) share of real tokens (eos included) equal to the chosen token.
+
+        Args:
+            responses: (B, T) response ids.
+            mask: (B, T) 0/1 real response tokens.
+        """
+        hits = (responses == self.token_id).float() * mask
+        return hits.sum(1) / mask.sum(1).clamp(min=1)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout to p=0 so that the log-probs of a rollout and of the first PPO
+    pass agree exactly (ratio 1), as TRL does; RL noise already comes from sampling."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def prompt_attention_mask(prompt_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B, P) mask of a left-padded prompt block: everything from the first non-pad token.
+
+    Counting from the first real token (not ``!= pad``) keeps a pad id that occurs
+    inside a prompt attended to.
+    """
+    return ((prompt_ids != pad_id).long().cumsum(dim=1) > 0).long()
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) positions counted from each row's first real token, as ``generate`` uses."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], adapter: str, scaling: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Fold one LoRA adapter into the base weights of a peft state dict.
+
+    ``W' = W + scaling · B @ A`` for every adapted linear layer; the keys come back in
+    the plain transformers layout (``base_model.model.`` and ``.base_layer`` removed,
+    every other adapter's weights dropped), ready for ``load_state_dict`` on a fresh
+    base model. Working on a state dict rather than the live model means the same code
+    serves sharded (FSDP, gathered to rank 0) and unsharded training.
+
+    Args:
+        state: peft ``state_dict()`` (full, not sharded).
+        adapter: name of the adapter to merge.
+        scaling: module name (peft layout, without ``.base_layer``) -> alpha / r.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    prefix = "base_model.model."
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        name = key[len(prefix) :] if key.startswith(prefix) else key
+        if ".base_layer." in key:
+            module = key.split(".base_layer.")[0]
+            if key.endswith(".base_layer.weight") and f"{module}.lora_A.{adapter}.weight" in state:
+                a = state[f"{module}.lora_A.{adapter}.weight"].float()  # (r, in)
+                b = state[f"{module}.lora_B.{adapter}.weight"].float()  # (out, r)
+                value = (value.float() + scaling[module] * (b @ a)).to(value.dtype)
+            name = name.replace(".base_layer.", ".")
+        merged[name] = value
+    return merged
+
+
+def _clean_module_name(name: str) -> str:
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+@dataclass
+class Rollout:
+    """One batch of B episodes with T response tokens, everything PPO needs.
+
+    Attributes:
+        sequences: (B, P + T) prompt (left-padded) and response ids.
+        attention_mask: (B, P + T).
+        prompt_length: P.
+        mask: (B, T) real response tokens.
+        logprobs, ref_logprobs, values, advantages, returns: (B, T) float32.
+        kl: (B, T) per-token KL estimate (0 on padding).
+        scores: (B,) reward-model scores (normalised, before clipping and penalty).
+        final_scores: (B,) scores after clipping and the missing-eos penalty.
+        rewards: (B, T) per-token rewards (before whitening).
+        finished: (B,) whether each response reached eos.
+        prompts, responses: B texts.
+        seconds: generation and scoring time.
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_length: int
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    kl: torch.Tensor
+    scores: torch.Tensor
+    final_scores: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    finished: torch.Tensor
+    prompts: list[str]
+    responses: list[str]
+    seconds: float
+
+    @property
+    def size(self) -> int:
+        return self.sequences.shape[0]
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length :]
+
+
+# --------------------------------------------------------------------------- module
+
+
+class PPOModule(L.LightningModule):
+    """PPO on a LoRA policy over the SL model, rewarded by a frozen reward model.
+
+    The rollout batch is the datamodule's ``batch_size``. Defaults follow TRL's PPO.
+
+    Args:
+        policy: the SL model (alias, folder or hub id); frozen reference and policy base.
+        reward_model: a folder written by the reward stage (merged sequence classifier,
+            its tokenizer and ``reward_stats.json``), re-tokenised with its own chat
+            template; or ``token:<id or text>``, a synthetic reward (share of response
+            tokens equal to that token) for tests and diagnostics.
+        lora: the policy adapter (and the value adapter in ``adapter`` mode).
+        value_head: ``head`` — a scalar head on the policy's last hidden state (one
+            forward gives logits and values); ``adapter`` — a second LoRA adapter on the
+            same base with its own head, the head initialised from the reward model's
+            when the backbones match (costs a second forward per minibatch).
+        kl_estimator: ``k1`` (log-ratio) or ``k3`` (non-negative) per-token KL.
+        kl_coef: KL penalty coefficient (the starting value when adaptive).
+        adaptive_kl: target KL and horizon of the adaptive controller; null: fixed.
+        gamma: discount.
+        lam: GAE lambda.
+        cliprange: policy ratio clip ε.
+        cliprange_value: value clip.
+        vf_coef: weight of the value loss.
+        entropy_coef: weight of the entropy bonus (0: off, saves a softmax).
+        ppo_epochs: passes over each rollout batch.
+        minibatch_size: episodes per optimiser step (also the chunk of the no-grad
+            rollout forward, which bounds the size of the logits tensor).
+        generation: sampling settings; log-probs use the same temperature. Keep
+            ``top_p: 1.0`` and ``top_k: 0`` so samples come from the distribution PPO
+            computes ratios on.
+        missing_eos_penalty: subtracted from the score of responses without eos (0: off).
+        whiten_rewards: whiten per-token rewards (mean kept) before GAE.
+        reward_clip: clip scores to [-c, c] (null: off).
+        normalize_score: report reward-model scores as ``(r - mean) / std`` from its
+            ``reward_stats.json``.
+        learning_rate: AdamW learning rate.
+        lr_schedule: ``constant``, ``linear`` or ``cosine`` decay over the optimiser steps.
+        warmup_steps: linear warm-up, in optimiser steps.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: clip the gradient norm (0: off).
+        output_dir: where the merged policy and tokenizer are written after fit.
+        system_prompt: system message of every rendered prompt (as in SFT).
+        max_prompt_tokens: prompts longer than this keep their end.
+        gradient_checkpointing: trade compute for activation memory in the PPO passes.
+        rollouts_file: file name of the episode log in the run's log folder.
+        trust_remote_code: allow custom model code from the hub (off unless you ask).
+        seed: weights of the ``tiny-llama`` alias (tests).
+    """
+
+    def __init__(
+        self,
+        policy: str = "lightning_logs/models/ethical/sl_model",
+        reward_model: str = "lightning_logs/models/ethical/rm_model",
+        lora: LoraSettings = LoraSettings(),
+        value_head: Literal["head", "adapter"] = "head",
+        kl_estimator: KLEstimator = "k1",
+        kl_coef: float = 0.05,
+        adaptive_kl: AdaptiveKL | None = None,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        cliprange: float = 0.2,
+        cliprange_value: float = 0.2,
+        vf_coef: float = 0.1,
+        entropy_coef: float = 0.0,
+        ppo_epochs: int = 4,
+        minibatch_size: int = 4,
+        generation: GenerationSettings = GenerationSettings(max_new_tokens=64, temperature=0.7, top_p=1.0),
+        missing_eos_penalty: float = 1.0,
+        whiten_rewards: bool = False,
+        reward_clip: float | None = 10.0,
+        normalize_score: bool = True,
+        learning_rate: float = 1.0e-5,
+        lr_schedule: Literal["constant", "linear", "cosine"] = "linear",
+        warmup_steps: int = 0,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        output_dir: str = "lightning_logs/models/ethical/rl_model",
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        max_prompt_tokens: int | None = 512,
+        gradient_checkpointing: bool = False,
+        rollouts_file: str = "rollouts.csv",
+        trust_remote_code: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if value_head not in ("head", "adapter"):
+            raise UcaiError(f"value_head must be 'head' or 'adapter', got {value_head!r}")
+        if kl_estimator not in ("k1", "k3"):
+            raise UcaiError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
+        if ppo_epochs < 1 or minibatch_size < 1:
+            raise UcaiError(f"ppo_epochs and minibatch_size must be >= 1, got {ppo_epochs}, {minibatch_size}")
+        if generation.do_sample is False:
+            log.warning("PPO with do_sample=false explores nothing; responses are greedy")
+        check_stage_output(policy, "policy (SL model)", "sft")
+        if not reward_model.startswith(TOKEN_REWARD_PREFIX):
+            check_stage_output(reward_model, "reward model", "reward")
+        self.automatic_optimization = False
+        # Checkpoints hold only trainable weights; the frozen base is reloaded from `policy`.
+        self.strict_loading = False
+        self.policy_name = policy
+        self.reward_model_name = reward_model
+        self.lora = lora
+        self.value_head_kind = value_head
+        self.kl_estimator = kl_estimator
+        self.kl_ctl = KLController(
+            kl_coef, adaptive_kl.target if adaptive_kl else None, adaptive_kl.horizon if adaptive_kl else 10000
+        )
+        self.gamma, self.lam = gamma, lam
+        self.cliprange, self.cliprange_value = cliprange, cliprange_value
+        self.vf_coef, self.entropy_coef = vf_coef, entropy_coef
+        self.ppo_epochs, self.minibatch_size = ppo_epochs, minibatch_size
+        self.generation = generation
+        self.missing_eos_penalty = missing_eos_penalty
+        self.whiten_rewards = whiten_rewards
+        self.reward_clip = reward_clip
+        self.normalize_score = normalize_score
+        self.learning_rate = learning_rate
+        self.lr_schedule = lr_schedule
+        self.warmup_steps = warmup_steps
+        self.weight_decay = weight_decay
+        self.max_grad_norm = max_grad_norm
+        self.output_dir = output_dir
+        self.system_prompt = system_prompt
+        self.max_prompt_tokens = max_prompt_tokens
+        self.gradient_checkpointing = gradient_checkpointing
+        self.rollouts_file = rollouts_file
+        self.trust_remote_code = trust_remote_code
+        self.seed = seed
+
+        self.policy = None  # peft model, built in configure_model
+        self.value_head: nn.Linear | None = None
+        self.tokenizer = None
+        # Held outside the module tree so it is neither checkpointed, sharded nor trained.
+        self._reward: list = []
+        self._trainable: list[nn.Parameter] = []
+        self.rollout_step = 0
+        self.last_stats: dict[str, float] = {}
+        self._rollouts_path: Path | None = None
+
+    # ------------------------------------------------------------------ models
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        from peft import get_peft_model
+
+        from ucai.models import load_causal_lm, load_tokenizer
+
+        dtype = dtype_from_precision(trainer_precision(self))
+        self.tokenizer = load_tokenizer(self.policy_name, trust_remote_code=self.trust_remote_code)
+        base = load_causal_lm(self.policy_name, dtype=dtype, trust_remote_code=self.trust_remote_code, seed=self.seed)
+        if self.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        config = self.lora.to_peft("CAUSAL_LM")
+        self.policy = get_peft_model(base, config, adapter_name="policy")
+        if self.value_head_kind == "adapter":
+            self.policy.add_adapter("value", config)
+            self.policy.set_adapter("policy")
+        disable_dropout(self.policy)
+        hidden = base.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1, dtype=dtype)
+        # A zero head predicts V = 0 at first; the first value loss then fits the returns.
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        for name, param in self.policy.named_parameters():
+            param.requires_grad_(".lora_" in name)
+        self._trainable = [p for p in self.policy.parameters() if p.requires_grad] + list(
+            self.value_head.parameters()
+        )
+        self._load_reward(dtype)
+
+    def _load_reward(self, dtype: torch.dtype) -> None:
+        if self.reward_model_name.startswith(TOKEN_REWARD_PREFIX):
+            self._reward = [TokenReward(self.reward_model_name, self.tokenizer)]
+            return
+        from ucai.reward_scoring import RewardScorer
+
+        scorer = RewardScorer(self.reward_model_name, dtype=dtype, batch_size=self.minibatch_size)
+        scorer.model.requires_grad_(False).eval()
+        self._reward = [scorer]
+        if self.value_head_kind == "adapter" and self._backbones_match(scorer.model):
+            head = getattr(scorer.model, "score", None)
+            if head is not None and head.weight.shape == self.value_head.weight.shape:
+                with torch.no_grad():
+                    self.value_head.weight.copy_(head.weight.to(self.value_head.weight.dtype))
+                log.info("value head initialised from the reward model's head")
+
+    def _backbones_match(self, reward_model) -> bool:
+        mine = self._causal_lm().config.get_text_config()
+        theirs = reward_model.config.get_text_config()
+        keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+        return all(getattr(mine, k, None) == getattr(theirs, k, None) for k in keys)
+
+    def _causal_lm(self):
+        return self.policy.get_base_model()
+
+    def on_fit_start(self) -> None:
+        reward = self._reward[0] if self._reward else None
+        if reward is not None and hasattr(reward, "model"):
+            reward.model.to(self.device)
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        self._rollouts_path = Path(log_dir) / self.rollouts_file
+
+    @contextmanager
+    def _adapter(self, name: str):
+        """Make ``name`` the active adapter. peft's ``set_adapter`` also clears
+        ``requires_grad`` on the other adapters; restore it, or the optimiser would
+        silently stop updating the inactive one."""
+        self.policy.set_adapter(name)
+        for param in self._trainable:
+            param.requires_grad_(True)
+        try:
+            yield
+        finally:
+            self.policy.set_adapter("policy")
+            for param in self._trainable:
+                param.requires_grad_(True)
+
+    def response_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        """Last hidden state at the positions that predict the response tokens.
+
+        Runs the decoder only (not ``lm_head``), so logits are made for the T response
+        positions alone, not the whole prompt: on a 49k vocabulary that is most of the
+        memory of a forward.
+
+        Args:
+            input_ids: (B, P + T) sequences; attention_mask: (B, P + T).
+        Returns:
+            (B, T, H): entry t is the state after reading token P + t - 1, i.e. before
+            response token t (what the logits for token t and V_t are computed from).
+        """
+        causal = self._causal_lm()
+        decoder = getattr(causal, causal.base_model_prefix)
+        out = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+        )
+        return out.last_hidden_state[:, prompt_length - 1 : -1]
+
+    def response_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) logits over the response positions, divided by the sampling
+        temperature so that log-probs are those of the distribution that sampled."""
+        logits = self._causal_lm().get_output_embeddings()(hidden)
+        if self.generation.do_sample and self.generation.temperature not in (None, 1.0):
+            logits = logits / self.generation.temperature
+        return logits
+
+    def values_for(self, hidden: torch.Tensor, input_ids, attention_mask, prompt_length: int) -> torch.Tensor:
+        """(B, T) float32 values; ``hidden`` is the policy's response hidden state."""
+        if self.value_head_kind == "adapter":
+            with self._adapter("value"):
+                hidden = self.response_hidden(input_ids, attention_mask, prompt_length)
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def sequence_logprobs(self, input_ids, attention_mask, prompt_length: int, reference: bool = False) -> torch.Tensor:
+        """(B, T) log-probs of the response tokens under the policy (or the reference:
+        the same model with the adapter disabled, i.e. exactly the SL model)."""
+        labels = input_ids[:, prompt_length:]
+        if reference:
+            with self.policy.disable_adapter():
+                return logprobs_from_logits(self.response_logits(self.response_hidden(input_ids, attention_mask, prompt_length)), labels)
+        return logprobs_from_logits(self.response_logits(self.response_hidden(input_ids, attention_mask, prompt_length)), labels)
+
+    # ------------------------------------------------------------------ rollout
+
+    def render(self, prompts: list[str]) -> list[str]:
+        return [render_chat(self.tokenizer, [{"role": "user", "content": p}], self.system_prompt) for p in prompts]
+
+    def score(self, prompts: list[str], responses: list[str], response_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B,) float32 scores of the responses (normalised when configured)."""
+        reward = self._reward[0]
+        if isinstance(reward, TokenReward):
+            return reward(response_ids, mask).float()
+        raw = reward.raw_rewards(prompts, responses)
+        if self.normalize_score:
+            from ucai.reward_scoring import normalise
+
+            raw = normalise(raw, reward.stats)[0]
+        return raw.to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def rollout(self, rows: list[dict]) -> Rollout:
+        """Generate, score and compute advantages for one batch of prompt rows."""
+        start = time.perf_counter()
+        prompts = [row["prompt"] for row in rows]
+        generated = generate(
+            self.policy,
+            self.tokenizer,
+            self.render(prompts),
+            self.generation,
+            synced_gpus=synced_gpus_needed(self._trainer),
+            max_prompt_tokens=self.max_prompt_tokens,
+        )
+        sequences = generated.sequences
+        width = generated.prompt_length
+        mask = generated.completion_mask.to(sequences.device)
+        attention = torch.cat([prompt_attention_mask(sequences[:, :width], self.tokenizer.pad_token_id), mask], dim=1)
+        responses = sequences[:, width:]
+
+        was_training = self.policy.training
+        self.policy.eval()  # no checkpointing recompute in a no-grad pass
+        logprobs, ref_logprobs, values = [], [], []
+        try:
+            for chunk in range(0, sequences.shape[0], self.minibatch_size):
+                ids = sequences[chunk : chunk + self.minibatch_size]
+                att = attention[chunk : chunk + self.minibatch_size]
+                hidden = self.response_hidden(ids, att, width)
+                logprobs.append(logprobs_from_logits(self.response_logits(hidden), ids[:, width:]))
+                values.append(self.values_for(hidden, ids, att, width))
+                del hidden
+                ref_logprobs.append(self.sequence_logprobs(ids, att, width, reference=True))
+        finally:
+            self.policy.train(was_training)
+        logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+
+        scores = self.score(prompts, generated.texts, responses, mask)
+        final = scores.clamp(-self.reward_clip, self.reward_clip) if self.reward_clip else scores.clone()
+        finished = generated.finished.to(sequences.device)
+        if self.missing_eos_penalty:
+            final = penalise_missing_eos(final, finished, self.missing_eos_penalty)
+
+        maskf = mask.float()
+        kl = kl_per_token(logprobs, ref_logprobs, self.kl_estimator) * maskf
+        rewards = per_token_rewards(final, kl, maskf, self.kl_ctl.value)
+        gae_rewards = masked_whiten(rewards, maskf, shift_mean=False) if self.whiten_rewards else rewards
+        values = values * maskf
+        advantages, returns = gae(gae_rewards, values, maskf, self.gamma, self.lam)
+        advantages = masked_whiten(advantages, maskf)
+        return Rollout(
+            sequences=sequences,
+            attention_mask=attention,
+            prompt_length=width,
+            mask=maskf,
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            kl=kl,
+            scores=scores,
+            final_scores=final,
+            rewards=rewards,
+            advantages=advantages,
+            returns=returns,
+            finished=finished,
+            prompts=prompts,
+            responses=generated.texts,
+            seconds=time.perf_counter() - start,
+        )
+
+    # ------------------------------------------------------------------ update
+
+    def ppo_update(self, rollout: Rollout) -> dict[str, float]:
+        """``ppo_epochs`` passes of minibatch updates; returns averaged diagnostics.
+
+        The first epoch visits the rollout in its own order and chunking, so the first
+        minibatch sees exactly the log-probs it was sampled with (ratio 1, clipfrac 0);
+        later epochs shuffle.
+        """
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        size, width = rollout.size, rollout.prompt_length
+        sums: dict[str, float] = {}
+        updates = 0
+        first: dict[str, float] = {}
+        for epoch in range(self.ppo_epochs):
+            order = torch.arange(size) if epoch == 0 else torch.randperm(size)
+            order = order.to(rollout.sequences.device)
+            for start in range(0, size, self.minibatch_size):
+                idx = order[start : start + self.minibatch_size]
+                ids, att, mask = rollout.sequences[idx], rollout.attention_mask[idx], rollout.mask[idx]
+                hidden = self.response_hidden(ids, att, width)
+                logits = self.response_logits(hidden)
+                logprobs = logprobs_from_logits(logits, ids[:, width:])
+                values = self.values_for(hidden, ids, att, width)
+                pg_loss, clipfrac, approxkl = ppo_policy_loss(
+                    logprobs, rollout.logprobs[idx], rollout.advantages[idx], mask, self.cliprange
+                )
+                vf_loss, vf_clipfrac = ppo_value_loss(
+                    values, rollout.values[idx], rollout.returns[idx], mask, self.cliprange_value
+                )
+                loss = pg_loss + self.vf_coef * vf_loss
+                if self.entropy_coef:
+                    loss = loss - self.entropy_coef * entropy_bonus(entropy_from_logits(logits), mask)
+                optimizer.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                if self.max_grad_norm:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                with torch.no_grad():
+                    ratio = torch.exp(logprobs - rollout.logprobs[idx])
+                    step = {
+                        "policy/approxkl": approxkl,
+                        "policy/clipfrac": clipfrac,
+                        "loss/policy": pg_loss.detach(),
+                        "loss/value": vf_loss.detach(),
+                        "val/clipfrac": vf_clipfrac,
+                        "val/ratio": masked_mean(ratio, mask),
+                    }
+                    if not first:
+                        first = {
+                            "first_ratio_max_dev": float(((ratio - 1).abs() * mask).max()),
+                            "first_clipfrac": float(clipfrac),
+                        }
+                for key, value in step.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                updates += 1
+                del hidden, logits, logprobs, values, loss
+        stats = {key: value / updates for key, value in sums.items()}
+        stats.update(first)
+        return stats
+
+    # ------------------------------------------------------------------ step
+
+    def training_step(self, batch: list[dict], batch_idx: int) -> None:
+        start = time.perf_counter()
+        rollout = self.rollout(batch)
+        update = self.ppo_update(rollout)
+        seconds = time.perf_counter() - start
+
+        mask = rollout.mask
+        seq_kl = rollout.kl.sum(1)  # (B,)
+        tokens = mask.sum()
+        kl_coef = self.kl_ctl.value
+        local = {
+            "objective/scores": rollout.final_scores.mean(),
+            "objective/raw_scores": rollout.scores.mean(),
+            "objective/kl": seq_kl.mean(),
+            "objective/rlhf_reward": (rollout.final_scores - kl_coef * seq_kl).mean(),
+            # Sampled estimate: the mean of -log p over tokens drawn from p is the entropy.
+            "objective/entropy": (-(rollout.logprobs * mask).sum(1)).mean(),
+            "val/mean": masked_mean(rollout.values, mask),
+            "response/length": mask.sum(1).mean(),
+            "response/eos_fraction": rollout.finished.float().mean(),
+            **{key: torch.tensor(value) for key, value in update.items() if "/" in key},
+        }
+        keys = list(local)
+        stacked = torch.stack([torch.as_tensor(local[k], dtype=torch.float32).to(self.device) for k in keys])
+        reduced = self.trainer.strategy.reduce(stacked, reduce_op="mean")
+        metrics = {k: float(v) for k, v in zip(keys, reduced)}
+        world = self.trainer.world_size
+        total_tokens = float(self.trainer.strategy.reduce(tokens.to(self.device), reduce_op="sum"))
+        metrics["perf/tokens_per_s"] = total_tokens / max(seconds, 1e-9)
+        metrics["perf/episodes_per_s"] = rollout.size * world / max(seconds, 1e-9)
+        metrics["objective/kl_coef"] = kl_coef
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            metrics["lr"] = scheduler.get_last_lr()[0]
+        self.kl_ctl.update(metrics["objective/kl"], rollout.size * world)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=rollout.size)
+        self.log("score", metrics["objective/scores"], prog_bar=True, logger=False, batch_size=rollout.size)
+        self.log("kl", metrics["objective/kl"], prog_bar=True, logger=False, batch_size=rollout.size)
+        self.last_stats = {**metrics, **{k: v for k, v in update.items() if "/" not in k}}
+        self._write_rollouts(rollout, seq_kl, kl_coef)
+        self.rollout_step += 1
+
+    def _write_rollouts(self, rollout: Rollout, seq_kl: torch.Tensor, kl_coef: float) -> None:
+        rows = [
+            {
+                "step": self.rollout_step,
+                "prompt": prompt,
+                "response": response,
+                "score": round(float(score), 6),
+                "kl": round(float(kl), 6),
+                "reward": round(float(final - kl_coef * kl), 6),
+            }
+            for prompt, response, score, final, kl in zip(
+                rollout.prompts, rollout.responses, rollout.scores, rollout.final_scores, seq_kl
+            )
+        ]
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if not self.trainer.is_global_zero or self._rollouts_path is None:
+            return
+        path = self._rollouts_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=ROLLOUT_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    # ------------------------------------------------------------------ optimiser
+
+    def updates_per_batch(self) -> int:
+        batch_size = getattr(getattr(self._trainer, "datamodule", None), "batch_size", None) or self.minibatch_size
+        return self.ppo_epochs * math.ceil(batch_size / self.minibatch_size)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self._trainable, lr=self.learning_rate, weight_decay=self.weight_decay)
+        trainer = self._trainer
+        if trainer is not None and trainer.max_steps and trainer.max_steps > 0:
+            total = trainer.max_steps  # already in optimiser steps
+        elif trainer is not None:
+            total = int(trainer.estimated_stepping_batches) * self.updates_per_batch()
+        else:
+            total = 1
+        warmup, kind = self.warmup_steps, self.lr_schedule
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if kind == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if kind == "linear":
+                return 1.0 - progress
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @staticmethod
+    def is_trainable_key(key: str) -> bool:
+        return ".lora_" in key or key.startswith("value_head.")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The frozen base (and nothing else) is dropped: it is reloaded from `policy`.
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.is_trainable_key(k)}
+        checkpoint[PPO_STATE_KEY] = {"kl_controller": self.kl_ctl.state_dict(), "rollout_step": self.rollout_step}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get(PPO_STATE_KEY)
+        if state is None:
+            raise UcaiError("checkpoint has no PPO state; was it written by PPOModule?")
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.rollout_step = int(state["rollout_step"])
+
+    # ------------------------------------------------------------------ export
+
+    def full_policy_state(self) -> dict[str, torch.Tensor]:
+        """The policy's full peft state dict on every rank (gathered when sharded)."""
+        if "FSDP" in type(self.trainer.strategy).__name__:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach() for k, v in self.policy.state_dict().items()}
+
+    def merged_policy(self, state: dict[str, torch.Tensor] | None = None):
+        """A fresh copy of the base model with the policy adapter folded in."""
+        from ucai.models import load_causal_lm
+
+        state = self.full_policy_state() if state is None else state
+        scaling = {}
+        for name, module in self.policy.named_modules():
+            table = getattr(module, "scaling", None)
+            if isinstance(table, dict) and "policy" in table:
+                scaling[_clean_module_name(name)] = module.scaling["policy"]
+        merged_state = merge_lora_state(state, "policy", scaling)
+        dtype = next(iter(merged_state.values())).dtype
+        model = load_causal_lm(self.policy_name, dtype=dtype, trust_remote_code=self.trust_remote_code, seed=self.seed)
+        missing, unexpected = model.load_state_dict(merged_state, strict=False)
+        tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"merged policy does not match the base model: missing {missing}, unexpected {unexpected}")
+        return model
+
+    def on_fit_end(self) -> None:
+        state = self.full_policy_state()  # collective under FSDP: every rank takes part
+        if self.trainer.is_global_zero:
+            model = self.merged_policy({k: v.to("cpu") for k, v in state.items()})
+            save_pretrained_atomic(
+                self.output_dir,
+                model,
+                self.tokenizer,
+                extra_files={
+                    "ucai_ppo.json": {
+                        "policy": self.policy_name,
+                        "reward_model": self.reward_model_name,
+                        "rollout_steps": self.rollout_step,
+                        "kl_coef": self.kl_ctl.value,
+                    }
+                },
+            )
+            log.info("PPO policy written to %s", self.output_dir)
+        del state
+        self.trainer.strategy.barrier("ucai-ppo-saved")
+

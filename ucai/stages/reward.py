@@ -1,0 +1,389 @@
+"""Reward model: a scalar head on a LoRA-adapted backbone, trained with Bradley–Terry.
+
+    ucai fit --config configs/reward_ethical.yaml
+    ucai predict --config configs/reward_score.yaml --data.init_args.path answers.jsonl
+
+`RewardModule` loads any causal LM or encoder as a sequence classifier with one output
+(`ucai.models.load_sequence_classifier`), wraps it in LoRA with ``task_type=SEQ_CLS`` —
+peft then lists the head (``score`` / ``classifier``) in ``modules_to_save``, so the
+freshly initialised head is trained in full while the backbone learns only through its
+adapters. Each batch of B pairs is ONE forward of 2B sequences (chosen rows, then
+rejected rows); the reward is read at the last real token (`ucai.reward_scoring`).
+
+The loss is `ucai.losses.bradley_terry_loss` with the file's soft labels ``p_chosen``,
+an optional margin and optional centring. After training, the reward mean and
+standard deviation over the training set are measured, and the merged model, its
+tokenizer and ``reward_stats.json`` are written atomically to ``output_dir``;
+`ucai.reward_scoring.RewardScorer` loads that folder and reports
+``(r - mean) / std`` and its sigmoid, a [0, 1] score.
+
+`RewardScoreModule` is the predict stage that scores any prompt/response file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from torchmetrics import MaxMetric, MeanMetric, Metric, MinMetric
+
+from ucai.errors import UcaiError
+from ucai.losses import bradley_terry_loss
+from ucai.models import LoraSettings
+from ucai.reward_scoring import STATS_FILE, RewardScorer, RewardStats, sequence_rewards, unwrap_peft
+from ucai.stages.generation import predict_callbacks
+
+log = logging.getLogger(__name__)
+
+
+class PairwiseAccuracy(Metric):
+    """Share of pairs whose rewards order the two responses as the label does.
+
+    The label says ``chosen`` is better when ``p_chosen >= 0.5``. A tie in reward
+    counts one half: the model expressed no preference, which is right half the time.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, chosen: torch.Tensor, rejected: torch.Tensor, p_chosen: torch.Tensor | None = None) -> None:
+        """chosen, rejected: (B,) rewards; p_chosen: (B,) labels or None (all 1)."""
+        sign = torch.sign(chosen.detach().float() - rejected.detach().float())  # (B,)
+        if p_chosen is not None:
+            sign = torch.where(p_chosen.to(sign.device) >= 0.5, sign, -sign)
+        self.correct += ((sign + 1) / 2).sum()  # +1 -> 1, tie -> 0.5, -1 -> 0
+        self.total += sign.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct / self.total.clamp(min=1)
+
+
+class RewardMetrics(torch.nn.Module):
+    """Pairwise accuracy, mean margin and mean/min/max reward for one split."""
+
+    def __init__(self):
+        super().__init__()
+        self.accuracy = PairwiseAccuracy()
+        self.margin = MeanMetric()
+        self.reward_mean = MeanMetric()
+        self.reward_min = MinMetric()
+        self.reward_max = MaxMetric()
+
+    def update(self, chosen: torch.Tensor, rejected: torch.Tensor, p_chosen: torch.Tensor, step_values: bool = False) -> None:
+        """Accumulate a batch; ``step_values`` also computes this batch's own values
+        (torchmetrics ``forward``), which Lightning logs per step."""
+        chosen, rejected = chosen.detach().float(), rejected.detach().float()
+        both = torch.cat([chosen, rejected])
+        call = (lambda metric, *args: metric(*args)) if step_values else (lambda metric, *args: metric.update(*args))
+        call(self.accuracy, chosen, rejected, p_chosen)
+        call(self.margin, chosen - rejected)
+        call(self.reward_mean, both)
+        call(self.reward_min, both)
+        call(self.reward_max, both)
+
+    def items(self, prefix: str) -> dict[str, Metric]:
+        return {
+            f"{prefix}/accuracy": self.accuracy,
+            f"{prefix}/margin": self.margin,
+            f"{prefix}/reward_mean": self.reward_mean,
+            f"{prefix}/reward_min": self.reward_min,
+            f"{prefix}/reward_max": self.reward_max,
+        }
+
+
+class RewardModule(L.LightningModule):
+    """Bradley–Terry reward model on a LoRA backbone.
+
+    Args:
+        model: backbone alias, folder or hub id: a causal LM (``smollm2-135m``, an SL
+            model folder) or an encoder (``all-minilm-l6-v2``).
+        output_dir: where the merged model, tokenizer and ``reward_stats.json`` go.
+        lora: LoRA settings; null trains every weight of the backbone.
+        learning_rate: AdamW learning rate (LoRA adapters and head).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up.
+        soft_labels: train on the file's ``p_chosen`` (false: every label is 1).
+        margin: the chosen reward must beat the rejected by this much (null: none).
+        center_coef: weight of the ``mean((r_c + r_r)^2)`` centring penalty.
+        gradient_checkpointing: recompute activations in backward (less memory, slower).
+        frozen_linear_bf16: under ``bf16-mixed``, store the FROZEN linear weights in
+            bf16. Autocast casts them to bf16 for every matmul anyway, so the maths is
+            unchanged, but the fp32 copies and autocast's per-step bf16 copies are not
+            held (about 3 bytes less per frozen weight). Embeddings, norms, the LoRA
+            adapters and the head stay fp32, so the residual stream keeps its precision.
+        stats_max_pairs: compute the reward mean/std on at most this many training
+            pairs (null: all).
+        trust_remote_code: allow custom model code from the hub (off unless you ask).
+        seed: seed of the head initialisation.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        output_dir: str = "lightning_logs/models/ethical/rm_model",
+        lora: LoraSettings | None = LoraSettings(),
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        soft_labels: bool = True,
+        margin: float | None = None,
+        center_coef: float = 0.0,
+        gradient_checkpointing: bool = False,
+        frozen_linear_bf16: bool = True,
+        stats_max_pairs: int | None = None,
+        trust_remote_code: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_name = model
+        self.output_dir = output_dir
+        self.lora = lora
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.soft_labels = soft_labels
+        self.margin = margin
+        self.center_coef = center_coef
+        self.gradient_checkpointing = gradient_checkpointing
+        self.frozen_linear_bf16 = frozen_linear_bf16
+        self.stats_max_pairs = stats_max_pairs
+        self.trust_remote_code = trust_remote_code
+        self.seed = seed
+        self.net = None
+        self.train_metrics = RewardMetrics()
+        self.val_metrics = RewardMetrics()
+        self.stats: RewardStats | None = None
+
+    # ----------------------------------------------------------------- model
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        from ucai.models import dtype_from_precision, load_sequence_classifier, load_tokenizer, trainer_precision
+
+        self.tokenizer = load_tokenizer(self.model_name, padding_side="right", trust_remote_code=self.trust_remote_code)
+        net = load_sequence_classifier(
+            self.model_name,
+            dtype=dtype_from_precision(trainer_precision(self)),
+            trust_remote_code=self.trust_remote_code,
+            seed=self.seed,
+        )
+        net.config.pad_token_id = self.tokenizer.pad_token_id  # HF's own pooling needs it
+        if self.gradient_checkpointing:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.config.use_cache = False
+        if self.lora is not None:
+            from peft import get_peft_model
+
+            net = get_peft_model(net, lora_for(net, self.lora).to_peft("SEQ_CLS"))
+            head = head_name(net)
+            if head is None:
+                raise UcaiError(
+                    f"model {self.model_name!r}: peft did not mark a classification head as trainable "
+                    "(modules_to_save is empty); LoRA alone would leave the new head random"
+                )
+        if self.frozen_linear_bf16 and trainer_precision(self) in ("bf16-mixed", "bf16"):
+            cast_frozen_linear(net, torch.bfloat16)
+        self.net = net
+
+    def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N,) rewards of N sequences (see `ucai.reward_scoring.sequence_rewards`)."""
+        return sequence_rewards(self.net, input_ids, attention_mask)
+
+    # ----------------------------------------------------------------- steps
+
+    def _step(self, batch: dict[str, torch.Tensor], metrics: RewardMetrics, step_values: bool) -> torch.Tensor:
+        rewards = self.rewards(batch["input_ids"], batch["attention_mask"]).float()  # (2B,)
+        chosen, rejected = rewards.chunk(2)  # (B,), (B,)
+        p = batch["p_chosen"] if self.soft_labels else None
+        loss = bradley_terry_loss(chosen, rejected, p, self.margin, self.center_coef)
+        metrics.update(chosen, rejected, batch["p_chosen"], step_values)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        loss = self._step(batch, self.train_metrics, step_values=True)
+        pairs = batch["p_chosen"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=pairs)
+        self.log_dict(self.train_metrics.items("train"), on_step=True, on_epoch=True, batch_size=pairs)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self._step(batch, self.val_metrics, step_values=False)
+        pairs = batch["p_chosen"].shape[0]
+        self.log("val/loss", loss, prog_bar=True, batch_size=pairs, sync_dist=True)
+        self.log_dict(self.val_metrics.items("val"), on_step=False, on_epoch=True, batch_size=pairs)
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        if not self.warmup_steps:
+            return optimizer
+        warmup = self.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- after training
+
+    @torch.no_grad()
+    def measure_stats(self) -> RewardStats:
+        """Reward mean and std over the training set, summed across ranks."""
+        datamodule = self._trainer.datamodule
+        loader = datamodule.stats_dataloader()
+        rank, world = self._trainer.global_rank, self._trainer.world_size
+        total = torch.zeros(3, dtype=torch.float64, device=self.device)  # n, sum, sum of squares
+        pairs_seen = 0
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            for index, batch in enumerate(loader):
+                if self.stats_max_pairs is not None and pairs_seen >= self.stats_max_pairs:
+                    break
+                pairs_seen += batch["p_chosen"].shape[0]
+                if index % world != rank:
+                    continue
+                with self._trainer.strategy.precision_plugin.forward_context():
+                    r = self.rewards(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+                r = r.double()
+                total += torch.stack([torch.tensor(float(r.numel()), device=self.device, dtype=torch.float64), r.sum(), (r * r).sum()])
+        finally:
+            self.net.train(was_training)
+        total = self._trainer.strategy.reduce(total, reduce_op="sum")
+        n, s, ss = (float(x) for x in total)
+        mean = s / max(n, 1.0)
+        std = math.sqrt(max(ss / max(n, 1.0) - mean * mean, 0.0))
+        return RewardStats(
+            mean=mean,
+            std=std if std > 1e-6 else 1.0,  # a constant reward model: keep scores finite
+            system_prompt=datamodule.system_prompt,
+            max_length=datamodule.max_length,
+            pairs=int(n // 2),
+        )
+
+    def on_train_end(self) -> None:
+        self.stats = self.measure_stats()
+        log.info("reward over the training set: mean %.4f, std %.4f", self.stats.mean, self.stats.std)
+        for logger in self._trainer.loggers:
+            logger.log_metrics({"stats/reward_mean": self.stats.mean, "stats/reward_std": self.stats.std}, self.global_step)
+        if self._trainer.is_global_zero:
+            self.save(self.output_dir)
+        self._trainer.strategy.barrier("ucai-reward-saved")
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA weights into the backbone, in place (after training: no copy,
+        so saving costs no extra memory); ``self.net`` becomes a plain classifier."""
+        if self.lora is not None and hasattr(self.net, "merge_and_unload"):
+            self.net = self.net.merge_and_unload()
+
+    def save(self, folder: str | Path) -> Path:
+        from ucai.models import save_pretrained_atomic
+
+        stats = self.stats or RewardStats()
+        self.merge_lora()
+        self.net.float()  # frozen bf16 linears back to fp32: one dtype in the saved folder
+        path = save_pretrained_atomic(folder, self.net, self.tokenizer, {STATS_FILE: stats.to_json()})
+        log.info("saved the merged reward model to %s", path)
+        return path
+
+
+def cast_frozen_linear(net: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast the weights of linear layers that are not trained; returns how many.
+
+    Only ``nn.Linear`` modules whose parameters are all frozen are touched (the peft
+    ``base_layer`` of each adapted projection, and the projections LoRA leaves alone).
+    """
+    count = 0
+    for module in net.modules():
+        if type(module) is torch.nn.Linear and not any(p.requires_grad for p in module.parameters()):
+            module.to(dtype)
+            count += 1
+    return count
+
+
+# Decoder projection names and their BERT equivalents, so one config adapts either kind.
+_ENCODER_NAMES = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
+
+
+def lora_for(net, lora: LoraSettings) -> LoraSettings:
+    """``lora`` with decoder target names translated when the backbone is an encoder.
+
+    ``[q_proj, v_proj]`` matches nothing in BERT, whose attention projections are
+    ``query``/``key``/``value``; the same settings then adapt the same projections.
+    """
+    import dataclasses
+
+    targets = lora.target_modules
+    if isinstance(targets, str):
+        return lora
+    names = {name.rsplit(".", 1)[-1] for name, _ in net.named_modules()}
+    if any(t in names for t in targets):
+        return lora
+    translated = [_ENCODER_NAMES.get(t, t) for t in targets]
+    if any(t in names for t in translated):
+        log.info("LoRA targets %s -> %s for %s", targets, translated, type(net).__name__)
+        return dataclasses.replace(lora, target_modules=translated)
+    raise UcaiError(f"LoRA target_modules {targets} match no module of {type(net).__name__}")
+
+
+def head_name(net) -> str | None:
+    """The name of the head peft trains in full (``modules_to_save``), if any."""
+    config = net.peft_config[net.active_adapter]
+    modules = list(config.modules_to_save or [])
+    inner = unwrap_peft(net)
+    for name in modules:
+        if hasattr(inner, name):
+            return name
+    return None
+
+
+class RewardScoreModule(L.LightningModule):
+    """Score prompt/response rows with a saved reward model (a predict stage).
+
+    Writes each input row with ``reward`` (normalised by the training-set stats) and
+    ``score`` (its sigmoid, in [0, 1]) added, resumably and sharded like every
+    predict stage.
+
+    Args:
+        reward_model: a folder written by `RewardModule` (``output_dir``).
+        output: the JSONL written (a CSV twin goes beside it).
+        batch_texts: texts per forward.
+    """
+
+    def __init__(
+        self,
+        reward_model: str = "lightning_logs/models/ethical/rm_model",
+        output: str = "lightning_logs/data/ethical/reward_scores.jsonl",
+        batch_texts: int = 16,
+    ):
+        super().__init__()
+        self.reward_model = reward_model
+        self.output = output
+        self.batch_texts = batch_texts
+        self.scorer: RewardScorer | None = None
+
+    def configure_model(self) -> None:
+        if self.scorer is None:
+            from ucai.models import dtype_from_precision, trainer_precision
+
+            self.scorer = RewardScorer(
+                self.reward_model, self.device, dtype_from_precision(trainer_precision(self)), self.batch_texts
+            )
+            self.rm = self.scorer.model  # a submodule, so Lightning moves it to the device
+
+    def configure_callbacks(self):
+        return predict_callbacks(self._trainer, self.output)
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
+        reward, score = self.scorer.score([r["prompt"] for r in batch], [r["response"] for r in batch])
+        return [
+            {**row, "reward": round(float(r), 6), "score": round(float(s), 6), "reward_model": self.reward_model}
+            for row, r, s in zip(batch, reward, score)
+        ]
