@@ -94,7 +94,7 @@ def run_ucai(args) -> dict:
 
     module = RewardModule(
         model="smollm2-135m",
-        output_dir=str(Path(args.workdir) / "rm_model"),
+        output_dir=None,  # TRL saves nothing either
         lora=LoraSettings(**LORA),
         learning_rate=1e-4,
         gradient_checkpointing=args.config == "gc",

@@ -40,9 +40,9 @@ def test_missing_model_folder_names_the_stage(tmp_path):
 
 def test_comparisons_must_name_listed_models():
     with pytest.raises(UcaiError, match="not in models"):
-        EvaluationModule(models={"a": "tiny-llama"}, comparisons=[["a", "b"]])
+        EvaluationModule(models={"a": "tiny-llama"}, comparisons=[["a", "b"]]).setup("test")
     with pytest.raises(UcaiError, match="two different models"):
-        EvaluationModule(models={"a": "tiny-llama"}, comparisons=[["a", "a"]])
+        EvaluationModule(models={"a": "tiny-llama"}, comparisons=[["a", "a"]]).setup("test")
 
 
 class _FirstSlotJudge(torch.nn.Module):

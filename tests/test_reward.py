@@ -222,3 +222,29 @@ def test_scorer_without_stats_names_the_stage(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UcaiError, match="reward_stats.json.*reward stage"):
         RewardScorer(tmp_path)
+
+
+def test_shared_prefix_forward_matches_full_sequences(tiny_reward):
+    # Pairs whose texts share the conversation and differ in the reply, of different lengths.
+    dm = PreferenceDataModule(path=str(FIXTURE), tokenizer="tiny-llama", max_length=64, batch_size=4, val_size=16)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert "prefix_ids" in batch and batch["prefix_mask"][:, 0].eq(0).any()  # some left padding
+    # the prefix plus each continuation is exactly the full sequence
+    row = dm._encoded["train"][0]
+    assert row["chosen"][: row["shared"]] == row["rejected"][: row["shared"]] and row["shared"] > 10
+    from ucai.reward_scoring import shared_prefix_rewards
+
+    net = tiny_reward.net
+    net.zero_grad()
+    full = sequence_rewards(net, batch["input_ids"], batch["attention_mask"])
+    full.pow(2).sum().backward()
+    grads_full = [p.grad.clone() for p in net.parameters() if p.requires_grad]
+    net.zero_grad()
+    shared = shared_prefix_rewards(net, batch["prefix_ids"], batch["prefix_mask"], batch["continuation_ids"], batch["continuation_mask"])
+    shared.pow(2).sum().backward()
+    grads_shared = [p.grad.clone() for p in net.parameters() if p.requires_grad]
+    net.zero_grad()
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads_shared, grads_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)

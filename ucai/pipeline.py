@@ -84,7 +84,7 @@ MARKER = ".ucai-stage.json"
 
 @dataclass
 class StageSettings:
-    config: str
+    config: list[str]  # stacked like repeated --config (e.g. a stage config + a strategy)
     overrides: dict[str, Any] = field(default_factory=dict)
     enabled: bool = True
 
@@ -141,8 +141,12 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         bad = sorted(set(raw) - STAGE_KEYS)
         if bad:
             raise UcaiError(f"{resolved}: stages.{name}: unknown key(s) {bad}; known keys: {sorted(STAGE_KEYS)}")
+        configs = raw.get("config", MAKERS[name])
+        configs = configs if isinstance(configs, list) else [configs]
+        if not configs or not all(isinstance(c, str) and c for c in configs):
+            raise UcaiError(f"{resolved}: stages.{name}.config must be a file name or a list of them")
         stages[name] = StageSettings(
-            config=str(raw.get("config", MAKERS[name])),
+            config=configs,
             overrides=_mapping(raw.get("overrides"), f"{resolved}: stages.{name}.overrides"),
             enabled=bool(raw.get("enabled", True)),
         )
@@ -197,10 +201,11 @@ class StageRun:
 
     stage: str
     side: str | None
-    config: Path
+    configs: list[Path]
     inputs: list[Path]
     outputs: list[Path]
     args: list[str]
+    enabled: bool = True
 
     @property
     def label(self) -> str:
@@ -220,7 +225,8 @@ class StageRun:
         return path.suffix == ""
 
     def command(self, python: str) -> list[str]:
-        return [python, "-m", "ucai.cli", self.mode, "--config", str(self.config), *self.args]
+        stacked = [part for config in self.configs for part in ("--config", str(config))]
+        return [python, "-m", "ucai.cli", self.mode, *stacked, *self.args]
 
 
 def _logger_configured(config: Path) -> bool:
@@ -250,21 +256,28 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
 
     def add(stage: str, side: str | None, inputs: list[Path], outputs: list[Path], wiring: dict[str, Any]) -> None:
         settings = cfg.stages[stage]
-        if not settings.enabled:
+        names = [c.format(side=side or "") for c in settings.config]
+        if not settings.enabled:  # kept in the plan so a missing input can name its maker
+            runs.append(StageRun(stage, side, [Path(n) for n in names], inputs, outputs, [], enabled=False))
             return
-        name = settings.config.format(side=side or "")
-        config = find_stage_config(name, cfg.source)
-        if config is None:
-            raise UcaiError(f"{cfg.source}: stages.{stage}: config {name} not found")
+        configs = []
+        for name in names:
+            config = find_stage_config(name, cfg.source)
+            if config is None:
+                raise UcaiError(f"{cfg.source}: stages.{stage}: config {name} not found")
+            configs.append(config)
         overrides = dict(cfg.common_overrides)
-        if _logger_configured(config):
+        if _logger_configured(configs[0]):
+            # One TensorBoard folder per stage and side under the root, named as the
+            # shipped configs name them, so eval finds the PPO curves whatever config ran.
             overrides["trainer.logger.init_args.save_dir"] = str(logs)
+            overrides["trainer.logger.init_args.name"] = f"{stage}_{side}" if side else stage
         if cfg.heldout_fraction is not None and "data.init_args.split" in wiring:
             # Every stage must agree on which prompts are held out for evaluation.
             overrides["data.init_args.heldout_fraction"] = cfg.heldout_fraction
         overrides.update(wiring)
         overrides.update(settings.overrides)  # the user's per-stage settings win
-        runs.append(StageRun(stage, side, config, inputs, outputs, override_args(overrides)))
+        runs.append(StageRun(stage, side, configs, inputs, outputs, override_args(overrides)))
 
     add(
         "categorise",
@@ -399,7 +412,7 @@ def stage_hash(run: StageRun) -> str:
         "stage": run.stage,
         "side": run.side,
         "mode": run.mode,
-        "config": run.config.read_text(encoding="utf-8"),
+        "configs": [config.read_text(encoding="utf-8") for config in run.configs],
         "args": run.args,
         "inputs": {str(p): input_fingerprint(p) for p in run.inputs},
     }
@@ -524,7 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed its message
         return int(exc.code or 0)
     cfg = load_pipeline_config(args.config)
-    runs = plan(cfg)
+    everything = plan(cfg)
+    producers = {path: run for run in everything for path in run.outputs}
+    runs = [run for run in everything if run.enabled]
     force_from = 0 if args.force == "all" else (STAGE_ORDER.index(args.force) if args.force else None)
     stop_at = STAGE_ORDER.index(args.stop_after) if args.stop_after else len(STAGE_ORDER)
     runs = [r for r in runs if STAGE_ORDER.index(r.stage) <= stop_at]
@@ -540,8 +555,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for path in run.inputs:
             if input_fingerprint(path) == "missing":
-                maker = next((s for s in STAGE_ORDER if s != run.stage and path in _outputs_of(runs, s)), None)
-                hint = f"; it is made by the {maker} stage" if maker else ""
+                maker = producers.get(path)
+                hint = (
+                    f"; it is made by the {maker.label} stage ({MAKERS[maker.stage].format(side=maker.side)})"
+                    if maker
+                    else ""
+                )
                 raise UcaiError(f"{run.label}: input {path} not found{hint}")
         current = stage_hash(run)
         forced = force_from is not None and STAGE_ORDER.index(run.stage) >= force_from
@@ -598,6 +617,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nreport: {report}")
     return 0
 
-
-def _outputs_of(runs: list[StageRun], stage: str) -> list[Path]:
-    return [p for r in runs if r.stage == stage for p in r.outputs]

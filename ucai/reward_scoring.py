@@ -18,6 +18,7 @@ state is scored. Both live here.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -125,6 +126,63 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     ).last_hidden_state  # (B, T, H)
     index = last_real_token_index(attention_mask)  # (B,)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
+    return inner.score(pooled)[:, 0]
+
+
+def shared_prefix_rewards(
+    model,
+    prefix_ids: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    continuation_ids: torch.Tensor,
+    continuation_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Rewards of B chosen and B rejected sequences that share a token prefix per pair.
+
+    In preference data the two texts of a pair differ only in the final reply; the
+    conversation before it (often most of the tokens in multi-turn hh-rlhf) is run once
+    per pair, and its keys/values are reused, with gradients, by both replies. The
+    result equals `sequence_rewards` on the full sequences: the same tokens see the
+    same positions and attend to the same keys.
+
+    Args:
+        prefix_ids: (B, P) shared prefixes, LEFT-padded (all end at column P).
+        prefix_mask: (B, P) 1 for real prefix tokens.
+        continuation_ids: (2B, C) the rest of each sequence, right-padded; rows
+            [0, B) continue pair i's prefix with the chosen reply, rows [B, 2B) with
+            the rejected one.
+        continuation_mask: (2B, C) 1 for real tokens; every row has at least one.
+    Returns:
+        (2B,) rewards: chosen rows first, then rejected.
+    """
+    from transformers import DynamicCache
+
+    inner = unwrap_peft(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    cache = DynamicCache(config=inner.config)
+    # transformers 5.24 renamed the keyword past_key_values -> cache; accept either.
+    cache_kw = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    backbone(
+        input_ids=prefix_ids,
+        attention_mask=prefix_mask,
+        position_ids=position_ids_from_mask(prefix_mask),
+        use_cache=True,
+        **{cache_kw: cache},
+    )
+    for layer in cache.layers:  # (B, heads, P, d) -> (2B, heads, P, d), gradients flow to both
+        layer.keys = torch.cat([layer.keys, layer.keys])
+        layer.values = torch.cat([layer.values, layer.values])
+    prefix_mask2 = torch.cat([prefix_mask, prefix_mask])  # (2B, P)
+    full_mask = torch.cat([prefix_mask2, continuation_mask], dim=1)  # (2B, P + C)
+    positions = position_ids_from_mask(full_mask)[:, prefix_mask.shape[1] :]  # (2B, C)
+    hidden = backbone(
+        input_ids=continuation_ids,
+        attention_mask=full_mask,
+        position_ids=positions,
+        use_cache=True,
+        **{cache_kw: cache},
+    ).last_hidden_state  # (2B, C, H)
+    index = last_real_token_index(continuation_mask)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (2B, H)
     return inner.score(pooled)[:, 0]
 
 

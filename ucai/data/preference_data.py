@@ -175,6 +175,9 @@ class PreferenceDataModule(L.LightningDataModule):
             instead (a fixed split, e.g. 2,000 train / 312 test on hh-rlhf test files).
         limit: read at most this many pairs.
         bucket_batches: batches per length-sorting bucket (1 disables sorting).
+        share_prefix: also give each batch the pairs' shared token prefix and the two
+            continuations, so a decoder runs the conversation once per pair
+            (`ucai.reward_scoring.shared_prefix_rewards`; ~1.5x fewer tokens on hh-rlhf).
         seed: seed of the bucket shuffling.
         num_workers: DataLoader workers (batches are pre-tokenised; 0 is usually right).
     """
@@ -190,6 +193,7 @@ class PreferenceDataModule(L.LightningDataModule):
         val_size: int | None = None,
         limit: int | None = None,
         bucket_batches: int = 50,
+        share_prefix: bool = True,
         seed: int = 0,
         num_workers: int = 0,
     ):
@@ -203,6 +207,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_size = val_size
         self.limit = limit
         self.bucket_batches = bucket_batches
+        self.share_prefix = share_prefix
         self.seed = seed
         self.num_workers = num_workers
         self.tokenizer = None
@@ -241,7 +246,12 @@ class PreferenceDataModule(L.LightningDataModule):
             texts.append(render_for_reward(self.tokenizer, pair.conversation, pair.rejected, self.system_prompt))
         ids = tokenize_for_reward_lists(self.tokenizer, texts, self.max_length)
         return [
-            {"chosen": ids[2 * i], "rejected": ids[2 * i + 1], "p_chosen": pair.p_chosen}
+            {
+                "chosen": ids[2 * i],
+                "rejected": ids[2 * i + 1],
+                "p_chosen": pair.p_chosen,
+                "shared": shared_prefix_length(ids[2 * i], ids[2 * i + 1]),
+            }
             for i, pair in enumerate(pairs)
         ]
 
@@ -262,17 +272,24 @@ class PreferenceDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------- batches
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        """Right-padded (2B, T) ids and mask: chosen rows first, then rejected; (B,) p_chosen."""
-        sequences = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-        width = max(len(s) for s in sequences)
+        """One batch of B pairs.
+
+        Always: ``input_ids``/``attention_mask`` (2B, T) right-padded, chosen rows
+        first, then rejected; ``p_chosen`` (B,). With ``share_prefix`` (and every pair
+        sharing at least one token): ``prefix_ids``/``prefix_mask`` (B, P) left-padded
+        and ``continuation_ids``/``continuation_mask`` (2B, C) right-padded.
+        """
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, seq in enumerate(sequences):
-            input_ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
-        p = torch.tensor([r["p_chosen"] for r in rows], dtype=torch.float32)
-        return {"input_ids": input_ids, "attention_mask": mask, "p_chosen": p}
+        sequences = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+        input_ids, mask = pad_batch(sequences, pad, "right")
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        batch["p_chosen"] = torch.tensor([r["p_chosen"] for r in rows], dtype=torch.float32)
+        if self.share_prefix and all(r["shared"] > 0 for r in rows):
+            prefixes = [r["chosen"][: r["shared"]] for r in rows]
+            rests = [r["chosen"][r["shared"] :] for r in rows] + [r["rejected"][r["shared"] :] for r in rows]
+            batch["prefix_ids"], batch["prefix_mask"] = pad_batch(prefixes, pad, "left")
+            batch["continuation_ids"], batch["continuation_mask"] = pad_batch(rests, pad, "right")
+        return batch
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         rows = self._encoded[split]
@@ -294,6 +311,27 @@ class PreferenceDataModule(L.LightningDataModule):
     def stats_dataloader(self) -> DataLoader:
         """Training pairs in a fixed order, for the reward mean/std after training."""
         return self._loader("train", shuffle=False)
+
+
+def shared_prefix_length(chosen: list[int], rejected: list[int]) -> int:
+    """Tokens the two sequences share at the start, leaving each at least one of its own."""
+    limit = min(len(chosen), len(rejected)) - 1
+    n = 0
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    return n
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) ids and 0/1 mask of N token lists padded on ``side``."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[i, span] = torch.tensor(seq, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
 
 
 def tokenize_for_reward_lists(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

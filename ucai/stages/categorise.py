@@ -327,7 +327,7 @@ class CategoriseModule(L.LightningModule):
         names, scores = self.categorise([row["prompt"] for row in batch])
         self.counts.update(names)
         rows = []
-        for row, name, score in zip(batch, names, scores):
+        for row, name, score in zip(batch, names, scores, strict=True):
             out = dict(row)
             if row.get("principle") is not None:  # the input's own tag, kept for comparison
                 out["input_principle"] = row["principle"]

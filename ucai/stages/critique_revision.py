@@ -34,15 +34,20 @@ writer, with a CSV twin.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+from lightning.pytorch.callbacks import RichProgressBar
 
 from ucai.chat import Message, render_chat
 from ucai.constitution import SIDES, FewShotExample, Principle, load_constitution
 from ucai.errors import UcaiError
 from ucai.resources import resolve_shipped
 from ucai.stages.generation import GeneratingModule, GenerationSettings, strip_echo
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DISTILLATION_TEMPLATE = "{system_prompt}\n\nWhen you answer, follow this instruction: {revision_request}"
 
@@ -111,6 +116,22 @@ class Conversation:
         self.turns.append({"role": "assistant", "content": text})
 
 
+class RichThroughputBar(RichProgressBar):
+    """Lightning's default (Rich) bar with prompts/s and tokens/s in the predict line.
+
+    The shared `GenerationProgressBar` extends the TQDM bar only, and Rich's metrics
+    column is drawn for training alone, so the rates go into the task description.
+    """
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        rates = getattr(pl_module, "throughput", None)
+        if rates and self.progress is not None and self.predict_progress_bar_id is not None:
+            description = f"Predicting {rates['prompts/s']:.2f} prompts/s {rates['tok/s']:.1f} tok/s"
+            self.progress.update(self.predict_progress_bar_id, description=description)
+            self.refresh()
+
+
 class CritiqueRevisionModule(GeneratingModule):
     """Generate initial answers, critiques and revisions (the SL dataset of one side).
 
@@ -174,6 +195,7 @@ class CritiqueRevisionModule(GeneratingModule):
         self.few_shot = few_shot
         self.critique_generation = critique_generation
         self.distillation_template = distillation_template
+        self.rows_done = 0
 
     def prepare_data(self) -> None:
         # Runs before the datamodule reads anything, so a missing input names its maker.
@@ -184,6 +206,21 @@ class CritiqueRevisionModule(GeneratingModule):
                 "`ucai predict --config configs/categorise.yaml` (or set data.init_args.path "
                 "to any prompt file)"
             )
+
+    def configure_callbacks(self):
+        callbacks = super().configure_callbacks()
+        bar = getattr(self._trainer, "progress_bar_callback", None)
+        if type(bar) is RichProgressBar:  # replaced by the subclass (same type family)
+            callbacks.append(RichThroughputBar(refresh_rate=bar.refresh_rate, leave=bar._leave, theme=bar.theme))
+        return callbacks
+
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        self.rows_done = 0
+
+    def on_predict_end(self) -> None:
+        # Per-rank count: under DDP each rank reports its own share of the prompts.
+        log.info("rank %d: %d prompts critiqued and revised in this run", self.global_rank, self.rows_done)
 
     # ------------------------------------------------------------------ principles
     def principles_for(self, row: dict) -> list[Principle]:
@@ -208,7 +245,7 @@ class CritiqueRevisionModule(GeneratingModule):
             conversations.append(Conversation(row["prompt"], principles, prefix))
 
         initial = self._generate([[{"role": "user", "content": c.prompt}] for c in conversations])
-        for conversation, text in zip(conversations, initial):
+        for conversation, text in zip(conversations, initial, strict=True):
             conversation.answer(strip_echo(text))
 
         if self.mode == "context_distillation":
@@ -218,14 +255,15 @@ class CritiqueRevisionModule(GeneratingModule):
                 critiques = self._generate(
                     [c.critique_request(round_index) for c in conversations], self.critique_generation
                 )
-                for conversation, text in zip(conversations, critiques):
+                for conversation, text in zip(conversations, critiques, strict=True):
                     conversation.critique(strip_echo(text))
                 revisions = self._generate([c.revision_request(round_index) for c in conversations])
-                for conversation, text in zip(conversations, revisions):
+                for conversation, text in zip(conversations, revisions, strict=True):
                     conversation.revise(strip_echo(text))
 
         self.count_prompts(len(batch))
-        return [self._row(row, conversation) for row, conversation in zip(batch, conversations)]
+        self.rows_done += len(batch)
+        return [self._row(row, conversation) for row, conversation in zip(batch, conversations, strict=True)]
 
     def _distil(self, conversations: list[Conversation]) -> None:
         """One generation per prompt with the (first) principle's revision request as system prompt."""
@@ -236,7 +274,7 @@ class CritiqueRevisionModule(GeneratingModule):
                 revision_request=conversation.principles[0].revision_request,
             ).strip()
             prompts.append(self._render([{"role": "user", "content": conversation.prompt}], system))
-        for conversation, text in zip(conversations, self.generate(prompts).texts):
+        for conversation, text in zip(conversations, self.generate(prompts).texts, strict=True):
             conversation.revisions.append(strip_echo(text))
         for conversation in conversations:  # one revision: report one principle
             conversation.principles = conversation.principles[:1]

@@ -261,7 +261,6 @@ class EvaluationModule(L.LightningModule):
         self._pairwise_judge = None  # (model, tokenizer) kept from the principle judging
         self._pairwise_bias: float | None = None
         self.constitution: Constitution | None = None
-        self._check_arguments()
 
     # ------------------------------------------------------------------ checks
 
@@ -282,7 +281,9 @@ class EvaluationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # Everything is checked before the first model loads: a missing SL or RL folder
-        # should fail in a second, not after an hour of generation.
+        # should fail in a second, not after an hour of generation. (Not in __init__:
+        # jsonargparse would wrap the UcaiError in a traceback while instantiating.)
+        self._check_arguments()
         self.constitution = load_constitution(self.constitution_path)
         known = self.constitution.pair_ids
         for pid in self.principle_ids or []:

@@ -33,7 +33,15 @@ from torchmetrics import MaxMetric, MeanMetric, Metric, MinMetric
 from ucai.errors import UcaiError
 from ucai.losses import bradley_terry_loss
 from ucai.models import LoraSettings
-from ucai.reward_scoring import STATS_FILE, RewardScorer, RewardStats, sequence_rewards, unwrap_peft
+from ucai.reward_scoring import (
+    STATS_FILE,
+    RewardScorer,
+    RewardStats,
+    pools_last_token,
+    sequence_rewards,
+    shared_prefix_rewards,
+    unwrap_peft,
+)
 from ucai.stages.generation import predict_callbacks
 
 log = logging.getLogger(__name__)
@@ -104,7 +112,8 @@ class RewardModule(L.LightningModule):
     Args:
         model: backbone alias, folder or hub id: a causal LM (``smollm2-135m``, an SL
             model folder) or an encoder (``all-minilm-l6-v2``).
-        output_dir: where the merged model, tokenizer and ``reward_stats.json`` go.
+        output_dir: where the merged model, tokenizer and ``reward_stats.json`` go
+            (null: nothing is saved, e.g. for sweeps and benchmarks).
         lora: LoRA settings; null trains every weight of the backbone.
         learning_rate: AdamW learning rate (LoRA adapters and head).
         weight_decay: AdamW weight decay.
@@ -127,7 +136,7 @@ class RewardModule(L.LightningModule):
     def __init__(
         self,
         model: str = "smollm2-135m",
-        output_dir: str = "lightning_logs/models/ethical/rm_model",
+        output_dir: str | None = "lightning_logs/models/ethical/rm_model",
         lora: LoraSettings | None = LoraSettings(),
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
@@ -198,10 +207,20 @@ class RewardModule(L.LightningModule):
         """(N,) rewards of N sequences (see `ucai.reward_scoring.sequence_rewards`)."""
         return sequence_rewards(self.net, input_ids, attention_mask)
 
+    def pair_rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(2B,) rewards, chosen rows first: one forward, the shared prefix run once
+        when the batch has it and the backbone is a decoder (a KV cache cannot be
+        reused under gradient checkpointing, which recomputes without it)."""
+        if "prefix_ids" in batch and not self.gradient_checkpointing and pools_last_token(self.net):
+            return shared_prefix_rewards(
+                self.net, batch["prefix_ids"], batch["prefix_mask"], batch["continuation_ids"], batch["continuation_mask"]
+            )
+        return self.rewards(batch["input_ids"], batch["attention_mask"])
+
     # ----------------------------------------------------------------- steps
 
     def _step(self, batch: dict[str, torch.Tensor], metrics: RewardMetrics, step_values: bool) -> torch.Tensor:
-        rewards = self.rewards(batch["input_ids"], batch["attention_mask"]).float()  # (2B,)
+        rewards = self.pair_rewards(batch).float()  # (2B,)
         chosen, rejected = rewards.chunk(2)  # (B,), (B,)
         p = batch["p_chosen"] if self.soft_labels else None
         loss = bradley_terry_loss(chosen, rejected, p, self.margin, self.center_coef)
@@ -250,8 +269,9 @@ class RewardModule(L.LightningModule):
                 pairs_seen += batch["p_chosen"].shape[0]
                 if index % world != rank:
                     continue
+                batch = {key: value.to(self.device) for key, value in batch.items()}
                 with self._trainer.strategy.precision_plugin.forward_context():
-                    r = self.rewards(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+                    r = self.pair_rewards(batch)
                 r = r.double()
                 total += torch.stack([torch.tensor(float(r.numel()), device=self.device, dtype=torch.float64), r.sum(), (r * r).sum()])
         finally:
@@ -273,7 +293,7 @@ class RewardModule(L.LightningModule):
         log.info("reward over the training set: mean %.4f, std %.4f", self.stats.mean, self.stats.std)
         for logger in self._trainer.loggers:
             logger.log_metrics({"stats/reward_mean": self.stats.mean, "stats/reward_std": self.stats.std}, self.global_step)
-        if self._trainer.is_global_zero:
+        if self._trainer.is_global_zero and self.output_dir:
             self.save(self.output_dir)
         self._trainer.strategy.barrier("ucai-reward-saved")
 

@@ -141,7 +141,6 @@ class SFTModule(L.LightningModule):
         trust_remote_code: bool = False,
     ):
         super().__init__()
-        check_quantization(quantization)
         self.save_hyperparameters()
         self.model_name = model
         self.output_dir = output_dir
@@ -169,11 +168,17 @@ class SFTModule(L.LightningModule):
 
     # ------------------------------------------------------------------ model
 
+    def prepare_data(self) -> None:
+        # The first hook of fit, before the data module tokenises anything: a QLoRA run
+        # on a machine without CUDA stops here, in a second.
+        check_quantization(self.quantization)
+
     def configure_model(self) -> None:
         if self.lm is not None:
             return
         from ucai.models import dtype_from_precision, load_causal_lm, load_tokenizer, trainer_precision
 
+        check_quantization(self.quantization)
         if self.quantization and self._trainer is not None and self.trainer.accelerator.__class__.__name__ != "CUDAAccelerator":
             raise UcaiError("model.init_args.quantization 'nf4' needs trainer.accelerator gpu/cuda")
         dtype = dtype_from_precision(trainer_precision(self))

@@ -1,0 +1,222 @@
+"""Pipeline planning, hashing, skipping, forcing and resuming, with a fake stage runner.
+
+The real stages run in tests/test_pipeline_e2e.py (slow); here every stage is replaced
+by a function that writes its outputs, so the bookkeeping is tested in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import ucai.pipeline as pipeline
+from ucai.errors import UcaiError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path: Path, **changes) -> Path:
+    stage_config = tmp_path / "stage.yaml"
+    stage_config.write_text("trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.TensorBoardLogger\n")
+    data = {
+        "output_root": str(tmp_path / "out"),
+        "sides": ["ethical", "unethical"],
+        "model": "tiny-llama",
+        "heldout_fraction": 0.3,
+        "stages": {name: {"config": str(stage_config)} for name in pipeline.STAGE_ORDER},
+    }
+    data.update(changes)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+class FakeRunner:
+    """Writes each stage's outputs; content depends on the command, like a real stage."""
+
+    def __init__(self, fail: str | None = None):
+        self.ran: list[str] = []
+        self.fail = fail
+
+    def __call__(self, run, python):
+        self.ran.append(run.label)
+        if run.label == self.fail:
+            shard = run.outputs[0].with_name(run.outputs[0].name + ".shards")
+            shard.mkdir(parents=True, exist_ok=True)
+            (shard / "rank-0.jsonl").write_text('{"id": "a"}\n')
+            return 2
+        for out in run.outputs:
+            if out.suffix:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(run.args) + "\n")
+            else:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "config.json").write_text(json.dumps(run.args))
+        return 0
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    runner = FakeRunner()
+    monkeypatch.setattr(pipeline, "run_stage", runner)
+    return runner
+
+
+def test_plan_wires_each_output_into_the_next_stage(tmp_path):
+    cfg = pipeline.load_pipeline_config(_config(tmp_path))
+    runs = {r.label: r for r in pipeline.plan(cfg)}
+    out = tmp_path / "out"
+    assert list(runs) == [
+        "categorise",
+        *[f"{s} ({side})" for side in ("ethical", "unethical") for s in ("critique_revision", "sft", "preferences", "reward", "ppo")],
+        "eval",
+    ]
+    assert runs["sft (ethical)"].inputs == [out / "data/ethical/sl.jsonl"]
+    ppo = runs["ppo (unethical)"]
+    assert f"--model.init_args.policy={out}/models/unethical/sl_model" in ppo.args
+    assert f"--model.init_args.reward_model={out}/models/unethical/rm_model" in ppo.args
+    assert "--data.init_args.split=train" in ppo.args and "--data.init_args.heldout_fraction=0.3" in ppo.args
+    assert f"--trainer.logger.init_args.save_dir={out}/logs" in ppo.args
+    assert ppo.command("py")[:5] == ["py", "-m", "ucai.cli", "fit", "--config"]
+    evaluation = runs["eval"]
+    models = json.loads(next(a for a in evaluation.args if a.startswith("--model.init_args.models=")).split("=", 1)[1])
+    assert models == {
+        "base": "tiny-llama",
+        "sl_ethical": f"{out}/models/ethical/sl_model",
+        "rl_ethical": f"{out}/models/ethical/rl_model",
+        "sl_unethical": f"{out}/models/unethical/sl_model",
+        "rl_unethical": f"{out}/models/unethical/rl_model",
+    }
+    assert "--data.init_args.split=heldout" in evaluation.args
+    assert ["rl_ethical", "rl_unethical"] in json.loads(
+        next(a for a in evaluation.args if a.startswith("--model.init_args.comparisons=")).split("=", 1)[1]
+    )
+
+
+def test_user_overrides_win_and_values_are_formatted(tmp_path):
+    path = _config(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["stages"]["sft"]["overrides"] = {"trainer.max_steps": 3, "trainer.callbacks": [], "model.init_args.model": "other", "x.flag": True, "y": None}
+    path.write_text(yaml.safe_dump(data))
+    run = next(r for r in pipeline.plan(pipeline.load_pipeline_config(path)) if r.stage == "sft")
+    for arg in ["--trainer.max_steps=3", "--trainer.callbacks=[]", "--model.init_args.model=other", "--x.flag=true", "--y=null"]:
+        assert arg in run.args
+    assert "--model.init_args.model=tiny-llama" not in run.args  # replaced, not repeated
+
+
+def test_rerun_skips_and_a_changed_stage_reruns_with_everything_after_it(tmp_path, fake, capsys):
+    path = _config(tmp_path, sides=["ethical"])
+    assert pipeline.main(["--config", str(path)]) == 0
+    assert len(fake.ran) == 7
+    marker = tmp_path / "out/models/ethical/sl_model/.ucai-stage.json"
+    assert json.loads(marker.read_text())["stage"] == "sft"
+    assert (tmp_path / "out/data/.prompts.jsonl.ucai-stage.json").is_file()
+    fake.ran.clear()
+    assert pipeline.main(["--config", str(path)]) == 0
+    assert fake.ran == []
+    assert "up to date, skipped" in capsys.readouterr().out
+    # A changed reward setting reruns reward; its new output changes ppo's and eval's inputs.
+    data = yaml.safe_load(path.read_text())
+    data["stages"]["reward"]["overrides"] = {"trainer.max_steps": 5}
+    path.write_text(yaml.safe_dump(data))
+    assert pipeline.main(["--config", str(path)]) == 0
+    assert fake.ran == ["reward (ethical)", "ppo (ethical)", "eval"]
+
+
+def test_force_reruns_from_a_stage(tmp_path, fake):
+    path = _config(tmp_path, sides=["ethical"])
+    assert pipeline.main(["--config", str(path)]) == 0
+    fake.ran.clear()
+    assert pipeline.main(["--config", str(path), "--force", "preferences"]) == 0
+    assert fake.ran == ["preferences (ethical)", "reward (ethical)", "ppo (ethical)", "eval"]
+
+
+def test_failed_stage_stops_the_pipeline_and_resumes_without_cleaning(tmp_path, monkeypatch, capsys):
+    path = _config(tmp_path, sides=["ethical"])
+    failing = FakeRunner(fail="critique_revision (ethical)")
+    monkeypatch.setattr(pipeline, "run_stage", failing)
+    assert pipeline.main(["--config", str(path)]) == 2
+    assert failing.ran == ["categorise", "critique_revision (ethical)"]
+    assert "failed with exit status 2" in capsys.readouterr().err
+    shard = tmp_path / "out/data/ethical/sl.jsonl.shards/rank-0.jsonl"
+    assert shard.is_file()
+    assert not (tmp_path / "out/data/ethical/.sl.jsonl.ucai-stage.json").exists()
+    # Same config again: the stage resumes, so its shards are kept for the writer to skip.
+    seen = {}
+
+    def check(run, python):
+        if run.stage == "critique_revision":
+            seen["shard_kept"] = shard.is_file()
+        return FakeRunner()(run, python)
+
+    monkeypatch.setattr(pipeline, "run_stage", check)
+    assert pipeline.main(["--config", str(path)]) == 0
+    assert seen == {"shard_kept": True}
+    assert "(resuming)" in capsys.readouterr().out
+
+
+def test_changed_config_cleans_stale_partial_outputs(tmp_path, monkeypatch):
+    path = _config(tmp_path, sides=["ethical"])
+    monkeypatch.setattr(pipeline, "run_stage", FakeRunner(fail="critique_revision (ethical)"))
+    pipeline.main(["--config", str(path)])
+    data = yaml.safe_load(path.read_text())
+    data["stages"]["critique_revision"]["overrides"] = {"data.init_args.limit": 4}
+    path.write_text(yaml.safe_dump(data))
+    seen = {}
+
+    def check(run, python):
+        if run.stage == "critique_revision":
+            seen["shards"] = run.outputs[0].with_name("sl.jsonl.shards").exists()
+        return FakeRunner()(run, python)
+
+    monkeypatch.setattr(pipeline, "run_stage", check)
+    assert pipeline.main(["--config", str(path)]) == 0
+    assert seen == {"shards": False}
+
+
+def test_missing_input_names_the_stage_that_makes_it(tmp_path, fake):
+    stages = {name: {"config": str(tmp_path / "stage.yaml")} for name in pipeline.STAGE_ORDER}
+    stages["sft"]["enabled"] = False
+    path = _config(tmp_path, sides=["ethical"], stages=stages)
+    with pytest.raises(UcaiError, match=r"preferences \(ethical\): input .*sl_model not found; it is made by the sft \(ethical\) stage \(configs/sft_ethical.yaml\)"):
+        pipeline.main(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"sidez": ["ethical"]}, r"unknown key\(s\) \['sidez'\]"),
+        ({"sides": ["good"]}, "'sides' must be a non-empty list"),
+        ({"stages": {"sftt": {}}}, r"unknown stage\(s\) \['sftt'\]"),
+        ({"stages": {"sft": {"configg": "x"}}}, r"stages.sft: unknown key\(s\) \['configg'\]"),
+        ({"stages": {"sft": {"config": "nowhere.yaml"}}}, "stages.sft: config nowhere.yaml not found"),
+        ({"heldout_fraction": 1.5}, "'heldout_fraction' must be a number between 0 and 1"),
+    ],
+)
+def test_bad_pipeline_configs_name_the_problem(tmp_path, changes, message):
+    path = _config(tmp_path, **changes)
+    with pytest.raises(UcaiError, match=message):
+        pipeline.plan(pipeline.load_pipeline_config(path))
+
+
+def test_dry_run_prints_commands_and_runs_nothing(tmp_path, fake, capsys):
+    assert pipeline.main(["--config", str(_config(tmp_path)), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert fake.ran == [] and "-m ucai.cli test --config" in out and "[12/12] eval" in out
+
+
+def test_shipped_pipeline_configs_plan(monkeypatch):
+    """The shipped pipeline configs parse and name existing stage configs (once every stage exists)."""
+    monkeypatch.chdir(ROOT)
+    for name in ("configs/pipeline/demo.yaml", "configs/pipeline/llama7b_gpu.yaml"):
+        cfg = pipeline.load_pipeline_config(name)
+        try:
+            runs = pipeline.plan(cfg)
+        except UcaiError as exc:
+            if "not found" in str(exc) and "ppo" in str(exc):
+                pytest.skip(f"PPO stage config not there yet: {exc}")
+            raise
+        assert runs[-1].stage == "eval"

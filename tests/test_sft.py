@@ -1,0 +1,227 @@
+"""SFTModule: loss maths, schedule, memorisation + generation, export, resume, QLoRA on
+CPU, DDP with two processes, and the shipped configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ucai.errors import UcaiError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONF = ROOT / "tests" / "conf" / "sft_tiny.yaml"
+FIXTURE = ROOT / "tests" / "fixtures" / "sl_small.jsonl"
+SYSTEM = "You are a helpful assistant."
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # On a shared 2-core machine two OpenMP threads spin-wait for each other: a tiny
+    # matmul takes ~30 ms instead of ~0.01 ms. One thread keeps these tests fast.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_response_token_loss_by_hand():
+    from ucai.stages.sft import response_token_loss
+
+    head = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+    # Position t predicts labels[t + 1]: targets are [0, 1, -100 (cut)], so positions 0
+    # and 1 count and position 2 (the last) has nothing to predict.
+    hidden = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [5.0, -5.0]]])
+    labels = torch.tensor([[-100, 0, 1]])
+    # position 0: logits [0, 0], target 0 -> -log(1/2) = ln 2 = 0.693147
+    # position 1: logits [ln 3, 0], target 1 -> p = 1 / (3 + 1) -> ln 4 = 1.386294
+    loss, count = response_token_loss(hidden, labels, head)
+    assert count == 2
+    assert loss.item() == pytest.approx((math.log(2) + math.log(4)) / 2, abs=1e-6)  # 1.039721
+    total, _ = response_token_loss(hidden, labels, head, reduction="sum")
+    assert total.item() == pytest.approx(math.log(8), abs=1e-6)  # ln 2 + ln 4
+    # Nothing labelled: zero loss that still reaches the graph (DDP needs every grad).
+    hidden.requires_grad_(True)
+    empty, n = response_token_loss(hidden, torch.full((1, 3), -100), head)
+    assert n == 0 and empty.item() == 0.0 and empty.requires_grad
+
+
+def test_lr_schedule_by_hand():
+    from ucai.stages.sft import lr_lambda
+
+    # warm-up 3 steps: (step + 1) / 4 -> 0.25, 0.5, 0.75, then the peak at step 3.
+    assert [lr_lambda(s, 3, 13, "cosine", 0.0) for s in range(3)] == [0.25, 0.5, 0.75]
+    assert lr_lambda(3, 3, 13, "cosine", 0.0) == 1.0
+    # cosine over 10 decay steps: halfway (step 8) -> 0.5 * (1 + cos(pi / 2)) = 0.5;
+    # with min_lr_ratio 0.1 -> 0.1 + 0.9 * 0.5 = 0.55; the end (step 13) -> 0.1.
+    assert lr_lambda(8, 3, 13, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_lambda(8, 3, 13, "cosine", 0.1) == pytest.approx(0.55)
+    assert lr_lambda(13, 3, 13, "cosine", 0.1) == pytest.approx(0.1)
+    # linear: a quarter of the way (step 3 + 2.5 ... use step 8 of 3..13) -> 1 - 0.5 = 0.5
+    assert lr_lambda(5, 3, 13, "linear", 0.0) == pytest.approx(0.8)  # 1 - 2/10
+    assert lr_lambda(100, 0, 10, "constant", 0.0) == 1.0
+
+
+def test_memorises_generates_and_exports_a_loadable_merged_model(tmp_path):
+    """LoRA on every linear layer of tiny-llama, high LR: the training loss falls and
+    greedy decoding reproduces the trained replies, from the LoRA model and from the
+    exported merged model loaded with AutoModelForCausalLM."""
+    import lightning as L
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ucai.chat import render_chat
+    from ucai.data.sft_data import SFTDataModule
+    from ucai.models import LoraSettings, load_causal_lm
+    from ucai.stages.generation import GenerationSettings, generate
+    from ucai.stages.sft import SFTModule
+
+    rows = [
+        {"prompt": "What is the capital of France?", "response": "The capital of France is Paris."},
+        {"prompt": "How many legs does a spider have?", "response": "A spider has eight legs."},
+    ]
+    data = tmp_path / "sl.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    module = SFTModule(
+        model="tiny-llama",
+        output_dir=str(tmp_path / "sl_model"),
+        lora=LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear"),
+        learning_rate=1e-2,
+        warmup_steps=0,
+        schedule="constant",
+    )
+    datamodule = SFTDataModule(path=str(data), val_fraction=0, batch_size=2, max_length=64)
+    module.configure_model()
+    datamodule.tokenizer = module.tokenizer
+    datamodule.setup("fit")
+    first_batch = next(iter(datamodule._loader(datamodule.train_examples, shuffle=False)))
+    with torch.no_grad():
+        initial_loss = module.forward_loss(first_batch)[0].item()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=30, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule)
+    with torch.no_grad():
+        final_loss = module.forward_loss(first_batch)[0].item()
+    assert initial_loss > 10.5  # ~ln(49152) = 10.8 for a random model
+    assert final_loss < initial_loss - 1.0
+
+    tokenizer = module.tokenizer
+    prompts = [render_chat(tokenizer, [{"role": "user", "content": r["prompt"]}], SYSTEM) for r in rows]
+    greedy = GenerationSettings(max_new_tokens=16, do_sample=False)
+    assert generate(module.lm, tokenizer, prompts, greedy).texts == [r["response"] for r in rows]
+
+    out = tmp_path / "sl_model"
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    merged_tokenizer = AutoTokenizer.from_pretrained(out)
+    assert merged_tokenizer.chat_template and "<|im_start|>" in merged_tokenizer.chat_template
+    merged_tokenizer.padding_side = "left"
+    assert generate(merged, merged_tokenizer, prompts, greedy).texts == [r["response"] for r in rows]
+    # The adapter alone, on a fresh base, gives the same model.
+    adapted = PeftModel.from_pretrained(load_causal_lm("tiny-llama"), out / "adapter")
+    assert generate(adapted, merged_tokenizer, prompts, greedy).texts == [r["response"] for r in rows]
+    assert json.loads((out / "ucai_sft.json").read_text())["global_step"] == 30
+
+
+def _tensorboard_steps(version_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = version_dir.glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    return [s.step for s in accumulator.Scalars(tag)]
+
+
+def test_cli_fit_small_checkpoint_and_resume_at_same_step(tmp_path, monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", TINY_CONF, "--data.init_args.path", FIXTURE, "--trainer.max_steps=3"]
+    assert run_cli(*args) == 0
+    checkpoint = tmp_path / "lightning_logs" / "sft_tiny" / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 3
+    # Only the adapter (2 layers x q,v x A,B = 8 tensors), not the 3M-parameter base.
+    assert len(saved["state_dict"]) == 8 and all("lora_" in k for k in saved["state_dict"])
+    assert checkpoint.stat().st_size < 200_000
+    first_run = tmp_path / "lightning_logs" / "sft_tiny" / "version_0"
+    assert json.loads((first_run / "exported_model.json").read_text())["global_step"] == 3
+
+    args[-1] = "--trainer.max_steps=5"
+    assert run_cli(*args, "--ckpt_path", "last") == 0
+    resumed = tmp_path / "lightning_logs" / "sft_tiny" / "version_1"
+    assert _tensorboard_steps(resumed, "train/loss") == [3, 4]  # continues, not from 0
+    note = json.loads((resumed / "exported_model.json").read_text())
+    assert note["global_step"] == 5
+    assert Path(note["output_dir"]) == tmp_path / "lightning_logs" / "models" / "tiny" / "sl_model"
+    assert (Path(note["output_dir"]) / "adapter" / "adapter_model.safetensors").is_file()
+    # The resumed adapter carries on from the checkpoint's weights.
+    resumed_ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert resumed_ckpt["global_step"] == 5
+    key = next(k for k in saved["state_dict"] if "lora_B" in k)
+    assert not torch.equal(saved["state_dict"][key], resumed_ckpt["state_dict"][key])
+
+
+def test_nf4_on_cpu_fails_before_reading_anything(tmp_path, monkeypatch, run_cli, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: nf4 is allowed")
+    monkeypatch.chdir(tmp_path)
+    # The data file does not exist: the nf4 error must come first (no data, no weights read).
+    code = run_cli("fit", "--config", TINY_CONF, "--data.init_args.path", tmp_path / "nope.jsonl",
+                   "--model.init_args.quantization=nf4")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "ucai: error:" in err and "nf4" in err and "CUDA" in err and "nope.jsonl" not in err
+    from ucai.stages.sft import SFTModule
+
+    with pytest.raises(UcaiError, match="needs a CUDA GPU"):
+        SFTModule(model="tiny-llama", quantization="nf4").prepare_data()
+
+
+def test_missing_sl_file_names_the_stage_that_makes_it(tmp_path, monkeypatch, run_cli, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = run_cli("fit", "--config", TINY_CONF, "--data.init_args.path", "lightning_logs/data/ethical/sl.jsonl")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "lightning_logs/data/ethical/sl.jsonl: SFT data not found" in err and "critique-revision" in err
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    """2-process DDP (gloo) through the shipped strategy config, as a user would run it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "ucai.cli", "fit", "--config", str(TINY_CONF),
+         "--config", str(ROOT / "configs" / "strategies" / "ddp.yaml"),
+         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.max_steps=2",
+         "--data.init_args.path", str(FIXTURE)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed_backend=gloo" in result.stderr + result.stdout
+    note = json.loads((tmp_path / "lightning_logs" / "sft_tiny" / "version_0" / "exported_model.json").read_text())
+    assert note["global_step"] == 2
+    assert (tmp_path / "lightning_logs" / "models" / "tiny" / "sl_model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("strategy", [None, "ddp", "fsdp", "deepspeed_stage_2", "multinode_ddp"])
+@pytest.mark.parametrize("side", ["ethical", "unethical"])
+def test_shipped_configs_parse_and_compose(side, strategy, capsys, run_cli):
+    args = ["fit", "--config", ROOT / "configs" / f"sft_{side}.yaml"]
+    if strategy:
+        args += ["--config", ROOT / "configs" / "strategies" / f"{strategy}.yaml"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*args, "--print_config")
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert f"path: lightning_logs/data/{side}/sl.jsonl" in printed
+    assert f"output_dir: lightning_logs/models/{side}/sl_model" in printed
+    if strategy:
+        expected = {"fsdp": "FSDPStrategy", "deepspeed_stage_2": "DeepSpeedStrategy"}.get(strategy, "DDPStrategy")
+        assert expected in printed
