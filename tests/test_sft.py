@@ -193,8 +193,10 @@ def test_missing_sl_file_names_the_stage_that_makes_it(tmp_path, monkeypatch, ru
     assert "lightning_logs/data/ethical/sl.jsonl: SFT data not found" in err and "critique-revision" in err
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path):
-    """2-process DDP (gloo) through the shipped strategy config, as a user would run it."""
+    """2-process DDP (gloo) through the shipped strategy config, as a user would run it
+    (slow: two fresh interpreters import torch + transformers; ~45 s on a busy 2-core box)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "ucai.cli", "fit", "--config", str(TINY_CONF),

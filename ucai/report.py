@@ -79,10 +79,10 @@ def plot_ppo_curves(ppo_logs: dict[str, str], path: Path) -> Path | None:
         return None
     plt = _matplotlib()
     fig, axes = plt.subplots(1, len(PPO_TAGS), figsize=(5 * len(PPO_TAGS), 3.4))
-    for axis, (tag, label) in zip(axes, PPO_TAGS.items()):
+    for axis, (tag, label) in zip(axes, PPO_TAGS.items(), strict=True):
         for side, series in curves.items():
             if tag in series:
-                steps, values = zip(*series[tag])
+                steps, values = zip(*series[tag], strict=True)
                 axis.plot(steps, values, marker="o", markersize=2, label=side)
         axis.set_title(label)
         axis.set_xlabel("PPO step")
@@ -100,7 +100,7 @@ def plot_distributions(scores: list[dict], models: list[str], path: Path) -> Pat
         return None
     plt = _matplotlib()
     fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6), squeeze=False)
-    for axis, column in zip(axes[0], columns):
+    for axis, column in zip(axes[0], columns, strict=True):
         data = [[r[column] for r in scores if r["model"] == m] for m in models]
         axis.boxplot(data, showmeans=True)
         axis.set_xticks(range(1, len(models) + 1), models, rotation=45, ha="right", fontsize=8)

@@ -273,8 +273,9 @@ class SFTModule(L.LightningModule):
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         if float(totals[1]) > 0:
             loss = totals[0] / totals[1]
-            self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-            self.log("val/perplexity", torch.exp(loss.clamp(max=30)), sync_dist=False)
+            # Already the same on every rank; sync_dist only keeps Lightning from warning.
+            self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+            self.log("val/perplexity", torch.exp(loss.clamp(max=30)), sync_dist=True)
         self._last_batch_end = None  # validation time is not training throughput
 
     # ------------------------------------------------------------------ optimizer
@@ -323,12 +324,13 @@ class SFTModule(L.LightningModule):
         trainer = self.trainer
         # A collective under FSDP (full weights gathered to rank 0); a plain state_dict otherwise.
         full = trainer.strategy.lightning_module_state_dict()
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
         if trainer.is_global_zero:
             state = {k[len("lm.") :]: v.detach().cpu() for k, v in full.items() if k in self._trainable_keys}
-            self.export_model(state)
+            self.export_model(state, log_dir=log_dir)
         trainer.strategy.barrier("sft_export")
 
-    def export_model(self, trainable_state: dict[str, torch.Tensor] | None = None) -> Path:
+    def export_model(self, trainable_state: dict[str, torch.Tensor] | None = None, log_dir: str | None = None) -> Path:
         """Write adapter + merged model + tokenizer to ``output_dir``; note it in the log dir."""
         from ucai.stages.lora_io import export_full_model, export_lora_model
 
@@ -353,7 +355,6 @@ class SFTModule(L.LightningModule):
                 state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
             export_full_model(self._causal_lm(), self.tokenizer, output_dir, extra_files=extra, state_dict=state)
         log.info("SFT model written to %s (adapter in %s/adapter)", output_dir, output_dir)
-        log_dir = self.trainer.log_dir if self._trainer is not None else None
         if log_dir:
             from ucai.data.io import atomic_output
 
