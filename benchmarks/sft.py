@@ -205,16 +205,23 @@ def run_trl(args) -> dict:
 
 
 def child(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     result = run_ucai(args) if args.side == "ucai" else run_trl(args)
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def launch(side: str, gc: bool, packing: bool, args, data: Path) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-length", str(args.max_length)]
+           "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-length", str(args.max_length),
+           "--threads", str(args.threads)]
     cmd += ["--gc"] if gc else []
     cmd += ["--packing"] if packing else []
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     started = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -229,8 +236,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", choices=["ucai", "trl"])
     parser.add_argument("--data")
-    parser.add_argument("--steps", type=int, default=24, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
+    parser.add_argument("--steps", type=int, default=16, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads on both sides (0: torch's default); 1 is steadier on a shared machine")
+    parser.add_argument("--with-packed", dest="with_packed", action="store_true",
+                        help="also time ucai with padding-free packing (faster with flash attention on GPU; "
+                        "on CPU sdpa falls back to a dense masked kernel)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", dest="max_length", type=int, default=256)
     parser.add_argument("--gc", action="store_true", help="gradient checkpointing (child runs)")
@@ -244,13 +256,15 @@ def main() -> None:
         info = build_data(data, args.batch * (args.steps + args.warmup), args.max_length)
         print(f"data: {info}")
         print(f"settings: SmolLM2-135M-Instruct, LoRA {LORA}, batch {args.batch}, <= {args.max_length} tokens, "
-              f"{args.warmup} warm-up + {args.steps} timed steps, bf16 autocast, torch threads {os.cpu_count()}")
+              f"{args.warmup} warm-up + {args.steps} timed steps, bf16 autocast, "
+              f"torch threads {args.threads or 'default'} on {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
         runs = {
             "trl defaults (gradient checkpointing)": ("trl", True, False),
             "trl no gradient checkpointing": ("trl", False, False),
             "ucai bucketed": ("ucai", False, False),
-            "ucai packed": ("ucai", False, True),
         }
+        if args.with_packed:
+            runs["ucai packed"] = ("ucai", False, True)
         results = {}
         for name, (side, gc, packing) in runs.items():
             results[name] = launch(side, gc, packing, args, data)

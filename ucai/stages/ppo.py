@@ -298,6 +298,8 @@ class PPOModule(L.LightningModule):
         max_prompt_tokens: prompts longer than this keep their end.
         gradient_checkpointing: trade compute for activation memory in the PPO passes.
         rollouts_file: file name of the episode log in the run's log folder.
+        export: write the merged policy to ``output_dir`` at the end of fit (off for
+            benchmarks, whose peak memory should be that of training).
         trust_remote_code: allow custom model code from the hub (off unless you ask).
         seed: weights of the ``tiny-llama`` alias (tests).
     """
@@ -334,6 +336,7 @@ class PPOModule(L.LightningModule):
         max_prompt_tokens: int | None = 512,
         gradient_checkpointing: bool = False,
         rollouts_file: str = "rollouts.csv",
+        export: bool = True,
         trust_remote_code: bool = False,
         seed: int = 0,
     ):
@@ -346,9 +349,8 @@ class PPOModule(L.LightningModule):
             raise UcaiError(f"ppo_epochs and minibatch_size must be >= 1, got {ppo_epochs}, {minibatch_size}")
         if generation.do_sample is False:
             log.warning("PPO with do_sample=false explores nothing; responses are greedy")
-        check_stage_output(policy, "policy (SL model)", "sft")
-        if not reward_model.startswith(TOKEN_REWARD_PREFIX):
-            check_stage_output(reward_model, "reward model", "reward")
+        if isinstance(adaptive_kl, dict):
+            adaptive_kl = AdaptiveKL(**adaptive_kl)
         self.automatic_optimization = False
         # Checkpoints hold only trainable weights; the frozen base is reloaded from `policy`.
         self.strict_loading = False
@@ -379,6 +381,7 @@ class PPOModule(L.LightningModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.gradient_checkpointing = gradient_checkpointing
         self.rollouts_file = rollouts_file
+        self.export = export
         self.trust_remote_code = trust_remote_code
         self.seed = seed
 
@@ -394,9 +397,17 @@ class PPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ models
 
+    def check_inputs(self) -> None:
+        """One clear error per missing earlier-stage output (called before any loading;
+        not from ``__init__``, where jsonargparse would rewrap the message)."""
+        check_stage_output(self.policy_name, "policy (SL model)", "sft")
+        if not self.reward_model_name.startswith(TOKEN_REWARD_PREFIX):
+            check_stage_output(self.reward_model_name, "reward model", "reward")
+
     def configure_model(self) -> None:
         if self.policy is not None:
             return
+        self.check_inputs()
         from peft import get_peft_model
 
         from ucai.models import load_causal_lm, load_tokenizer
@@ -818,6 +829,8 @@ class PPOModule(L.LightningModule):
         return model
 
     def on_fit_end(self) -> None:
+        if not self.export:
+            return
         state = self.full_policy_state()  # collective under FSDP: every rank takes part
         if self.trainer.is_global_zero:
             model = self.merged_policy({k: v.to("cpu") for k, v in state.items()})

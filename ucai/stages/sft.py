@@ -22,6 +22,7 @@ Design choices that matter for speed and memory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -141,7 +142,10 @@ class SFTModule(L.LightningModule):
         trust_remote_code: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # LoraSettings is stored as a plain dict: checkpoints load with weights_only=True,
+        # which refuses arbitrary classes.
+        self.save_hyperparameters(ignore=["lora"])
+        self.hparams["lora"] = None if lora is None else dataclasses.asdict(lora)
         self.model_name = model
         self.output_dir = output_dir
         self.lora = lora
@@ -176,20 +180,14 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.lm is not None:
             return
-        from ucai.models import dtype_from_precision, load_causal_lm, load_tokenizer, trainer_precision
+        from ucai.models import dtype_from_precision, trainer_precision
 
         check_quantization(self.quantization)
         if self.quantization and self._trainer is not None and self.trainer.accelerator.__class__.__name__ != "CUDAAccelerator":
             raise UcaiError("model.init_args.quantization 'nf4' needs trainer.accelerator gpu/cuda")
         dtype = dtype_from_precision(trainer_precision(self))
-        self.tokenizer = load_tokenizer(self.model_name, padding_side="right", trust_remote_code=self.trust_remote_code)
-        lm = load_causal_lm(
-            self.model_name,
-            dtype=dtype,
-            quantization=self.quantization,
-            trust_remote_code=self.trust_remote_code,
-            seed=self.seed,
-        )
+        self.tokenizer = self.load_tokenizer()
+        lm = self.load_base_model(dtype)
         lm.config.use_cache = False  # training: no KV cache (and packed rows need none)
         if self.quantization:
             from peft import prepare_model_for_kbit_training
@@ -206,6 +204,23 @@ class SFTModule(L.LightningModule):
         trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
         total = sum(p.numel() for p in lm.parameters())
         log.info("SFT %s: %d of %d parameters trainable (%.2f%%)", self.model_name, trainable, total, 100 * trainable / total)
+
+    def load_tokenizer(self):
+        from ucai.models import load_tokenizer
+
+        return load_tokenizer(self.model_name, padding_side="right", trust_remote_code=self.trust_remote_code)
+
+    def load_base_model(self, dtype: torch.dtype):
+        """The causal LM before LoRA, in ``dtype`` (a subclass may build it another way)."""
+        from ucai.models import load_causal_lm
+
+        return load_causal_lm(
+            self.model_name,
+            dtype=dtype,
+            quantization=self.quantization,
+            trust_remote_code=self.trust_remote_code,
+            seed=self.seed,
+        )
 
     def _causal_lm(self):
         """The transformers model under the peft wrapper (LoRA layers are inside it)."""

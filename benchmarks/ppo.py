@@ -1,0 +1,260 @@
+"""One PPO iteration: ucai's PPOModule against TRL 1.12's PPOTrainer, as ratios.
+
+    nice python benchmarks/ppo.py                 # ~10-20 min on 2 CPU cores
+    nice python benchmarks/ppo.py --iterations 2  # quicker, noisier
+
+Both sides train the same SmolLM2-135M-Instruct policy with LoRA r=8 (alpha 16) on
+q_proj/v_proj, against the same reward model (SmolLM2-135M with a random scalar head,
+saved once to a temporary folder), on the same rendered prompts, with rollout batch 8,
+responses of at most 48 tokens (stop at eos, missing-eos penalty 1), temperature 0.7,
+one PPO epoch over one minibatch, KL coefficient 0.05, learning rate 1e-5.
+
+* ucai: `PPOModule` under a Lightning Trainer, ``bf16-mixed`` (bf16 autocast); the
+  reference is the policy with its adapter disabled and the value function is a head
+  on the policy's hidden state.
+* TRL: ``trl.experimental.ppo.PPOTrainer`` with ``ref_model=None`` (peft: adapter
+  disabled) and the value model loaded from the reward-model folder (a full trainable
+  copy, as in TRL's examples). Run at its defaults on CPU (fp32) and with bf16
+  autocast (``ACCELERATE_MIXED_PRECISION=bf16``, the only way TRL 1.12 gets bf16 with
+  transformers 5); the headline ratio is against the faster of the two.
+
+Each configuration runs in its own subprocess (peak RSS = ``ru_maxrss`` of that
+process), warms up for one iteration, then times ``--iterations`` iterations; the
+median is reported. The last line is ``ppo: speed_ratio=X memory_ratio=Y`` (ucai over
+TRL's best; memory lower is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH = 8
+RESPONSE_LENGTH = 48
+POLICY = "smollm2-135m"
+LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
+
+
+def prompts(n: int) -> list[str]:
+    from ucai.data.prompt_datamodule import PromptDataModule
+
+    return [row["prompt"] for row in PromptDataModule(limit=n, split="train").rows()]
+
+
+def build_reward_model(folder: Path) -> None:
+    """SmolLM2-135M with a random scalar head (seeded), saved as a reward-stage folder."""
+    from ucai.models import load_sequence_classifier, load_tokenizer
+
+    model = load_sequence_classifier(POLICY, seed=0)
+    tokenizer = load_tokenizer(POLICY, padding_side="right")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    stats = {"mean": 0.0, "std": 1.0, "system_prompt": SYSTEM_PROMPT, "max_length": 512, "pairs": 0}
+    (folder / "reward_stats.json").write_text(json.dumps(stats))
+
+
+# --------------------------------------------------------------------------- ucai side
+
+
+def run_ucai(rm: Path, n_iter: int, work: Path) -> dict:
+    import lightning as L
+
+    from ucai.data.io import write_jsonl
+    from ucai.data.prompt_datamodule import PromptDataModule
+    from ucai.models import LoraSettings
+    from ucai.stages.generation import GenerationSettings
+    from ucai.stages.ppo import PPOModule
+
+    path = work / "prompts.jsonl"
+    write_jsonl(path, [{"id": f"p{i}", "prompt": p} for i, p in enumerate(prompts(BATCH * n_iter))])
+    module = PPOModule(
+        policy=POLICY,
+        reward_model=str(rm),
+        lora=LoraSettings(r=LORA["r"], alpha=LORA["alpha"], dropout=0.0, target_modules=LORA["targets"]),
+        ppo_epochs=1,
+        minibatch_size=BATCH,
+        kl_coef=0.05,
+        learning_rate=1e-5,
+        missing_eos_penalty=1.0,
+        generation=GenerationSettings(max_new_tokens=RESPONSE_LENGTH, temperature=0.7, top_p=1.0, top_k=0),
+        system_prompt=SYSTEM_PROMPT,
+        output_dir=str(work / "rl_model"),
+        export=False,
+    )
+    times: list[float] = []
+    lengths: list[float] = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            times.append(time.perf_counter() - self.start)
+            lengths.append(pl_module.last_stats["response/length"])
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=n_iter,  # one optimiser step per iteration (1 epoch x 1 minibatch)
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=work,
+        callbacks=[Timer()],
+    )
+    data = PromptDataModule(path=str(path), batch_size=BATCH, shuffle=False, heldout_fraction=0.0)
+    trainer.fit(module, datamodule=data)
+    return {"iteration_s": times, "response_length": lengths}
+
+
+# --------------------------------------------------------------------------- TRL side
+
+
+def run_trl(rm: Path, n_iter: int, work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from ucai.chat import render_chat
+    from ucai.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(POLICY, padding_side="left")
+    texts = [render_chat(tokenizer, [{"role": "user", "content": p}], SYSTEM_PROMPT) for p in prompts(BATCH * n_iter)]
+    dataset = Dataset.from_dict({"input_ids": [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]})
+    location = resolve_model(POLICY).location
+    policy = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1, dtype=torch.float32)
+    reward = AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1, dtype=torch.float32)
+    config = PPOConfig(
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        num_mini_batches=1,
+        num_ppo_epochs=1,
+        total_episodes=BATCH * n_iter,
+        local_rollout_forward_batch_size=BATCH,
+        response_length=RESPONSE_LENGTH,
+        stop_token="eos",
+        missing_eos_penalty=1.0,
+        temperature=0.7,
+        kl_coef=0.05,
+        learning_rate=1e-5,
+        num_sample_generations=0,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        seed=0,
+    )
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            times.append(now - self.last)
+            self.last = now
+
+    trainer = PPOTrainer(
+        args=config,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,
+        reward_model=reward,
+        train_dataset=dataset,
+        value_model=value,
+        callbacks=[Timer()],
+        peft_config=LoraConfig(
+            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=LORA["targets"], task_type="CAUSAL_LM"
+        ),
+    )
+    trainer.train()
+    return {"iteration_s": times}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def child(args) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    work = Path(tempfile.mkdtemp(prefix=f"ppo-bench-{args.child}-"))
+    runner = run_ucai if args.child == "ucai" else run_trl
+    result = runner(Path(args.rm), args.warmup + args.iterations, work)
+    result["peak_rss_gb"] = peak_rss_gb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def spawn(name: str, side: str, rm: Path, args, env_extra: dict | None = None) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    command = [
+        sys.executable, __file__, "--child", side, "--rm", str(rm),
+        "--iterations", str(args.iterations), "--warmup", str(args.warmup),
+    ]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{name} failed (exit {proc.returncode})")
+    result = json.loads(lines[-1][len("RESULT ") :])
+    measured = result["iteration_s"][args.warmup :]
+    result["median_s"] = statistics.median(measured)
+    result["episodes_per_s"] = BATCH / result["median_s"]
+    extra = ""
+    if "response_length" in result:
+        extra = f"  mean response {statistics.mean(result['response_length'][args.warmup:]):.1f} tokens"
+    print(
+        f"{name:<22} {result['episodes_per_s']:6.3f} episodes/s  (median {result['median_s']:.2f} s/iteration "
+        f"over {len(measured)}: {', '.join(f'{t:.2f}' for t in measured)})  peak RSS {result['peak_rss_gb']:.2f} GB{extra}",
+        flush=True,
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=3, help="timed iterations per side")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    parser.add_argument("--child", choices=["ucai", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--rm", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="ppo-bench-rm-") as tmp:
+        rm = Path(tmp) / "rm_model"
+        rm.mkdir()
+        build_reward_model(rm)
+        print(f"PPO iteration: batch {BATCH}, response <= {RESPONSE_LENGTH} tokens, 1 PPO epoch, "
+              f"{POLICY} + LoRA r={LORA['r']} {LORA['targets']}", flush=True)
+        ucai = spawn("ucai (bf16-mixed)", "ucai", rm, args)
+        trl_default = spawn("trl 1.12 (defaults, fp32)", "trl", rm, args)
+        trl_bf16 = spawn("trl 1.12 (bf16 autocast)", "trl", rm, args, {"ACCELERATE_MIXED_PRECISION": "bf16"})
+    best = max((trl_default, trl_bf16), key=lambda r: r["episodes_per_s"])
+    speed = ucai["episodes_per_s"] / best["episodes_per_s"]
+    memory = ucai["peak_rss_gb"] / best["peak_rss_gb"]
+    print(f"ppo: speed_ratio={speed:.2f} memory_ratio={memory:.2f}")
+
+
+if __name__ == "__main__":
+    main()
