@@ -9,7 +9,8 @@ cannot end one side early). ucai runs the stages' `generate` (left-padded batch 
 KV cache); the baseline calls ``model.generate`` on one prompt at a time, as a plain
 script would. Each side runs in its own subprocess so that peak RSS
 (``ru_maxrss``) is its own; each warms up once, then the median of ``--runs`` timed
-runs is reported. The last line is
+runs is reported. On a shared, busy machine pass ``--threads 1``: two OpenMP threads
+competing with other processes spin-wait and slow both sides by an order of magnitude. The last line is
 
     generation: speed_ratio=X memory_ratio=Y
 
@@ -110,6 +111,7 @@ def run_side(side: str, args) -> dict:
     command = [
         sys.executable, __file__, "--worker", side, "--model", args.model, "--batch", str(args.batch),
         "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--dtype", args.dtype,
+        "--threads", str(args.threads),
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
@@ -124,16 +126,24 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default)")
     parser.add_argument("--worker", choices=["ucai", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         out = worker_ucai(args) if args.worker == "ucai" else worker_baseline(args)
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         print(json.dumps(out))
         return
 
-    print(f"model={args.model} dtype={args.dtype} prompts={args.batch} new_tokens={args.new_tokens} runs={args.runs}")
+    print(
+        f"model={args.model} dtype={args.dtype} prompts={args.batch} new_tokens={args.new_tokens} "
+        f"runs={args.runs} threads={args.threads or 'default'}"
+    )
     results = {side: run_side(side, args) for side in ("ucai", "baseline")}
     for side, label in (("ucai", f"ucai generate, batch {args.batch}"), ("baseline", "model.generate, one at a time")):
         r = results[side]

@@ -78,13 +78,13 @@ def build_data(path: Path, n: int, max_length: int) -> dict:
             for r in read_prompts(ROOT / "data" / "red_team_prompts.jsonl")
         ]
     encoded = encode_examples(tokenizer, examples, SYSTEM, max_length=10_000)
-    chosen = [e for e, enc in zip(examples, encoded) if len(enc) <= max_length - 1][:n]
+    chosen = [e for e, enc in zip(examples, encoded, strict=True) if len(enc) <= max_length - 1][:n]
     if len(chosen) < n:
         raise SystemExit(f"only {len(chosen)} examples fit {max_length} tokens; need {n}")
     with open(path, "w") as handle:
         for e in chosen:
             handle.write(json.dumps({"id": e.id, "prompt": list(e.messages), "response": e.response}) + "\n")
-    lengths = [len(enc) for e, enc in zip(examples, encoded) if len(enc) <= max_length - 1][:n]
+    lengths = [len(enc) for e, enc in zip(examples, encoded, strict=True) if len(enc) <= max_length - 1][:n]
     return {"source": source, "examples": n, "mean_tokens": sum(lengths) / n, "max_tokens": max(lengths)}
 
 

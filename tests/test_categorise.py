@@ -157,3 +157,47 @@ def test_embedding_run_with_a_custom_label_set_and_balancing(run_cli, tmp_path, 
     # A rerun with another cap re-balances from the complete file without categorising again.
     assert run_cli(*args, "--model.init_args.max_per_principle=1") == 0
     assert max(sum(r["principle"] == p for r in _rows(output)) for p in counts) == 1
+
+
+class _ContentBiasedLM(_BiasedLM):
+    """No position bias; a fixed liking for one option text, plus a real preference when
+    the prompt mentions ``trigger``."""
+
+    def __init__(self, tokenizer, liked: str, liking: float, favourite: str, preference: float, trigger: str):
+        super().__init__(tokenizer, favourite, bias=0.0, preference=preference)
+        self.liked, self.liking, self.trigger = liked, liking, trigger
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
+        letter_id = {c: self.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "AB"}
+        for row, ids in enumerate(input_ids):
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            options = dict((t, letter) for letter, t in re.findall(r"^\(([A-Z])\) (.*)$", text, flags=re.M))
+            logits[row, -1, letter_id[options[self.liked]]] += self.liking
+            if self.trigger in text:
+                logits[row, -1, letter_id[options[self.favourite]]] += self.preference
+        return SimpleNamespace(logits=logits)
+
+
+def test_calibration_divides_out_a_preference_for_one_option_text(tiny_tokenizer):
+    labels = [
+        {"id": "violence", "description": "Violence and weapons."},
+        {"id": "cooking", "description": "Recipes and food."},
+    ]
+    module = CategoriseModule(
+        categoriser="multiple_choice", model="tiny-llama", labels=labels, include_none=False, system_prompt="S"
+    )
+    module.tokenizer = tiny_tokenizer
+    # The model likes "violence" by ln 4 whatever it reads, and "cooking" by ln 2 when
+    # the prompt is about bread:
+    #   bread prompt:  [4, 2] / 6 = [2/3, 1/3]    -> violence, wrongly
+    #   "N/A" prompt:  [4, 1] / 5 = [4/5, 1/5]    (the prior)
+    #   calibrated:    [2/3 / 4/5, 1/3 / 1/5] = [5/6, 5/3] -> normalised [1/3, 2/3] -> cooking
+    module.lm = _ContentBiasedLM(
+        tiny_tokenizer, "Violence and weapons.", math.log(4), "Recipes and food.", math.log(2), "bread"
+    )
+    names, confidence = module.categorise(["How do I bake bread?"])
+    assert names == ["violence"] and confidence[0] == pytest.approx(2 / 3, abs=1e-4)
+    module.calibrate = True
+    names, confidence = module.categorise(["How do I bake bread?"])
+    assert names == ["cooking"] and confidence[0] == pytest.approx(2 / 3, abs=1e-4)

@@ -141,12 +141,22 @@ def _tensorboard_steps(version_dir: Path, tag: str) -> list[int]:
     return [s.step for s in accumulator.Scalars(tag)]
 
 
-def test_cli_fit_small_checkpoint_and_resume_at_same_step(tmp_path, monkeypatch, run_cli):
+def test_cli_fit_small_checkpoint_and_exact_resume(tmp_path, monkeypatch, run_cli):
+    """3 steps, then ``--ckpt_path last`` to 5 steps, gives bit-for-bit the adapter of 5
+    steps in one go: same step, same optimizer state, and (the loader is checkpointed)
+    the same remaining batches of the interrupted epoch (10 train examples / batch 4 =
+    3 batches an epoch, so step 3 stops mid-epoch)."""
+    base = ["fit", "--config", TINY_CONF, "--data.init_args.path", FIXTURE,
+            "--model.init_args.schedule=constant"]  # the schedule length depends on max_steps
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    monkeypatch.chdir(straight)
+    assert run_cli(*base, "--trainer.max_steps=5") == 0
+
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", TINY_CONF, "--data.init_args.path", FIXTURE, "--trainer.max_steps=3"]
-    assert run_cli(*args) == 0
+    assert run_cli(*base, "--trainer.max_steps=3") == 0
     checkpoint = tmp_path / "lightning_logs" / "sft_tiny" / "checkpoints" / "last.ckpt"
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert saved["global_step"] == 3
     # Only the adapter (2 layers x q,v x A,B = 8 tensors), not the 3M-parameter base.
     assert len(saved["state_dict"]) == 8 and all("lora_" in k for k in saved["state_dict"])
@@ -154,19 +164,21 @@ def test_cli_fit_small_checkpoint_and_resume_at_same_step(tmp_path, monkeypatch,
     first_run = tmp_path / "lightning_logs" / "sft_tiny" / "version_0"
     assert json.loads((first_run / "exported_model.json").read_text())["global_step"] == 3
 
-    args[-1] = "--trainer.max_steps=5"
-    assert run_cli(*args, "--ckpt_path", "last") == 0
+    assert run_cli(*base, "--trainer.max_steps=5", "--ckpt_path", "last") == 0
     resumed = tmp_path / "lightning_logs" / "sft_tiny" / "version_1"
     assert _tensorboard_steps(resumed, "train/loss") == [3, 4]  # continues, not from 0
     note = json.loads((resumed / "exported_model.json").read_text())
     assert note["global_step"] == 5
     assert Path(note["output_dir"]) == tmp_path / "lightning_logs" / "models" / "tiny" / "sl_model"
     assert (Path(note["output_dir"]) / "adapter" / "adapter_model.safetensors").is_file()
-    # The resumed adapter carries on from the checkpoint's weights.
-    resumed_ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    assert resumed_ckpt["global_step"] == 5
+    final = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    reference = torch.load(straight / "lightning_logs" / "sft_tiny" / "checkpoints" / "last.ckpt",
+                           map_location="cpu", weights_only=True)
+    assert final["global_step"] == reference["global_step"] == 5
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(final["state_dict"][key], value), key
     key = next(k for k in saved["state_dict"] if "lora_B" in k)
-    assert not torch.equal(saved["state_dict"][key], resumed_ckpt["state_dict"][key])
+    assert not torch.equal(saved["state_dict"][key], final["state_dict"][key])  # it did train on
 
 
 def test_nf4_on_cpu_fails_before_reading_anything(tmp_path, monkeypatch, run_cli, capsys):

@@ -213,5 +213,5 @@ def test_length_buckets_shard_evenly_across_ranks():
     seen = [i for rank in ranks for b in rank for i in b]
     assert set(seen) == set(range(23)) and len(seen) == 24
     # Both ranks step through batches of similar length together.
-    for b0, b1 in zip(*ranks):
+    for b0, b1 in zip(*ranks, strict=True):
         assert abs(max(lengths[i] for i in b0) - max(lengths[i] for i in b1)) <= 1

@@ -187,7 +187,7 @@ def encode_examples(
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer([e.response for e in examples], add_special_tokens=False)["input_ids"]
     encoded, truncated = [], 0
-    for p, r in zip(prompt_ids, response_ids):
+    for p, r in zip(prompt_ids, response_ids, strict=True):
         r = list(r) + [tokenizer.eos_token_id]
         p2, r2 = truncate(list(p), r, max_length)
         truncated += (len(p2), len(r2)) != (len(p), len(r))

@@ -161,6 +161,19 @@ def multiple_choice_scores(
     return average_over_orders(per_order, orders)
 
 
+def calibrated(probabilities: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """Divide out a prompt-independent preference and renormalise.
+
+    Args:
+        probabilities: (B, K) option probabilities for real prompts.
+        prior: (K,) the same for a content-free prompt.
+    Returns:
+        (B, K) rows summing to 1.
+    """
+    scaled = probabilities / prior.clamp(min=1e-12)
+    return scaled / scaled.sum(dim=1, keepdim=True)
+
+
 class _LastPositionLogits(torch.nn.Module):
     """Asks a Hugging Face causal LM for the last position's logits only.
 
@@ -201,6 +214,11 @@ class CategoriseModule(L.LightningModule):
         question: template with ``{prompt}`` and ``{options}``.
         answer_prefix: text the assistant turn starts with; the next token is the letter.
         include_none: offer ``none of these`` as an option (multiple choice).
+        calibrate: divide each option's probability by its probability for the
+            content-free prompt ``content_free`` (contextual calibration, Zhao et al.
+            2021), which removes a preference for some option texts whatever the
+            prompt; order averaging removes the preference for positions.
+        content_free: the prompt used to measure that prior.
         max_prompt_tokens: questions longer than this are truncated from the left.
         max_per_principle: keep at most this many prompts per label in the output
             (the most confident); null keeps all.
@@ -222,6 +240,8 @@ class CategoriseModule(L.LightningModule):
         question: str = DEFAULT_QUESTION,
         answer_prefix: str = DEFAULT_ANSWER_PREFIX,
         include_none: bool = True,
+        calibrate: bool = False,
+        content_free: str = "N/A",
         max_prompt_tokens: int | None = 1024,
         max_per_principle: int | None = None,
         trust_remote_code: bool = False,
@@ -245,6 +265,9 @@ class CategoriseModule(L.LightningModule):
         self.question = question
         self.answer_prefix = answer_prefix
         self.include_none = include_none
+        self.calibrate = calibrate
+        self.content_free = content_free
+        self._prior: torch.Tensor | None = None
         self.max_prompt_tokens = max_prompt_tokens
         self.max_per_principle = max_per_principle
         self.trust_remote_code = trust_remote_code
@@ -319,9 +342,20 @@ class CategoriseModule(L.LightningModule):
                 self.answer_prefix,
                 self.max_prompt_tokens,
             )  # (B, K)
+            if self.calibrate:
+                probabilities = calibrated(probabilities, self._content_free_prior(descriptions))
             score, choice = probabilities.max(dim=1)
             ids = self.label_ids()
         return [ids[i] for i in choice.tolist()], [round(float(s), 4) for s in score]
+
+    def _content_free_prior(self, descriptions: list[str]) -> torch.Tensor:
+        """(K,) option probabilities for the content-free prompt, computed once per run."""
+        if self._prior is None:
+            self._prior = multiple_choice_scores(
+                self.lm, self.tokenizer, [self.content_free], descriptions, self.system_prompt,
+                self.question, self.answer_prefix, self.max_prompt_tokens,
+            )[0]
+        return self._prior
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
         names, scores = self.categorise([row["prompt"] for row in batch])
