@@ -15,7 +15,9 @@ same tokens (TRL's template adds one newline token after each reply).
 Each configuration runs in its own subprocess (peak RSS is per process). The first
 ``--warmup`` steps are not timed; throughput is non-pad tokens over the wall time of
 the timed steps (data loading and optimizer included), and the median step time is
-printed too. TRL runs at its defaults (gradient checkpointing on) and without gradient
+printed too. Every configuration runs ``--repeats`` times, in alternating order so a
+change in machine load hits both sides alike; the median throughput and the highest
+peak RSS of each configuration are compared. TRL runs at its defaults (gradient checkpointing on) and without gradient
 checkpointing; its faster setting is the reference. The last line is
 ``sft: speed_ratio=X memory_ratio=Y`` (ucai over TRL's best; memory: lower is better).
 """
@@ -240,6 +242,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads on both sides (0: torch's default); 1 is steadier on a shared machine")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of every configuration, in alternating order; medians are compared")
     parser.add_argument("--with-packed", dest="with_packed", action="store_true",
                         help="also time ucai with padding-free packing (faster with flash attention on GPU; "
                         "on CPU sdpa falls back to a dense masked kernel)")
@@ -265,13 +269,23 @@ def main() -> None:
         }
         if args.with_packed:
             runs["ucai packed"] = ("ucai", False, True)
+        trials: dict[str, list[dict]] = {name: [] for name in runs}
+        for repeat in range(args.repeats):
+            # Alternate the order so that a drift in machine load hits both sides alike.
+            names = list(runs) if repeat % 2 == 0 else list(reversed(runs))
+            for name in names:
+                r = launch(*runs[name], args, data)
+                trials[name].append(r)
+                print(f"[{repeat + 1}/{args.repeats}] {name:40s} {r['tokens_per_s']:8.1f} tokens/s  "
+                      f"median step {r['median_step_s']:.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+                      f"({r['timed_tokens']} tokens in {r['timed_steps']} steps, load {os.getloadavg()[0]:.1f})",
+                      flush=True)
         results = {}
-        for name, (side, gc, packing) in runs.items():
-            results[name] = launch(side, gc, packing, args, data)
-            r = results[name]
-            print(f"{name:40s} {r['tokens_per_s']:8.1f} tokens/s  median step {r['median_step_s']:.2f} s  "
-                  f"peak RSS {r['peak_rss_mb']:7.0f} MB  ({r['timed_tokens']} tokens in {r['timed_steps']} steps)",
-                  flush=True)
+        for name, rs in trials.items():
+            results[name] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
+            print(f"{name:40s} median {results[name]['tokens_per_s']:8.1f} tokens/s  "
+                  f"peak RSS {results[name]['peak_rss_mb']:7.0f} MB")
     trl_best = max((r for n, r in results.items() if n.startswith("trl")), key=lambda r: r["tokens_per_s"])
     ucai_name, ucai_best = max(((n, r) for n, r in results.items() if n.startswith("ucai")),
                                key=lambda item: item[1]["tokens_per_s"])

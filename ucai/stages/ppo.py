@@ -197,6 +197,23 @@ def merge_lora_state(state: dict[str, torch.Tensor], adapter: str, scaling: dict
     return merged
 
 
+def untie_if_adapted(model, merged_state: dict[str, torch.Tensor]) -> None:
+    """Give the output head its own weights when the adapter changed it but the model
+    ties it to the input embeddings (LoRA on ``lm_head``); otherwise loading the merged
+    state would write both into one shared tensor and lose one of them."""
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or inputs is None or output.weight is not inputs.weight:
+        return
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p is output.weight}
+    values = [merged_state[n] for n in names if n in merged_state]
+    if len(values) > 1 and not all(torch.equal(values[0], v) for v in values[1:]):
+        output.weight = nn.Parameter(output.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        text_config = model.config.get_text_config()
+        if text_config is not model.config:
+            text_config.tie_word_embeddings = False
+
+
 def _clean_module_name(name: str) -> str:
     for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(wrapper, "")
@@ -822,6 +839,7 @@ class PPOModule(L.LightningModule):
         merged_state = merge_lora_state(state, "policy", scaling)
         dtype = next(iter(merged_state.values())).dtype
         model = load_causal_lm(self.policy_name, dtype=dtype, trust_remote_code=self.trust_remote_code, seed=self.seed)
+        untie_if_adapted(model, merged_state)
         missing, unexpected = model.load_state_dict(merged_state, strict=False)
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         if unexpected or set(missing) - tied:

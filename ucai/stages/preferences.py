@@ -384,10 +384,16 @@ class PreferenceModule(GeneratingModule):
             sim1 = torch.einsum("bd,bkd->bk", e1, embedded_refs)  # (B, 2)
             sim2 = torch.einsum("bd,bkd->bk", e2, embedded_refs)
             return embedding_label(sim1, sim2, self.embedding_temperature).tolist(), [None] * len(prompts)
-        p1, bias = judge_pairs(
-            self.judge_lm, self.judge_tokenizer, principles, prompts, responses_1, responses_2,
-            self.system_prompt, self.few_shot, self.judge_max_tokens,
-        )
+        # Under bf16 autocast the option logits come out in bf16, whose step at typical
+        # logit sizes (~0.1) is as large as the A/B gap of a small judge: p would only
+        # take the values 0.5, 0.53, 0.56 ... The judge is one forward per pair (no
+        # generation), so it runs with autocast off: in fp32 when the weights are fp32.
+        device = next(self.judge_lm.parameters()).device
+        with torch.autocast(device_type=device.type, enabled=False):
+            p1, bias = judge_pairs(
+                self.judge_lm, self.judge_tokenizer, principles, prompts, responses_1, responses_2,
+                self.system_prompt, self.few_shot, self.judge_max_tokens,
+            )
         self._bias_sum += float(bias.sum())
         self._bias_count += len(prompts)
         return p1.tolist(), bias.tolist()
