@@ -13,9 +13,9 @@ examples that fit in 255 tokens are used, so neither side truncates and both see
 same tokens (TRL's template adds one newline token after each reply).
 
 Each configuration runs in its own subprocess (peak RSS is per process). The first
-``--warmup`` steps are not timed; throughput is non-pad tokens over the wall time of
-the timed steps (data loading and optimizer included), and the median step time is
-printed too. Every configuration runs ``--repeats`` times, in alternating order so a
+``--warmup`` steps are not timed; throughput is the median over timed steps of non-pad
+tokens / step wall time (data loading and optimizer included); the total rate (all
+timed tokens over all timed time) and the median step time are printed too. Every configuration runs ``--repeats`` times, in alternating order so a
 change in machine load hits both sides alike; the median throughput and the highest
 peak RSS of each configuration are compared. TRL runs at its defaults (gradient checkpointing on) and without gradient
 checkpointing; its faster setting is the reference. The last line is
@@ -49,7 +49,10 @@ def peak_rss_mb() -> float:
 def summarise(step_times: list[float], step_tokens: list[int], warmup: int) -> dict:
     times, tokens = step_times[warmup:], step_tokens[warmup:]
     return {
-        "tokens_per_s": sum(tokens) / sum(times),
+        # Median over steps of each step's tokens/s: robust to the stalls a shared
+        # machine inflicts on single steps. The total rate is reported beside it.
+        "tokens_per_s": statistics.median(n / t for n, t in zip(tokens, times, strict=True)),
+        "total_tokens_per_s": sum(tokens) / sum(times),
         "median_step_s": statistics.median(times),
         "timed_steps": len(times),
         "timed_tokens": sum(tokens),
@@ -276,7 +279,8 @@ def main() -> None:
             for name in names:
                 r = launch(*runs[name], args, data)
                 trials[name].append(r)
-                print(f"[{repeat + 1}/{args.repeats}] {name:40s} {r['tokens_per_s']:8.1f} tokens/s  "
+                print(f"[{repeat + 1}/{args.repeats}] {name:40s} {r['tokens_per_s']:8.1f} tokens/s (median step; "
+                      f"total {r['total_tokens_per_s']:.1f})  "
                       f"median step {r['median_step_s']:.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
                       f"({r['timed_tokens']} tokens in {r['timed_steps']} steps, load {os.getloadavg()[0]:.1f})",
                       flush=True)

@@ -16,7 +16,14 @@ from ucai.errors import UcaiError
 from ucai.models import LoraSettings, load_causal_lm, load_sequence_classifier, load_tokenizer
 from ucai.rl import logprobs_from_logits
 from ucai.stages.generation import GenerationSettings
-from ucai.stages.ppo import AdaptiveKL, PPOModule, TokenReward, merge_lora_state, position_ids, prompt_attention_mask
+from ucai.stages.ppo import (
+    AdaptiveKL,
+    PPOModule,
+    TokenReward,
+    merge_lora_state,
+    position_ids,
+    prompt_attention_mask,
+)
 
 TINY = "tiny-llama"
 NEWLINE = 198  # "\n" in the SmolLM2 tokenizer

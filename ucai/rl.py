@@ -103,7 +103,7 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
         picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
         return (picked - torch.logsumexp(logits, dim=-1)).float()
     rows = []
-    for row_logits, row_labels in zip(logits, labels):
+    for row_logits, row_labels in zip(logits, labels, strict=True):
         row_logits = row_logits.float()
         picked = torch.gather(row_logits, -1, row_labels.unsqueeze(-1)).squeeze(-1)
         rows.append(picked - torch.logsumexp(row_logits, dim=-1))

@@ -36,7 +36,7 @@ import csv
 import logging
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -540,11 +540,10 @@ class PPOModule(L.LightningModule):
     def sequence_logprobs(self, input_ids, attention_mask, prompt_length: int, reference: bool = False) -> torch.Tensor:
         """(B, T) log-probs of the response tokens under the policy (or the reference:
         the same model with the adapter disabled, i.e. exactly the SL model)."""
-        labels = input_ids[:, prompt_length:]
-        if reference:
-            with self.policy.disable_adapter():
-                return logprobs_from_logits(self.response_logits(self.response_hidden(input_ids, attention_mask, prompt_length)), labels)
-        return logprobs_from_logits(self.response_logits(self.response_hidden(input_ids, attention_mask, prompt_length)), labels)
+        context = self.policy.disable_adapter() if reference else nullcontext()
+        with context:
+            hidden = self.response_hidden(input_ids, attention_mask, prompt_length)
+            return logprobs_from_logits(self.response_logits(hidden), input_ids[:, prompt_length:])
 
     # ------------------------------------------------------------------ rollout
 
@@ -722,7 +721,7 @@ class PPOModule(L.LightningModule):
         keys = list(local)
         stacked = torch.stack([torch.as_tensor(local[k], dtype=torch.float32).to(self.device) for k in keys])
         reduced = self.trainer.strategy.reduce(stacked, reduce_op="mean")
-        metrics = {k: float(v) for k, v in zip(keys, reduced)}
+        metrics = {k: float(v) for k, v in zip(keys, reduced, strict=True)}
         world = self.trainer.world_size
         total_tokens = float(self.trainer.strategy.reduce(tokens.to(self.device), reduce_op="sum"))
         metrics["perf/tokens_per_s"] = total_tokens / max(seconds, 1e-9)
@@ -750,7 +749,7 @@ class PPOModule(L.LightningModule):
                 "reward": round(float(final - kl_coef * kl), 6),
             }
             for prompt, response, score, final, kl in zip(
-                rollout.prompts, rollout.responses, rollout.scores, rollout.final_scores, seq_kl
+                rollout.prompts, rollout.responses, rollout.scores, rollout.final_scores, seq_kl, strict=True
             )
         ]
         if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():

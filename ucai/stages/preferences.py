@@ -234,7 +234,10 @@ class PreferenceWriter(ResumableJsonlWriter):
             ordered = list(rows.values())
         kept = [r for r in ordered if not r.get("dropped")]
         dropped = [r for r in ordered if r.get("dropped")]
-        write_jsonl(self.dropped_path, dropped)
+        if dropped:
+            write_jsonl(self.dropped_path, dropped)
+        elif self.dropped_path.exists():
+            self.dropped_path.unlink()
         if not kept:
             raise UcaiError(f"{self.output}: every pair was dropped by min_margin; lower it or change the labeller")
         write_jsonl(self.output, kept)
