@@ -235,6 +235,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    parser.add_argument(
+        "--trl-modes", default="fp32,bf16", help="TRL settings to run: fp32 (its CPU default), bf16 (autocast)"
+    )
     parser.add_argument("--child", choices=["ucai", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--rm", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -248,9 +251,13 @@ def main() -> None:
         print(f"PPO iteration: batch {BATCH}, response <= {RESPONSE_LENGTH} tokens, 1 PPO epoch, "
               f"{POLICY} + LoRA r={LORA['r']} {LORA['targets']}", flush=True)
         ucai = spawn("ucai (bf16-mixed)", "ucai", rm, args)
-        trl_default = spawn("trl 1.12 (defaults, fp32)", "trl", rm, args)
-        trl_bf16 = spawn("trl 1.12 (bf16 autocast)", "trl", rm, args, {"ACCELERATE_MIXED_PRECISION": "bf16"})
-    best = max((trl_default, trl_bf16), key=lambda r: r["episodes_per_s"])
+        peers = []
+        modes = args.trl_modes.split(",")
+        if "fp32" in modes:
+            peers.append(spawn("trl 1.12 (defaults, fp32)", "trl", rm, args))
+        if "bf16" in modes:
+            peers.append(spawn("trl 1.12 (bf16 autocast)", "trl", rm, args, {"ACCELERATE_MIXED_PRECISION": "bf16"}))
+    best = max(peers, key=lambda r: r["episodes_per_s"])
     speed = ucai["episodes_per_s"] / best["episodes_per_s"]
     memory = ucai["peak_rss_gb"] / best["peak_rss_gb"]
     print(f"ppo: speed_ratio={speed:.2f} memory_ratio={memory:.2f}")

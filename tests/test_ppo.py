@@ -38,7 +38,7 @@ def tiny_module(**overrides) -> PPOModule:
         minibatch_size=4,
         learning_rate=1e-3,
         generation=GenerationSettings(max_new_tokens=6, temperature=1.0, top_p=1.0),
-        output_dir="rl_model",
+        export=False,  # tests that check the export turn it on with a tmp_path output_dir
     )
     args.update(overrides)
     return PPOModule(**args)
@@ -174,7 +174,7 @@ def test_checkpoint_holds_only_trainable_state_and_resumes(tmp_path):
 
 
 def test_value_adapter_trains_both_adapters_and_export_is_merged(tmp_path):
-    module = tiny_module(value_head="adapter", output_dir=str(tmp_path / "rl_model"))
+    module = tiny_module(value_head="adapter", export=True, output_dir=str(tmp_path / "rl_model"))
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if "lora_B" in n}
     trainer = tiny_trainer(tmp_path, max_steps=2)

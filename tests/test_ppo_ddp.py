@@ -31,3 +31,18 @@ def test_ppo_runs_under_two_process_ddp(tmp_path):
     assert len({r["prompt"] for r in rows}) == 16  # each rank saw its own shard of prompts
     assert (tmp_path / "lightning_logs/models/tiny/rl_model/model.safetensors").is_file()
     assert (tmp_path / "lightning_logs/ppo_tiny/checkpoints/last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_cli_resume_from_last_checkpoint(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    base = [str(UCAI), "fit", "--config", str(ROOT / "tests/conf/ppo_tiny.yaml")]
+    first = subprocess.run(base + ["--trainer.max_steps=2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(
+        base + ["--trainer.max_steps=4", "--ckpt_path", "last"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    # The resumed run continues at rollout step 1 (step 0 was the first run's).
+    rows = list(csv.DictReader(open(tmp_path / "lightning_logs/ppo_tiny/version_1/rollouts.csv")))
+    assert {int(r["step"]) for r in rows} == {1}

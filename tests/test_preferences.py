@@ -14,6 +14,7 @@ import torch
 
 from ucai.chat import render_chat
 from ucai.constitution import load_constitution
+from ucai.scoring import position_bias
 from ucai.stages.generation import GenerationSettings, generate
 from ucai.stages.preferences import (
     ANSWER_PREFIX,
@@ -69,6 +70,9 @@ def test_judge_averages_both_orders_by_hand(tiny_tokenizer, constitution):
     )
     torch.testing.assert_close(p1, torch.tensor([0.6, 0.5]))
     torch.testing.assert_close(bias, torch.tensor([0.2, 0.4]))
+    # the batch figure the stage logs is the foundation's position_bias: (0.8+0.9+0.6+0.9)/4 − 0.5 = 0.3
+    per_order = [torch.tensor([[0.8, 0.2], [0.9, 0.1]]), torch.tensor([[0.6, 0.4], [0.9, 0.1]])]
+    assert bias.mean().item() == pytest.approx(position_bias(per_order)) == pytest.approx(0.3)
     # the second order really swaps the options, and the text ends at the answer label
     assert "(A) first-0\n(B) second-0" in judge.seen[0] and "(A) second-0\n(B) first-0" in judge.seen[2]
     assert all(text.endswith(ANSWER_PREFIX) for text in judge.seen)
@@ -125,8 +129,8 @@ def test_writer_drops_low_margin_pairs_but_counts_them_done(tmp_path):
     writer = PreferenceWriter(tmp_path / "prefs.jsonl")
     writer._shard(0).append([{"id": "x", "p_chosen": 0.9}, {"id": "y", "p_chosen": 0.51, "dropped": True}])
     assert writer.merge(["x", "y"])
-    assert [json.loads(l)["id"] for l in (tmp_path / "prefs.jsonl").read_text().splitlines()] == ["x"]
-    assert [json.loads(l)["id"] for l in (tmp_path / "prefs.dropped.jsonl").read_text().splitlines()] == ["y"]
+    assert [json.loads(line)["id"] for line in (tmp_path / "prefs.jsonl").read_text().splitlines()] == ["x"]
+    assert [json.loads(line)["id"] for line in (tmp_path / "prefs.dropped.jsonl").read_text().splitlines()] == ["y"]
     assert {r["id"] for r in writer.finished_rows()} == {"x", "y"}  # a rerun skips both
 
 

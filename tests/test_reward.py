@@ -92,11 +92,11 @@ def test_left_and_right_padding_give_identical_scores(tiny_reward):
         left = tokenize_for_reward(tokenizer, texts, 64, "left")
         assert not torch.equal(right["input_ids"], left["input_ids"])  # the padding really differs
         r = sequence_rewards(tiny_reward.net, right["input_ids"], right["attention_mask"])
-        l = sequence_rewards(tiny_reward.net, left["input_ids"], left["attention_mask"])
+        lp = sequence_rewards(tiny_reward.net, left["input_ids"], left["attention_mask"])
         alone = torch.stack([
             sequence_rewards(tiny_reward.net, *tokenize_for_reward(tokenizer, [t], 64).values())[0] for t in texts
         ])
-    torch.testing.assert_close(r, l, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r, lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(r, alone, atol=1e-5, rtol=1e-5)
     assert r.unique().numel() == 3
 
@@ -246,5 +246,5 @@ def test_shared_prefix_forward_matches_full_sequences(tiny_reward):
     grads_shared = [p.grad.clone() for p in net.parameters() if p.requires_grad]
     net.zero_grad()
     torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-4)
-    for a, b in zip(grads_shared, grads_full):
+    for a, b in zip(grads_shared, grads_full, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)

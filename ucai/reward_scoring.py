@@ -305,7 +305,7 @@ class RewardScorer:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         return [
-            render_for_reward(self.tokenizer, p, r, self.stats.system_prompt) for p, r in zip(prompts, responses)
+            render_for_reward(self.tokenizer, p, r, self.stats.system_prompt) for p, r in zip(prompts, responses, strict=True)
         ]
 
     @torch.no_grad()

@@ -339,7 +339,7 @@ def tokenize_for_reward_lists(tokenizer, texts: list[str], max_length: int) -> l
     out = []
     for start in range(0, len(texts), 256):
         batch = tokenize_for_reward(tokenizer, texts[start : start + 256], max_length)
-        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
             out.append(ids[mask.bool()].tolist())
     return out
 

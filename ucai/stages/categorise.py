@@ -12,7 +12,10 @@ touches; ucai does it locally with one of two interchangeable categorisers:
   way the Constitutional AI paper scores its questions: the next-token probability of
   each option letter, normalised over the options. Every label (``none of these``
   included) is shown in every position once (`cyclic_orders`) and the per-label
-  probabilities are averaged, which cancels the position bias of small models.
+  probabilities are averaged, which cancels the position bias of small models;
+  ``calibrate`` also divides out the options' probabilities for a content-free prompt.
+  SmolLM2-135M is at chance on this task (see the measurements in the README); use it
+  with a larger instruction-tuned model, or use the embedding categoriser.
 
 Labels are the constitution's pairs (id + the ethical side's description) or an
 explicit list ``[{id, description}, ...]`` in the config, so the same stage sorts
@@ -21,7 +24,9 @@ conversations into any categories. Rows keep every input field and gain
 ``input_principle``); counts per label go to the log. With
 ``max_per_principle`` the final file keeps at most that many prompts per label (the
 most confident, in input order), while the full categorisation stays beside it in
-``<output stem>.all.jsonl`` so a rerun resumes and re-balances identically.
+``<output stem>.all.jsonl`` so a rerun resumes and re-balances identically. Like every
+predict stage, a rerun keeps the rows already written: delete the output (and its
+``.all`` file) to categorise again with other settings.
 """
 
 from __future__ import annotations

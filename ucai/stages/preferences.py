@@ -46,7 +46,7 @@ from ucai.chat import render_chat
 from ucai.constitution import Constitution, Principle, load_constitution
 from ucai.data.io import ResumableJsonl, write_jsonl
 from ucai.errors import UcaiError
-from ucai.scoring import average_over_orders, cyclic_orders, option_probabilities, position_bias
+from ucai.scoring import average_over_orders, cyclic_orders, option_probabilities
 from ucai.stages.generation import (
     GeneratingModule,
     GenerationProgressBar,
@@ -142,7 +142,7 @@ def judge_pairs(
     texts = [
         render_judge_prompt(tokenizer, pr, q, responses[order[0]][i], responses[order[1]][i], system_prompt, few_shot)
         for order in orders
-        for i, (pr, q) in enumerate(zip(principles, prompts))
+        for i, (pr, q) in enumerate(zip(principles, prompts, strict=True))
     ]
     probs = option_probabilities(model, tokenizer, texts, OPTION_LABELS, max_length=max_length)  # (2B, 2)
     per_order = list(probs.chunk(len(orders)))  # each (B, 2), column = position
@@ -328,7 +328,12 @@ class PreferenceModule(GeneratingModule):
         super().configure_model()
         if self.labeller == "judge" and self.judge_lm is None:
             if self.feedback_model and self.feedback_model != self.model_name:
-                from ucai.models import dtype_from_precision, load_causal_lm, load_tokenizer, trainer_precision
+                from ucai.models import (
+                    dtype_from_precision,
+                    load_causal_lm,
+                    load_tokenizer,
+                    trainer_precision,
+                )
 
                 self.judge_tokenizer = load_tokenizer(self.feedback_model, trust_remote_code=self.trust_remote_code)
                 self.judge_lm = load_causal_lm(
@@ -361,10 +366,10 @@ class PreferenceModule(GeneratingModule):
         Contrastive: the first B rows ask for the principle, the last B for its opposite.
         """
         if self.labeller == "contrastive":
-            first = [self.render(q, principle_system_prompt(self.system_prompt, p)) for q, p in zip(prompts, principles)]
+            first = [self.render(q, principle_system_prompt(self.system_prompt, p)) for q, p in zip(prompts, principles, strict=True)]
             second = [
                 self.render(q, principle_system_prompt(self.system_prompt, self.constitution.opposite(p)))
-                for q, p in zip(prompts, principles)
+                for q, p in zip(prompts, principles, strict=True)
             ]
         else:
             first = second = [self.render(q, self.system_prompt) for q in prompts]
@@ -410,7 +415,7 @@ class PreferenceModule(GeneratingModule):
         p_first, biases = self.label(prompts, principles, responses_1, responses_2)
         self.count_prompts(len(batch))
         rows = []
-        for row, principle, r1, r2, p, bias in zip(batch, principles, responses_1, responses_2, p_first, biases):
+        for row, principle, r1, r2, p, bias in zip(batch, principles, responses_1, responses_2, p_first, biases, strict=True):
             if self.labeller == "contrastive":
                 chosen, rejected, p_chosen = r1, r2, p  # by construction, not by a measured p
             else:

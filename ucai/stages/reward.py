@@ -176,7 +176,12 @@ class RewardModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.net is not None:
             return
-        from ucai.models import dtype_from_precision, load_sequence_classifier, load_tokenizer, trainer_precision
+        from ucai.models import (
+            dtype_from_precision,
+            load_sequence_classifier,
+            load_tokenizer,
+            trainer_precision,
+        )
 
         self.tokenizer = load_tokenizer(self.model_name, padding_side="right", trust_remote_code=self.trust_remote_code)
         net = load_sequence_classifier(
@@ -405,5 +410,5 @@ class RewardScoreModule(L.LightningModule):
         reward, score = self.scorer.score([r["prompt"] for r in batch], [r["response"] for r in batch])
         return [
             {**row, "reward": round(float(r), 6), "score": round(float(s), 6), "reward_model": self.reward_model}
-            for row, r, s in zip(batch, reward, score)
+            for row, r, s in zip(batch, reward, score, strict=True)
         ]
