@@ -31,7 +31,6 @@ predict stage, a rerun keeps the rows already written: delete the output (and it
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -149,7 +148,6 @@ def multiple_choice_scores(
         raise UcaiError(f"multiple choice supports at most {len(OPTION_LETTERS)} labels, got {k}")
     letters = list(OPTION_LETTERS[:k])
     orders = cyclic_orders(k)
-    model = _LastPositionLogits.wrap(model)
     per_order = []
     for order in orders:
         shown = [descriptions[option] for option in order]  # position -> option text
@@ -177,27 +175,6 @@ def calibrated(probabilities: torch.Tensor, prior: torch.Tensor) -> torch.Tensor
     """
     scaled = probabilities / prior.clamp(min=1e-12)
     return scaled / scaled.sum(dim=1, keepdim=True)
-
-
-class _LastPositionLogits(torch.nn.Module):
-    """Asks a Hugging Face causal LM for the last position's logits only.
-
-    Scoring needs one next-token distribution per prompt; computing the vocabulary
-    projection at every position costs most of the forward pass for small models
-    (about 5x on tiny-llama with a 49k vocabulary).
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    @classmethod
-    def wrap(cls, model):
-        accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
-        return cls(model) if accepts else model
-
-    def forward(self, **kwargs):
-        return self.model(**kwargs, logits_to_keep=1)
 
 
 class CategoriseModule(L.LightningModule):

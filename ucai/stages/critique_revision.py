@@ -39,7 +39,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lightning.pytorch.callbacks import RichProgressBar
 
 from ucai.chat import Message, render_chat
 from ucai.constitution import SIDES, FewShotExample, Principle, load_constitution
@@ -116,22 +115,6 @@ class Conversation:
         self.turns.append({"role": "assistant", "content": text})
 
 
-class RichThroughputBar(RichProgressBar):
-    """Lightning's default (Rich) bar with prompts/s and tokens/s in the predict line.
-
-    The shared `GenerationProgressBar` extends the TQDM bar only, and Rich's metrics
-    column is drawn for training alone, so the rates go into the task description.
-    """
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        rates = getattr(pl_module, "throughput", None)
-        if rates and self.progress is not None and self.predict_progress_bar_id is not None:
-            description = f"Predicting {rates['prompts/s']:.2f} prompts/s {rates['tok/s']:.1f} tok/s"
-            self.progress.update(self.predict_progress_bar_id, description=description)
-            self.refresh()
-
-
 class CritiqueRevisionModule(GeneratingModule):
     """Generate initial answers, critiques and revisions (the SL dataset of one side).
 
@@ -206,13 +189,6 @@ class CritiqueRevisionModule(GeneratingModule):
                 "`ucai predict --config configs/categorise.yaml` (or set data.init_args.path "
                 "to any prompt file)"
             )
-
-    def configure_callbacks(self):
-        callbacks = super().configure_callbacks()
-        bar = getattr(self._trainer, "progress_bar_callback", None)
-        if type(bar) is RichProgressBar:  # replaced by the subclass (same type family)
-            callbacks.append(RichThroughputBar(refresh_rate=bar.refresh_rate, leave=bar._leave, theme=bar.theme))
-        return callbacks
 
     def on_predict_start(self) -> None:
         super().on_predict_start()

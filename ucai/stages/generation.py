@@ -24,7 +24,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar, TQDMProgressBar
 
 from ucai.data.io import ResumableJsonl, write_csv, write_jsonl
 
@@ -162,7 +162,7 @@ def generate(
     completions = sequences[:, prompt_length:]
     mask, finished = completion_mask_from(completions, stop_ids)
     texts = []
-    for row, row_mask in zip(completions, mask):
+    for row, row_mask in zip(completions, mask, strict=True):
         ids = row[row_mask.bool()].tolist()
         texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
     return Generated(texts, sequences, prompt_length, mask, finished)
@@ -304,14 +304,34 @@ class GenerationProgressBar(TQDMProgressBar):
             )
 
 
+class RichGenerationProgressBar(RichProgressBar):
+    """Lightning's default (Rich) bar with prompts/s and tokens/s in the predict line.
+
+    Rich's metrics column is drawn for training alone, so the rates go into the task
+    description.
+    """
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        rates = getattr(pl_module, "throughput", None)
+        if rates and self.progress is not None and self.predict_progress_bar_id is not None:
+            description = f"Predicting {rates['prompts/s']:.2f} prompts/s {rates['tok/s']:.1f} tok/s"
+            self.progress.update(self.predict_progress_bar_id, description=description)
+            self.refresh()
+
+
 def predict_callbacks(
     trainer, output: str | Path, csv: bool = True, csv_columns: list[str] | None = None
 ) -> list:
     """The callbacks every generating stage returns from ``configure_callbacks``."""
     callbacks: list = [ResumableJsonlWriter(output, csv=csv, csv_columns=csv_columns)]
-    # Only the TQDM bar is replaced; a Rich bar or none at all is left as configured.
-    if trainer is not None and isinstance(trainer.progress_bar_callback, TQDMProgressBar):
-        callbacks.append(GenerationProgressBar())
+    # The configured bar (TQDM or Rich) is replaced by the same kind with rates shown;
+    # a custom bar, or none at all, is left as configured.
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if type(bar) is TQDMProgressBar:
+        callbacks.append(GenerationProgressBar(refresh_rate=bar.refresh_rate))
+    elif type(bar) is RichProgressBar:
+        callbacks.append(RichGenerationProgressBar(refresh_rate=bar.refresh_rate, leave=bar._leave, theme=bar.theme))
     return callbacks
 
 
