@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -14,6 +17,10 @@ TINY = "tiny-llama"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach a model hub
+# One thread per process: the tiny models gain nothing from more, and on a busy 2-core
+# machine OpenMP threads contending with other processes slow small matmuls 1000-fold.
+# Set in the environment so the subprocesses of CLI and DDP tests inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def shared_file(relative: str) -> Path:

@@ -306,6 +306,11 @@ class LoraSettings:
         )
 
 
+# Hyperparameters saved in Lightning checkpoints may hold this dataclass; checkpoints are
+# loaded with weights_only=True, which refuses classes that are not allow-listed.
+torch.serialization.add_safe_globals([LoraSettings])
+
+
 # --------------------------------------------------------------------------- models
 
 

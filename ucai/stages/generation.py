@@ -64,6 +64,10 @@ class GenerationSettings:
         return kwargs
 
 
+# Allow-listed for weights_only checkpoint loading (it appears in saved hyperparameters).
+torch.serialization.add_safe_globals([GenerationSettings])
+
+
 @dataclass
 class Generated:
     """Output of `generate` for a batch of B prompts.
