@@ -96,21 +96,14 @@ def test_constitution_with_a_missing_field(tmp_path, run_cli, capsys):
     assert _no_output(out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs a foundation fix: ucai.cli.main should unwrap a UcaiError that jsonargparse wraps "
-    "in a ValueError when a module's __init__ raises (CritiqueRevisionModule loads the constitution there)",
-)
 def test_constitution_with_a_missing_field_in_critique_revision(tmp_path, run_cli, capsys):
     if importlib.util.find_spec("ucai.stages.critique_revision") is None:
         pytest.skip("critique_revision stage not present")
     path = _broken_constitution(tmp_path)
     out = tmp_path / "out"
-    try:
-        code = run_cli("predict", "--config", CONF / "critique_revision_tiny.yaml",
-                       f"--model.init_args.constitution={path}", f"--model.init_args.output={out / 'sl.jsonl'}")
-    except ValueError:
-        code = 1
+    # The module raises in __init__, where jsonargparse wraps the error; the CLI unwraps it.
+    code = run_cli("predict", "--config", CONF / "critique_revision_tiny.yaml",
+                   f"--model.init_args.constitution={path}", f"--model.init_args.output={out / 'sl.jsonl'}")
     assert code == 2
     assert "field 'critique_request' is missing" in _one_error_line(capsys.readouterr().err)
 

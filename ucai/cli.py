@@ -135,13 +135,29 @@ def main(args: Sequence[str] | None = None) -> int:
             return pipeline_main(resolve_config_args(argv[1:]))
         _import_stages()
         UcaiCLI(args=resolve_config_args(argv))
-    except UcaiError as exc:
-        print(f"ucai: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("ucai: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # jsonargparse wraps errors raised while instantiating classes (a constitution
+        # with a missing field, say) in its own; the user's mistake is the cause.
+        cause = _user_error(exc)
+        if cause is None:
+            raise
+        print(f"ucai: error: {cause}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _user_error(exc: BaseException) -> UcaiError | None:
+    """The `UcaiError` in an exception's cause/context chain, if there is one."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UcaiError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def console_main() -> None:
