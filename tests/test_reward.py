@@ -226,7 +226,9 @@ def test_scorer_without_stats_names_the_stage(tmp_path):
 
 def test_shared_prefix_forward_matches_full_sequences(tiny_reward):
     # Pairs whose texts share the conversation and differ in the reply, of different lengths.
-    dm = PreferenceDataModule(path=str(FIXTURE), tokenizer="tiny-llama", max_length=64, batch_size=4, val_size=16)
+    dm = PreferenceDataModule(
+        path=str(FIXTURE), tokenizer="tiny-llama", max_length=64, batch_size=4, val_size=16, share_prefix=True
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert "prefix_ids" in batch and batch["prefix_mask"][:, 0].eq(0).any()  # some left padding
