@@ -54,7 +54,7 @@ class _BiasedLM(torch.nn.Module):
         self.preference = preference
         self.vocab = len(tokenizer)
 
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
         logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
         letter_id = {c: self.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "ABCDE"}
         for row, ids in enumerate(input_ids):
@@ -167,7 +167,7 @@ class _ContentBiasedLM(_BiasedLM):
         super().__init__(tokenizer, favourite, bias=0.0, preference=preference)
         self.liked, self.liking, self.trigger = liked, liking, trigger
 
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
         logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
         letter_id = {c: self.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "AB"}
         for row, ids in enumerate(input_ids):

@@ -21,7 +21,8 @@ STAGE_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml"))
 STRATEGY_CONFIGS = sorted((CONFIGS / "strategies").glob("*.yaml"))
 CONSTITUTIONS = sorted((CONFIGS / "constitutions").glob("*.yaml"))
 PIPELINES = sorted((CONFIGS / "pipeline").glob("*.yaml"))
-TEST_CONFIGS = sorted((Path(__file__).parent / "conf").glob("*.yaml"))
+TEST_CONFIGS = sorted(p for p in (Path(__file__).parent / "conf").glob("*.yaml") if not p.name.startswith("pipeline"))
+PIPELINES += sorted((Path(__file__).parent / "conf").glob("pipeline*.yaml"))
 
 
 class _Parsed(Exception):

@@ -57,7 +57,7 @@ class _FirstSlotJudge(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.texts: list[str] = []
 
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
         batch, width = input_ids.shape
         logits = torch.zeros(batch, width, 49152)
         for row, text in enumerate(self.texts[:batch]):

@@ -98,3 +98,14 @@ def test_merge_waits_until_every_id_is_done(tmp_path):
     writer = _writer_with_shards(tmp_path, {0: [{"id": "a"}]})
     assert not writer.merge(["a", "b"])
     assert not (tmp_path / "out.jsonl").exists() and writer.shard_dir.exists()
+
+
+def test_option_probabilities_do_not_depend_on_left_padding(tiny_model, tiny_tokenizer):
+    """Positions count real tokens only, so a prompt scores the same alone or in a batch."""
+    from ucai.scoring import option_probabilities
+
+    prompts = ["Pick one: (A) yes (B) no. Answer: (", "A much longer question about many things. Answer: ("]
+    batched = option_probabilities(tiny_model, tiny_tokenizer, prompts, ["A", "B"])
+    singles = torch.cat([option_probabilities(tiny_model, tiny_tokenizer, [p], ["A", "B"]) for p in prompts])
+    torch.testing.assert_close(batched, singles, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(batched.sum(1), torch.ones(2))

@@ -43,7 +43,7 @@ class FakeJudge(torch.nn.Module):
         self.seen: list[str] = []
         self.tokenizer = tokenizer
 
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
         self.seen = self.tokenizer.batch_decode(input_ids, skip_special_tokens=False)
         logits = torch.full((input_ids.shape[0], input_ids.shape[1], self.vocab), -1e4)
         for row, (pa, pb) in enumerate(self.table):

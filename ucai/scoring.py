@@ -58,13 +58,18 @@ def option_probabilities(model, tokenizer, prompts: list[str], labels: list[str]
         tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
     device = next(model.parameters()).device
     batch = batch.to(device)
+    # Left padding shifts each row; positions must count real tokens only, as in training.
+    position_ids = (batch["attention_mask"].long().cumsum(1) - 1).clamp(min=0)
+    # Only the last position's logits are needed; skipping the vocabulary projection
+    # elsewhere is most of the forward's cost for small models (~5x on tiny-llama).
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     was_training = model.training
     model.eval()
     try:
-        # Only the last position's logits are needed; skipping the vocabulary projection
-        # elsewhere is most of the forward's cost for small models (~5x on tiny-llama).
-        extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-        logits = model(**batch, use_cache=False, **extra).logits[:, -1, :]  # (B, V)
+        # Autocast off: bf16 option logits are so coarse that the normalised probability
+        # of two options takes only a handful of values (0.5, 0.531, 0.562, ...).
+        with torch.autocast(device_type=device.type, enabled=False):
+            logits = model(**batch, position_ids=position_ids, use_cache=False, **extra).logits[:, -1, :]  # (B, V)
     finally:
         model.train(was_training)
     option_logits = logits.float()[:, label_ids.to(device)]  # (B, K)
