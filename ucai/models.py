@@ -138,6 +138,7 @@ def _atomic_folder(target: Path, build) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
     try:
         build(tmp)
         (tmp / _COMPLETE_MARKER).write_text("ok\n")
