@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ucai.chat import DEFAULT_SYSTEM_PROMPT
 from ucai.data.io import read_jsonl
-from ucai.data.prompt_datamodule import is_heldout
+from ucai.data.prompt_datamodule import RowDataset, collate_rows, is_heldout
 from ucai.data.prompts import parse_transcript
 from ucai.errors import UcaiError, located
 from ucai.reward_scoring import render_for_reward, tokenize_for_reward
@@ -350,21 +350,6 @@ def tokenize_for_reward_lists(tokenizer, texts: list[str], max_length: int) -> l
 # --------------------------------------------------------------------------- scoring data
 
 
-class _Rows(Dataset):
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.rows[index]
-
-
-def _as_list(batch: list[dict]) -> list[dict]:
-    return batch
-
-
 class ResponseDataModule(L.LightningDataModule):
     """Prompt/response rows to score (``ucai predict --config configs/reward_score.yaml``).
 
@@ -417,4 +402,4 @@ class ResponseDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         rows = [r for r in self.load() if r["id"] not in self._skip]
-        return DataLoader(_Rows(rows), batch_size=self.batch_size, shuffle=False, collate_fn=_as_list)
+        return DataLoader(RowDataset(rows), batch_size=self.batch_size, shuffle=False, collate_fn=collate_rows)

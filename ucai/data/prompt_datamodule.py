@@ -32,7 +32,9 @@ def is_heldout(prompt_id: str, fraction: float, seed: int = 0) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-class _Rows(Dataset):
+class RowDataset(Dataset):
+    """A list of row dicts as a map-style dataset."""
+
     def __init__(self, rows: list[dict]):
         self.rows = rows
 
@@ -43,7 +45,8 @@ class _Rows(Dataset):
         return self.rows[index]
 
 
-def _as_list(batch: list[dict]) -> list[dict]:
+def collate_rows(batch: list[dict]) -> list[dict]:
+    """Keep a batch as the list of row dicts (stages tokenise for their own model)."""
     return batch
 
 
@@ -132,11 +135,11 @@ class PromptDataModule(L.LightningDataModule):
 
     def _loader(self, shuffle: bool) -> DataLoader:
         return DataLoader(
-            _Rows(self.rows()),
+            RowDataset(self.rows()),
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=_as_list,
+            collate_fn=collate_rows,
         )
 
     def train_dataloader(self) -> DataLoader:

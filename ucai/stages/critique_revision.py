@@ -39,7 +39,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-
 from ucai.chat import Message, render_chat
 from ucai.constitution import SIDES, FewShotExample, Principle, load_constitution
 from ucai.errors import UcaiError
