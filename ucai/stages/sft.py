@@ -340,6 +340,8 @@ class SFTModule(L.LightningModule):
         # A collective under FSDP (full weights gathered to rank 0); a plain state_dict otherwise.
         full = trainer.strategy.lightning_module_state_dict()
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
+        if trainer.logger is None:  # no run folder: log_dir would be the cwd
+            log_dir = None
         if trainer.is_global_zero:
             state = {k[len("lm.") :]: v.detach().cpu() for k, v in full.items() if k in self._trainable_keys}
             self.export_model(state, log_dir=log_dir)
