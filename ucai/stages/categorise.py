@@ -44,7 +44,7 @@ from ucai.chat import render_chat
 from ucai.data.io import ResumableJsonl, write_csv, write_jsonl
 from ucai.errors import UcaiError
 from ucai.scoring import OPTION_LETTERS, average_over_orders, cyclic_orders, option_probabilities
-from ucai.stages.generation import ResumableJsonlWriter, predict_callbacks
+from ucai.stages.generation import ResumableJsonlWriter, load_frozen_lm, predict_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -277,15 +277,7 @@ class CategoriseModule(L.LightningModule):
                 # A submodule, so Lightning moves it to the stage's device.
                 self.encoder_model = self.encoder.model
         elif self.lm is None:
-            from ucai.models import dtype_from_precision, load_causal_lm, load_tokenizer, trainer_precision
-
-            self.tokenizer = load_tokenizer(self.model_name, trust_remote_code=self.trust_remote_code)
-            self.lm = load_causal_lm(
-                self.model_name,
-                dtype=dtype_from_precision(trainer_precision(self)),
-                trust_remote_code=self.trust_remote_code,
-            )
-            self.lm.eval()
+            self.tokenizer, self.lm = load_frozen_lm(self, self.model_name, self.trust_remote_code)
 
     def configure_callbacks(self):
         columns = None  # every input field is kept, whatever the file has

@@ -344,6 +344,17 @@ def module_device_dtype(module: L.LightningModule) -> tuple[torch.device, torch.
     return parameter.device, parameter.dtype
 
 
+def load_frozen_lm(module: L.LightningModule, name: str, trust_remote_code: bool = False):
+    """(tokenizer, model in eval mode) for a predict stage, in its trainer's precision dtype."""
+    from ucai.models import dtype_from_precision, load_causal_lm, load_tokenizer, trainer_precision
+
+    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(
+        name, dtype=dtype_from_precision(trainer_precision(module)), trust_remote_code=trust_remote_code
+    )
+    return tokenizer, model.eval()
+
+
 class GeneratingModule(L.LightningModule):
     """Base of the predict stages: loads one causal LM and writes rows resumably.
 
@@ -385,17 +396,8 @@ class GeneratingModule(L.LightningModule):
         self._meter: ThroughputMeter | None = None
 
     def configure_model(self) -> None:
-        if self.lm is not None:
-            return
-        from ucai.models import dtype_from_precision, load_causal_lm, load_tokenizer, trainer_precision
-
-        self.tokenizer = load_tokenizer(self.model_name, trust_remote_code=self.trust_remote_code)
-        self.lm = load_causal_lm(
-            self.model_name,
-            dtype=dtype_from_precision(trainer_precision(self)),
-            trust_remote_code=self.trust_remote_code,
-        )
-        self.lm.eval()
+        if self.lm is None:
+            self.tokenizer, self.lm = load_frozen_lm(self, self.model_name, self.trust_remote_code)
 
     def configure_callbacks(self):
         return predict_callbacks(self._trainer, self.output, csv_columns=self.csv_columns)

@@ -52,6 +52,7 @@ from ucai.stages.generation import (
     GenerationProgressBar,
     GenerationSettings,
     ResumableJsonlWriter,
+    load_frozen_lm,
     strip_echo,
 )
 
@@ -328,19 +329,9 @@ class PreferenceModule(GeneratingModule):
         super().configure_model()
         if self.labeller == "judge" and self.judge_lm is None:
             if self.feedback_model and self.feedback_model != self.model_name:
-                from ucai.models import (
-                    dtype_from_precision,
-                    load_causal_lm,
-                    load_tokenizer,
-                    trainer_precision,
+                self.judge_tokenizer, self.judge_lm = load_frozen_lm(
+                    self, self.feedback_model, self.trust_remote_code
                 )
-
-                self.judge_tokenizer = load_tokenizer(self.feedback_model, trust_remote_code=self.trust_remote_code)
-                self.judge_lm = load_causal_lm(
-                    self.feedback_model,
-                    dtype=dtype_from_precision(trainer_precision(self)),
-                    trust_remote_code=self.trust_remote_code,
-                ).eval()
             else:  # the policy judges its own samples, as in the original project
                 self.judge_lm, self.judge_tokenizer = self.lm, self.tokenizer
         if self.labeller == "embedding" and self.encoder is None:
