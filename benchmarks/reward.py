@@ -1,17 +1,23 @@
 """Reward-model training throughput and memory: ucai's RewardModule vs TRL's RewardTrainer.
 
-    nice python benchmarks/reward.py                 # full run (about 5 minutes on 2 cores)
-    nice python benchmarks/reward.py --steps 4       # quick look
+    python benchmarks/reward.py                 # full run (about 5 minutes on 2 cores)
+    python benchmarks/reward.py --steps 4       # quick look
 
 Both sides train SmolLM2-135M-Instruct with a scalar head, LoRA r=8 (alpha 16,
 dropout 0.05) on q_proj/v_proj, AdamW lr 1e-4, bf16 autocast on CPU, batch 4 pairs
-(one forward of 8 sequences), on the same hh-rlhf harmless-base pairs rendered with
+(TRL: one forward of 8 sequences; ucai: 4 packed rows), on the same hh-rlhf pairs rendered with
 the same chat template into the same token ids (pairs longer than ``--max-length``
-are left out beforehand, since TRL drops them while ucai would truncate them). The
-same number of steps is run by each; the first ``--warmup`` are not timed; the
-figure is the median step time. Each configuration runs in its own subprocess, and
-peak memory is that process's maximum resident set size.
+are left out beforehand, since TRL drops them while ucai would truncate them). Each
+side runs ``--warmup-epochs`` untimed epochs over those pairs, then one timed epoch:
+every side is timed on exactly the same pairs, however it batches them, and the figure
+is pairs / summed step time (a median of step times would depend on how each side
+happens to group long and short pairs). Each configuration runs in its own
+subprocess, and peak memory is that process's maximum resident set size.
 
+ucai runs at its defaults: each pair packed into one row, the shared conversation
+once (`ucai.reward_scoring.packed_pair_rewards`), bf16 frozen linear weights.
+
+ucai also runs with gradient checkpointing, to compare with TRL's defaults like for like.
 TRL is measured at its defaults (gradient checkpointing on) and at its best on this
 machine: without gradient checkpointing, and additionally with Hugging Face's
 length-grouped sampler (the same idea as ucai's length-sorted buckets). The headline
@@ -36,6 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SYSTEM_PROMPT = "You are a helpful assistant."
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+
+
+def total_steps(args) -> int:
+    return (args.warmup_epochs + 1) * args.steps
 
 
 def peak_rss_mb() -> float:
@@ -104,12 +114,12 @@ def run_ucai(args) -> dict:
         path=args.data, system_prompt=SYSTEM_PROMPT, max_length=args.max_length, batch_size=args.batch, val_fraction=0.0
     )
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=args.warmup + args.steps,
+        accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=total_steps(args),
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Timer()],
     )
     trainer.fit(module, datamodule=data)
-    return {"step_times": times[args.warmup :]}
+    return {"step_times": times}
 
 
 def run_trl(args) -> dict:
@@ -141,7 +151,7 @@ def run_trl(args) -> dict:
     config = RewardConfig(
         output_dir=str(Path(args.workdir) / f"trl_{args.config}"),
         per_device_train_batch_size=args.batch,
-        max_steps=args.warmup + args.steps,
+        max_steps=total_steps(args),
         learning_rate=1e-4,
         max_length=args.max_length,
         use_cpu=True,
@@ -163,7 +173,7 @@ def run_trl(args) -> dict:
         peft_config=peft_config, callbacks=[Timer()],
     )
     trainer.train()
-    return {"step_times": times[args.warmup :]}
+    return {"step_times": times}
 
 
 def worker(args) -> None:
@@ -173,8 +183,14 @@ def worker(args) -> None:
 
         torch.set_num_threads(int(torch_threads))
     result = run_ucai(args) if args.side == "ucai" else run_trl(args)
-    median = statistics.median(result["step_times"])
-    result.update(pairs_per_s=args.batch / median, median_step_s=median, peak_rss_mb=peak_rss_mb())
+    if len(result["step_times"]) != total_steps(args):
+        raise SystemExit(f"{args.side}: {len(result['step_times'])} steps timed, expected {total_steps(args)}")
+    timed = result["step_times"][args.warmup_epochs * args.steps :]  # the last epoch
+    result.update(
+        pairs_per_s=args.batch * len(timed) / sum(timed),
+        median_step_s=statistics.median(timed),
+        peak_rss_mb=peak_rss_mb(),
+    )
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -185,7 +201,7 @@ def spawn(side: str, config: str, args, data: Path, workdir: Path) -> dict:
     result = workdir / f"{side}_{config}.json"
     command = [
         sys.executable, __file__, "--worker", "--side", side, "--config", config, "--data", str(data),
-        "--result", str(result), "--workdir", str(workdir), "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--result", str(result), "--workdir", str(workdir), "--steps", str(args.steps), "--warmup-epochs", str(args.warmup_epochs),
         "--batch", str(args.batch), "--max-length", str(args.max_length),
     ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -206,8 +222,8 @@ def spawn(side: str, config: str, args, data: Path, workdir: Path) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=12, help="timed optimiser steps per side")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=12, help="optimiser steps per epoch (pairs = steps x batch)")
+    parser.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs before the timed one")
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -224,21 +240,24 @@ def main(argv=None) -> None:
         raise SystemExit(f"{DATA} not found (the benchmark data ships in ../shared)")
     with tempfile.TemporaryDirectory(prefix="ucai-bench-reward-") as tmp:
         workdir = Path(tmp)
-        pairs = (args.steps + args.warmup) * args.batch
+        pairs = args.steps * args.batch
         ucai_data, trl_data, mean_tokens = prepare(workdir, pairs, args.max_length)
         print(
             f"SmolLM2-135M, LoRA r=8 q/v, bf16 autocast, batch {args.batch} pairs, {pairs} hh-rlhf pairs "
             f"<= {args.max_length} tokens (mean {mean_tokens:.0f} tokens per pair), "
-            f"{args.warmup} warm-up + {args.steps} timed steps",
+            f"{args.warmup_epochs} warm-up epoch(s) + 1 timed epoch of {args.steps} steps",
             flush=True,
         )
         ucai = spawn("ucai", "plain", args, ucai_data, workdir)
+        ucai_gc = spawn("ucai", "gc", args, ucai_data, workdir)
         peers = {config: spawn("trl", config, args, trl_data, workdir) for config in ("default", "nogc", "grouped")}
     best_name, best = max(peers.items(), key=lambda item: item[1]["pairs_per_s"])
     default = peers["default"]
     print(
         f"vs TRL defaults: speed {ucai['pairs_per_s'] / default['pairs_per_s']:.2f}x, "
-        f"memory {ucai['peak_rss_mb'] / default['peak_rss_mb']:.2f}x; best TRL config: {best_name}"
+        f"memory {ucai['peak_rss_mb'] / default['peak_rss_mb']:.2f}x; both with gradient checkpointing: "
+        f"speed {ucai_gc['pairs_per_s'] / default['pairs_per_s']:.2f}x, "
+        f"memory {ucai_gc['peak_rss_mb'] / default['peak_rss_mb']:.2f}x; best TRL config: {best_name}"
     )
     print(
         f"reward: speed_ratio={ucai['pairs_per_s'] / best['pairs_per_s']:.2f} "

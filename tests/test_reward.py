@@ -11,14 +11,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from ucai.data.preference_data import PreferenceDataModule, length_buckets, read_preferences
+from ucai.data.preference_data import PreferenceDataModule, length_buckets, read_preferences, truncate_pair
 from ucai.errors import UcaiError
 from ucai.losses import bradley_terry_loss
 from ucai.reward_scoring import (
+    CHOSEN,
+    PAD,
+    PREFIX,
+    REJECTED,
     RewardScorer,
     last_real_token_index,
+    packed_pair_layout,
+    packed_pair_mask,
+    packed_pair_rewards,
+    packs_pairs,
     sequence_rewards,
     tokenize_for_reward,
+    unwrap_peft,
 )
 from ucai.stages.reward import PairwiseAccuracy, RewardModule, head_name
 
@@ -163,12 +172,22 @@ def test_length_buckets_cover_every_index_once_and_reduce_padding():
     assert padded < sum(len(b) * max(lengths[i] for i in b) for b in unsorted)
 
 
+def test_truncate_pair_cuts_the_shared_start_equally():
+    chosen, rejected = [1, 2, 3, 4, 5, 10, 11], [1, 2, 3, 4, 5, 20]
+    assert truncate_pair(chosen, rejected, 7) == (chosen, rejected)  # fits: untouched
+    # 2 tokens too long: both lose the same 2 conversation tokens and still share [3, 4, 5]
+    assert truncate_pair(chosen, rejected, 5) == ([3, 4, 5, 10, 11], [3, 4, 5, 20])
+    # a reply longer than the budget: the whole shared start goes, then each keeps its end
+    assert truncate_pair([1, 2, 10, 11, 12, 13], [1, 2, 20], 3) == ([11, 12, 13], [20])
+
+
 def test_datamodule_batches_chosen_then_rejected():
     dm = PreferenceDataModule(path=str(FIXTURE), tokenizer="tiny-llama", max_length=64, batch_size=4, val_size=16)
     dm.setup("fit")
     assert (len(dm.train_pairs), len(dm.val_pairs)) == (80, 16)
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 8 and batch["p_chosen"].shape == (4,)
+    assert batch["input_ids"].shape[1] % 32 == 0 and batch["pair_ids"].shape[1] % 32 == 0  # pad_to_multiple_of
     assert batch["attention_mask"][:, 0].all()  # right padding: every row starts real
     first = dm._encoded["val"][0]
     text = dm.tokenizer.decode(first["chosen"])
@@ -224,29 +243,57 @@ def test_scorer_without_stats_names_the_stage(tmp_path):
         RewardScorer(tmp_path)
 
 
-def test_shared_prefix_forward_matches_full_sequences(tiny_reward):
+def test_packed_layout_and_mask_by_hand():
+    # one pair: prefix 2 tokens, chosen rest 2, rejected rest 1, one pad column
+    segment, position = packed_pair_layout(torch.tensor([[2, 2, 1]]), 6)
+    assert segment.tolist() == [[PREFIX, PREFIX, CHOSEN, CHOSEN, REJECTED, PAD]]
+    assert position.tolist() == [[0, 1, 2, 3, 2, 0]]  # the rejected reply restarts after the prefix
+    expected = [  # query rows, key columns
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],  # rejected: the prefix and itself, not the chosen reply
+        [0, 0, 0, 0, 0, 1],  # padding sees itself only (no all-masked softmax row)
+    ]
+    assert packed_pair_mask(segment)[0, 0].int().tolist() == expected
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_pairs_match_full_sequences_with_gradients(tiny_reward, attention, monkeypatch):
     # Pairs whose texts share the conversation and differ in the reply, of different lengths.
     dm = PreferenceDataModule(
-        path=str(FIXTURE), tokenizer="tiny-llama", max_length=64, batch_size=4, val_size=16, share_prefix=True
+        path=str(FIXTURE), tokenizer="tiny-llama", max_length=64, batch_size=4, val_size=16, bucket_batches=1
     )
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    assert "prefix_ids" in batch and batch["prefix_mask"][:, 0].eq(0).any()  # some left padding
-    # the prefix plus each continuation is exactly the full sequence
+    # a batch whose packed rows differ in width, so some rows carry padding
+    batch = next(b for b in dm.train_dataloader() if b["pair_segments"].sum(1).unique().numel() > 1)
+    segments = batch["pair_segments"]
+    assert segments[:, 0].min() > 10  # real shared prefixes
+    # a packed row is the chosen text followed by the rejected text's own reply
     row = dm._encoded["train"][0]
-    assert row["chosen"][: row["shared"]] == row["rejected"][: row["shared"]] and row["shared"] > 10
-    from ucai.reward_scoring import shared_prefix_rewards
-
+    assert row["chosen"][: row["shared"]] == row["rejected"][: row["shared"]]
     net = tiny_reward.net
+    monkeypatch.setattr(unwrap_peft(net).config, "_attn_implementation", attention)  # the fixture is shared
+    assert packs_pairs(net)
+
+    def rewards_and_grads(forward):
+        net.zero_grad()
+        rewards = forward()
+        rewards.pow(2).sum().backward()
+        return rewards.detach(), [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+    full, grads_full = rewards_and_grads(lambda: sequence_rewards(net, batch["input_ids"], batch["attention_mask"]))
+    packed, grads_packed = rewards_and_grads(lambda: packed_pair_rewards(net, batch["pair_ids"], segments))
     net.zero_grad()
-    full = sequence_rewards(net, batch["input_ids"], batch["attention_mask"])
-    full.pow(2).sum().backward()
-    grads_full = [p.grad.clone() for p in net.parameters() if p.requires_grad]
-    net.zero_grad()
-    shared = shared_prefix_rewards(net, batch["prefix_ids"], batch["prefix_mask"], batch["continuation_ids"], batch["continuation_mask"])
-    shared.pow(2).sum().backward()
-    grads_shared = [p.grad.clone() for p in net.parameters() if p.requires_grad]
-    net.zero_grad()
-    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-4)
-    for a, b in zip(grads_shared, grads_full, strict=True):
+    assert batch["pair_ids"].numel() < batch["input_ids"].numel()
+    torch.testing.assert_close(packed, full, atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads_packed, grads_full, strict=True):
+        assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+
+
+def test_flash_attention_models_are_not_packed(tiny_reward, monkeypatch):
+    # flash-attention 2 reads a 2D padding mask; a custom 4D mask would be ignored or rejected
+    monkeypatch.setattr(unwrap_peft(tiny_reward.net).config, "_attn_implementation", "flash_attention_2")
+    assert not packs_pairs(tiny_reward.net)

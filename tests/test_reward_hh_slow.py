@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -41,8 +42,18 @@ def test_wilson_interval_by_hand():
     assert (low, high) == (pytest.approx(0.403830, abs=1e-5), pytest.approx(0.596170, abs=1e-5))
 
 
+@pytest.fixture
+def all_cores():
+    """The suite runs one thread per process (conftest); this real-size training is
+    alone on the machine and uses every core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-def test_reward_model_beats_chance_on_held_out_hh_rlhf(backbone, hh_rlhf_path, tmp_path, run_cli):
+def test_reward_model_beats_chance_on_held_out_hh_rlhf(backbone, hh_rlhf_path, tmp_path, run_cli, all_cores):
     lr, epochs, batch, max_length = BACKBONES[backbone]
     out = tmp_path / "rm"
     code = run_cli(

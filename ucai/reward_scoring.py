@@ -12,13 +12,15 @@ state is scored. Both live here.
   occur inside text), with position ids counted from the first real token, so left
   and right padding give the same score. Encoders (BERT) are called as they are: their
   head pools the first ([CLS]) token, which needs right padding.
+* `packed_pair_rewards` — training on preference pairs: one row per pair, the shared
+  conversation once and both replies after it, with a 4D mask and positions that
+  give each reply exactly what it would see in its own sequence.
 * `RewardScorer` — loads a saved reward-model folder (merged weights, tokenizer and
   ``reward_stats.json``) and returns the normalised reward and ``sigmoid`` of it.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -129,60 +131,87 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return inner.score(pooled)[:, 0]
 
 
-def shared_prefix_rewards(
-    model,
-    prefix_ids: torch.Tensor,
-    prefix_mask: torch.Tensor,
-    continuation_ids: torch.Tensor,
-    continuation_mask: torch.Tensor,
-) -> torch.Tensor:
-    """Rewards of B chosen and B rejected sequences that share a token prefix per pair.
+# Attention implementations that take a custom 4D mask as it is (flash-attention 2
+# wants a 2D padding mask, so pairs are not packed under it).
+PACKING_ATTENTION = ("sdpa", "eager")
 
-    In preference data the two texts of a pair differ only in the final reply; the
-    conversation before it (often most of the tokens in multi-turn hh-rlhf) is run once
-    per pair, and its keys/values are reused, with gradients, by both replies. The
-    result equals `sequence_rewards` on the full sequences: the same tokens see the
-    same positions and attend to the same keys.
+PREFIX, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+
+
+def packs_pairs(model) -> bool:
+    """Whether `packed_pair_rewards` can run on this model (a decoder with an
+    attention implementation that accepts a custom 4D mask)."""
+    inner = unwrap_peft(model)
+    return pools_last_token(model) and getattr(inner.config, "_attn_implementation", None) in PACKING_ATTENTION
+
+
+def packed_pair_layout(segments: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment id and position of every column of packed pair rows.
+
+    A packed row is ``[shared prefix | rest of chosen | rest of rejected | padding]``.
+    Both replies continue the prefix, so both count their positions from its end.
 
     Args:
-        prefix_ids: (B, P) shared prefixes, LEFT-padded (all end at column P).
-        prefix_mask: (B, P) 1 for real prefix tokens.
-        continuation_ids: (2B, C) the rest of each sequence, right-padded; rows
-            [0, B) continue pair i's prefix with the chosen reply, rows [B, 2B) with
-            the rejected one.
-        continuation_mask: (2B, C) 1 for real tokens; every row has at least one.
+        segments: (B, 3) lengths (prefix P, chosen rest Cc, rejected rest Cr).
+        width: L >= max(P + Cc + Cr).
+    Returns:
+        segment ids (B, L) in {PREFIX, CHOSEN, REJECTED, PAD}, positions (B, L) (0 on padding).
+    """
+    prefix, chosen, rejected = (segments[:, k : k + 1] for k in range(3))  # (B, 1) each
+    column = torch.arange(width, device=segments.device).unsqueeze(0)  # (1, L)
+    segment = torch.full((segments.shape[0], width), PAD, dtype=torch.long, device=segments.device)
+    segment = torch.where(column < prefix + chosen + rejected, REJECTED, segment)
+    segment = torch.where(column < prefix + chosen, CHOSEN, segment)
+    segment = torch.where(column < prefix, PREFIX, segment)
+    position = torch.where(segment == REJECTED, column - chosen, column)
+    return segment, torch.where(segment == PAD, 0, position)
+
+
+def packed_pair_mask(segment: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) boolean attention mask (True: may attend) of packed pair rows.
+
+    Causal, except that rejected tokens do not see the chosen reply before them, and
+    padding is seen by nobody. A padding query attends to itself only: a row with no
+    key at all would make softmax NaN, and NaN times a zero gradient is still NaN.
+
+    Args:
+        segment: (B, L) segment ids from `packed_pair_layout`.
+    """
+    width = segment.shape[1]
+    column = torch.arange(width, device=segment.device)
+    causal = column.unsqueeze(1) >= column.unsqueeze(0)  # (L, L): query i, key j <= i
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)  # (B, L, 1), (B, 1, L)
+    allowed = causal & (query != PAD) & (key != PAD) & ~((query == REJECTED) & (key == CHOSEN))
+    allowed = allowed | torch.eye(width, dtype=torch.bool, device=segment.device)
+    return allowed.unsqueeze(1)
+
+
+def packed_pair_rewards(model, pair_ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Rewards of B preference pairs, each packed into ONE row with its prefix once.
+
+    The two texts of a pair differ only in the final reply; the conversation before it
+    (most of the tokens in multi-turn hh-rlhf) is run once, and each reply attends to
+    it and to itself only. Every token sees the same keys at the same positions as in
+    its own full sequence, so the result equals `sequence_rewards` on the full texts
+    (up to float rounding) while a row holds P + Cc + Cr tokens instead of 2 × (P + C).
+    Rows are padded to one width only, not prefixes and replies separately.
+
+    Args:
+        pair_ids: (B, L) packed rows, right-padded.
+        segments: (B, 3) lengths (prefix P, chosen rest Cc >= 1, rejected rest Cr >= 1).
     Returns:
         (2B,) rewards: chosen rows first, then rejected.
     """
-    from transformers import DynamicCache
-
     inner = unwrap_peft(model)
     backbone = getattr(inner, inner.base_model_prefix)
-    cache = DynamicCache(config=inner.config)
-    # transformers 5.24 renamed the keyword past_key_values -> cache; accept either.
-    cache_kw = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-    backbone(
-        input_ids=prefix_ids,
-        attention_mask=prefix_mask,
-        position_ids=position_ids_from_mask(prefix_mask),
-        use_cache=True,
-        **{cache_kw: cache},
-    )
-    for layer in cache.layers:  # (B, heads, P, d) -> (2B, heads, P, d), gradients flow to both
-        layer.keys = torch.cat([layer.keys, layer.keys])
-        layer.values = torch.cat([layer.values, layer.values])
-    prefix_mask2 = torch.cat([prefix_mask, prefix_mask])  # (2B, P)
-    full_mask = torch.cat([prefix_mask2, continuation_mask], dim=1)  # (2B, P + C)
-    positions = position_ids_from_mask(full_mask)[:, prefix_mask.shape[1] :]  # (2B, C)
-    hidden = backbone(
-        input_ids=continuation_ids,
-        attention_mask=full_mask,
-        position_ids=positions,
-        use_cache=True,
-        **{cache_kw: cache},
-    ).last_hidden_state  # (2B, C, H)
-    index = last_real_token_index(continuation_mask)
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (2B, H)
+    segment, positions = packed_pair_layout(segments, pair_ids.shape[1])
+    mask = packed_pair_mask(segment)
+    if inner.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    hidden = backbone(input_ids=pair_ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+    ends = segments.cumsum(dim=1) - 1  # (B, 3): last column of prefix, chosen, rejected
+    rows = torch.arange(pair_ids.shape[0], device=pair_ids.device)
+    pooled = torch.cat([hidden[rows, ends[:, 1]], hidden[rows, ends[:, 2]]])  # (2B, H)
     return inner.score(pooled)[:, 0]
 
 
@@ -246,8 +275,9 @@ def normalise(rewards: torch.Tensor, stats: RewardStats) -> tuple[torch.Tensor, 
     return normalised, torch.sigmoid(normalised)
 
 
-def tokenize_for_reward(tokenizer, texts: list[str], max_length: int, padding_side: str = "right"):
-    """Tokenise rendered texts, keeping the END of long ones (the response is there).
+def tokenize_for_reward(tokenizer, texts: list[str], max_length: int | None, padding_side: str = "right"):
+    """Tokenise rendered texts, keeping the END of long ones (the response is there);
+    ``max_length`` None does not truncate.
 
     Encoders always pad on the right: their head reads position 0 ([CLS]).
     """
@@ -258,7 +288,7 @@ def tokenize_for_reward(tokenizer, texts: list[str], max_length: int, padding_si
         return tokenizer(
             texts,
             padding=True,
-            truncation=True,
+            truncation=max_length is not None,
             max_length=max_length,
             add_special_tokens=not has_chat_template(tokenizer),
             return_tensors="pt",

@@ -440,6 +440,9 @@ class PPOModule(L.LightningModule):
             self.policy.add_adapter("value", config)
             self.policy.set_adapter("policy")
         disable_dropout(self.policy)
+        # from_pretrained returns eval mode and Lightning keeps each module's mode, which
+        # would leave gradient checkpointing (training-only) silently off.
+        self.policy.train()
         hidden = base.config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1, dtype=dtype)
         # A zero head predicts V = 0 at first; the first value loss then fits the returns.

@@ -7,8 +7,10 @@
 (`ucai.models.load_sequence_classifier`), wraps it in LoRA with ``task_type=SEQ_CLS`` —
 peft then lists the head (``score`` / ``classifier``) in ``modules_to_save``, so the
 freshly initialised head is trained in full while the backbone learns only through its
-adapters. Each batch of B pairs is ONE forward of 2B sequences (chosen rows, then
-rejected rows); the reward is read at the last real token (`ucai.reward_scoring`).
+adapters. Each batch of B pairs is ONE forward: B packed rows, each pair's shared
+conversation once followed by both replies (`ucai.reward_scoring.packed_pair_rewards`),
+or, for encoders, 2B sequences (chosen rows, then rejected rows); the reward is read
+at the last real token of each reply (`ucai.reward_scoring`).
 
 The loss is `ucai.losses.bradley_terry_loss` with the file's soft labels ``p_chosen``,
 an optional margin and optional centring. After training, the reward mean and
@@ -37,9 +39,9 @@ from ucai.reward_scoring import (
     STATS_FILE,
     RewardScorer,
     RewardStats,
-    pools_last_token,
+    packed_pair_rewards,
+    packs_pairs,
     sequence_rewards,
-    shared_prefix_rewards,
     unwrap_peft,
 )
 from ucai.stages.generation import predict_callbacks
@@ -206,20 +208,20 @@ class RewardModule(L.LightningModule):
                 )
         if self.frozen_linear_bf16 and trainer_precision(self) in ("bf16-mixed", "bf16"):
             cast_frozen_linear(net, torch.bfloat16)
-        self.net = net
+        # from_pretrained returns eval mode and Lightning keeps each module's mode, which
+        # would leave gradient checkpointing (training-only) and dropout silently off.
+        self.net = net.train()
 
     def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N,) rewards of N sequences (see `ucai.reward_scoring.sequence_rewards`)."""
         return sequence_rewards(self.net, input_ids, attention_mask)
 
     def pair_rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(2B,) rewards, chosen rows first: one forward, the shared prefix run once
-        when the batch has it and the backbone is a decoder (a KV cache cannot be
-        reused under gradient checkpointing, which recomputes without it)."""
-        if "prefix_ids" in batch and not self.gradient_checkpointing and pools_last_token(self.net):
-            return shared_prefix_rewards(
-                self.net, batch["prefix_ids"], batch["prefix_mask"], batch["continuation_ids"], batch["continuation_mask"]
-            )
+        """(2B,) rewards, chosen rows first: one forward, each pair packed into one row
+        with its shared prefix once when the batch has packed rows and the backbone
+        can take them, else the 2B sequences."""
+        if "pair_ids" in batch and packs_pairs(self.net):
+            return packed_pair_rewards(self.net, batch["pair_ids"], batch["pair_segments"])
         return self.rewards(batch["input_ids"], batch["attention_mask"])
 
     # ----------------------------------------------------------------- steps

@@ -199,7 +199,9 @@ class SFTModule(L.LightningModule):
             from peft import get_peft_model
 
             lm = get_peft_model(lm, self.lora.to_peft("CAUSAL_LM"))
-        self.lm = lm
+        # from_pretrained returns eval mode and Lightning keeps each module's mode, which
+        # would leave gradient checkpointing (training-only) and dropout silently off.
+        self.lm = lm.train()
         self._trainable_keys = {f"lm.{name}" for name, p in lm.named_parameters() if p.requires_grad}
         trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
         total = sum(p.numel() for p in lm.parameters())
