@@ -14,6 +14,7 @@ import torch
 from ucai.data.preference_data import PreferenceDataModule, length_buckets, read_preferences, truncate_pair
 from ucai.errors import UcaiError
 from ucai.losses import bradley_terry_loss
+from ucai.models import LoraSettings
 from ucai.reward_scoring import (
     CHOSEN,
     PAD,
@@ -117,6 +118,21 @@ def test_lora_trains_the_head_in_full(tiny_reward):
     assert any("score" in n and "lora" not in n for n in trainable), "head must be trained in full"
     assert any("lora_A" in n for n in trainable)
     assert not any("embed_tokens" in n for n in trainable)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_backbone_dropout_is_off_by_default_and_lora_keeps_its_own(disable):
+    # all-MiniLM-L6-v2 (BERT) has dropout 0.1 in every layer, attention included
+    module = RewardModule(
+        model="all-minilm-l6-v2", output_dir=None, disable_dropout=disable,
+        lora=LoraSettings(r=4, alpha=8, dropout=0.2, target_modules=["q_proj", "v_proj"]),
+    )
+    module.configure_model()
+    rates = {name: m.p for name, m in module.net.named_modules() if isinstance(m, torch.nn.Dropout)}
+    lora = {name: p for name, p in rates.items() if "lora_dropout" in name}
+    backbone = {name: p for name, p in rates.items() if "lora_dropout" not in name}
+    assert lora and set(lora.values()) == {0.2}
+    assert backbone and set(backbone.values()) == ({0.0} if disable else {0.1})
 
 
 def test_encoder_backbone_scores_cls_and_ignores_padding():

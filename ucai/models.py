@@ -365,6 +365,17 @@ def _quantization_config(quantization: Quantization | None, compute_dtype: torch
     )
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every ``nn.Dropout`` of ``model`` to p=0 (attention dropout included where a
+    model reads it from its dropout module, as BERT does); returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p:
+            module.p = 0.0
+            count += 1
+    return count
+
+
 def load_causal_lm(
     name: str,
     dtype: torch.dtype = torch.float32,

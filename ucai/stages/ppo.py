@@ -48,7 +48,13 @@ from torch import nn
 from ucai.chat import DEFAULT_SYSTEM_PROMPT, render_chat
 from ucai.errors import UcaiError
 from ucai.losses import entropy_bonus, ppo_policy_loss, ppo_value_loss
-from ucai.models import LoraSettings, dtype_from_precision, save_pretrained_atomic, trainer_precision
+from ucai.models import (
+    LoraSettings,
+    disable_dropout,
+    dtype_from_precision,
+    save_pretrained_atomic,
+    trainer_precision,
+)
 from ucai.rl import (
     KLController,
     KLEstimator,
@@ -142,14 +148,6 @@ class TokenReward:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Set every dropout to p=0 so that the log-probs of a rollout and of the first PPO
-    pass agree exactly (ratio 1), as TRL does; RL noise already comes from sampling."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
 
 
 def prompt_attention_mask(prompt_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -439,6 +437,8 @@ class PPOModule(L.LightningModule):
         if self.value_head_kind == "adapter":
             self.policy.add_adapter("value", config)
             self.policy.set_adapter("policy")
+        # Dropout off so that the log-probs of a rollout and of the first PPO pass agree
+        # exactly (ratio 1), as in TRL; RL noise already comes from sampling.
         disable_dropout(self.policy)
         # from_pretrained returns eval mode and Lightning keeps each module's mode, which
         # would leave gradient checkpointing (training-only) silently off.

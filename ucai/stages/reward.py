@@ -124,6 +124,9 @@ class RewardModule(L.LightningModule):
         margin: the chosen reward must beat the rejected by this much (null: none).
         center_coef: weight of the ``mean((r_c + r_r)^2)`` centring penalty.
         gradient_checkpointing: recompute activations in backward (less memory, slower).
+        disable_dropout: set the backbone's own dropout to 0, TRL's default for reward
+            models: independent dropout noise in the two rewards of a pair is noise in
+            their difference, which is all the loss sees. LoRA keeps ``lora.dropout``.
         frozen_linear_bf16: under ``bf16-mixed``, store the FROZEN linear weights in
             bf16. Autocast casts them to bf16 for every matmul anyway, so the maths is
             unchanged, but the fp32 copies and autocast's per-step bf16 copies are not
@@ -147,6 +150,7 @@ class RewardModule(L.LightningModule):
         margin: float | None = None,
         center_coef: float = 0.0,
         gradient_checkpointing: bool = False,
+        disable_dropout: bool = True,
         frozen_linear_bf16: bool = True,
         stats_max_pairs: int | None = None,
         trust_remote_code: bool = False,
@@ -164,6 +168,7 @@ class RewardModule(L.LightningModule):
         self.margin = margin
         self.center_coef = center_coef
         self.gradient_checkpointing = gradient_checkpointing
+        self.disable_dropout = disable_dropout
         self.frozen_linear_bf16 = frozen_linear_bf16
         self.stats_max_pairs = stats_max_pairs
         self.trust_remote_code = trust_remote_code
@@ -179,6 +184,7 @@ class RewardModule(L.LightningModule):
         if self.net is not None:
             return
         from ucai.models import (
+            disable_dropout,
             dtype_from_precision,
             load_sequence_classifier,
             load_tokenizer,
@@ -196,6 +202,8 @@ class RewardModule(L.LightningModule):
         if self.gradient_checkpointing:
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         net.config.use_cache = False
+        if self.disable_dropout:  # before LoRA adds its own dropout modules
+            disable_dropout(net)
         if self.lora is not None:
             from peft import get_peft_model
 
