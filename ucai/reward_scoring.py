@@ -171,7 +171,7 @@ def packed_pair_mask(segment: torch.Tensor) -> torch.Tensor:
     """(B, 1, L, L) boolean attention mask (True: may attend) of packed pair rows.
 
     Causal, except that rejected tokens do not see the chosen reply before them, and
-    padding is seen by nobody. A padding query attends to itself only: a row with no
+    no real token sees padding. A padding query attends to itself only: a row with no
     key at all would make softmax NaN, and NaN times a zero gradient is still NaN.
 
     Args:
@@ -208,7 +208,9 @@ def packed_pair_rewards(model, pair_ids: torch.Tensor, segments: torch.Tensor) -
     mask = packed_pair_mask(segment)
     if inner.config._attn_implementation == "eager":  # eager adds the mask to the scores
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    hidden = backbone(input_ids=pair_ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+    hidden = backbone(
+        input_ids=pair_ids, attention_mask=mask, position_ids=positions, use_cache=False
+    ).last_hidden_state  # (B, L, H)
     ends = segments.cumsum(dim=1) - 1  # (B, 3): last column of prefix, chosen, rejected
     rows = torch.arange(pair_ids.shape[0], device=pair_ids.device)
     pooled = torch.cat([hidden[rows, ends[:, 1]], hidden[rows, ends[:, 2]]])  # (2B, H)
