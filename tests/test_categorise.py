@@ -69,13 +69,15 @@ def test_option_order_averaging_recovers_the_true_preference(tiny_tokenizer):
     # First-position bias ln 4, true preference for "fruit" ln 2 (two options).
     #   order 0 shows (A) fruit (B) cars: logits A = ln4 + ln2 = ln8, B = 0 -> p(fruit) = 8/9
     #   order 1 shows (A) cars (B) fruit: logits A = ln4, B = ln2        -> p(fruit) = 2/6 = 1/3
-    #   average: p(fruit) = (8/9 + 1/3) / 2 = 11/18 = 0.6111 > 1/2, so fruit wins,
-    # while order 1 alone would pick "cars" (p = 2/3) only because it is shown first.
+    #   log-probs averaged: p(fruit) ∝ √(8/9 · 1/3) = √(8/27), p(cars) ∝ √(1/9 · 2/3) = √(2/27)
+    #   -> p(fruit) = √8 / (√8 + √2) = 2/3: the true preference (odds 2), bias removed;
+    # averaging probabilities would give (8/9 + 1/3) / 2 = 11/18, squashed toward 1/2.
+    # Order 1 alone would pick "cars" (p = 2/3) only because it is shown first.
     model = _BiasedLM(tiny_tokenizer, "fruit", bias=math.log(4), preference=math.log(2))
     probabilities = multiple_choice_scores(model, tiny_tokenizer, ["Which one?"], ["fruit", "cars"], "S")
-    assert probabilities[0].tolist() == pytest.approx([11 / 18, 7 / 18], abs=1e-5)
+    assert probabilities[0].tolist() == pytest.approx([2 / 3, 1 / 3], abs=1e-5)
     swapped = multiple_choice_scores(model, tiny_tokenizer, ["Which one?"], ["cars", "fruit"], "S")
-    assert swapped[0].tolist() == pytest.approx([7 / 18, 11 / 18], abs=1e-5)
+    assert swapped[0].tolist() == pytest.approx([1 / 3, 2 / 3], abs=1e-5)
 
 
 def test_multiple_choice_categoriser_beats_a_strong_position_bias(tiny_tokenizer):
@@ -88,15 +90,14 @@ def test_multiple_choice_categoriser_beats_a_strong_position_bias(tiny_tokenizer
     module.tokenizer = tiny_tokenizer
     # Bias ln 20 towards A dwarfs the preference ln 3 for cooking in any single order:
     # four options (three labels + "none of these"), each shown in position A once.
-    #   cooking at A:      60 / (60 + 1 + 1 + 1)  = 0.9524   (the other letters have logit 0)
-    #   cooking elsewhere: 3 / (20 + 3 + 1 + 1)   = 0.12     (three of the four orders)
-    #   mean for cooking:  (0.9524 + 3 * 0.12) / 4 = 0.3281
-    #   another option X:  (20/25 at A + 1/63 + 1/25 + 1/25) / 4 = 0.2240, so cooking wins
-    #   (0.3281 + 3 * 0.2240 = 1), whereas every single order picks whatever is at A.
+    # Each option sits at A once, so averaging log-probs over the four orders adds the
+    # same ln 20 / 4 to every option's mean logit: cooking ln 3, the other three 0, and
+    # p(cooking) = 3 / (3 + 1 + 1 + 1) = 0.5 exactly. Every single order picks whatever
+    # is at A (cooking elsewhere gets 3 / (20 + 3 + 1 + 1) = 0.12).
     module.lm = _BiasedLM(tiny_tokenizer, "Recipes and food.", bias=math.log(20), preference=math.log(3))
     names, confidence = module.categorise(["How do I bake bread?"])
     assert names == ["cooking"]
-    assert confidence[0] == pytest.approx((60 / 63 + 3 * 0.12) / 4, abs=1e-4)
+    assert confidence[0] == pytest.approx(0.5, abs=1e-5)
 
 
 def test_labels_come_from_the_constitution_or_the_config():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -114,6 +115,7 @@ def test_prompts_of_each_round_are_the_exact_chat(tiny_tokenizer):
         "principle_name": "peace",
         "principles": ["peace", "peace"],
         "side": "ethical",
+        "mode": "critique_revision",
         "initial": "hit them.",
         "critiques": ["it helps violence.", "Still fine."],
         "revisions": ["Please don't hurt anyone.", "Talk it out."],
@@ -164,6 +166,71 @@ def test_few_shot_examples_come_before_the_conversation(tiny_tokenizer, tmp_path
     assert canned.prompts[2][0].startswith(sys_turn() + example + turn("user", "P"))
 
 
+def _two_pair_constitution_with_examples(tmp_path) -> Path:
+    """The shipped constitution cut to peace and privacy, each with its own worked example."""
+    data = yaml.safe_load((ROOT / "configs" / "constitutions" / "ucai.yaml").read_text())
+    data["pairs"] = [pair for pair in data["pairs"] if pair["id"] in ("peace", "privacy")]
+    for pair in data["pairs"]:
+        tag = pair["id"].upper()
+        pair["ethical"]["few_shot"] = [
+            {"prompt": f"{tag}-P", "initial": f"{tag}-I", "critique": f"{tag}-C", "revision": f"{tag}-R"}
+        ]
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_each_round_shows_the_examples_of_its_own_principle(tiny_tokenizer, tmp_path):
+    path = _two_pair_constitution_with_examples(tmp_path)
+    principles = load_constitution(path).principles("ethical")
+    # A prompt id whose seeded draw gives the two rounds different principles.
+    prompt_id = next(
+        i for i in (f"id-{n}" for n in range(100))
+        if draw_principle(principles, 0, i, 0).pair != draw_principle(principles, 0, i, 1).pair
+    )
+    first, second = (draw_principle(principles, 0, prompt_id, r) for r in range(2))
+    module = _module(tiny_tokenizer, constitution=str(path), rounds=2)
+    canned = _Canned([["I"], ["C1"], ["R1"], ["C2"], ["R2"]])
+    module.generate = canned
+    rows = module.predict_step([{"id": prompt_id, "prompt": "P"}], 0)
+    assert rows[0]["principles"] == [first.pair, second.pair]
+
+    def example_of(principle):
+        tag = principle.pair.upper()
+        return turn("user", f"{tag}-P") + turn("assistant", f"{tag}-I") + turn("user", principle.critique_request)
+
+    _, critique_1, revision_1, critique_2, revision_2 = (call[0] for call in canned.prompts)
+    for prompt in (critique_1, revision_1):
+        assert prompt.startswith(sys_turn() + example_of(first)) and example_of(second) not in prompt
+    # Round 2 asks about the second principle, so its examples are the second's.
+    for prompt in (critique_2, revision_2):
+        assert prompt.startswith(sys_turn() + example_of(second)) and example_of(first) not in prompt
+    assert critique_2.endswith(turn("user", second.critique_request) + HEADER)
+
+
+def test_prompts_cut_to_max_prompt_tokens_are_counted_and_warned(tiny_tokenizer, caplog):
+    module = _module(tiny_tokenizer, max_prompt_tokens=200, few_shot=False, principle_source="categorised")
+    canned = _Canned([["a", "b"], ["c", "d"], ["e", "f"]])
+    module.generate = canned
+    long_prompt = "word " * 400  # ~400 tokens: every one of its three prompts is cut
+    batch = [
+        {"id": "short", "prompt": "Hi?", "principle": "peace"},
+        {"id": "long", "prompt": long_prompt, "principle": "peace"},
+    ]
+    with caplog.at_level(logging.WARNING, logger="ucai.stages.critique_revision"):
+        module.predict_step(batch, 0)
+        assert len(caplog.records) == 1 and "cut from the left" in caplog.records[0].getMessage()
+        module.on_predict_end()
+    for call in canned.prompts:  # the short row fits, the long one never does
+        lengths = [len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in call]
+        assert lengths[0] <= 200 < lengths[1]
+    assert (module.prompts_truncated, module.prompts_generated) == (3, 6)
+    assert "3 of 6 generation prompts were longer than max_prompt_tokens=200" in caplog.records[-1].getMessage()
+    # A new run starts counting again.
+    module.on_predict_start()
+    assert (module.prompts_truncated, module.prompts_generated) == (0, 0)
+
+
 def test_context_distillation_folds_the_revision_request_into_the_system_prompt(tiny_tokenizer):
     module = _module(tiny_tokenizer, mode="context_distillation", principle_source="categorised")
     canned = _Canned([["plain"], ["Revision: principled"]])
@@ -174,6 +241,8 @@ def test_context_distillation_folds_the_revision_request_into_the_system_prompt(
     assert canned.prompts[1] == [sys_turn(system) + turn("user", "P") + HEADER]
     assert rows[0]["critiques"] == [] and rows[0]["revisions"] == ["principled"]
     assert rows[0]["initial"] == "plain" and rows[0]["response"] == "principled"
+    # The row says how it was made: no critique was ever generated for it.
+    assert rows[0]["mode"] == "context_distillation"
 
 
 def test_principle_draw_is_a_pure_function_of_seed_id_and_round():
@@ -230,7 +299,7 @@ def test_resume_after_a_crash_completes_without_duplicates(run_cli, tmp_path):
     assert all(r["principle"] == draw_principle(principles, 0, r["id"], 0).pair for r in rows)
     assert all(r["response"] == r["revisions"][-1] and len(r["critiques"]) == 1 for r in rows)
     assert (tmp_path / "sl.csv").read_text().startswith(
-        "id,prompt,principle,principle_name,principles,side,initial,critiques,revisions,response"
+        "id,prompt,principle,principle_name,principles,side,mode,initial,critiques,revisions,response"
     )
     assert not shard.parent.exists()
 

@@ -86,10 +86,10 @@ def test_order_averaging_cancels_slot_bias(tiny_tokenizer):
 
     probs, bias = ask_both_orders(judge, tiny_tokenizer, build, 1, batch_size=1, max_length=None)
     # Order [good, bad]: logits A=3, B=0 -> P(good)=σ(3); order [bad, good]: A=1, B=2 ->
-    # P(good)=σ(1). Average (σ(3)+σ(1))/2 = (0.952574+0.731059)/2 = 0.841817. A pure slot
-    # bias alone would give σ(1) in one order and 1-σ(1) in the other: averaging to ½.
-    expected = (torch.sigmoid(torch.tensor(3.0)) + torch.sigmoid(torch.tensor(1.0))) / 2
-    assert probs[0, 0].item() == pytest.approx(expected.item(), abs=1e-5)
+    # P(good)=σ(1). Log-odds averaged over the orders: (3 + 1)/2 = 2, P(good) = σ(2) =
+    # 0.880797 (averaging probabilities would give (σ(3)+σ(1))/2 = 0.841817). A pure slot
+    # bias alone gives log-odds +1 in one order and −1 in the other: ½.
+    assert probs[0, 0].item() == pytest.approx(0.880797, abs=1e-5)
     assert probs[0].sum().item() == pytest.approx(1.0, abs=1e-6)
     # first-slot probability: σ(3) and σ(-1) -> mean 0.5897, minus ½
     first = (torch.sigmoid(torch.tensor(3.0)) + torch.sigmoid(torch.tensor(-1.0))) / 2 - 0.5

@@ -59,16 +59,17 @@ def constitution():
 
 def test_judge_averages_both_orders_by_hand(tiny_tokenizer, constitution):
     # Rows 0, 1: response 1 shown as (A); rows 2, 3: response 2 shown as (A).
-    # Pair 0: P(A) = 0.8 with r1 first, 0.6 with r2 first →
-    #   P(r1 better) = (0.8 + (1 − 0.6)) / 2 = 0.6; first-slot share (0.8 + 0.6)/2 − 0.5 = 0.2
-    # Pair 1: pure position bias, P(A) = 0.9 in both orders → P(r1) = (0.9 + 0.1)/2 = 0.5, bias 0.4
+    # Pair 0: P(A) = 0.8 with r1 first, 0.6 with r2 first → log-probs averaged over orders:
+    #   P(r1 better) = √(0.8·0.4) / (√(0.8·0.4) + √(0.2·0.6)) = 0.565685 / 0.912096 = 0.620204;
+    #   first-slot share (0.8 + 0.6)/2 − 0.5 = 0.2
+    # Pair 1: pure position bias, P(A) = 0.9 in both orders → P(r1) = √(0.9·0.1) / (2√(0.9·0.1)) = 0.5, bias 0.4
     judge = FakeJudge(tiny_tokenizer, [(0.8, 0.2), (0.9, 0.1), (0.6, 0.4), (0.9, 0.1)])
     principle = constitution.principle("peace", "ethical")
     p1, bias = judge_pairs(
         judge, tiny_tokenizer, [principle, principle], ["q0", "q1"], ["first-0", "first-1"], ["second-0", "second-1"],
         system_prompt="You are a helpful assistant.",
     )
-    torch.testing.assert_close(p1, torch.tensor([0.6, 0.5]))
+    torch.testing.assert_close(p1, torch.tensor([0.620204, 0.5]))
     torch.testing.assert_close(bias, torch.tensor([0.2, 0.4]))
     # the batch figure the stage logs is the foundation's position_bias: (0.8+0.9+0.6+0.9)/4 − 0.5 = 0.3
     per_order = [torch.tensor([[0.8, 0.2], [0.9, 0.1]]), torch.tensor([[0.6, 0.4], [0.9, 0.1]])]

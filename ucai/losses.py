@@ -20,11 +20,16 @@ def bradley_terry_loss(
 ) -> torch.Tensor:
     """Bradley–Terry negative log-likelihood of the preferences.
 
-    With Δ = r_chosen − r_rejected − margin:
+    With Δ = r_chosen − r_rejected and margin m (0 when None):
 
-    * hard labels (``p_chosen`` None): ``−log σ(Δ)``;
-    * soft labels p: ``−[p log σ(Δ) + (1 − p) log σ(−Δ)]`` (the Constitutional AI
-      paper trains on the feedback model's normalised probabilities);
+    * hard labels (``p_chosen`` None, i.e. p = 1): ``−log σ(Δ − m)``;
+    * soft labels p: ``−[p log σ(Δ − m) + (1 − p) log σ(−Δ − m)]`` (the Constitutional
+      AI paper trains on the feedback model's normalised probabilities). The margin is
+      symmetric: each side's term asks that side to win by m, so the two terms pull in
+      opposite directions with equal force at Δ = 0 when p = 1/2 — a pair the judge
+      rated 50/50 has its optimum at Δ = 0, not at Δ = m as it would if the margin were
+      subtracted from Δ once for both terms. p = 1 is the hard-label loss above; m = 0
+      is the plain soft-label loss;
     * ``center_coef`` adds ``c · mean((r_chosen + r_rejected)²)``, which keeps rewards
       centred on zero (the scale of a BT reward is otherwise free).
 
@@ -32,19 +37,20 @@ def bradley_terry_loss(
         chosen_rewards: (B,) scalar rewards of the chosen responses.
         rejected_rewards: (B,) scalar rewards of the rejected responses.
         p_chosen: (B,) probability that ``chosen`` is better, or None for 1.
-        margin: (B,) or scalar margin the chosen reward must exceed the rejected by.
+        margin: (B,) or scalar margin m >= 0 by which the preferred reward should win.
         center_coef: weight of the centring penalty.
     Returns:
         scalar mean loss.
     """
-    delta = chosen_rewards - rejected_rewards
-    if margin is not None:
-        delta = delta - margin
+    delta = chosen_rewards - rejected_rewards  # (B,)
+    m = 0.0 if margin is None else margin
+    chosen_wins = -F.logsigmoid(delta - m)  # (B,) −log P(chosen beats rejected by m)
     if p_chosen is None:
-        loss = -F.logsigmoid(delta)
+        loss = chosen_wins
     else:
         p = p_chosen.to(delta.dtype)
-        loss = -(p * F.logsigmoid(delta) + (1 - p) * F.logsigmoid(-delta))
+        rejected_wins = -F.logsigmoid(-delta - m)  # (B,) −log P(rejected beats chosen by m)
+        loss = p * chosen_wins + (1 - p) * rejected_wins
     loss = loss.mean()
     if center_coef:
         loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()

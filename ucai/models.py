@@ -274,6 +274,25 @@ def trainer_precision(module: Any) -> str:
     return str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
 
 
+# Lightning's "-true" half precisions cast every parameter, the trainable LoRA weights
+# and heads included, to half precision; AdamW then rounds away updates smaller than
+# the weight's last bit (bf16 keeps 8 bits of mantissa), so training silently stalls.
+HALF_TRUE_PRECISIONS = ("bf16-true", "16-true")
+
+
+def refuse_half_precision_training(module: Any, stage: str) -> None:
+    """Raise a one-line `UcaiError` when a training stage runs under ``bf16-true`` or
+    ``16-true``; the mixed settings keep trainable weights in float32."""
+    precision = trainer_precision(module)
+    if precision in HALF_TRUE_PRECISIONS:
+        mixed = precision.replace("-true", "-mixed")
+        raise UcaiError(
+            f"{stage}: trainer.precision {precision!r} would hold the trainable weights in half precision, "
+            f"where AdamW loses small updates; use trainer.precision {mixed!r} "
+            "(float32 trainable weights, half-precision maths)"
+        )
+
+
 # --------------------------------------------------------------------------- LoRA
 
 

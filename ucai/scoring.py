@@ -5,8 +5,9 @@ ends just before the answer label. The next-token log-probabilities of the optio
 labels, normalised over the options only, give a distribution over the options. Small
 models prefer some positions regardless of content, so callers ask the question under
 several option orders (`cyclic_orders`: each option in each position once) and
-average the per-option probabilities (`average_over_orders`), which cancels a pure
-position bias exactly.
+average the per-option log-probabilities (`average_over_orders`, a normalised geometric
+mean), which cancels a pure position bias exactly, additive in log-odds, without
+squashing the preference that remains.
 """
 
 from __future__ import annotations
@@ -85,19 +86,29 @@ def cyclic_orders(k: int) -> list[list[int]]:
 
 
 def average_over_orders(probs_per_order: list[torch.Tensor], orders: list[list[int]]) -> torch.Tensor:
-    """Map per-position probabilities back to options and average over the orders.
+    """Map per-position probabilities back to options and average them in log space.
+
+    A position bias adds a constant to the log-odds of whichever option sits in the
+    biased slot. Averaging log-probabilities over orders in which every option takes
+    every slot once cancels that constant exactly; averaging probabilities does not,
+    and pulls a real preference toward uniform. With a first-slot bonus of 3 and true
+    log-odds of 2 between two options, the two orders give p = σ(5) and σ(−1): their
+    arithmetic mean is 0.63, the normalised geometric mean σ((5 − 1) / 2) = σ(2) = 0.88,
+    the unbiased answer.
 
     Args:
         probs_per_order: one (B, K) tensor per order; column ``position`` is the
             probability of the option shown at that position.
         orders: the orders used, as from `cyclic_orders`.
     Returns:
-        (B, K) probabilities per option (column ``i`` is option ``i``).
+        (B, K) probabilities per option (column ``i`` is option ``i``), rows summing to 1:
+        ``softmax(mean over orders of log p)``.
     """
-    total = torch.zeros_like(probs_per_order[0])
+    total = torch.zeros_like(probs_per_order[0], dtype=torch.float64)
     for probs, order in zip(probs_per_order, orders):
-        total[:, order] += probs
-    return total / len(orders)
+        # A probability that underflowed to 0 would make the mean -inf; floor it.
+        total[:, order] += probs.double().clamp_min(torch.finfo(torch.float64).tiny).log()
+    return torch.softmax(total / len(orders), dim=-1).to(probs_per_order[0].dtype)
 
 
 def position_bias(probs_per_order: list[torch.Tensor]) -> float:

@@ -12,7 +12,8 @@ touches; ucai does it locally with one of two interchangeable categorisers:
   way the Constitutional AI paper scores its questions: the next-token probability of
   each option letter, normalised over the options. Every label (``none of these``
   included) is shown in every position once (`cyclic_orders`) and the per-label
-  probabilities are averaged, which cancels the position bias of small models;
+  log-probabilities are averaged (`average_over_orders`), which cancels the position
+  bias of small models without squashing the remaining preference;
   ``calibrate`` also divides out the options' probabilities for a content-free prompt.
   SmolLM2-135M is at chance on this task (see the measurements in the README); use it
   with a larger instruction-tuned model, or use the embedding categoriser.
@@ -134,7 +135,7 @@ def multiple_choice_scores(
     answer_prefix: str = DEFAULT_ANSWER_PREFIX,
     max_length: int | None = None,
 ) -> torch.Tensor:
-    """Probability of each option, averaged over K cyclic orders to cancel position bias.
+    """Probability of each option, log-averaged over K cyclic orders to cancel position bias.
 
     Args:
         prompts: B prompts to categorise.

@@ -20,15 +20,20 @@ principle of each round is drawn from the side in use by a hash of (seed, prompt
 round), so it is the same whatever the batch size, the number of devices or a resume;
 ``principle_source: categorised`` uses the prompt's own principle instead (random when
 it is ``none`` or missing). Few-shot examples of the constitution, when present, are
-shown as earlier turns of the critique and revision conversations.
+shown as earlier turns of the critique and revision conversations; each round shows
+the examples of that round's own principle.
 ``mode: context_distillation`` skips the critique: the answer is generated once more
 with the principle's revision request folded into the system prompt, and recorded as
 the revision (for models too small to critique themselves).
 
+Prompts longer than ``max_prompt_tokens`` lose their beginning (generation truncates
+from the left); the stage counts them, warns at the first one and logs the total per
+rank at the end, so a too-small limit cannot silently drop the red-team prompt.
+
 Rows: ``id, prompt, principle`` (pair id of the last round), ``principle_name``,
-``principles`` (pair id per round), ``side, initial, critiques, revisions,
-response`` (= the last revision) — written resumably and rank-sharded by the shared
-writer, with a CSV twin.
+``principles`` (pair id per round), ``side, mode`` (``critique_revision`` or
+``context_distillation``), ``initial, critiques, revisions, response`` (= the last
+revision) — written resumably and rank-sharded by the shared writer, with a CSV twin.
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ class Conversation:
 
     prompt: str
     principles: list[Principle]
-    prefix: list[Message] = field(default_factory=list)  # few-shot turns
+    few_shot: bool = False  # show each round's principle examples before the turns
     turns: list[Message] = field(default_factory=list)
     critiques: list[str] = field(default_factory=list)
     revisions: list[str] = field(default_factory=list)
@@ -96,10 +101,14 @@ class Conversation:
         self.initial = text
         self.turns = [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": text}]
 
+    def examples(self, round_index: int) -> list[Message]:
+        """Few-shot turns of this round's principle: its examples match its requests."""
+        return few_shot_turns(self.principles[round_index]) if self.few_shot else []
+
     def critique_request(self, round_index: int) -> list[Message]:
         request = {"role": "user", "content": self.principles[round_index].critique_request}
         self.turns.append(request)
-        return self.prefix + self.turns
+        return self.examples(round_index) + self.turns
 
     def critique(self, text: str) -> None:
         self.critiques.append(text)
@@ -107,7 +116,7 @@ class Conversation:
 
     def revision_request(self, round_index: int) -> list[Message]:
         self.turns.append({"role": "user", "content": self.principles[round_index].revision_request})
-        return self.prefix + self.turns
+        return self.examples(round_index) + self.turns
 
     def revise(self, text: str) -> None:
         self.revisions.append(text)
@@ -136,7 +145,7 @@ class CritiqueRevisionModule(GeneratingModule):
     """
 
     csv_columns = [
-        "id", "prompt", "principle", "principle_name", "principles", "side",
+        "id", "prompt", "principle", "principle_name", "principles", "side", "mode",
         "initial", "critiques", "revisions", "response",
     ]
 
@@ -178,6 +187,8 @@ class CritiqueRevisionModule(GeneratingModule):
         self.critique_generation = critique_generation
         self.distillation_template = distillation_template
         self.rows_done = 0
+        self.prompts_generated = 0
+        self.prompts_truncated = 0
 
     def prepare_data(self) -> None:
         # Runs before the datamodule reads anything, so a missing input names its maker.
@@ -192,10 +203,19 @@ class CritiqueRevisionModule(GeneratingModule):
     def on_predict_start(self) -> None:
         super().on_predict_start()
         self.rows_done = 0
+        self.prompts_generated = 0
+        self.prompts_truncated = 0
 
     def on_predict_end(self) -> None:
         # Per-rank count: under DDP each rank reports its own share of the prompts.
         log.info("rank %d: %d prompts critiqued and revised in this run", self.global_rank, self.rows_done)
+        if self.prompts_truncated:
+            log.warning(
+                "rank %d: %d of %d generation prompts were longer than max_prompt_tokens=%s and were "
+                "cut from the left (system prompt, examples or the red-team prompt lost); raise "
+                "max_prompt_tokens or turn few_shot off",
+                self.global_rank, self.prompts_truncated, self.prompts_generated, self.max_prompt_tokens,
+            )
 
     # ------------------------------------------------------------------ principles
     def principles_for(self, row: dict) -> list[Principle]:
@@ -210,14 +230,31 @@ class CritiqueRevisionModule(GeneratingModule):
         return render_chat(self.tokenizer, messages, system_prompt if system_prompt is not None else self.system_prompt)
 
     def _generate(self, conversations: list[list[Message]], settings: GenerationSettings | None = None) -> list[str]:
-        return self.generate([self._render(messages) for messages in conversations], settings).texts
+        return self._generate_rendered([self._render(messages) for messages in conversations], settings)
+
+    def _generate_rendered(self, prompts: list[str], settings: GenerationSettings | None = None) -> list[str]:
+        self._count_truncated(prompts)
+        return self.generate(prompts, settings).texts
+
+    def _count_truncated(self, prompts: list[str]) -> None:
+        """Count the prompts that `generate` will cut to ``max_prompt_tokens`` (from the left).
+
+        Tokenised as `generate` does (no special tokens added), so the count is exact.
+        """
+        self.prompts_generated += len(prompts)
+        if self.max_prompt_tokens is None:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        cut = sum(length > self.max_prompt_tokens for length in lengths)
+        if cut and not self.prompts_truncated:  # once per run; the total comes at the end
+            log.warning(
+                "rank %d: a prompt of %d tokens is longer than max_prompt_tokens=%d and is cut from the left",
+                self.global_rank, max(lengths), self.max_prompt_tokens,
+            )
+        self.prompts_truncated += cut
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
-        conversations = []
-        for row in batch:
-            principles = self.principles_for(row)
-            prefix = few_shot_turns(principles[0]) if self.few_shot else []
-            conversations.append(Conversation(row["prompt"], principles, prefix))
+        conversations = [Conversation(row["prompt"], self.principles_for(row), self.few_shot) for row in batch]
 
         initial = self._generate([[{"role": "user", "content": c.prompt}] for c in conversations])
         for conversation, text in zip(conversations, initial, strict=True):
@@ -249,7 +286,7 @@ class CritiqueRevisionModule(GeneratingModule):
                 revision_request=conversation.principles[0].revision_request,
             ).strip()
             prompts.append(self._render([{"role": "user", "content": conversation.prompt}], system))
-        for conversation, text in zip(conversations, self.generate(prompts).texts, strict=True):
+        for conversation, text in zip(conversations, self._generate_rendered(prompts), strict=True):
             conversation.revisions.append(strip_echo(text))
         for conversation in conversations:  # one revision: report one principle
             conversation.principles = conversation.principles[:1]
@@ -263,6 +300,7 @@ class CritiqueRevisionModule(GeneratingModule):
             "principle_name": last.name,
             "principles": [p.pair for p in conversation.principles],
             "side": self.side,
+            "mode": self.mode,
             "initial": conversation.initial,
             "critiques": conversation.critiques,
             "revisions": conversation.revisions,

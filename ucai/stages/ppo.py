@@ -55,6 +55,7 @@ from ucai.models import (
     save_pretrained_atomic,
     trainer_precision,
 )
+from ucai.resume import RNGStateCheckpoint
 from ucai.rl import (
     KLController,
     KLEstimator,
@@ -145,6 +146,32 @@ class TokenReward:
         """
         hits = (responses == self.token_id).float() * mask
         return hits.sum(1) / mask.sum(1).clamp(min=1)
+
+
+def check_plain_sampling(settings: GenerationSettings) -> None:
+    """Refuse sampling settings under which PPO's log-probs are not those of the sampler.
+
+    PPO's ratios and KL assume each response token was drawn from
+    ``softmax(logits / temperature)``, the distribution `PPOModule.response_logits`
+    computes. Nucleus and top-k truncation and the repetition penalty reshape that
+    distribution inside ``generate`` (top-k 0 and top-p 1 are off, penalty 1 is off),
+    so the ratio of the first pass would not be 1 and the KL would be biased.
+    """
+    if settings.do_sample and not settings.temperature > 0:
+        raise UcaiError(f"ppo: generation.temperature must be > 0 when sampling, got {settings.temperature}")
+    changes = []
+    if settings.do_sample and settings.top_p is not None and settings.top_p < 1.0:
+        changes.append(("top_p", settings.top_p, "1.0"))
+    if settings.do_sample and settings.top_k not in (None, 0):
+        changes.append(("top_k", settings.top_k, "0"))
+    if settings.repetition_penalty not in (None, 1.0):
+        changes.append(("repetition_penalty", settings.repetition_penalty, "1.0"))
+    if changes:
+        found = ", ".join(f"generation.{name} is {value}" for name, value, _ in changes)
+        wanted = ", ".join(f"generation.{name}: {neutral}" for name, _, neutral in changes)
+        raise UcaiError(
+            f"ppo: {found}, but PPO's log-probs assume plain temperature sampling; set {wanted}"
+        )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -295,9 +322,9 @@ class PPOModule(L.LightningModule):
         ppo_epochs: passes over each rollout batch.
         minibatch_size: episodes per optimiser step (also the chunk of the no-grad
             rollout forward, which bounds the size of the logits tensor).
-        generation: sampling settings; log-probs use the same temperature. Keep
-            ``top_p: 1.0`` and ``top_k: 0`` so samples come from the distribution PPO
-            computes ratios on.
+        generation: sampling settings; log-probs use the same temperature. ``top_p``
+            must be 1.0, ``top_k`` 0 and ``repetition_penalty`` 1.0 (refused otherwise),
+            so that samples come from the distribution PPO computes ratios on.
         missing_eos_penalty: subtracted from the score of responses without eos (0: off).
         whiten_rewards: whiten per-token rewards (mean kept) before GAE.
         reward_clip: clip scores to [-c, c] (null: off).
@@ -362,6 +389,7 @@ class PPOModule(L.LightningModule):
             raise UcaiError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
         if ppo_epochs < 1 or minibatch_size < 1:
             raise UcaiError(f"ppo_epochs and minibatch_size must be >= 1, got {ppo_epochs}, {minibatch_size}")
+        check_plain_sampling(generation)
         if generation.do_sample is False:
             log.warning("PPO with do_sample=false explores nothing; responses are greedy")
         if isinstance(adaptive_kl, dict):
@@ -425,13 +453,16 @@ class PPOModule(L.LightningModule):
         self.check_inputs()
         from peft import get_peft_model
 
-        from ucai.models import load_causal_lm, load_tokenizer
+        from ucai.models import load_causal_lm, load_tokenizer, refuse_half_precision_training
 
+        refuse_half_precision_training(self, "ppo")
         dtype = dtype_from_precision(trainer_precision(self))
         self.tokenizer = load_tokenizer(self.policy_name, trust_remote_code=self.trust_remote_code)
         base = load_causal_lm(self.policy_name, dtype=dtype, trust_remote_code=self.trust_remote_code, seed=self.seed)
         if self.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._checkpoint_contexts}
+            )
         config = self.lora.to_peft("CAUSAL_LM")
         self.policy = get_peft_model(base, config, adapter_name="policy")
         if self.value_head_kind == "adapter":
@@ -467,9 +498,30 @@ class PPOModule(L.LightningModule):
         if self.value_head_kind == "adapter" and self._backbones_match(scorer.model):
             head = getattr(scorer.model, "score", None)
             if head is not None and head.weight.shape == self.value_head.weight.shape:
-                with torch.no_grad():
-                    self.value_head.weight.copy_(head.weight.to(self.value_head.weight.dtype))
+                self.init_value_head_from(head, scorer.stats)
                 log.info("value head initialised from the reward model's head")
+
+    def init_value_head_from(self, head: nn.Linear, stats) -> None:
+        """Start the value head as the reward model's head, on the scale of PPO's scores.
+
+        The head maps a hidden state h to ``w·h + b``; PPO's scores are
+        ``(r - mean) / std`` when ``normalize_score`` is on, so the head is copied as
+        weight ``w / std`` and bias ``(b - mean) / std`` (b = 0 for a bias-free head),
+        and unchanged otherwise. Copied raw, values would start on the reward model's
+        own scale and, moving at most ``cliprange_value`` per update, take many
+        iterations to reach the returns.
+
+        Args:
+            head: the reward model's (1, H) score head.
+            stats: its `ucai.reward_scoring.RewardStats` (``mean``, ``std``).
+        """
+        weight = head.weight.detach().float()  # (1, H)
+        bias = head.bias.detach().float() if head.bias is not None else torch.zeros(1, device=weight.device)  # (1,)
+        if self.normalize_score:
+            weight, bias = weight / stats.std, (bias - stats.mean) / stats.std
+        with torch.no_grad():
+            self.value_head.weight.copy_(weight)
+            self.value_head.bias.copy_(bias)
 
     def _backbones_match(self, reward_model) -> bool:
         mine = self._causal_lm().config.get_text_config()
@@ -489,18 +541,37 @@ class PPOModule(L.LightningModule):
 
     @contextmanager
     def _adapter(self, name: str):
-        """Make ``name`` the active adapter. peft's ``set_adapter`` also clears
-        ``requires_grad`` on the other adapters; restore it, or the optimiser would
-        silently stop updating the inactive one."""
+        """Make ``name`` the active adapter, and the one active before it again on exit.
+
+        peft's ``set_adapter`` also clears ``requires_grad`` on the other adapters;
+        restore it, or the optimiser would silently stop updating the inactive one.
+        """
+        previous = self.policy.active_adapter
+        if name == previous:
+            yield
+            return
         self.policy.set_adapter(name)
         for param in self._trainable:
             param.requires_grad_(True)
         try:
             yield
         finally:
-            self.policy.set_adapter("policy")
+            self.policy.set_adapter(previous)
             for param in self._trainable:
                 param.requires_grad_(True)
+
+    def _checkpoint_contexts(self):
+        """``context_fn`` of the (non-reentrant) activation checkpointing of each layer.
+
+        Called when a layer runs forward; the second context wraps that layer's
+        recompute during backward. The adapter is peft state read at call time, and
+        backward runs after `values_for` has switched back from the value adapter to
+        the policy's, so without this a value-pass layer would be recomputed under the
+        policy adapter: the wrong activations, gradients for the wrong LoRA weights.
+        Recomputing under the adapter that was active in the forward makes the
+        recompute the same function as the forward, so the gradients are exact.
+        """
+        return nullcontext(), self._adapter(self.policy.active_adapter)
 
     def response_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
         """Last hidden state at the positions that predict the response tokens.
@@ -566,6 +637,35 @@ class PPOModule(L.LightningModule):
         return raw.to(self.device, torch.float32)
 
     @torch.no_grad()
+    def rollout_forward(
+        self, sequences: torch.Tensor, attention: torch.Tensor, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Policy log-probs, reference log-probs and values of sampled responses, in
+        chunks of ``minibatch_size`` (which bounds the logits tensor).
+
+        Args:
+            sequences: (B, P + T) prompt and response ids; attention: (B, P + T).
+            width: P.
+        Returns:
+            three (B, T) float32 tensors (not masked).
+        """
+        was_training = self.policy.training
+        self.policy.eval()  # no checkpointing recompute in a no-grad pass
+        logprobs, ref_logprobs, values = [], [], []
+        try:
+            for chunk in range(0, sequences.shape[0], self.minibatch_size):
+                ids = sequences[chunk : chunk + self.minibatch_size]
+                att = attention[chunk : chunk + self.minibatch_size]
+                hidden = self.response_hidden(ids, att, width)
+                logprobs.append(logprobs_from_logits(self.response_logits(hidden), ids[:, width:]))
+                values.append(self.values_for(hidden, ids, att, width))
+                del hidden
+                ref_logprobs.append(self.sequence_logprobs(ids, att, width, reference=True))
+        finally:
+            self.policy.train(was_training)
+        return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+
+    @torch.no_grad()
     def rollout(self, rows: list[dict]) -> Rollout:
         """Generate, score and compute advantages for one batch of prompt rows."""
         start = time.perf_counter()
@@ -583,22 +683,7 @@ class PPOModule(L.LightningModule):
         mask = generated.completion_mask.to(sequences.device)
         attention = torch.cat([prompt_attention_mask(sequences[:, :width], self.tokenizer.pad_token_id), mask], dim=1)
         responses = sequences[:, width:]
-
-        was_training = self.policy.training
-        self.policy.eval()  # no checkpointing recompute in a no-grad pass
-        logprobs, ref_logprobs, values = [], [], []
-        try:
-            for chunk in range(0, sequences.shape[0], self.minibatch_size):
-                ids = sequences[chunk : chunk + self.minibatch_size]
-                att = attention[chunk : chunk + self.minibatch_size]
-                hidden = self.response_hidden(ids, att, width)
-                logprobs.append(logprobs_from_logits(self.response_logits(hidden), ids[:, width:]))
-                values.append(self.values_for(hidden, ids, att, width))
-                del hidden
-                ref_logprobs.append(self.sequence_logprobs(ids, att, width, reference=True))
-        finally:
-            self.policy.train(was_training)
-        logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+        logprobs, ref_logprobs, values = self.rollout_forward(sequences, attention, width)
 
         scores = self.score(prompts, generated.texts, responses, mask)
         final = scores.clamp(-self.reward_clip, self.reward_clip) if self.reward_clip else scores.clone()
@@ -635,16 +720,50 @@ class PPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ update
 
+    def minibatch_loss(self, rollout: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """PPO loss on the episodes ``idx`` of ``rollout`` (with the graph for backward)
+        and its diagnostics (detached scalars).
+
+        Args:
+            rollout: the batch the episodes come from.
+            idx: (M,) episode indices.
+        """
+        width = rollout.prompt_length
+        ids, att, mask = rollout.sequences[idx], rollout.attention_mask[idx], rollout.mask[idx]
+        hidden = self.response_hidden(ids, att, width)
+        logits = self.response_logits(hidden)
+        logprobs = logprobs_from_logits(logits, ids[:, width:])
+        values = self.values_for(hidden, ids, att, width)
+        pg_loss, clipfrac, approxkl = ppo_policy_loss(
+            logprobs, rollout.logprobs[idx], rollout.advantages[idx], mask, self.cliprange
+        )
+        vf_loss, vf_clipfrac = ppo_value_loss(values, rollout.values[idx], rollout.returns[idx], mask, self.cliprange_value)
+        loss = pg_loss + self.vf_coef * vf_loss
+        if self.entropy_coef:
+            loss = loss - self.entropy_coef * entropy_bonus(entropy_from_logits(logits), mask)
+        with torch.no_grad():
+            ratio = torch.exp(logprobs - rollout.logprobs[idx])
+            stats = {
+                "policy/approxkl": approxkl.detach(),
+                "policy/clipfrac": clipfrac.detach(),
+                "loss/policy": pg_loss.detach(),
+                "loss/value": vf_loss.detach(),
+                "val/clipfrac": vf_clipfrac.detach(),
+                "val/ratio": masked_mean(ratio, mask),
+                "ratio_max_dev": ((ratio - 1).abs() * mask).max(),
+            }
+        return loss, stats
+
     def ppo_update(self, rollout: Rollout) -> dict[str, float]:
         """``ppo_epochs`` passes of minibatch updates; returns averaged diagnostics.
 
         The first epoch visits the rollout in its own order and chunking, so the first
         minibatch sees exactly the log-probs it was sampled with (ratio 1, clipfrac 0);
-        later epochs shuffle.
+        later epochs shuffle. Gradients are clipped in `on_before_optimizer_step`.
         """
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        size, width = rollout.size, rollout.prompt_length
+        size = rollout.size
         sums: dict[str, float] = {}
         updates = 0
         first: dict[str, float] = {}
@@ -652,50 +771,37 @@ class PPOModule(L.LightningModule):
             order = torch.arange(size) if epoch == 0 else torch.randperm(size)
             order = order.to(rollout.sequences.device)
             for start in range(0, size, self.minibatch_size):
-                idx = order[start : start + self.minibatch_size]
-                ids, att, mask = rollout.sequences[idx], rollout.attention_mask[idx], rollout.mask[idx]
-                hidden = self.response_hidden(ids, att, width)
-                logits = self.response_logits(hidden)
-                logprobs = logprobs_from_logits(logits, ids[:, width:])
-                values = self.values_for(hidden, ids, att, width)
-                pg_loss, clipfrac, approxkl = ppo_policy_loss(
-                    logprobs, rollout.logprobs[idx], rollout.advantages[idx], mask, self.cliprange
-                )
-                vf_loss, vf_clipfrac = ppo_value_loss(
-                    values, rollout.values[idx], rollout.returns[idx], mask, self.cliprange_value
-                )
-                loss = pg_loss + self.vf_coef * vf_loss
-                if self.entropy_coef:
-                    loss = loss - self.entropy_coef * entropy_bonus(entropy_from_logits(logits), mask)
+                loss, step = self.minibatch_loss(rollout, order[start : start + self.minibatch_size])
                 optimizer.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
-                if self.max_grad_norm:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                with torch.no_grad():
-                    ratio = torch.exp(logprobs - rollout.logprobs[idx])
-                    step = {
-                        "policy/approxkl": approxkl,
-                        "policy/clipfrac": clipfrac,
-                        "loss/policy": pg_loss.detach(),
-                        "loss/value": vf_loss.detach(),
-                        "val/clipfrac": vf_clipfrac,
-                        "val/ratio": masked_mean(ratio, mask),
+                if not first:
+                    first = {
+                        "first_ratio_max_dev": float(step["ratio_max_dev"]),
+                        "first_clipfrac": float(step["policy/clipfrac"]),
                     }
-                    if not first:
-                        first = {
-                            "first_ratio_max_dev": float(((ratio - 1).abs() * mask).max()),
-                            "first_clipfrac": float(clipfrac),
-                        }
                 for key, value in step.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
+                    if "/" in key:
+                        sums[key] = sums.get(key, 0.0) + float(value)
                 updates += 1
-                del hidden, logits, logprobs, values, loss
+                del loss
         stats = {key: value / updates for key, value in sums.items()}
         stats.update(first)
         return stats
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip the gradient norm just before each optimiser step.
+
+        Lightning's precision plugin calls this hook inside ``optimizer.step()`` after
+        the closure, and under ``16-mixed`` after it has unscaled the gradients: clipping
+        before ``optimizer.step()`` would clip the loss-scaled gradients (to
+        ``max_grad_norm / scale`` once unscaled), i.e. shrink every update by the loss
+        scale.
+        """
+        if self.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
 
     # ------------------------------------------------------------------ step
 
@@ -801,6 +907,11 @@ class PPOModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
+
+    def configure_callbacks(self):
+        # RNG states in checkpoints: a resumed run samples the rollouts the
+        # uninterrupted run would have.
+        return [RNGStateCheckpoint()]
 
     @staticmethod
     def is_trainable_key(key: str) -> bool:

@@ -128,7 +128,7 @@ def judge_pairs(
     few_shot: int = 0,
     max_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probability that response 1 is better, averaged over both option orders.
+    """Probability that response 1 is better, log-averaged over both option orders.
 
     One call to the model with 2B rows: rows [0, B) show response 1 as (A), rows
     [B, 2B) show response 2 as (A).

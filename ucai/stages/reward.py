@@ -13,9 +13,12 @@ or, for encoders, 2B sequences (chosen rows, then rejected rows); the reward is 
 at the last real token of each reply (`ucai.reward_scoring`).
 
 The loss is `ucai.losses.bradley_terry_loss` with the file's soft labels ``p_chosen``,
-an optional margin and optional centring. After training, the reward mean and
-standard deviation over the training set are measured, and the merged model, its
-tokenizer and ``reward_stats.json`` are written atomically to ``output_dir``;
+an optional margin and optional centring. After training, the LoRA adapters are
+merged into the backbone in float32 (`ucai.stages.lora_io.merge_in_float32`), the
+reward mean and standard deviation are measured with that merged model (the one users
+and PPO score with) over training pairs spread across the length-sorted set, and the
+merged model, its tokenizer and ``reward_stats.json`` are written atomically to
+``output_dir``;
 `ucai.reward_scoring.RewardScorer` loads that folder and reports
 ``(r - mean) / std`` and its sigmoid, a [0, 1] score.
 
@@ -35,6 +38,7 @@ from torchmetrics import MaxMetric, MeanMetric, Metric, MinMetric
 from ucai.errors import UcaiError
 from ucai.losses import bradley_terry_loss
 from ucai.models import LoraSettings
+from ucai.resume import RNGStateCheckpoint
 from ucai.reward_scoring import (
     STATS_FILE,
     RewardScorer,
@@ -132,8 +136,9 @@ class RewardModule(L.LightningModule):
             unchanged, but the fp32 copies and autocast's per-step bf16 copies are not
             held (about 3 bytes less per frozen weight). Embeddings, norms, the LoRA
             adapters and the head stay fp32, so the residual stream keeps its precision.
-        stats_max_pairs: compute the reward mean/std on at most this many training
-            pairs (null: all).
+        stats_max_pairs: compute the reward mean/std on about this many training pairs
+            (null: all): whole batches spread evenly over the length-sorted training
+            set, so short and long pairs are both represented.
         trust_remote_code: allow custom model code from the hub (off unless you ask).
         seed: seed of the head initialisation.
     """
@@ -188,9 +193,11 @@ class RewardModule(L.LightningModule):
             dtype_from_precision,
             load_sequence_classifier,
             load_tokenizer,
+            refuse_half_precision_training,
             trainer_precision,
         )
 
+        refuse_half_precision_training(self, "reward")
         self.tokenizer = load_tokenizer(self.model_name, padding_side="right", trust_remote_code=self.trust_remote_code)
         net = load_sequence_classifier(
             self.model_name,
@@ -256,6 +263,10 @@ class RewardModule(L.LightningModule):
         self.log_dict(self.val_metrics.items("val"), on_step=False, on_epoch=True, batch_size=pairs)
         return loss
 
+    def configure_callbacks(self):
+        # LoRA dropout draws from the global RNG: a resumed run must continue its stream.
+        return [RNGStateCheckpoint()]
+
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
@@ -269,19 +280,23 @@ class RewardModule(L.LightningModule):
 
     @torch.no_grad()
     def measure_stats(self) -> RewardStats:
-        """Reward mean and std over the training set, summed across ranks."""
+        """Reward mean and std of ``self.net`` over the training set (or the
+        ``stats_max_pairs`` subset, see `spread_batch_indices`), summed across ranks."""
+        from torch.utils.data import DataLoader, Subset
+
         datamodule = self._trainer.datamodule
-        loader = datamodule.stats_dataloader()
+        loader = datamodule.stats_dataloader()  # whole batches, sorted by length
+        batches = len(loader.dataset)
+        if self.stats_max_pairs is not None:
+            wanted = math.ceil(self.stats_max_pairs / max(datamodule.batch_size, 1))
+            picked = list(range(min(wanted, batches)))
+            loader = DataLoader(Subset(loader.dataset, picked), batch_size=None, num_workers=loader.num_workers)
         rank, world = self._trainer.global_rank, self._trainer.world_size
         total = torch.zeros(3, dtype=torch.float64, device=self.device)  # n, sum, sum of squares
-        pairs_seen = 0
         was_training = self.net.training
         self.net.eval()
         try:
             for index, batch in enumerate(loader):
-                if self.stats_max_pairs is not None and pairs_seen >= self.stats_max_pairs:
-                    break
-                pairs_seen += batch["p_chosen"].shape[0]
                 if index % world != rank:
                     continue
                 batch = {key: value.to(self.device) for key, value in batch.items()}
@@ -304,6 +319,8 @@ class RewardModule(L.LightningModule):
         )
 
     def on_train_end(self) -> None:
+        # Merge first: the stats must describe the model that is saved and scored with.
+        self.merge_lora()
         self.stats = self.measure_stats()
         log.info("reward over the training set: mean %.4f, std %.4f", self.stats.mean, self.stats.std)
         for logger in self._trainer.loggers:
@@ -314,19 +331,35 @@ class RewardModule(L.LightningModule):
 
     def merge_lora(self) -> None:
         """Fold the LoRA weights into the backbone, in place (after training: no copy,
-        so saving costs no extra memory); ``self.net`` becomes a plain classifier."""
+        so saving costs no extra memory); ``self.net`` becomes a plain float32
+        classifier. The frozen bf16 linears (``frozen_linear_bf16``) are upcast before
+        the merge, or the update would be rounded to bf16 (`merge_in_float32`)."""
+        from ucai.stages.lora_io import merge_in_float32
+
         if self.lora is not None and hasattr(self.net, "merge_and_unload"):
-            self.net = self.net.merge_and_unload()
+            self.net = merge_in_float32(self.net)
+        else:
+            self.net.float()  # one dtype in the saved folder
 
     def save(self, folder: str | Path) -> Path:
         from ucai.models import save_pretrained_atomic
 
         stats = self.stats or RewardStats()
-        self.merge_lora()
-        self.net.float()  # frozen bf16 linears back to fp32: one dtype in the saved folder
+        self.merge_lora()  # a no-op when on_train_end already merged
         path = save_pretrained_atomic(folder, self.net, self.tokenizer, {STATS_FILE: stats.to_json()})
         log.info("saved the merged reward model to %s", path)
         return path
+
+
+def spread_batch_indices(batches: int, wanted: int) -> list[int]:
+    """``min(wanted, batches)`` batch indices spread evenly over ``range(batches)``: the
+    middle index of each of that many equal strata.
+
+    The stats loader is sorted by length, so its first batches hold only the shortest
+    pairs; one batch from each stratum samples every length range instead.
+    """
+    count = max(min(wanted, batches), 0)
+    return [(2 * k + 1) * batches // (2 * count) for k in range(count)]
 
 
 def cast_frozen_linear(net: torch.nn.Module, dtype: torch.dtype) -> int:

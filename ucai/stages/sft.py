@@ -180,8 +180,9 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.lm is not None:
             return
-        from ucai.models import dtype_from_precision, trainer_precision
+        from ucai.models import dtype_from_precision, refuse_half_precision_training, trainer_precision
 
+        refuse_half_precision_training(self, "sft")
         check_quantization(self.quantization)
         if self.quantization and self._trainer is not None and self.trainer.accelerator.__class__.__name__ != "CUDAAccelerator":
             raise UcaiError("model.init_args.quantization 'nf4' needs trainer.accelerator gpu/cuda")

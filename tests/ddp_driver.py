@@ -1,0 +1,120 @@
+"""Runs the SFT, reward and PPO fits one after another through ``ucai.cli.main`` and
+records, per rank, each step's loss and the trainable weights at the end (for
+tests/test_ddp.py).
+
+    python tests/ddp_driver.py FOLDER            # 2-process DDP (gloo) on CPU
+    # in a test: run_stage(stage, FOLDER, devices=1) for the single-process reference
+
+Under DDP the stages compose with the shipped ``configs/strategies/ddp.yaml`` as a user
+would. Lightning's subprocess launcher starts rank 1 by re-running this script with the
+same arguments; after the first fit both processes have the process group and the
+environment of their rank, so the later fits reuse them instead of launching again.
+
+Each stage reads exactly ``2 * batch`` training rows, so under DDP every rank takes one
+batch per epoch and a single process given the doubled batch size sees, in its one
+batch, the union of the two ranks' batches.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "tests" / "conf"
+STAGES = ("sft", "reward", "ppo")
+STEPS = 3  # optimiser steps per stage
+
+
+class RankRecorder(Callback):
+    """Writes ``FOLDER/STAGE-rankR.pt``: {"losses", "counts", "weights", "world_size"}.
+
+    ``losses[i]`` is step i's loss as this rank computed it (before that step's update);
+    ``counts[i]`` what the loss is a mean over (response tokens for SFT, pairs for the
+    reward model). PPO optimises manually and returns nothing; its record is the logged
+    value loss, which is already averaged over ranks, and the mean response length.
+    """
+
+    def __init__(self, folder: str, stage: str):
+        self.folder = Path(folder)
+        self.stage = stage
+        self.losses: list[float] = []
+        self.counts: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.stage == "ppo":
+            self.losses.append(float(trainer.callback_metrics["loss/value"]))
+            self.counts.append(float(trainer.callback_metrics["response/length"]))
+            return
+        self.losses.append(float(outputs["loss"]))
+        if self.stage == "sft":
+            self.counts.append(float((batch["labels"][:, 1:] != -100).sum()))
+        else:
+            self.counts.append(float(batch["p_chosen"].shape[0]))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Before the module's own on_train_end, where the reward model merges its LoRA.
+        weights = {name: p.detach().cpu().clone() for name, p in pl_module.named_parameters() if p.requires_grad}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = {"losses": self.losses, "counts": self.counts, "weights": weights, "world_size": trainer.world_size}
+        torch.save(record, self.folder / f"{self.stage}-rank{trainer.global_rank}.pt")
+
+
+def stage_args(stage: str, folder: Path, devices: int) -> list[str]:
+    """``ucai fit`` arguments of one tiny stage; ``devices=1`` doubles the batch so the
+    single process sees both ranks' rows in each step."""
+    per_rank = {"sft": 4, "reward": 8, "ppo": 4}[stage]
+    batch = per_rank * 2 if devices == 1 else per_rank
+    recorder = {"class_path": "ddp_driver.RankRecorder", "init_args": {"folder": str(folder), "stage": stage}}
+    common = [
+        "--trainer.accelerator=cpu", f"--trainer.devices={devices}", f"--trainer.max_steps={STEPS}",
+        "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=0", f"--trainer.callbacks=[{json.dumps(recorder)}]",
+    ]
+    if devices > 1:
+        common = ["--config", str(ROOT / "configs" / "strategies" / "ddp.yaml"), *common]
+    if stage == "sft":
+        # 12 rows, no validation split: one global batch of 8 and one of 4 per epoch.
+        specific = [
+            f"--data.init_args.path={ROOT / 'tests/fixtures/sl_small.jsonl'}", "--data.init_args.val_fraction=0",
+            f"--data.init_args.batch_size={batch}", "--model.init_args.export=false",
+        ]
+    elif stage == "reward":
+        # The first 16 pairs train (the next 8 are the validation split): one batch per rank.
+        specific = [
+            f"--data.init_args.path={ROOT / 'tests/fixtures/preferences_small.jsonl'}", "--data.init_args.limit=24",
+            "--data.init_args.val_size=8", f"--data.init_args.batch_size={batch}",
+            "--model.init_args.output_dir=null",
+        ]
+    else:
+        # 8 prompts, greedy responses (so both runs roll out the same episodes), one
+        # minibatch per rollout: each step's value loss is computed before its update.
+        specific = [
+            f"--data.init_args.path={ROOT / 'data/red_team_prompts.jsonl'}", "--data.init_args.limit=8",
+            f"--data.init_args.batch_size={batch}", f"--model.init_args.minibatch_size={batch}",
+            "--model.init_args.generation.do_sample=false", "--model.init_args.export=false",
+        ]
+    return ["fit", "--config", str(CONF / f"{stage}_tiny.yaml"), *common, *specific]
+
+
+def run_stage(stage: str, folder: Path, devices: int) -> int:
+    from ucai.cli import main
+
+    return main(stage_args(stage, Path(folder), devices))
+
+
+def run_all(folder: Path, devices: int = 2) -> int:
+    for stage in STAGES:
+        code = run_stage(stage, folder, devices)
+        if code:
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))  # the recorder's class_path: ddp_driver.RankRecorder
+    sys.exit(run_all(Path(sys.argv[1])))

@@ -1,0 +1,93 @@
+"""Gradient checkpointing changes memory, never gradients: the PPO minibatch gradients
+(policy LoRA, value LoRA, value head) with ``gradient_checkpointing: true`` equal those
+without, for both value-head modes, on the tiny model in float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ucai.models import LoraSettings
+from ucai.stages.generation import GenerationSettings
+from ucai.stages.ppo import PPOModule, Rollout
+
+
+def configured(value_head: str, checkpointing: bool) -> PPOModule:
+    module = PPOModule(
+        policy="tiny-llama",
+        reward_model="token:198",
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"]),
+        value_head=value_head,
+        minibatch_size=3,
+        cliprange=10.0,  # no clipping: every token carries gradient
+        cliprange_value=10.0,
+        entropy_coef=0.01,
+        generation=GenerationSettings(max_new_tokens=4, temperature=0.7, top_p=1.0),
+        gradient_checkpointing=checkpointing,
+        export=False,
+    )
+    module.configure_model()
+    return module
+
+
+def perturb(module: PPOModule) -> None:
+    """LoRA B and the value head start at zero, where no gradient reaches LoRA A or the
+    value backbone; give every trainable tensor weights so all gradients are non-zero."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in module._trainable:
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def rollout_for(module: PPOModule) -> Rollout:
+    """Three episodes of 7 prompt and 5 response tokens (the last row ends early), with
+    the module's own log-probs and values and random advantages and returns."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 1000, (3, 12), generator=generator)
+    attention = torch.ones_like(ids)
+    attention[2, -2:] = 0
+    mask = attention[:, 7:].float()
+    logprobs, ref_logprobs, values = module.rollout_forward(ids, attention, 7)
+    advantages = torch.randn(3, 5, generator=generator) * mask
+    returns = (values + torch.randn(3, 5, generator=generator)) * mask
+    zeros = torch.zeros(3)
+    return Rollout(
+        sequences=ids, attention_mask=attention, prompt_length=7, mask=mask, logprobs=logprobs,
+        ref_logprobs=ref_logprobs, values=values * mask, kl=torch.zeros_like(mask), scores=zeros,
+        final_scores=zeros, rewards=torch.zeros_like(mask), advantages=advantages, returns=returns,
+        finished=torch.ones(3, dtype=torch.bool), prompts=["p"] * 3, responses=["r"] * 3, seconds=0.0,
+    )
+
+
+def minibatch_gradients(module: PPOModule, rollout: Rollout) -> dict[str, torch.Tensor]:
+    module.zero_grad(set_to_none=True)
+    loss, _ = module.minibatch_loss(rollout, torch.arange(rollout.size))
+    loss.backward()
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("value_head", ["head", "adapter"])
+def test_checkpointing_leaves_gradients_unchanged(value_head):
+    plain = configured(value_head, checkpointing=False)
+    perturb(plain)
+    checkpointed = configured(value_head, checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    assert checkpointed.policy.training and checkpointed._causal_lm().is_gradient_checkpointing
+    rollout = rollout_for(plain)
+
+    expected = minibatch_gradients(plain, rollout)
+    got = minibatch_gradients(checkpointed, rollout)
+
+    assert set(got) == set(expected)
+    groups = {"policy LoRA": ".policy.", "value head": "value_head."}
+    if value_head == "adapter":
+        groups["value LoRA"] = ".value."
+    for group, marker in groups.items():
+        names = [n for n in expected if marker in n]
+        assert names, group
+        # Not vacuous: the group has gradient.
+        assert any(expected[n].abs().max() > 0 for n in names), group
+        for name in names:
+            assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-7), (
+                group, name, (got[name] - expected[name]).abs().max(), expected[name].abs().max()
+            )

@@ -1,0 +1,108 @@
+"""The reward stage's export after a bf16-mixed run: the saved model scores like the
+module that trained, and its reward_stats.json describes that saved model over pairs
+of every length."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from ucai.data.preference_data import PreferenceDataModule
+from ucai.models import LoraSettings
+from ucai.resume import RNGStateCheckpoint
+from ucai.reward_scoring import RewardScorer, sequence_rewards, tokenize_for_reward
+from ucai.stages.reward import RewardModule, spread_batch_indices
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "preferences_small.jsonl"
+STATS_PAIRS = 16
+
+
+class _Recorder(L.Callback):
+    """Keeps an fp32 copy of the trained, UNMERGED module (callbacks' on_train_end runs
+    before the module's, which merges), then records what the stats pass scores."""
+
+    def __init__(self):
+        self.trained_fp32 = None
+        self.stats_widths: list[int] = []
+        self.stats_net_has_lora: list[bool] = []
+
+    def on_train_end(self, trainer, module):
+        self.trained_fp32 = copy.deepcopy(module.net).float().eval()
+        pair_rewards = module.pair_rewards
+
+        def recording(batch):
+            self.stats_widths += batch["pair_segments"].sum(1).tolist()
+            self.stats_net_has_lora.append(any("lora_" in name for name, _ in module.net.named_parameters()))
+            return pair_rewards(batch)
+
+        module.pair_rewards = recording
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm") / "rm_model"
+    module = RewardModule(
+        model="tiny-llama",
+        output_dir=str(out),
+        lora=LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        learning_rate=3e-3,
+        stats_max_pairs=STATS_PAIRS,
+    )
+    assert module.frozen_linear_bf16  # the default: frozen linears held in bf16
+    data = PreferenceDataModule(path=str(FIXTURE), tokenizer="tiny-llama", max_length=64, batch_size=4, val_size=16)
+    recorder = _Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=3, limit_val_batches=0,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[recorder],
+    )
+    trainer.fit(module, datamodule=data)
+    return out, recorder, data
+
+
+def test_bf16_export_scores_like_the_trained_module_in_fp32(bf16_run):
+    out, recorder, _ = bf16_run
+    trained = recorder.trained_fp32
+    lora_b = [p for name, p in trained.named_parameters() if "lora_B" in name]
+    assert lora_b and max(p.abs().max().item() for p in lora_b) > 1e-3  # the adapters really moved
+    scorer = RewardScorer(out)  # fp32
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()][:16]
+    texts = scorer.render([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    batch = tokenize_for_reward(scorer.tokenizer, texts, scorer.stats.max_length)
+    with torch.no_grad():
+        exported = sequence_rewards(scorer.model, batch["input_ids"], batch["attention_mask"])
+        expected = sequence_rewards(trained, batch["input_ids"], batch["attention_mask"])
+        with trained.disable_adapter():  # base weights and the untrained head
+            untrained = sequence_rewards(trained, batch["input_ids"], batch["attention_mask"])
+    assert (expected - untrained).abs().max() > 1e-2  # what training changed is far above the tolerance
+    # Merging into bf16 weights rounds the update to bf16: off by ~1e-3 on this model.
+    torch.testing.assert_close(exported, expected, atol=1e-5, rtol=0)
+
+
+def test_stats_are_measured_on_the_merged_model_over_pairs_of_every_length(bf16_run):
+    out, recorder, data = bf16_run
+    stats = json.loads((out / "reward_stats.json").read_text())
+    assert recorder.stats_net_has_lora and not any(recorder.stats_net_has_lora)  # merged before measuring
+    widths = sorted(len(r["chosen"]) + len(r["rejected"]) - r["shared"] for r in data._encoded["train"])
+    assert len(recorder.stats_widths) == stats["pairs"] == STATS_PAIRS
+    # not the shortest-first prefix of the length-sorted loader: longer pairs are in
+    assert max(recorder.stats_widths) > widths[STATS_PAIRS - 1]
+    assert min(recorder.stats_widths) < widths[-STATS_PAIRS]
+
+
+def test_spread_batch_indices_by_hand():
+    # 20 batches, 4 wanted: strata [0,5) [5,10) [10,15) [15,20), their middles 2, 7, 12, 17
+    assert spread_batch_indices(20, 4) == [2, 7, 12, 17]
+    assert spread_batch_indices(3, 10) == [0, 1, 2]  # more wanted than there are: all
+    assert spread_batch_indices(5, 0) == []
+    assert spread_batch_indices(7, 1) == [3]
+
+
+def test_reward_module_saves_rng_state_in_checkpoints():
+    callbacks = RewardModule(model="tiny-llama").configure_callbacks()
+    assert any(isinstance(c, RNGStateCheckpoint) for c in callbacks)
