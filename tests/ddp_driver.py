@@ -10,9 +10,10 @@ would. Lightning's subprocess launcher starts rank 1 by re-running this script w
 same arguments; after the first fit both processes have the process group and the
 environment of their rank, so the later fits reuse them instead of launching again.
 
-Each stage reads exactly ``2 * batch`` training rows, so under DDP every rank takes one
-batch per epoch and a single process given the doubled batch size sees, in its one
-batch, the union of the two ranks' batches.
+The data are sized so that a single process given the doubled batch size sees, in each
+step, the union of the two ranks' batches of that step: SFT 12 rows in global batches
+of 8 and 4 (`LengthBucketSampler` deals each global batch out to the ranks), reward 16
+pairs and PPO 8 prompts, one batch per rank and epoch.
 """
 
 from __future__ import annotations
@@ -72,11 +73,13 @@ def stage_args(stage: str, folder: Path, devices: int) -> list[str]:
     recorder = {"class_path": "ddp_driver.RankRecorder", "init_args": {"folder": str(folder), "stage": stage}}
     common = [
         "--trainer.accelerator=cpu", f"--trainer.devices={devices}", f"--trainer.max_steps={STEPS}",
-        "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
         "--trainer.limit_val_batches=0", f"--trainer.callbacks=[{json.dumps(recorder)}]",
     ]
     if devices > 1:
         common = ["--config", str(ROOT / "configs" / "strategies" / "ddp.yaml"), *common]
+    # PPO keeps its TensorBoard logger: rank 0 writes every rank's episodes to its run folder.
+    common.append(f"--trainer.logger.init_args.save_dir={folder}" if stage == "ppo" else "--trainer.logger=false")
     if stage == "sft":
         # 12 rows, no validation split: one global batch of 8 and one of 4 per epoch.
         specific = [

@@ -1,14 +1,18 @@
-"""The ``ucai`` command: help paths, shipped config names, one-line errors, the answer stage."""
+"""The ``ucai`` command: help paths, shipped config names, one-line errors, the answer
+stage, a missing stage module, and resuming a fit from its last checkpoint."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from ucai import cli
 from ucai.cli import resolve_config_args
 from ucai.resources import configs_dir
 
@@ -30,6 +34,14 @@ def test_help_paths(run_cli, capsys, args):
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "ucai.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "{fit,validate,test,predict}" in result.stdout
+
+
+def test_a_missing_stage_module_fails_instead_of_being_skipped(run_cli, monkeypatch):
+    # A stage that cannot be imported is a broken install; skipping it would turn into a
+    # confusing "class not found" for the one config that names it, or into nothing.
+    monkeypatch.setattr(cli, "STAGE_MODULES", (*cli.STAGE_MODULES, "ucai.stages.no_such_stage"))
+    with pytest.raises(ModuleNotFoundError, match="ucai.stages.no_such_stage"):
+        run_cli("predict", "--config", TINY_ANSWER, "--print_config")
 
 
 def test_bare_config_names_resolve_to_shipped_configs(tmp_path, monkeypatch):
@@ -89,3 +101,18 @@ def test_unknown_config_key_fails(tmp_path):
     result = _run_ucai("predict", "--config", TINY_ANSWER, "--model.init_args.no_such_key", "1")
     assert result.returncode != 0
     assert "no_such_key" in result.stderr
+
+
+@pytest.mark.slow
+def test_cli_resume_from_last_checkpoint(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    base = [sys.executable, "-m", "ucai.cli", "fit", "--config", str(ROOT / "tests/conf/ppo_tiny.yaml")]
+    first = subprocess.run(base + ["--trainer.max_steps=2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(
+        base + ["--trainer.max_steps=4", "--ckpt_path", "last"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    # The resumed run continues at rollout step 1 (step 0 was the first run's).
+    rows = list(csv.DictReader(open(tmp_path / "lightning_logs/ppo_tiny/version_1/rollouts.csv")))
+    assert {int(r["step"]) for r in rows} == {1}

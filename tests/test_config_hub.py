@@ -14,6 +14,7 @@ import pytest
 
 from ucai.cli import UcaiCLI, _import_stages
 from ucai.constitution import load_constitution
+from ucai.pipeline import load_pipeline_config
 from ucai.resources import configs_dir
 
 CONFIGS = configs_dir()
@@ -70,8 +71,7 @@ def test_constitution_loads(path):
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
 def test_pipeline_config_loads(path):
-    pipeline = pytest.importorskip("ucai.pipeline", reason="the pipeline module is not there yet")
-    assert pipeline.load_pipeline_config(path) is not None
+    assert load_pipeline_config(path) is not None
 
 
 def test_there_are_configs_to_check():

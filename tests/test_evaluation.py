@@ -118,9 +118,97 @@ def test_summary_win_rates_elo_and_differences():
     assert win["low"] <= 5 / 6 <= win["high"]
     assert summary["elo"]["rl_ethical"] > summary["elo"]["rl_unethical"]
     (diff,) = [d for d in summary["differences"] if d["column"] == "x"]
-    # every paired difference is exactly 1.0, so the interval is [1, 1] and significant
-    assert diff["diff"] == pytest.approx(1.0) and diff["significant"]
+    # Every paired difference is exactly 1.0 over 6 prompts: only the all-+ and all-− sign
+    # patterns reach |6|, p = 2/64 = 0.03125. The family is the one column x (m = 1), so
+    # Holm leaves p unchanged and the 95% inverted interval is every subset mean: [1, 1].
+    assert diff["diff"] == pytest.approx(1.0) and diff["n"] == 6
+    assert diff["p"] == pytest.approx(2 / 64) and diff["p_adjusted"] == pytest.approx(2 / 64)
+    assert diff["method"] == "holm" and diff["significant"]
+    assert (diff["low"], diff["high"]) == pytest.approx((1.0, 1.0))
+    assert summary["multiple_comparisons"]["family_size"] == 1
+    assert summary["rm_correlation"]["r"] is None and "rm_ethical" in summary["rm_correlation"]["reason"]
     assert summary["models"]["rl_ethical"]["x"]["mean"] == pytest.approx(1.25)
+
+
+def _score_rows(model, values):
+    return [
+        {"model": model, "id": f"p{i}", "prompt": "q", "principle": None, "response": "r", **v}
+        for i, v in enumerate(values)
+    ]
+
+
+def test_differences_family_is_corrected_together():
+    names = ["sl_ethical", "rl_ethical", "sl_unethical", "rl_unethical"]
+    module = EvaluationModule(models={m: "tiny-llama" for m in names}, reward_models={}, comparisons=[])
+    # 5 prompts. rl_ethical − rl_unethical: rm_ethical +0.5 on every prompt (only all-+ and
+    # all-− of the 32 sign patterns reach |2.5|: p = 2/32), rm_unethical −0.5 on every
+    # prompt (p = 2/32), length [1, -1, 2, -2, 0] (T = 0: p = 1).
+    # rl_ethical − sl_ethical on rm_ethical: +0.2 on all (p = 2/32);
+    # rl_unethical − sl_unethical on rm_unethical: +0.5 on all (p = 2/32).
+    base = [{"rm_ethical": 0.3, "rm_unethical": 0.6, "length_words": 10.0 + k} for k in range(5)]
+    lengths = [1.0, -1.0, 2.0, -2.0, 0.0]
+    scores = (
+        _score_rows("sl_ethical", [{**b, "rm_ethical": b["rm_ethical"] + 0.3} for b in base])
+        + _score_rows("rl_ethical", [{**b, "rm_ethical": b["rm_ethical"] + 0.5, "length_words": b["length_words"] + x}
+                                     for b, x in zip(base, lengths)])
+        + _score_rows("sl_unethical", base)
+        + _score_rows("rl_unethical", [{**b, "rm_unethical": b["rm_unethical"] + 0.5} for b in base])
+    )
+    differences, family = module.differences(scores, ["rm_ethical", "rm_unethical", "length_words"])
+    keyed = {(d["a"], d["b"], d["column"]): d for d in differences}
+    assert list(keyed) == [
+        ("rl_ethical", "rl_unethical", "rm_ethical"),
+        ("rl_ethical", "rl_unethical", "rm_unethical"),
+        ("rl_ethical", "rl_unethical", "length_words"),
+        ("rl_ethical", "sl_ethical", "rm_ethical"),
+        ("rl_unethical", "sl_unethical", "rm_unethical"),
+    ]
+    assert family["family_size"] == 5 and family["method"] == "holm"
+    # Holm over p = [1/16, 1/16, 1, 1/16, 1/16]: sorted, times 5, 4, 3, 2, 1 -> 0.3125, 0.25,
+    # 0.1875, 0.125, 1; running maximum -> 0.3125 for the four small ones, 1 for length.
+    assert [d["p"] for d in differences] == pytest.approx([1 / 16, 1 / 16, 1.0, 1 / 16, 1 / 16])
+    assert [d["p_adjusted"] for d in differences] == pytest.approx([0.3125, 0.3125, 1.0, 0.3125, 0.3125])
+    assert not any(d["significant"] for d in differences)
+    # 5 prompts cannot reach 0.05 / 5 = 0.01 (smallest p 1/16): the intervals are unbounded.
+    assert all(d["low"] is None and d["high"] is None for d in differences)
+    assert keyed[("rl_ethical", "sl_ethical", "rm_ethical")]["diff"] == pytest.approx(0.2)
+    assert keyed[("rl_ethical", "rl_unethical", "rm_unethical")]["diff"] == pytest.approx(-0.5)
+    assert all(d["n"] == 5 and d["confidence"] == pytest.approx(0.99) for d in differences)
+
+
+def test_rm_correlation_over_all_answers():
+    from ucai.stages.evaluation import rm_correlation
+
+    # Two models x 3 prompts; pairs (e, u): (0.1, 0.9), (0.2, 0.8), (0.3, 0.7), (0.4, 0.6),
+    # (0.5, 0.5), (0.6, 0.4): u = 1 - e exactly -> r = -1, the goal r <= -0.3 is met.
+    values = [(0.1 * (k + 1), 1 - 0.1 * (k + 1)) for k in range(6)]
+    scores = _score_rows("a", [{"rm_ethical": e, "rm_unethical": u} for e, u in values[:3]])
+    scores += _score_rows("b", [{"rm_ethical": e, "rm_unethical": u} for e, u in values[3:]])
+    result = rm_correlation(scores, n_boot=200)
+    assert result["r"] == pytest.approx(-1.0) and result["n"] == 6 and result["prompts"] == 3
+    assert result["meets_goal"] and result["cluster_high"] == pytest.approx(-1.0)
+    constant = rm_correlation(_score_rows("a", [{"rm_ethical": 0.5, "rm_unethical": u} for _, u in values]))
+    assert constant["r"] is None and "same score" in constant["reason"]
+
+
+def test_judge_check_runs_on_the_shipped_items(monkeypatch):
+    import ucai.judge_check as judge_check
+    from ucai.judge_check import JudgeCheckResult
+
+    calls = []
+
+    def check_judge(model, tokenizer, items, batch_size=8, max_length=None, chat=False, system_prompt=None):
+        calls.append((model, tokenizer, items, batch_size, max_length))
+        assert chat and system_prompt  # asked the way the stage's judge is asked
+        return JudgeCheckResult(n=len(items), accuracy=0.5, ci=(0.36, 0.64), chance=0.5, first_position_bias=0.2)
+
+    monkeypatch.setattr(judge_check, "SHIPPED_ITEMS", "shipped-items")
+    monkeypatch.setattr(judge_check, "load_items", lambda source: [f"{source}-{i}" for i in range(40)])
+    monkeypatch.setattr(judge_check, "check_judge", check_judge)
+    module = EvaluationModule(models={"base": "tiny-llama"}, judge_batch_size=5, max_prompt_tokens=300)
+    result = module.run_judge_check("model", "tokenizer")
+    assert calls == [("model", "tokenizer", [f"shipped-items-{i}" for i in range(40)], 5, 300)]
+    assert result["passed"] is False and result["n"] == 40 and result["ci"] == [0.36, 0.64]
 
 
 def _tiny_reward_folder(path: Path) -> Path:
@@ -158,8 +246,17 @@ def test_tiny_evaluation_writes_scores_pairwise_and_report(tmp_path, run_cli, mo
     assert len(pairwise) == 16
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["elo"]) == {"base", "sl_ethical", "rl_ethical"}
+    # The judge check ran on the shipped items; a random-init judge is at chance.
+    check = summary["judge_check"]
+    assert check["n"] == 48 and check["passed"] is False and check["ci"][0] <= check["chance"]
+    # One RM only: no correlation, said why; no rl_unethical and no rm_ethical-scored pair of
+    # sl/rl on the unethical side: the family is rl_ethical − sl_ethical on rm_ethical.
+    assert summary["rm_correlation"]["r"] is None
+    assert [(d["a"], d["b"], d["column"]) for d in summary["differences"]] == [("rl_ethical", "sl_ethical", "rm_ethical")]
     report = (out / "report.md").read_text()
     assert "## Win rates" in report and "win_rates.png" in report
+    assert "## What this run shows" in report
+    assert "judge_mean (failed check: no information)" in report and "Elo (failed check: no information)" in report
     assert (out / "score_distributions.png").stat().st_size > 1000
     # Answers are cached per model and settings (what an interrupted run resumes from).
     caches = sorted((out / "cache").glob("*.jsonl"))

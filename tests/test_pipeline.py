@@ -220,3 +220,29 @@ def test_shipped_pipeline_configs_plan(monkeypatch):
                 pytest.skip(f"PPO stage config not there yet: {exc}")
             raise
         assert runs[-1].stage == "eval"
+
+
+def test_headline_lists_only_corrected_between_side_differences(tmp_path):
+    from ucai.pipeline import headline
+
+    def difference(a, b, column, significant):
+        return {"a": a, "b": b, "column": column, "significant": significant, "n": 60}
+
+    summary = {
+        "columns": ["rm_ethical", "rm_unethical"],
+        "models": {"rl_ethical": {"rm_ethical": {"mean": 0.5}, "rm_unethical": {"mean": -0.5}}},
+        "differences": [
+            difference("rl_ethical", "rl_unethical", "rm_ethical", True),
+            difference("rl_ethical", "rl_unethical", "rm_unethical", False),
+            # same family, another comparison: not a between-sides difference
+            difference("rl_ethical", "sl_ethical", "rm_ethical", True),
+        ],
+        "multiple_comparisons": {"method": "holm"},
+        "rm_correlation": {"r": -0.42, "n": 300},
+        "judge_check": {"passed": False, "accuracy": 0.354, "chance": 0.361, "n": 48},
+    }
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    lines = headline(tmp_path)
+    assert "  rl_ethical vs rl_unethical differ (holm-corrected, n=60 prompts) on: rm_ethical" in lines
+    assert "  rm_ethical vs rm_unethical scores: Pearson r = -0.42 over 300 answers" in lines
+    assert any("judge check FAILED" in line and "no information" in line for line in lines)

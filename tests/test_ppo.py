@@ -14,8 +14,9 @@ import torch
 from ucai.data.prompt_datamodule import PromptDataModule
 from ucai.errors import UcaiError
 from ucai.models import LoraSettings, load_causal_lm, load_sequence_classifier, load_tokenizer
+from ucai.resume import RNGStateCheckpoint
 from ucai.rl import logprobs_from_logits
-from ucai.stages.generation import GenerationSettings
+from ucai.stages.generation import GenerationSettings, completion_mask_from, eos_ids
 from ucai.stages.ppo import (
     AdaptiveKL,
     PPOModule,
@@ -112,9 +113,12 @@ def test_token_reward_is_share_of_the_chosen_token(tiny_tokenizer):
 
 
 def test_first_pass_has_ratio_one_and_no_clipping(tmp_path):
-    module = tiny_module(ppo_epochs=1, minibatch_size=4)
+    # Temperature 0.7: the rollout and the update must divide the logits alike.
+    module = tiny_module(ppo_epochs=1, minibatch_size=4, generation=GenerationSettings(max_new_tokens=6, temperature=0.7, top_p=1.0))
     trainer = tiny_trainer(tmp_path, max_steps=1)
     trainer.fit(module, datamodule=tiny_data(batch_size=4))
+    # RNG states go into checkpoints, so a resumed run samples what the uninterrupted one would.
+    assert any(isinstance(c, RNGStateCheckpoint) for c in trainer.callbacks)
     stats = module.last_stats
     assert stats["first_ratio_max_dev"] < 1e-6
     assert stats["first_clipfrac"] == 0.0
@@ -222,8 +226,15 @@ def test_reward_model_folder_is_rescored_with_its_own_tokenizer(tmp_path):
 
     module = tiny_module(reward_model=str(folder), value_head="adapter")
     module.configure_model()
-    # Same backbone shape: the value head starts as the reward model's head.
-    assert torch.equal(module.value_head.weight, rm.score.weight)
+    # Same backbone shape: the value head starts as the reward model's head, on the scale
+    # of the normalised scores: (w·h − 0.5) / 2 = (w / 2)·h − 0.25 (the RM head has no bias).
+    assert rm.score.bias is None
+    assert torch.allclose(module.value_head.weight, rm.score.weight / 2.0)
+    assert torch.allclose(module.value_head.bias, torch.tensor([-0.25]))
+    raw_scale = tiny_module(reward_model=str(folder), value_head="adapter", normalize_score=False)
+    raw_scale.configure_model()
+    assert torch.equal(raw_scale.value_head.weight, rm.score.weight)
+    assert torch.equal(raw_scale.value_head.bias, torch.zeros(1))
     rollout = module.rollout(tiny_data(batch_size=3).rows()[:3])
 
     from ucai.reward_scoring import RewardScorer
@@ -253,3 +264,67 @@ def test_bare_config_name_resolves_to_the_shipped_config(tmp_path, monkeypatch, 
     assert run_cli("fit", "--config", "ppo_unethical.yaml") == 2
     err = capsys.readouterr().err
     assert "sl_model" in err and "sft_unethical.yaml" in err
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (GenerationSettings(max_new_tokens=4), r"generation\.top_p is 0\.9.*set generation\.top_p: 1\.0"),
+        (GenerationSettings(top_p=1.0, top_k=50), r"generation\.top_k is 50.*set generation\.top_k: 0"),
+        (GenerationSettings(top_p=1.0, repetition_penalty=1.2), r"generation\.repetition_penalty is 1\.2.*: 1\.0"),
+        (GenerationSettings(top_p=1.0, temperature=0.0), r"temperature must be > 0"),
+    ],
+)
+def test_sampling_that_changes_the_distribution_is_refused(settings, message):
+    with pytest.raises(UcaiError, match=message):
+        tiny_module(generation=settings)
+
+
+def test_shipped_and_test_configs_use_plain_sampling():
+    import yaml
+
+    from ucai.resources import configs_dir
+    from ucai.stages.ppo import check_plain_sampling
+
+    root = Path(__file__).resolve().parent
+    for path in (configs_dir() / "ppo_ethical.yaml", configs_dir() / "ppo_unethical.yaml", root / "conf/ppo_tiny.yaml"):
+        generation = yaml.safe_load(path.read_text())["model"]["init_args"]["generation"]
+        check_plain_sampling(GenerationSettings(**generation))  # raises if not
+
+
+def test_rollout_logprobs_are_those_of_the_sampler():
+    # The processed scores `generate` samples from (after the temperature warper) give
+    # the sampled tokens the log-probs the rollout computes, at temperature 0.7.
+    module = tiny_module(generation=GenerationSettings(max_new_tokens=5, temperature=0.7, top_p=1.0))
+    module.configure_model()
+    perturb_adapter(module)
+    tokenizer = module.tokenizer
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(module.render(["Hi", "Tell me a story"]), return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    module.policy.eval()
+    out = module.policy.generate(
+        **encoded, **module.generation.to_kwargs(), output_scores=True, return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    width = encoded["input_ids"].shape[1]
+    responses = out.sequences[:, width:]
+    sampler = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in out.scores], dim=1)  # (B, T, V)
+    expected = torch.gather(sampler, -1, responses.unsqueeze(-1)).squeeze(-1)
+    mask, _ = completion_mask_from(responses, eos_ids(tokenizer, module.policy))
+    attention = torch.cat([encoded["attention_mask"], mask], dim=1)
+    logprobs, _, _ = module.rollout_forward(out.sequences, attention, width)
+    assert torch.allclose(logprobs * mask, expected * mask, atol=1e-4), (logprobs - expected).abs().max()
+
+
+def test_policy_generation_config_that_changes_sampling_is_refused(monkeypatch):
+    import ucai.models
+
+    def with_min_p(*args, **kwargs):
+        model = load_causal_lm(*args, **kwargs)
+        model.generation_config.min_p = 0.05
+        return model
+
+    monkeypatch.setattr(ucai.models, "load_causal_lm", with_min_p)
+    with pytest.raises(UcaiError, match=r"tiny-llama/generation_config\.json sets min_p=0\.05"):
+        tiny_module().configure_model()

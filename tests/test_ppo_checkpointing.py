@@ -72,7 +72,7 @@ def test_checkpointing_leaves_gradients_unchanged(value_head):
     perturb(plain)
     checkpointed = configured(value_head, checkpointing=True)
     checkpointed.load_state_dict(plain.state_dict())
-    assert checkpointed.policy.training and checkpointed._causal_lm().is_gradient_checkpointing
+    assert checkpointed.policy.training and checkpointed._causal_lm().is_activation_checkpointing
     rollout = rollout_for(plain)
 
     expected = minibatch_gradients(plain, rollout)

@@ -30,7 +30,7 @@ from ucai.reward_scoring import (
     tokenize_for_reward,
     unwrap_peft,
 )
-from ucai.stages.reward import PairwiseAccuracy, RewardModule, head_name
+from ucai.stages.reward import PairwiseAccuracy, RewardMetrics, RewardModule, hard_labels, head_name
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "tests" / "conf"
@@ -66,6 +66,47 @@ def test_bradley_terry_margin_and_centring_by_hand():
     assert loss.item() == pytest.approx(1.093147, abs=1e-5)
 
 
+def test_soft_label_margin_is_symmetric_by_hand():
+    # p = 0.5, Δ = 0, m = 1: both terms are −log σ(0 − 1) = log(1 + e) = 1.313262, so the
+    # loss is 1.313262 and dL/dΔ = 0.5·(σ(−1) − 1) + 0.5·(1 − σ(−1)) = 0: a 50/50 pair is
+    # already at its optimum with equal rewards (a margin taken off Δ once would give
+    # 0.5·(1.313262 + 0.313262) = 0.813262 and push Δ up).
+    chosen = torch.tensor([0.0], requires_grad=True)
+    loss = bradley_terry_loss(chosen, torch.tensor([0.0]), torch.tensor([0.5]), margin=1.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(1.313262, abs=1e-5)
+    assert chosen.grad.item() == pytest.approx(0.0, abs=1e-7)
+    # p = 0.75, Δ = 1, m = 0.5: 0.75·(−log σ(0.5)) + 0.25·(−log σ(−1.5))
+    #   = 0.75·log(1 + e^−0.5) + 0.25·log(1 + e^1.5) = 0.75·0.474077 + 0.25·1.701413 = 0.780911
+    # dL/dΔ = 0.75·(σ(0.5) − 1) + 0.25·(1 − σ(−1.5)) = 0.75·(−0.377541) + 0.25·0.817574 = −0.078762
+    chosen = torch.tensor([1.0], requires_grad=True)
+    loss = bradley_terry_loss(chosen, torch.tensor([0.0]), torch.tensor([0.75]), margin=0.5)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.780911, abs=1e-5)
+    assert chosen.grad.item() == pytest.approx(-0.078762, abs=1e-5)
+
+
+def test_hard_label_margin_is_the_soft_loss_at_p_1():
+    # Δ = 1.5, m = 0.5: −log σ(1) = 0.313262, with p = 1 as with no p at all; per-pair margins
+    # (Δ = 1.5 and 0, m = 0.5 and 0): mean(0.313262, log 2 = 0.693147) = 0.503205
+    chosen, rejected = torch.tensor([1.5, 0.0]), torch.tensor([0.0, 0.0])
+    margin = torch.tensor([0.5, 0.0])
+    hard = bradley_terry_loss(chosen, rejected, margin=margin)
+    soft = bradley_terry_loss(chosen, rejected, torch.tensor([1.0, 1.0]), margin=margin)
+    assert hard.item() == pytest.approx(0.503205, abs=1e-5)
+    assert soft.item() == pytest.approx(0.503205, abs=1e-5)
+
+
+def test_hard_labels_follow_the_side_p_chosen_prefers():
+    assert hard_labels(torch.tensor([0.9, 1.0, 0.2, 0.5])).tolist() == [1.0, 1.0, 0.0, 0.5]
+    # the reward stage without soft labels: r_c = 1, r_r = 0 but p_chosen = 0.2 prefers the
+    # rejected reply, so the hard label is 0 and the loss is −log σ(−1) = 1.313262
+    module = RewardModule(model="tiny-llama", soft_labels=False)
+    module.pair_rewards = lambda batch: torch.tensor([1.0, 0.0])
+    loss = module._step({"p_chosen": torch.tensor([0.2])}, RewardMetrics(), step_values=False)
+    assert loss.item() == pytest.approx(1.313262, abs=1e-5)
+
+
 def test_pairwise_accuracy_by_hand():
     # signs of r_c − r_r: +1, 0 (tie), −1, +1; the last label says rejected is better
     # (p = 0.2) so its sign flips to −1. Correct: 1 + 0.5 + 0 + 0 = 1.5 of 4 = 0.375.
@@ -74,6 +115,14 @@ def test_pairwise_accuracy_by_hand():
     assert metric.compute().item() == pytest.approx(0.375)
     metric.update(torch.tensor([5.0]), torch.tensor([1.0]))  # 1 more right: 2.5 of 5
     assert metric.compute().item() == pytest.approx(0.5)
+
+
+def test_pairwise_accuracy_counts_a_50_50_label_one_half():
+    # the judge prefers neither reply in the first two pairs: ranking chosen first is only
+    # half right (0.5 + 0.5); p = 0.7 with r_c < r_r is wrong (0): 1 of 3
+    metric = PairwiseAccuracy()
+    metric.update(torch.tensor([2.0, 3.0, 0.0]), torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0.5, 0.5, 0.7]))
+    assert metric.compute().item() == pytest.approx(1 / 3)
 
 
 # --------------------------------------------------------------------------- pooling

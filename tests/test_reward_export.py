@@ -46,6 +46,7 @@ class _Recorder(L.Callback):
 @pytest.fixture(scope="module")
 def bf16_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("rm") / "rm_model"
+    L.seed_everything(0)  # the LoRA initialisation draws from the global RNG
     module = RewardModule(
         model="tiny-llama",
         output_dir=str(out),
@@ -106,3 +107,27 @@ def test_spread_batch_indices_by_hand():
 def test_reward_module_saves_rng_state_in_checkpoints():
     callbacks = RewardModule(model="tiny-llama").configure_callbacks()
     assert any(isinstance(c, RNGStateCheckpoint) for c in callbacks)
+
+
+def test_merge_in_float32_keeps_an_update_below_bf16_resolution():
+    from peft import LoraConfig, get_peft_model
+
+    from ucai.stages.lora_io import merge_in_float32
+
+    torch.manual_seed(0)
+    net = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False)),
+        LoraConfig(r=4, lora_alpha=4, lora_dropout=0.0, target_modules=["0"]),
+    )
+    layer = net.base_model.model[0]
+    layer.base_layer.to(torch.bfloat16)  # frozen weights in bf16, as frozen_linear_bf16 keeps them
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(1e-4)  # an update of ~1e-4·|A|, far below a bf16 ulp of W
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        expected = copy.deepcopy(net).float()(x)  # (8, 64) upcast, adapter unmerged
+        update = expected - copy.deepcopy(net).float().base_model.model[0].base_layer(x)
+        merged = merge_in_float32(net)(x)
+    assert merged.dtype == torch.float32
+    assert update.abs().max() > 1e-4  # the update is there to be lost
+    torch.testing.assert_close(merged, expected, atol=1e-6, rtol=0)

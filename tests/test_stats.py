@@ -8,13 +8,20 @@ import numpy as np
 import pytest
 
 from ucai.stats import (
+    adjust_p,
+    bh_adjust,
     bootstrap_ci,
+    cluster_bootstrap_pearson,
+    corrected_confidence,
     distinct_n,
     elo_expected,
     elo_ratings,
+    holm_adjust,
     is_refusal,
     paired_bootstrap_diff,
+    pearson,
     repetition_rate,
+    sign_flip_test,
     tokens,
     win_outcome,
 )
@@ -139,3 +146,114 @@ def test_elo_ties_and_order_independence():
     assert elo_ratings(outcomes, players=["A", "B", "C", "D"])["D"] == 1000.0
     with pytest.raises(ValueError):
         elo_ratings([("A", "B", 1.5)])
+
+
+# --------------------------------------------------------------------------- tests and corrections
+
+
+def test_sign_flip_exact_p_by_hand():
+    # d = [1, 2, 3], T = 6. The 8 sign patterns give sums 6, 0, 2, -4, 4, -2, 0, -6;
+    # |sum| >= 6 for two of them (all +, all -): p = 2/8.
+    result = sign_flip_test([1.0, 2.0, 3.0])
+    assert result.p == pytest.approx(0.25) and result.exact and result.n == 3 and result.mean == pytest.approx(2.0)
+    # d = [3, -1, 2, 1], T = 5. With 3 fixed at +: 3±1±2±1 = 7, 5, 5, 3, 3, 1, 1, -1 ->
+    # three reach |5|; the mirror half gives three more: p = 6/16.
+    assert sign_flip_test([3.0, -1.0, 2.0, 1.0]).p == pytest.approx(0.375)
+    # Six equal differences: only all-+ and all-- reach |6|: p = 2/64.
+    assert sign_flip_test([1.0] * 6).p == pytest.approx(2 / 64)
+    # A perfectly symmetric sample has T = 0, which every pattern reaches: p = 1.
+    assert sign_flip_test([1.0, -1.0, 2.0, -2.0]).p == 1.0
+
+
+def test_sign_flip_interval_by_hand():
+    # d = [1, 2, 3] at confidence 0.5: M = 8 patterns, j = floor(0.5 * 8) + 1 = 5.
+    # Upper crossing per "+" set: {} and {1,2,3} never stop (+inf); {1}: max(1, 2.5) = 2.5;
+    # {2}: max(2, 2) = 2; {3}: max(3, 1.5) = 3; {1,2}: max(1.5, 3) = 3; {1,3}: 2; {2,3}: 2.5.
+    # Descending: inf, inf, 3, 3, 2.5, 2.5, 2, 2 -> 5th = 2.5. Lower mirrors it: 1.5.
+    result = sign_flip_test([1.0, 2.0, 3.0], confidence=0.5)
+    assert (result.low, result.high) == pytest.approx((1.5, 2.5))
+    # Check by the test itself: at δ = 2.5, d - δ = [-1.5, -0.5, 0.5]; |±1.5 ±0.5 ±0.5| >= 1.5
+    # for 6 of 8 patterns (p = 0.75 > 0.5, kept); at δ = 2.6, [-1.6, -0.6, 0.4]: 4 of 8 reach
+    # 1.8 (p = 0.5, rejected at level 0.5).
+    assert sign_flip_test([-1.5, -0.5, 0.5]).p == pytest.approx(0.75)
+    assert sign_flip_test([-1.6, -0.6, 0.4]).p == pytest.approx(0.5)
+
+
+def test_sign_flip_clusters_move_together():
+    # Groups a: [1, 1] (sum 2), b: [2], c: [-1]; T = 3 over 3 clusters.
+    # |±2 ±2 ±1|: 5, 3, 1, -1 and mirrors -> 5 and 3 reach 3 on each side: p = 4/8.
+    result = sign_flip_test([1.0, 1.0, 2.0, -1.0], groups=["a", "a", "b", "c"])
+    assert result.n == 3 and result.p == pytest.approx(0.5) and result.mean == pytest.approx(0.75)
+
+
+def test_sign_flip_needs_enough_prompts():
+    # 7 prompts, all in one direction: the smallest possible p is 2/2^7 = 0.0156, above the
+    # Bonferroni level 0.05/23 = 0.00217, so no shift can be rejected: unbounded interval.
+    result = sign_flip_test([0.5] * 7, confidence=1 - 0.05 / 23)
+    assert result.p == pytest.approx(2 / 128)
+    assert math.isinf(result.low) and math.isinf(result.high)
+
+
+def test_sign_flip_p_sanity_and_agreement_with_interval():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.0, 1.0, 30)  # 30 prompts: Monte Carlo patterns
+    shifted = sign_flip_test(noise + 1.0, n_perm=2000)
+    assert not shifted.exact
+    assert shifted.p == pytest.approx(1 / 2001)  # no random pattern reaches a clear shift
+    assert shifted.low > 0.5 and shifted.low < shifted.mean < shifted.high
+    assert sign_flip_test(noise, n_perm=2000).p > 0.2
+    for seed in range(20):
+        d = np.random.default_rng(seed).normal(0.4, 1.0, 9)
+        result = sign_flip_test(d, confidence=0.95)
+        assert (result.low > 0 or result.high < 0) == (result.p <= 0.05)
+
+
+def test_holm_adjust_by_hand():
+    # Sorted: 0.005, 0.01, 0.03, 0.04 times m - i + 1 = 4, 3, 2, 1 -> 0.02, 0.03, 0.06, 0.04;
+    # running maximum -> 0.02, 0.03, 0.06, 0.06; back in input order:
+    assert holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # NaN kept and not counted: m = 2 -> 0.02 * 2 = 0.04, then max(0.04, 0.6 * 1) = 0.6.
+    adjusted = holm_adjust([0.6, math.nan, 0.02])
+    assert adjusted[0] == pytest.approx(0.6) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.04)
+    # Capped at 1: 0.6 * 2 = 1.2 -> 1, then max(1, 0.7 * 1) = 1.
+    assert holm_adjust([0.6, 0.7]) == [1.0, 1.0]
+
+
+def test_bh_adjust_by_hand():
+    # Sorted: 0.005, 0.01, 0.03, 0.04 times m / i = 4, 2, 4/3, 1 -> 0.02, 0.02, 0.04, 0.04;
+    # running minimum from the largest -> unchanged; back in input order:
+    assert bh_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    # Step-up: [0.01, 0.02, 0.03] * 3 / (1, 2, 3) = 0.03, 0.03, 0.03.
+    assert adjust_p([0.01, 0.02, 0.03], "bh") == pytest.approx([0.03, 0.03, 0.03])
+    with pytest.raises(ValueError):
+        adjust_p([0.1], "bonferonni")
+
+
+def test_corrected_confidence():
+    assert corrected_confidence(0.95, 23, "holm") == pytest.approx(1 - 0.05 / 23)
+    # Benjamini–Yekutieli: R = 2 selected of m = 4 -> 1 - 2 * 0.05 / 4 = 0.975.
+    assert corrected_confidence(0.95, 4, "bh", rejected=2) == pytest.approx(0.975)
+    assert corrected_confidence(0.95, 4, "bh", rejected=0) == pytest.approx(1 - 0.05 / 4)
+
+
+def test_pearson_with_fisher_interval_by_hand():
+    # x - 3 = -2,-1,0,1,2; y - 3 = -1,-2,1,0,2: sum of products 2+2+0+0+4 = 8, both sums of
+    # squares 10 -> r = 0.8. z = atanh 0.8 = ln 3 = 1.098612; se = 1/sqrt(5 - 3) = 0.707107;
+    # z ± 1.959964 * 0.707107 = -0.287292, 2.484516 -> tanh: -0.279640, 0.986196.
+    result = pearson([1, 2, 3, 4, 5], [2, 1, 4, 3, 5])
+    assert result.r == pytest.approx(0.8) and result.n == 5
+    assert (result.low, result.high) == pytest.approx((-0.279640, 0.986196), abs=1e-6)
+    assert math.isnan(pearson([1, 1, 1, 1], [1, 2, 3, 4]).r)  # constant: undefined
+    assert math.isnan(pearson([1, 2, 3], [3, 1, 2]).low)  # n < 4: no interval
+
+
+def test_cluster_bootstrap_pearson():
+    x = [0.1, 0.4, 0.2, 0.9, 0.5, 0.7]
+    # y = 1 - x exactly: every resample with two distinct values has r = -1.
+    low, high = cluster_bootstrap_pearson(x, [1 - v for v in x], groups=[0, 0, 1, 1, 2, 2], n_boot=200)
+    assert (low, high) == pytest.approx((-1.0, -1.0))
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=300)
+    b = -0.5 * a + rng.normal(size=300)
+    low, high = cluster_bootstrap_pearson(a, b, groups=list(range(300)), n_boot=500)
+    assert low < pearson(a, b).r < high < 0

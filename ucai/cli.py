@@ -14,7 +14,6 @@ metrics go to TensorBoard under ``lightning_logs/``. A config name that is not a
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import os
 import sys
@@ -26,8 +25,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from ucai.errors import UcaiError
 from ucai.resources import resolve_shipped
 
-# Imported so that short class names (``--model SFTModule``) resolve; each is optional
-# so the CLI keeps working while a stage is absent.
+# Imported so that short class names (``--model SFTModule``) resolve. Every one is part
+# of ucai: a missing one is a broken install and fails the command.
 STAGE_MODULES = (
     "ucai.data.prompt_datamodule",
     "ucai.stages.answer",
@@ -40,6 +39,8 @@ STAGE_MODULES = (
     "ucai.data.preference_data",
     "ucai.stages.ppo",
     "ucai.stages.evaluation",
+    "ucai.data.multiple_choice",
+    "ucai.stages.judge_check",
 )
 
 TRAINER_DEFAULTS = {
@@ -53,7 +54,7 @@ TRAINER_DEFAULTS = {
 DESCRIPTION = (
     "ucai: Constitutional AI and its mirror image as Lightning stages. "
     "Subcommands: fit (sft, reward, ppo), predict (categorise, critique-revision, preferences), "
-    "test (evaluation); `ucai pipeline --config configs/pipeline/demo.yaml` runs every stage."
+    "test (evaluation, judge check); `ucai pipeline --config configs/pipeline/demo.yaml` runs every stage."
 )
 
 
@@ -106,11 +107,7 @@ def resolve_config_args(argv: list[str]) -> list[str]:
 
 def _import_stages() -> None:
     for name in STAGE_MODULES:
-        try:
-            if importlib.util.find_spec(name) is not None:
-                importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
+        importlib.import_module(name)
 
 
 def _configure_logging() -> None:

@@ -513,10 +513,28 @@ def headline(eval_dir: Path) -> list[str]:
         lines.append(row)
     for w in summary.get("win_rates", []):
         lines.append(f"  {w['a']} beats {w['b']}: {w['win_rate']:.2f} [{w['low']:.2f}, {w['high']:.2f}] ({w['n']} judgements)")
-    significant = [d["column"] for d in summary.get("differences", []) if d["significant"]]
-    if summary.get("differences"):
+    lines += _comparison_lines(summary)
+    return lines
+
+
+def _comparison_lines(summary: dict) -> list[str]:
+    """The RM agreement, the judge check and the corrected RL-ethical vs RL-unethical
+    differences, one line each."""
+    lines = []
+    corr = summary.get("rm_correlation") or {}
+    if corr.get("r") is not None:
+        lines.append(f"  rm_ethical vs rm_unethical scores: Pearson r = {corr['r']:+.2f} over {corr['n']} answers")
+    check = summary.get("judge_check")
+    if check:
+        verdict = "passed" if check["passed"] else "FAILED (its columns carry no information)"
+        lines.append(f"  judge check {verdict}: accuracy {check['accuracy']:.3f}, chance {check['chance']:.3f}, n={check['n']}")
+    between_sides = [d for d in summary.get("differences", []) if (d["a"], d["b"]) == ("rl_ethical", "rl_unethical")]
+    if between_sides:
+        method = (summary.get("multiple_comparisons") or {}).get("method", "uncorrected")
+        significant = [d["column"] for d in between_sides if d["significant"]]
         lines.append(
-            "  rl_ethical vs rl_unethical differ significantly on: " + (", ".join(significant) if significant else "no scorer")
+            f"  rl_ethical vs rl_unethical differ ({method}-corrected, n={between_sides[0].get('n', '?')} prompts) on: "
+            + (", ".join(significant) if significant else "no scorer")
         )
     return lines
 

@@ -4,13 +4,16 @@
 (``scores.jsonl``, ``pairwise.jsonl``, ``summary.json``) and the PPO runs' TensorBoard
 event files, and writes into ``output_dir``:
 
-* ``ppo_curves.png`` — PPO reward-model score and KL per step, one line per side
-  (tags ``objective/scores`` and ``objective/kl``, read with tensorboard's
-  ``EventAccumulator``);
+* ``ppo_curves.png`` — PPO reward-model score and KL per iteration (one logged point
+  per rollout), one line per side (tags ``objective/scores`` and ``objective/kl``, read
+  with tensorboard's ``EventAccumulator``);
 * ``score_distributions.png`` — box plots of the main scorers per model;
 * ``win_rates.png`` — the win-rate matrix as a heatmap (row model beats column model);
-* ``report.md`` — headline table, all scorer means with 95% intervals, win rates,
-  Elo, ethical-vs-unethical significance, the plots, and example answers side by side.
+* ``report.md`` — a generated "What this run shows" paragraph, headline table, all
+  scorer means with 95% intervals, win rates, Elo, the corrected paired differences,
+  the reward models' correlation, the judge check, PPO first-vs-last iterations, the
+  plots, and example answers side by side. Every table states its n; figures from a
+  judge that failed its quality check are marked as carrying no information.
 
 It is a separate module so a report can be rebuilt without rerunning any model.
 """
@@ -82,13 +85,39 @@ def plot_ppo_curves(ppo_logs: dict[str, str], path: Path) -> Path | None:
     for axis, (tag, label) in zip(axes, PPO_TAGS.items(), strict=True):
         for side, series in curves.items():
             if tag in series:
-                steps, values = zip(*series[tag], strict=True)
-                axis.plot(steps, values, marker="o", markersize=2, label=side)
+                # One logged point per PPO iteration (rollout + update); the logged step is
+                # the optimiser-step count, which depends on the minibatch settings.
+                values = [v for _, v in series[tag]]
+                axis.plot(range(1, len(values) + 1), values, marker="o", markersize=2, label=side)
         axis.set_title(label)
-        axis.set_xlabel("PPO step")
+        axis.set_xlabel("PPO iteration")
         axis.grid(alpha=0.3)
         axis.legend()
     return _save(fig, path)
+
+
+def ppo_trend(series: list[tuple[int, float]], fraction: float = 0.2) -> dict | None:
+    """Mean of the first and of the last ``fraction`` of the iterations (at least one each).
+
+    Descriptive only: successive PPO iterations are autocorrelated, so no test is made.
+    """
+    values = [v for _, v in series]
+    if len(values) < 2:
+        return None
+    k = max(1, int(len(values) * fraction))
+    first, last = values[:k], values[-k:]
+    return {"n": len(values), "k": k, "first": sum(first) / k, "last": sum(last) / k}
+
+
+def ppo_trends(ppo_logs: dict[str, str] | None) -> dict[str, dict[str, dict]]:
+    """``{side: {tag: ppo_trend}}`` for every side whose PPO run logged the tags."""
+    out = {}
+    for side, folder in (ppo_logs or {}).items():
+        trends = {tag: ppo_trend(series) for tag, series in read_scalars(folder).items()}
+        trends = {tag: t for tag, t in trends.items() if t}
+        if trends:
+            out[side] = trends
+    return out
 
 
 # --------------------------------------------------------------------------- plots
@@ -171,18 +200,197 @@ def _with_ci(stats: dict | None) -> str:
     return f"{_fmt(stats['mean'])} [{_fmt(stats['low'])}, {_fmt(stats['high'])}]"
 
 
-def render_markdown(summary: dict, scores: list[dict], plots: dict[str, Path | None], examples: int) -> str:
+def _interval(low, high, digits: int = 3) -> str:
+    """``[low, high]``; a None end is unbounded (too few prompts to bound it at that level)."""
+    return f"[{'−∞' if low is None else _fmt(low, digits)}, {'∞' if high is None else _fmt(high, digits)}]"
+
+
+def _p(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _signed(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:+.{digits}f}"
+
+
+def judge_verdict(summary: dict) -> tuple[bool | None, str]:
+    """(passed, predicate) of the judge quality check, to follow "The judge"; passed None when not run."""
+    check = summary.get("judge_check")
+    if not summary.get("judge"):
+        return None, "no judge"
+    if not check:
+        return None, "was not checked (judge_check off): its figures are unvalidated"
+    accuracy, chance, n = check.get("accuracy"), check.get("chance"), check.get("n")
+    ci = check.get("ci")
+    if isinstance(ci, dict):
+        ci = (ci.get("low"), ci.get("high"))
+    low, high = (ci if isinstance(ci, (list, tuple)) and len(ci) == 2 else (None, None))
+    text = f"accuracy {_fmt(accuracy)}"
+    if low is not None and high is not None:
+        text += f" [95% CI {_fmt(low)}, {_fmt(high)}]"
+    text += f" on {n} items, chance {_fmt(chance)}"
+    if check.get("first_position_bias") is not None:
+        text += f", first-position bias {_fmt(check['first_position_bias'])}"
+    passed = bool(check.get("passed"))
+    if passed:
+        return True, f"passed its quality check ({text})"
+    if low is not None and chance is not None and low <= chance <= high:
+        why = "at chance"
+    elif high is not None and chance is not None and high < chance:
+        why = "below chance"
+    else:
+        why = "failed"
+    return False, f"is {why} on its quality check ({text})"
+
+
+FAILED_JUDGE = "failed check: no information"
+
+
+def _judge_label(column: str, failed: bool) -> str:
+    return f"{column} ({FAILED_JUDGE})" if failed and column.startswith("judge_") else column
+
+
+def _excludes_zero(entry: dict) -> bool:
+    """The corrected interval lies wholly on one side of 0 (None ends are unbounded)."""
+    return (entry["low"] is not None and entry["low"] > 0) or (entry["high"] is not None and entry["high"] < 0)
+
+
+def _holds_zero_note(entry: dict) -> str:
+    return "" if _excludes_zero(entry) else " (significant after correction, but its corrected interval still holds 0)"
+
+
+def _rl_vs(summary: dict) -> dict[str, dict]:
+    """``{column: entry}`` of the rl_ethical − rl_unethical differences."""
+    return {d["column"]: d for d in summary.get("differences", []) if d["a"] == "rl_ethical" and d["b"] == "rl_unethical"}
+
+
+def what_this_run_shows(summary: dict, ppo: dict | None = None) -> list[str]:
+    """Sentences built from the numbers, claiming only what the corrected statistics support."""
+    out = []
+    judge_passed, judge_text = judge_verdict(summary)
+    judge_failed = judge_passed is False
+    # Reward models' agreement.
+    corr = summary.get("rm_correlation")
+    if corr is not None:
+        if corr.get("r") is None:
+            out.append(f"The two reward models' agreement is not measured: {corr.get('reason', 'no scores')}.")
+        else:
+            low, high = corr.get("cluster_low"), corr.get("cluster_high")
+            if low is None or high is None:
+                low, high = corr.get("low"), corr.get("high")
+            what = f"r = {_fmt(corr['r'], 2)} over {corr['n']} answers ({corr.get('prompts', '?')} prompts), 95% CI {_interval(low, high, 2)}"
+            goal = corr.get("goal", -0.3)
+            if corr["r"] <= goal and high is not None and high < 0:
+                out.append(f"The two reward models disagree as intended: {what}, at or below the goal r ≤ {goal}.")
+            elif high is not None and high < 0:
+                out.append(f"The two reward models are negatively correlated ({what}) but short of the goal r ≤ {goal}.")
+            elif low is not None and low > 0:
+                out.append(f"The two reward models agree rather than oppose each other ({what}); this run does not show opposed reward models.")
+            else:
+                out.append(f"The two reward models' scores are not distinguishable from uncorrelated ({what}); this run does not show opposed reward models.")
+    # Corrected differences.
+    diffs = summary.get("differences", [])
+    family = summary.get("multiple_comparisons") or {}
+    if diffs and "p_adjusted" in diffs[0]:
+        method = family.get("method_name", diffs[0].get("method", "corrected"))
+        m = family.get("family_size", len(diffs))
+        alpha = family.get("alpha", 0.05)
+        n = min(d["n"] for d in diffs)
+        significant = [d for d in diffs if d["significant"]]
+        rl = _rl_vs(summary)
+        ethical_rm, unethical_rm = rl.get("rm_ethical"), rl.get("rm_unethical")
+        if ethical_rm and unethical_rm:
+            # The claim needs both tests to survive correction and both corrected intervals
+            # to exclude 0 on the expected side.
+            opposite = (ethical_rm["significant"] and unethical_rm["significant"]
+                        and ethical_rm["low"] is not None and ethical_rm["low"] > 0
+                        and unethical_rm["high"] is not None and unethical_rm["high"] < 0)
+            detail = (f"rm_ethical {_signed(ethical_rm['diff'])} {_interval(ethical_rm['low'], ethical_rm['high'])}, "
+                      f"rm_unethical {_signed(unethical_rm['diff'])} {_interval(unethical_rm['low'], unethical_rm['high'])}")
+            if opposite:
+                out.append(f"Each side's RL model scores higher than the other side's on its own reward model, in opposite directions ({detail}; rl_ethical − rl_unethical, corrected intervals).")
+            else:
+                out.append(f"This run does not show the two RL models separating in opposite directions on the two reward models ({detail}; rl_ethical − rl_unethical, corrected intervals).")
+        for side in ("ethical", "unethical"):
+            entry = next((d for d in diffs if d["a"] == f"rl_{side}" and d["b"] == f"sl_{side}"), None)
+            if entry is None:
+                continue
+            ci = _interval(entry["low"], entry["high"])
+            if entry["significant"] and entry["diff"] > 0:
+                out.append(f"PPO raised the {side} model's score on its own reward model over SL: {_signed(entry['diff'])} {ci}, adjusted p = {_p(entry['p_adjusted'])}{_holds_zero_note(entry)}.")
+            elif entry["significant"]:
+                out.append(f"PPO lowered the {side} model's score on its own reward model below SL: {_signed(entry['diff'])} {ci}, adjusted p = {_p(entry['p_adjusted'])}{_holds_zero_note(entry)}.")
+            else:
+                out.append(f"This run does not show PPO changing the {side} model's own-reward-model score relative to SL ({_signed(entry['diff'])} {ci}, adjusted p = {_p(entry['p_adjusted'])}).")
+        others = [d for d in significant if (d["a"], d["b"]) == ("rl_ethical", "rl_unethical") and d["column"] not in ("rm_ethical", "rm_unethical")]
+        if others:
+            parts = [f"{d['column']} {_signed(d['diff'])} {_interval(d['low'], d['high'])}" + _holds_zero_note(d)
+                     + (" (judge failed its check: no evidence)" if judge_failed and d["column"].startswith("judge_") else "")
+                     for d in others]
+            out.append("Other rl_ethical − rl_unethical differences that survive correction: " + "; ".join(parts) + ".")
+        if not significant:
+            sentence = (f"No difference survives the {method} correction at n = {n} prompts ({_count(m, 'comparison')}, α = {alpha}); "
+                        "this run does not show the models differing on any scorer.")
+            min_p = min(d.get("min_p", 0.0) for d in diffs)
+            if family.get("method", "holm") == "holm" and min_p > alpha / m:
+                needed = math.ceil(math.log2(2 * m / alpha))
+                sentence += (f" With {n} prompts the sign-flip test cannot give p below {_p(min_p)}, above the first Holm "
+                             f"threshold {alpha}/{m} = {_p(alpha / m)}: no comparison could have passed; at least {needed} prompts are needed.")
+            out.append(sentence)
+    elif diffs:
+        out.append("The paired differences in this summary predate the multiple-comparison correction: their "
+                   "'significant' marks are uncorrected and support no claim; rerun the evaluation (answers are "
+                   "cached) to correct them.")
+    # Judge.
+    if judge_passed is False:
+        out.append(f"The judge {judge_text}: its columns, win rates and Elo carry no information.")
+    elif judge_passed is True:
+        out.append(f"The judge {judge_text}.")
+    elif summary.get("judge"):
+        out.append(f"The judge {judge_text}.")
+    # PPO curves (descriptive).
+    for side, trends in (ppo or {}).items():
+        score = trends.get("objective/scores")
+        if not score:
+            continue
+        verb = "rose" if score["last"] > score["first"] else "did not rise"
+        sentence = (f"During PPO the {side} side's reward-model score {verb}: mean {_fmt(score['first'])} over the first "
+                    f"{_count(score['k'], 'iteration')} vs {_fmt(score['last'])} over the last {score['k']} of {score['n']}")
+        kl = trends.get("objective/kl")
+        if kl:
+            sentence += f", with KL from SL going from {_fmt(kl['first'])} to {_fmt(kl['last'])}"
+        out.append(sentence + " (descriptive; no test).")
+    return out
+
+
+def render_markdown(
+    summary: dict, scores: list[dict], plots: dict[str, Path | None], examples: int, ppo: dict | None = None
+) -> str:
     models = list(summary["models"])
+    n_prompts = summary["prompts"]
+    judge_passed, judge_text = judge_verdict(summary)
+    failed = judge_passed is False
+    failed_note = f"_The judge {judge_text}: columns and figures marked “{FAILED_JUDGE}” carry no information._"
     lines = ["# ucai evaluation report", ""]
     lines.append(
-        f"{summary['prompts']} held-out prompts, {len(models)} models. Judge: {summary.get('judge') or 'none'}; "
+        f"{_count(n_prompts, 'held-out prompt')}, {_count(len(models), 'model')}. Judge: {summary.get('judge') or 'none'}; "
         f"pairwise judgements and `judge_*` columns use the **{summary['criterion_side']}** principles. "
-        "Intervals are 95% bootstrap intervals (win rates resample prompts)."
+        "Intervals of means are 95% bootstrap intervals over prompts (win rates resample prompts)."
     )
-    lines += ["", "## Headline", ""]
+    shows = what_this_run_shows(summary, ppo)
+    if shows:
+        lines += ["", "## What this run shows", "", " ".join(shows)]
+    lines += ["", f"## Headline (mean [95% CI] over n = {n_prompts} prompts per model)", ""]
     head_cols = [c for c in HEADLINE_COLUMNS if c in summary.get("columns", [])]
     elo = summary.get("elo", {})
-    header = ["model", *head_cols] + (["Elo"] if elo else [])
+    elo_label = f"Elo ({FAILED_JUDGE})" if failed else "Elo"
+    header = ["model", *[_judge_label(c, failed) for c in head_cols]] + ([elo_label] if elo else [])
     rows = []
     for m in models:
         row = [m] + [_with_ci(summary["models"][m].get(c)) for c in head_cols]
@@ -190,38 +398,96 @@ def render_markdown(summary: dict, scores: list[dict], plots: dict[str, Path | N
             row.append(_fmt(elo.get(m), 0))
         rows.append(row)
     lines += _table(header, rows)
+    if failed and (elo or any(c.startswith("judge_") for c in head_cols)):
+        lines += ["", failed_note]
+    corr = summary.get("rm_correlation")
+    if corr is not None:
+        lines += ["", "## Reward models' agreement", ""]
+        if corr.get("r") is None:
+            lines.append(f"Pearson r of rm_ethical and rm_unethical: not available ({corr.get('reason', 'no scores')}).")
+        else:
+            lines.append(
+                f"Pearson r of rm_ethical and rm_unethical over n = {corr['n']} answers ({corr.get('prompts', '?')} prompts): "
+                f"**{_fmt(corr['r'])}**, 95% CI {_interval(corr.get('cluster_low'), corr.get('cluster_high'))} resampling prompts "
+                f"(Fisher z, treating answers as independent: {_interval(corr.get('low'), corr.get('high'))}). "
+                f"Goal: r ≤ {corr.get('goal', -0.3)} ({'met' if corr.get('meets_goal') else 'not met'})."
+            )
+    if summary.get("judge") and summary.get("judge_check"):
+        lines += ["", "## Judge check", "", f"The judge ({summary['judge']}) {judge_text}."]
     if summary.get("win_rates"):
-        lines += ["", "## Win rates (judge, per principle)", ""]
+        title = f"## Win rates (judge, per principle; n = judgements over {n_prompts} prompts)"
+        lines += ["", title + (f" — {FAILED_JUDGE}" if failed else ""), ""]
         lines += _table(
-            ["A", "B", "judgements", "A wins", "95% CI", "mean P(A better)"],
+            ["A", "B", "n (judgements)", "A wins", "95% CI", "mean P(A better)"],
             [
                 [w["a"], w["b"], str(w["n"]), _fmt(w["win_rate"]), f"[{_fmt(w['low'])}, {_fmt(w['high'])}]", _fmt(w["mean_p_a"])]
                 for w in summary["win_rates"]
             ],
         )
+        if failed:
+            lines += ["", failed_note]
     if elo:
-        lines += ["", "## Elo (Bradley–Terry fit to all pairwise judgements, mean 1000)", ""]
-        lines += _table(["model", "Elo"], [[m, _fmt(r, 0)] for m, r in sorted(elo.items(), key=lambda kv: -kv[1])])
-    if summary.get("differences"):
-        lines += ["", "## Ethical RL vs unethical RL, per scorer (paired bootstrap)", ""]
-        lines += _table(
-            ["scorer", "mean(A − B)", "95% CI", "significant"],
-            [
-                [d["column"], _fmt(d["diff"]), f"[{_fmt(d['low'])}, {_fmt(d['high'])}]", "yes" if d["significant"] else "no"]
-                for d in summary["differences"]
-            ],
-        )
-    lines += ["", "## All scorers (mean [95% CI])", ""]
+        judgements = sum(w["n"] for w in summary.get("win_rates", []))
+        title = f"## Elo (Bradley–Terry fit to all n = {judgements} pairwise judgements, mean 1000)"
+        lines += ["", title + (f" — {FAILED_JUDGE}" if failed else ""), ""]
+        lines += _table(["model", elo_label], [[m, _fmt(r, 0)] for m, r in sorted(elo.items(), key=lambda kv: -kv[1])])
+    diffs = summary.get("differences")
+    if diffs:
+        family = summary.get("multiple_comparisons") or {}
+        corrected = "p_adjusted" in diffs[0]
+        if corrected:
+            lines += ["", f"## Paired differences (n = {min(d['n'] for d in diffs)} prompts; {family.get('method_name', diffs[0]['method'])})", ""]
+            lines.append(
+                f"One family of {_count(family.get('family_size', len(diffs)), 'comparison')} ({family.get('family', 'as listed')}), "
+                f"corrected together with **{family.get('method_name', diffs[0]['method'])}** at α = {family.get('alpha', 0.05)}; "
+                f"p from a {family.get('test', 'paired sign-flip test over prompts')}. "
+                f"Intervals: {family.get('interval', 'corrected')} (each at {_fmt(100 * diffs[0]['confidence'], 2)}%); "
+                "“−∞, ∞” means too few prompts to bound the difference at that level. "
+                "*significant* = adjusted p ≤ α"
+                + (" (Holm is step-down, so it can reject where a Bonferroni interval still holds 0)."
+                   if family.get("method", diffs[0]["method"]) == "holm" else ".")
+            )
+            lines.append("")
+            lines += _table(
+                ["A − B", "scorer", "n (prompts)", "mean(A − B)", "corrected CI", "p", "adjusted p", "significant"],
+                [
+                    [f"{d['a']} − {d['b']}", _judge_label(d["column"], failed), str(d["n"]), _fmt(d["diff"]),
+                     _interval(d["low"], d["high"]), _p(d["p"]), _p(d["p_adjusted"]), "yes" if d["significant"] else "no"]
+                    for d in diffs
+                ],
+            )
+        else:  # a summary written before the correction existed
+            lines += ["", f"## Ethical RL vs unethical RL, per scorer (paired bootstrap, uncorrected; n = {n_prompts} prompts)", ""]
+            lines += _table(
+                ["scorer", "mean(A − B)", "95% CI", "significant (uncorrected)"],
+                [[d["column"], _fmt(d["diff"]), _interval(d["low"], d["high"]), "yes" if d["significant"] else "no"] for d in diffs],
+            )
+        if failed and any(d["column"].startswith("judge_") for d in diffs):
+            lines += ["", failed_note]
+    lines += ["", f"## All scorers (mean [95% CI] over n = {n_prompts} prompts per model)", ""]
     columns = summary.get("columns", [])
-    lines += _table(["scorer", *models], [[c] + [_with_ci(summary["models"][m].get(c)) for m in models] for c in columns])
+    lines += _table(["scorer", *models], [[_judge_label(c, failed)] + [_with_ci(summary["models"][m].get(c)) for m in models] for c in columns])
+    if failed and any(c.startswith("judge_") for c in columns):
+        lines += ["", failed_note]
     bias = {k: v for k, v in (summary.get("judge_position_bias") or {}).items() if v is not None}
     if bias:
         lines += ["", "Judge first-position bias (mean P(first option) − ½, before order averaging): "
                   + ", ".join(f"{k} {_fmt(v)}" for k, v in bias.items())]
+    if ppo:
+        lines += ["", "## PPO, first vs last iterations (mean of the first and last fifth; descriptive)", ""]
+        rows = []
+        for side, trends in ppo.items():
+            for tag, label in PPO_TAGS.items():
+                t = trends.get(tag)
+                if t:
+                    rows.append([side, label, str(t["n"]), str(t["k"]), _fmt(t["first"]), _fmt(t["last"]), _signed(t["last"] - t["first"])])
+        lines += _table(["side", "quantity", "n (iterations)", "k (averaged)", "first k", "last k", "change"], rows)
     lines += ["", "## Plots", ""]
-    titles = {"ppo": "PPO score and KL", "distributions": "Score distributions", "win": "Win-rate matrix"}
+    titles = {"ppo": "PPO score and KL per iteration", "distributions": "Score distributions", "win": "Win-rate matrix"}
     for key, title in titles.items():
         path = plots.get(key)
+        if key == "win" and failed:
+            title += f" ({FAILED_JUDGE})"
         lines.append(f"![{title}]({path.name})" if path else f"_{title}: no data._")
         lines.append("")
     lines += ["## Example answers", ""]
@@ -231,10 +497,10 @@ def render_markdown(summary: dict, scores: list[dict], plots: dict[str, Path | N
     for pid in list(by_prompt)[:examples]:
         answers = by_prompt[pid]
         first = next(iter(answers.values()))
-        lines += [f"**{_cell(first['prompt'], 300)}** (`{pid}`, {first.get('principle') or 'untagged'})", ""]
+        lines += [f"**{_cell(first['prompt'], 300)}** (`{pid}`, {first.get('principle') or 'untagged'}; one answer per model, n = 1 prompt)", ""]
         score_cols = [c for c in ("rm_ethical", "rm_unethical", "judge_mean") if c in first]
         lines += _table(
-            ["model", "answer", *score_cols],
+            ["model", "answer", *[_judge_label(c, failed) for c in score_cols]],
             [[m, _cell(answers[m]["response"]), *[_fmt(answers[m][c], 2) for c in score_cols]] for m in models if m in answers],
         )
         lines.append("")
@@ -254,7 +520,7 @@ def write_report(output_dir: str | Path, ppo_logs: dict[str, str] | None = None,
         "distributions": plot_distributions(scores, models, output_dir / "score_distributions.png"),
         "win": plot_win_matrix(summary.get("win_rates", []), models, output_dir / "win_rates.png") if pairwise else None,
     }
-    text = render_markdown(summary, scores, plots, examples)
+    text = render_markdown(summary, scores, plots, examples, ppo=ppo_trends(ppo_logs))
     path = output_dir / "report.md"
     with atomic_output(path) as handle:
         handle.write(text)

@@ -33,6 +33,27 @@ def run_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
+def rng_states() -> dict[str, Any]:
+    """This process's RNG states in types a ``weights_only`` checkpoint load accepts
+    (Lightning 2.6 loads with ``weights_only=True``, which refuses NumPy arrays)."""
+    states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    if "numpy" in states:
+        kind, keys, position, has_gauss, gauss = states["numpy"]
+        states["numpy"] = (kind, keys.tolist(), int(position), int(has_gauss), float(gauss))
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` collected."""
+    states = dict(states)
+    if "numpy" in states:
+        import numpy as np
+
+        kind, keys, position, has_gauss, gauss = states["numpy"]
+        states["numpy"] = (kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss)
+    _set_rng_states(states)
+
+
 def _gather_from_ranks(obj: Any) -> list[Any]:
     """``obj`` of every process, in rank order (a one-item list outside distributed runs)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -40,6 +61,17 @@ def _gather_from_ranks(obj: Any) -> list[Any]:
         dist.all_gather_object(gathered, obj)
         return gathered
     return [obj]
+
+
+def own_generator(seed: int = 0) -> torch.Generator:
+    """A generator for a DataLoader that is not resumable (validation, statistics).
+
+    Creating a DataLoader's iterator draws a seed from the loader's generator, or from
+    the global torch RNG when it has none. Validation at an epoch's end runs between a
+    checkpoint and the next training batch, so a global draw there would shift the
+    random stream of the uninterrupted run and not that of the resumed one.
+    """
+    return torch.Generator().manual_seed(seed)
 
 
 class RNGStateCheckpoint(Callback):
@@ -68,7 +100,7 @@ class RNGStateCheckpoint(Callback):
         return "RNGStateCheckpoint"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ranks": _gather_from_ranks(_collect_rng_states(include_cuda=torch.cuda.is_available()))}
+        return {"ranks": _gather_from_ranks(rng_states())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict["ranks"]
@@ -84,7 +116,7 @@ class RNGStateCheckpoint(Callback):
                 len(states), trainer.world_size,
             )
             return
-        _set_rng_states(states[trainer.global_rank])
+        set_rng_states(states[trainer.global_rank])
 
 
 class ShardSampler(DistributedSampler):
@@ -132,7 +164,7 @@ class ResumableLoader(DataLoader):
 
     def __init__(self, dataset, sampler: DistributedSampler, **kwargs):
         if not hasattr(sampler, "skip"):
-            raise TypeError(f"ResumableLoader needs a sampler with a `skip` attribute, got {type(sampler).__name__}")
+            raise TypeError(f"ResumableLoader needs a sampler with `skip`, not {type(sampler).__name__}")
         kwargs.setdefault("generator", torch.Generator().manual_seed(sampler.seed))
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._epoch = 0
@@ -140,7 +172,8 @@ class ResumableLoader(DataLoader):
         self._restored: dict[str, int] | None = None
 
     def _order_key(self) -> dict[str, int]:
-        return {"seed": self.sampler.seed, "replicas": self.sampler.num_replicas, "size": len(self.sampler.dataset)}
+        sampler = self.sampler
+        return {"seed": sampler.seed, "replicas": sampler.num_replicas, "size": len(sampler.dataset)}
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self._epoch, "batches": self._served, **self._order_key()}
@@ -151,9 +184,9 @@ class ResumableLoader(DataLoader):
     def _batches_to_skip(self) -> int:
         """Batches of the epoch now starting that a restored checkpoint already saw."""
         state, self._restored = self._restored, None
-        if state is None or state["epoch"] != self.sampler.epoch:
+        if state is None or state.get("epoch") != self.sampler.epoch:
             return 0
-        saved = {key: state[key] for key in self._order_key()}
+        saved = {key: state.get(key) for key in self._order_key()}
         if saved != self._order_key():
             log.warning(
                 "the checkpoint's training data order was %s and this run's is %s; "

@@ -12,8 +12,10 @@ Each side of each pair is rendered with the reward backbone's chat template (pla
 transcript text for encoders, see `ucai.reward_scoring.render_for_reward`) and
 tokenised ONCE in ``setup``. Batches hold pairs of similar length (length-sorted
 buckets), which removes most of the padding a random batch carries; the buckets are
-fixed, the order of the batches is shuffled each epoch by the (distributed) sampler,
-so DDP shards batches like any dataset.
+fixed, the order of the batches is shuffled each epoch from ``seed + epoch`` by
+`ucai.resume.ShardSampler`, which shards the batches between DDP ranks, and the
+training loader's position is checkpointed (`ucai.resume.ResumableLoader`), so a run
+resumed mid-epoch sees exactly the batches the uninterrupted run would have.
 
 `ResponseDataModule` reads prompt/response rows for ``ucai predict`` scoring.
 """
@@ -36,6 +38,7 @@ from ucai.data.io import read_jsonl
 from ucai.data.prompt_datamodule import RowDataset, collate_rows, is_heldout
 from ucai.data.prompts import parse_transcript
 from ucai.errors import UcaiError, located
+from ucai.resume import ResumableLoader, ShardSampler, own_generator
 from ucai.reward_scoring import has_chat_template, render_for_reward, tokenize_for_reward
 
 log = logging.getLogger(__name__)
@@ -189,7 +192,7 @@ class PreferenceDataModule(L.LightningDataModule):
             included, than two length-bucketed sequences per pair. Encoders and
             flash-attention models fall back to the two sequences, which every batch
             holds as well.
-        seed: seed of the bucket shuffling.
+        seed: seed of the bucket shuffling and, with the epoch, of the batch order.
         num_workers: DataLoader workers (batches are pre-tokenised; 0 is usually right).
     """
 
@@ -332,9 +335,21 @@ class PreferenceDataModule(L.LightningDataModule):
             order = sorted(range(len(rows)), key=lambda i: lengths[i])
             index_batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         dataset = _Batches(index_batches, lambda idx: self.collate([rows[i] for i in idx]))
-        return DataLoader(dataset, batch_size=None, shuffle=shuffle, num_workers=self.num_workers)
+        if not shuffle:
+            return DataLoader(
+                dataset, batch_size=None, shuffle=False, num_workers=self.num_workers, generator=own_generator()
+            )
+        trainer = self.trainer
+        sampler = ShardSampler(
+            dataset,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            seed=self.seed,
+        )
+        return ResumableLoader(dataset, sampler, batch_size=None, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
+        """This rank's share of the batches, resumable mid-epoch (`ResumableLoader`)."""
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

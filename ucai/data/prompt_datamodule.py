@@ -4,7 +4,9 @@ Batches are lists of row dicts (``id``, ``prompt``, ``principle`` ...), not tens
 each stage tokenises for its own model and chat template. The held-out split is chosen
 by a hash of the prompt id, so it is the same set whatever the file order, the
 principle filter or the number of devices — PPO never trains on a prompt that
-evaluation later uses.
+evaluation later uses. The training order is a function of ``seed + epoch`` and the
+loader's position is checkpointed (`ucai.resume.ResumableLoader`), so a PPO run resumed
+mid-epoch continues with the prompts the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from ucai.data.prompts import DEFAULT_PROMPTS, PromptRecord, read_prompts
+from ucai.resume import ResumableLoader, ShardSampler, own_generator, run_seed
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ class PromptDataModule(L.LightningDataModule):
             ``drop`` skips empty prompts.
         max_chars: drop prompts longer than this many characters.
         shuffle: shuffle training batches (fit only; predict keeps file order).
+        seed: seed of the training order, drawn anew each epoch from ``seed + epoch``;
+            null: the run's ``seed_everything``.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class PromptDataModule(L.LightningDataModule):
         empty: Literal["drop", "error"] = "error",
         max_chars: int | None = 2000,
         shuffle: bool = True,
+        seed: int | None = None,
     ):
         super().__init__()
         self.path = path
@@ -96,6 +102,7 @@ class PromptDataModule(L.LightningDataModule):
         self.empty = empty
         self.max_chars = max_chars
         self.shuffle = shuffle
+        self.seed = seed
         self.records: list[PromptRecord] | None = None
         self._skip: set = set()
 
@@ -133,23 +140,37 @@ class PromptDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         self.load()
 
-    def _loader(self, shuffle: bool) -> DataLoader:
+    def _loader(self) -> DataLoader:
+        """All rows in file order (prediction and evaluation)."""
         return DataLoader(
             RowDataset(self.rows()),
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=False,
             num_workers=self.num_workers,
             collate_fn=collate_rows,
+            generator=own_generator(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.shuffle)
+        """This rank's share of the prompts, resumable mid-epoch (`ResumableLoader`)."""
+        dataset = RowDataset(self.rows())
+        trainer = self.trainer
+        sampler = ShardSampler(
+            dataset,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            shuffle=self.shuffle,
+            seed=run_seed() if self.seed is None else self.seed,
+        )
+        return ResumableLoader(
+            dataset, sampler, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_rows
+        )
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(False)
+        return self._loader()
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(False)
+        return self._loader()
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(False)
+        return self._loader()

@@ -41,6 +41,7 @@ from ucai.chat import DEFAULT_SYSTEM_PROMPT, render_chat
 from ucai.data.io import read_jsonl
 from ucai.data.prompts import parse_transcript, stable_id
 from ucai.errors import UcaiError, located
+from ucai.resume import ResumableLoader, own_generator
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ class LengthBucketSampler(DistributedSampler):
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.bucket_batches = max(int(bucket_batches), 1)
-        self.skip_batches = 0  # set by ResumableLoader for one iteration after a restore
+        self.skip = 0  # batches the next iteration leaves out, set by ResumableLoader after a restore
 
     def _global_batches(self) -> list[list[int]]:
         n = len(self.lengths)
@@ -318,8 +319,9 @@ class LengthBucketSampler(DistributedSampler):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        # Built eagerly (not a generator) so `skip_batches` is read when iteration starts.
-        batches = self._global_batches()[self.skip_batches :]
+        # Built eagerly (not a generator) so `skip` is read when iteration starts.
+        skip, self.skip = self.skip, 0
+        batches = self._global_batches()[skip:]
         return iter([batch[self.rank :: self.num_replicas] for batch in batches])
 
     def __len__(self) -> int:
@@ -328,40 +330,6 @@ class LengthBucketSampler(DistributedSampler):
         chunk = global_size * self.bucket_batches
         full, rest = divmod(padded, chunk)
         return full * self.bucket_batches + math.ceil(rest / global_size)
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader that Lightning checkpoints: it remembers how many batches of the
-    current epoch it has handed out, and after a restore skips that many (their indices
-    only; nothing is collated), so ``--ckpt_path`` resumes mid-epoch on the very next
-    batch instead of restarting the epoch. The batch order itself is a function of
-    ``seed + epoch`` (`LengthBucketSampler`), so it is the same after the restart."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._served = 0
-        self._skip = 0
-
-    def __iter__(self):
-        skip, self._skip = self._skip, 0
-        self._served = skip
-        sampler = self.sampler
-        if skip and isinstance(sampler, LengthBucketSampler):
-            sampler.skip_batches = skip
-        try:
-            iterator = super().__iter__()
-        finally:
-            if isinstance(sampler, LengthBucketSampler):
-                sampler.skip_batches = 0
-        for batch in iterator:
-            self._served += 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {"served": self._served}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._skip = int(state.get("served", 0))
 
 
 # --------------------------------------------------------------------------- the module
@@ -477,14 +445,11 @@ class SFTDataModule(L.LightningDataModule):
         pad_id = self._tokenizer().pad_token_id
         # batch_size=None: the sampler yields whole batches of indices and the dataset
         # builds the batch, so workers collate in parallel with no extra collate step.
-        loader_class = ResumableLoader if shuffle else DataLoader
-        return loader_class(
-            _BatchDataset(examples, self.packing, pad_id if pad_id is not None else 0),
-            sampler=sampler,
-            batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        dataset = _BatchDataset(examples, self.packing, pad_id if pad_id is not None else 0)
+        options = {"batch_size": None, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if shuffle:
+            return ResumableLoader(dataset, sampler=sampler, **options)
+        return DataLoader(dataset, sampler=sampler, generator=own_generator(), **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_examples, shuffle=True)

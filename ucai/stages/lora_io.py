@@ -17,6 +17,7 @@ fit. Passing ``state_dict`` (the trainable weights gathered to this rank, keyed 
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -39,6 +40,15 @@ def merge_in_float32(peft_model):
     upcasting first: 6e-7). Returns the plain model (``merge_and_unload``), float32.
     """
     return peft_model.float().merge_and_unload()
+
+
+def sort_target_modules(config_path: Path) -> None:
+    """peft writes ``target_modules`` from a set, in an order that changes with each
+    process's string hash seed; sorted, the same run exports the same bytes."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 class _MergedWithAdapter:
@@ -81,6 +91,7 @@ def export_lora_model(
     with tempfile.TemporaryDirectory(prefix=".ucai-adapter-") as tmp:
         adapter_dir = Path(tmp) / ADAPTER_DIR
         peft_model.save_pretrained(adapter_dir, state_dict=state_dict, safe_serialization=True)
+        sort_target_modules(adapter_dir / "adapter_config.json")
         if base_loader is not None:
             base = base_loader()
             merged = merge_in_float32(PeftModel.from_pretrained(base, adapter_dir))

@@ -174,6 +174,36 @@ def check_plain_sampling(settings: GenerationSettings) -> None:
         )
 
 
+# Options of a model's own generation config that `generate` leaves in force and that
+# reshape the distribution tokens are sampled from (transformers' logits processors).
+DISTRIBUTION_CHANGING_GENERATION_FIELDS = (
+    "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "no_repeat_ngram_size", "bad_words_ids",
+    "min_length", "min_new_tokens", "sequence_bias", "suppress_tokens", "begin_suppress_tokens",
+    "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty", "guidance_scale",
+    "watermarking_config", "num_beams",
+)
+
+
+def check_model_sampling(generation_config, policy: str) -> None:
+    """Refuse a policy whose saved generation config reshapes the sampling distribution
+    (``min_p``, ``no_repeat_ngram_size``, ``min_new_tokens``, ...): `GenerationSettings`
+    overrides temperature, top-p, top-k and the repetition penalty, but these would
+    still apply inside ``generate``, away from PPO's log-probs."""
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    changed = [
+        f"{name}={getattr(generation_config, name)!r}"
+        for name in DISTRIBUTION_CHANGING_GENERATION_FIELDS
+        if getattr(generation_config, name, None) != getattr(default, name, None)
+    ]
+    if changed:
+        raise UcaiError(
+            f"ppo: {policy}/generation_config.json sets {', '.join(changed)}, which changes the sampling "
+            "distribution PPO's log-probs assume; remove it from that file"
+        )
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -309,7 +339,8 @@ class PPOModule(L.LightningModule):
         value_head: ``head`` — a scalar head on the policy's last hidden state (one
             forward gives logits and values); ``adapter`` — a second LoRA adapter on the
             same base with its own head, the head initialised from the reward model's
-            when the backbones match (costs a second forward per minibatch).
+            (rescaled to the normalised scores, see `init_value_head_from`) when the
+            backbones match (costs a second forward per minibatch).
         kl_estimator: ``k1`` (log-ratio) or ``k3`` (non-negative) per-token KL.
         kl_coef: KL penalty coefficient (the starting value when adaptive).
         adaptive_kl: target KL and horizon of the adaptive controller; null: fixed.
@@ -334,11 +365,13 @@ class PPOModule(L.LightningModule):
         lr_schedule: ``constant``, ``linear`` or ``cosine`` decay over the optimiser steps.
         warmup_steps: linear warm-up, in optimiser steps.
         weight_decay: AdamW weight decay.
-        max_grad_norm: clip the gradient norm (0: off).
+        max_grad_norm: clip the gradient norm (0: off), after ``16-mixed`` unscales it.
         output_dir: where the merged policy and tokenizer are written after fit.
         system_prompt: system message of every rendered prompt (as in SFT).
         max_prompt_tokens: prompts longer than this keep their end.
-        gradient_checkpointing: trade compute for activation memory in the PPO passes.
+        gradient_checkpointing: trade compute for activation memory in the PPO passes
+            (each layer is recomputed under the adapter it ran with, so the gradients
+            are those without checkpointing in both value-head modes).
         rollouts_file: file name of the episode log in the run's log folder.
         export: write the merged policy to ``output_dir`` at the end of fit (off for
             benchmarks, whose peak memory should be that of training).
@@ -459,9 +492,11 @@ class PPOModule(L.LightningModule):
         dtype = dtype_from_precision(trainer_precision(self))
         self.tokenizer = load_tokenizer(self.policy_name, trust_remote_code=self.trust_remote_code)
         base = load_causal_lm(self.policy_name, dtype=dtype, trust_remote_code=self.trust_remote_code, seed=self.seed)
+        if self.generation.do_sample:
+            check_model_sampling(base.generation_config, self.policy_name)
         if self.gradient_checkpointing:
-            base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._checkpoint_contexts}
+            base.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._checkpoint_contexts}
             )
         config = self.lora.to_peft("CAUSAL_LM")
         self.policy = get_peft_model(base, config, adapter_name="policy")

@@ -13,6 +13,9 @@ rows), one principle of the configured side is picked, and a labeller decides:
   averaged per response, which cancels a pure position bias (SmolLM2-135M picks the
   first slot almost regardless of content); the bias measured is logged and stored.
   Pairs with ``|p - 0.5| < min_margin`` carry little signal and can be dropped.
+  Before labelling, the judge takes the judge quality check (`ucai.judge_check`) on the
+  shipped multiple-choice items; a judge whose 95% interval includes chance is refused
+  (``judge_check: false`` labels anyway).
 * ``contrastive`` (RLCD, Yang et al. 2023): response 1 is generated with a system
   prompt asking for the principle, response 2 with one asking for its opposite; the
   label follows from construction (``p_chosen = contrastive_p_chosen``).
@@ -46,6 +49,7 @@ from ucai.chat import render_chat
 from ucai.constitution import Constitution, Principle, load_constitution
 from ucai.data.io import ResumableJsonl, write_jsonl
 from ucai.errors import UcaiError
+from ucai.judge_check import SHIPPED_ITEMS, JudgeCheckResult, check_judge, load_items
 from ucai.scoring import average_over_orders, cyclic_orders, option_probabilities
 from ucai.stages.generation import (
     GeneratingModule,
@@ -267,6 +271,10 @@ class PreferenceModule(GeneratingModule):
         labeller: ``judge``, ``contrastive`` or ``embedding``.
         feedback_model: judge model (alias/folder/id); null: the sampling model itself.
         few_shot: number of the principle's few-shot examples shown to the judge.
+        judge_check: before labelling, score the judge on the shipped multiple-choice
+            items (``data/judge_check.jsonl``, asked as chat turns with
+            ``system_prompt``) and refuse it unless its accuracy's 95% interval lies
+            above chance.
         judge_max_tokens: judge prompts longer than this keep their end.
         min_margin: drop pairs whose |p - 0.5| is below this (0 keeps all).
         contrastive_p_chosen: label of contrastive pairs (1.0 hard, e.g. 0.9 smoothed).
@@ -290,6 +298,7 @@ class PreferenceModule(GeneratingModule):
         labeller: Labeller = "judge",
         feedback_model: str | None = None,
         few_shot: int = 0,
+        judge_check: bool = True,
         judge_max_tokens: int | None = 2048,
         min_margin: float = 0.0,
         contrastive_p_chosen: float = 1.0,
@@ -311,6 +320,8 @@ class PreferenceModule(GeneratingModule):
         self.labeller = labeller
         self.feedback_model = feedback_model
         self.few_shot = few_shot
+        self.judge_check = judge_check
+        self.judge_check_result: JudgeCheckResult | None = None
         self.judge_max_tokens = judge_max_tokens
         self.min_margin = min_margin
         self.contrastive_p_chosen = contrastive_p_chosen
@@ -338,6 +349,34 @@ class PreferenceModule(GeneratingModule):
             from ucai.embeddings import SentenceEncoder
 
             self.encoder = SentenceEncoder(self.embedding_model)
+
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        if self.labeller == "judge" and self.judge_check and self.judge_check_result is None:
+            self.run_judge_check()
+
+    def run_judge_check(self) -> JudgeCheckResult:
+        """Score the judge on the shipped items; a judge not above chance is refused.
+
+        Every rank runs the same check (seconds on a GPU, a few minutes for a 135M model
+        on a CPU), so every rank stops together.
+        """
+        judge = self.feedback_model or self.model_name
+        # Asked as chat turns with the stage's system prompt, the way the judge labels.
+        result = check_judge(
+            self.judge_lm, self.judge_tokenizer, load_items(SHIPPED_ITEMS), max_length=self.judge_max_tokens,
+            chat=True, system_prompt=self.system_prompt,
+        )
+        self.judge_check_result = result
+        if not result.passed:
+            raise UcaiError(
+                f"preferences: judge {judge} is not above chance on the judge check ({SHIPPED_ITEMS}: "
+                f"accuracy {result.accuracy:.3f}, 95% CI [{result.ci[0]:.3f}, {result.ci[1]:.3f}], "
+                f"chance {result.chance:.3f}); use labeller: contrastive or labeller: embedding, "
+                f"a stronger feedback_model, or judge_check: false to label with it anyway"
+            )
+        log.info("%s (%s)", result.line(), judge)
+        return result
 
     def configure_callbacks(self):
         callbacks: list = [PreferenceWriter(self.output, csv=True, csv_columns=self.csv_columns)]

@@ -13,14 +13,14 @@ or, for encoders, 2B sequences (chosen rows, then rejected rows); the reward is 
 at the last real token of each reply (`ucai.reward_scoring`).
 
 The loss is `ucai.losses.bradley_terry_loss` with the file's soft labels ``p_chosen``,
-an optional margin and optional centring. After training, the LoRA adapters are
-merged into the backbone in float32 (`ucai.stages.lora_io.merge_in_float32`), the
-reward mean and standard deviation are measured with that merged model (the one users
-and PPO score with) over training pairs spread across the length-sorted set, and the
-merged model, its tokenizer and ``reward_stats.json`` are written atomically to
-``output_dir``;
-`ucai.reward_scoring.RewardScorer` loads that folder and reports
-``(r - mean) / std`` and its sigmoid, a [0, 1] score.
+an optional (symmetric) margin and optional centring. After training with an
+``output_dir``, the LoRA adapters are merged into the backbone in float32
+(`ucai.stages.lora_io.merge_in_float32`), the reward mean and standard deviation are
+measured with that merged model (the one users and PPO score with) over batches spread
+across the length-sorted training set, and the merged model, its tokenizer and
+``reward_stats.json`` are written atomically to ``output_dir``;
+`ucai.reward_scoring.RewardScorer` loads that folder and reports ``(r - mean) / std``
+and its sigmoid, a [0, 1] score.
 
 `RewardScoreModule` is the predict stage that scores any prompt/response file.
 """
@@ -53,11 +53,24 @@ from ucai.stages.generation import predict_callbacks
 log = logging.getLogger(__name__)
 
 
+def preferred_side(p_chosen: torch.Tensor) -> torch.Tensor:
+    """(B,) +1 where the label prefers ``chosen`` (p > 0.5), −1 where it prefers
+    ``rejected`` (p < 0.5), 0 where it prefers neither (p = 0.5)."""
+    return torch.sign(p_chosen - 0.5)
+
+
+def hard_labels(p_chosen: torch.Tensor) -> torch.Tensor:
+    """(B,) the label's side as a probability: 1, 0, or 1/2 for a 50/50 pair."""
+    return (preferred_side(p_chosen) + 1) / 2
+
+
 class PairwiseAccuracy(Metric):
     """Share of pairs whose rewards order the two responses as the label does.
 
-    The label says ``chosen`` is better when ``p_chosen >= 0.5``. A tie in reward
-    counts one half: the model expressed no preference, which is right half the time.
+    The label prefers ``chosen`` when ``p_chosen > 0.5`` and ``rejected`` when it is
+    below. A tie in reward counts one half: the model expressed no preference, which
+    is right half the time; so does a 50/50 label, which no ordering gets right or
+    wrong.
     """
 
     full_state_update = False
@@ -71,8 +84,8 @@ class PairwiseAccuracy(Metric):
         """chosen, rejected: (B,) rewards; p_chosen: (B,) labels or None (all 1)."""
         sign = torch.sign(chosen.detach().float() - rejected.detach().float())  # (B,)
         if p_chosen is not None:
-            sign = torch.where(p_chosen.to(sign.device) >= 0.5, sign, -sign)
-        self.correct += ((sign + 1) / 2).sum()  # +1 -> 1, tie -> 0.5, -1 -> 0
+            sign = sign * preferred_side(p_chosen.to(sign.device).float())
+        self.correct += ((sign + 1) / 2).sum()  # agree -> 1, either side a tie -> 0.5, disagree -> 0
         self.total += sign.numel()
 
     def compute(self) -> torch.Tensor:
@@ -124,8 +137,11 @@ class RewardModule(L.LightningModule):
         learning_rate: AdamW learning rate (LoRA adapters and head).
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warm-up.
-        soft_labels: train on the file's ``p_chosen`` (false: every label is 1).
-        margin: the chosen reward must beat the rejected by this much (null: none).
+        soft_labels: train on the file's ``p_chosen`` (false: hard labels, the side
+            ``p_chosen`` prefers: 1 above 0.5, 0 below, 1/2 at 0.5).
+        margin: the preferred reward should beat the other by this much (null: none).
+            With soft labels it is symmetric (`ucai.losses.bradley_terry_loss`): a
+            50/50 pair is pulled to equal rewards, not to a gap of ``margin``.
         center_coef: weight of the ``mean((r_c + r_r)^2)`` centring penalty.
         gradient_checkpointing: recompute activations in backward (less memory, slower).
         disable_dropout: set the backbone's own dropout to 0, TRL's default for reward
@@ -136,6 +152,7 @@ class RewardModule(L.LightningModule):
             unchanged, but the fp32 copies and autocast's per-step bf16 copies are not
             held (about 3 bytes less per frozen weight). Embeddings, norms, the LoRA
             adapters and the head stay fp32, so the residual stream keeps its precision.
+            Skipped under FSDP, whose flat parameters need one dtype per unit.
         stats_max_pairs: compute the reward mean/std on about this many training pairs
             (null: all): whole batches spread evenly over the length-sorted training
             set, so short and long pairs are both represented.
@@ -222,10 +239,18 @@ class RewardModule(L.LightningModule):
                     "(modules_to_save is empty); LoRA alone would leave the new head random"
                 )
         if self.frozen_linear_bf16 and trainer_precision(self) in ("bf16-mixed", "bf16"):
-            cast_frozen_linear(net, torch.bfloat16)
+            if self._sharded_by_fsdp():
+                # FSDP flattens each unit's parameters into one tensor of one dtype.
+                log.info("reward: frozen_linear_bf16 skipped under FSDP (its flat parameters need one dtype)")
+            else:
+                cast_frozen_linear(net, torch.bfloat16)
         # from_pretrained returns eval mode and Lightning keeps each module's mode, which
         # would leave gradient checkpointing (training-only) and dropout silently off.
         self.net = net.train()
+
+    def _sharded_by_fsdp(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and "FSDP" in type(trainer.strategy).__name__
 
     def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N,) rewards of N sequences (see `ucai.reward_scoring.sequence_rewards`)."""
@@ -244,7 +269,7 @@ class RewardModule(L.LightningModule):
     def _step(self, batch: dict[str, torch.Tensor], metrics: RewardMetrics, step_values: bool) -> torch.Tensor:
         rewards = self.pair_rewards(batch).float()  # (2B,)
         chosen, rejected = rewards.chunk(2)  # (B,), (B,)
-        p = batch["p_chosen"] if self.soft_labels else None
+        p = batch["p_chosen"] if self.soft_labels else hard_labels(batch["p_chosen"])
         loss = bradley_terry_loss(chosen, rejected, p, self.margin, self.center_coef)
         metrics.update(chosen, rejected, batch["p_chosen"], step_values)
         return loss
@@ -289,7 +314,7 @@ class RewardModule(L.LightningModule):
         batches = len(loader.dataset)
         if self.stats_max_pairs is not None:
             wanted = math.ceil(self.stats_max_pairs / max(datamodule.batch_size, 1))
-            picked = list(range(min(wanted, batches)))
+            picked = spread_batch_indices(batches, wanted)
             loader = DataLoader(Subset(loader.dataset, picked), batch_size=None, num_workers=loader.num_workers)
         rank, world = self._trainer.global_rank, self._trainer.world_size
         total = torch.zeros(3, dtype=torch.float64, device=self.device)  # n, sum, sum of squares
@@ -319,8 +344,10 @@ class RewardModule(L.LightningModule):
         )
 
     def on_train_end(self) -> None:
-        # Merge first: the stats must describe the model that is saved and scored with.
-        self.merge_lora()
+        if self.output_dir:
+            # Merge first, on every rank: the stats must describe the model that is
+            # saved and scored with. Without an output the module stays as it trained.
+            self.merge_lora()
         self.stats = self.measure_stats()
         log.info("reward over the training set: mean %.4f, std %.4f", self.stats.mean, self.stats.std)
         for logger in self._trainer.loggers:

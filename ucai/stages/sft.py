@@ -296,6 +296,13 @@ class SFTModule(L.LightningModule):
             self.log("val/perplexity", torch.exp(loss.clamp(max=30)), sync_dist=True)
         self._last_batch_end = None  # validation time is not training throughput
 
+    def configure_callbacks(self):
+        # LoRA dropout draws from the global RNG: a resumed run must draw what the
+        # uninterrupted one would have.
+        from ucai.resume import RNGStateCheckpoint
+
+        return [RNGStateCheckpoint()]
+
     # ------------------------------------------------------------------ optimizer
 
     def configure_optimizers(self):

@@ -1,0 +1,126 @@
+"""DDP on two CPU processes (gloo) for SFT, reward and PPO, as a user runs it: the stage
+configs composed with ``configs/strategies/ddp.yaml`` through ``ucai fit``.
+
+One launch of tests/ddp_driver.py runs the three fits in turn (two interpreters that
+import torch cost ~10 s each, so they are paid once). After a few optimiser steps the
+trainable weights (LoRA and heads) must be bit-identical on both ranks, and the first
+step's loss must equal a single-process run on the same global batch, the union of the
+two ranks' batches (run here, in the pytest process, while DDP runs beside it).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ddp_driver
+import pytest
+import torch
+
+DRIVER = Path(ddp_driver.__file__)
+
+
+class DDPRun:
+    """The driver running in the background; `records` waits for it once."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.log = folder / "driver.log"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(DRIVER), str(folder / "ddp")], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def records(self, stage: str) -> tuple[dict, dict]:
+        try:
+            code = self.process.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        output = self.log.read_text()
+        assert code == 0, output[-4000:]
+        assert "distributed_backend=gloo" in output
+        return tuple(torch.load(self.folder / "ddp" / f"{stage}-rank{rank}.pt") for rank in (0, 1))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    run = DDPRun(tmp_path_factory.mktemp("ddp"))
+    yield run
+    if run.process.poll() is None:
+        run.process.kill()
+        run.process.wait()
+
+
+def single_process(stage: str, folder: Path, monkeypatch) -> dict:
+    monkeypatch.chdir(folder)
+    assert ddp_driver.run_stage(stage, folder / "single", devices=1) == 0
+    return torch.load(folder / "single" / f"{stage}-rank0.pt")
+
+
+def assert_same_weights_on_both_ranks(rank0: dict, rank1: dict) -> None:
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    assert len(rank0["losses"]) == len(rank1["losses"]) == ddp_driver.STEPS
+    assert rank0["weights"] and rank0["weights"].keys() == rank1["weights"].keys()
+    for name, weight in rank0["weights"].items():
+        assert torch.equal(weight, rank1["weights"][name]), name
+    # The steps did update the weights: LoRA's B matrices start at zero.
+    assert any(w.abs().sum() > 0 for name, w in rank0["weights"].items() if "lora_B" in name)
+
+
+def test_sft_ddp_matches_one_process_on_the_union_batch(ddp_run, tmp_path, monkeypatch):
+    single = single_process("sft", tmp_path, monkeypatch)
+    rank0, rank1 = ddp_run.records("sft")
+    assert_same_weights_on_both_ranks(rank0, rank1)
+    # Each rank's loss is a mean over its own response tokens; weighted by those counts
+    # the two give the mean over the union's tokens, which is what one process computes.
+    counts = [rank0["counts"][0], rank1["counts"][0]]
+    assert sum(counts) == single["counts"][0]
+    union = (rank0["losses"][0] * counts[0] + rank1["losses"][0] * counts[1]) / sum(counts)
+    assert union == pytest.approx(single["losses"][0], rel=1e-5)
+    assert rank0["losses"][0] != pytest.approx(rank1["losses"][0], rel=1e-5)  # the ranks saw different rows
+
+
+def test_reward_ddp_trains_the_same_model_as_one_process(ddp_run, tmp_path, monkeypatch):
+    single = single_process("reward", tmp_path, monkeypatch)
+    rank0, rank1 = ddp_run.records("reward")
+    assert_same_weights_on_both_ranks(rank0, rank1)
+    # 8 pairs per rank, 16 in the single process: the mean of the two ranks' mean
+    # Bradley-Terry losses is the mean over all 16, and so is the averaged gradient.
+    assert rank0["counts"] == rank1["counts"] == [8.0] * ddp_driver.STEPS
+    assert single["counts"] == [16.0] * ddp_driver.STEPS
+    for step in range(ddp_driver.STEPS):
+        ddp_loss = (rank0["losses"][step] + rank1["losses"][step]) / 2
+        assert ddp_loss == pytest.approx(single["losses"][step], rel=1e-5), step
+    for name, weight in single["weights"].items():
+        torch.testing.assert_close(rank0["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _rollouts(folder: Path) -> list[dict]:
+    return list(csv.DictReader(open(folder / "ppo_tiny" / "version_0" / "rollouts.csv", encoding="utf-8")))
+
+
+def test_ppo_ddp_matches_one_process_on_the_union_batch(ddp_run, tmp_path, monkeypatch):
+    single = single_process("ppo", tmp_path, monkeypatch)
+    rank0, rank1 = ddp_run.records("ppo")
+    assert_same_weights_on_both_ranks(rank0, rank1)
+    # Greedy responses of 8 tokens on every rank: the rank-averaged value loss of the
+    # first rollout (one minibatch, before its update) is the mean over the union.
+    assert rank0["counts"][0] == single["counts"][0] == 8.0
+    assert rank0["losses"][0] == pytest.approx(single["losses"][0], rel=1e-4)
+    # Rank 0 gathers both ranks' episodes: each step covers all 8 prompts once.
+    ddp_rows, single_rows = _rollouts(ddp_run.folder / "ddp"), _rollouts(tmp_path / "single")
+    assert len(ddp_rows) == len(single_rows) == 8 * ddp_driver.STEPS
+    for step in range(ddp_driver.STEPS):
+        prompts = [r["prompt"] for r in ddp_rows if int(r["step"]) == step]
+        assert len(prompts) == len(set(prompts)) == 8
+        assert set(prompts) == {r["prompt"] for r in single_rows if int(r["step"]) == step}
+
+    def first_episodes(rows):
+        return sorted((r["prompt"], r["response"], float(r["score"])) for r in rows if r["step"] == "0")
+
+    assert first_episodes(ddp_rows) == first_episodes(single_rows)
