@@ -833,9 +833,14 @@ class PPOModule(L.LightningModule):
         the closure, and under ``16-mixed`` after it has unscaled the gradients: clipping
         before ``optimizer.step()`` would clip the loss-scaled gradients (to
         ``max_grad_norm / scale`` once unscaled), i.e. shrink every update by the loss
-        scale.
+        scale. Under FSDP each rank holds a shard of every gradient, so the norm must be
+        computed across ranks by the FSDP root (Lightning's generic clipping refuses).
         """
-        if self.max_grad_norm:
+        if not self.max_grad_norm:
+            return
+        if "FSDP" in type(self.trainer.strategy).__name__:
+            self.trainer.strategy.model.clip_grad_norm_(self.max_grad_norm)
+        else:
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
 
     # ------------------------------------------------------------------ step
