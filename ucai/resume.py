@@ -135,6 +135,17 @@ class ShardSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.skip = 0
 
+    @classmethod
+    def for_trainer(cls, dataset, trainer, shuffle: bool = True, seed: int = 0) -> ShardSampler:
+        """This process's shard under ``trainer`` (the whole dataset when there is none)."""
+        return cls(
+            dataset,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            shuffle=shuffle,
+            seed=seed,
+        )
+
     def __iter__(self) -> Iterator[int]:
         skip, self.skip = self.skip, 0
         return itertools.islice(super().__iter__(), skip, None)

@@ -339,13 +339,7 @@ class PreferenceDataModule(L.LightningDataModule):
             return DataLoader(
                 dataset, batch_size=None, shuffle=False, num_workers=self.num_workers, generator=own_generator()
             )
-        trainer = self.trainer
-        sampler = ShardSampler(
-            dataset,
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
-            seed=self.seed,
-        )
+        sampler = ShardSampler.for_trainer(dataset, self.trainer, seed=self.seed)
         return ResumableLoader(dataset, sampler, batch_size=None, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:

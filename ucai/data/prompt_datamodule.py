@@ -154,14 +154,8 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """This rank's share of the prompts, resumable mid-epoch (`ResumableLoader`)."""
         dataset = RowDataset(self.rows())
-        trainer = self.trainer
-        sampler = ShardSampler(
-            dataset,
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
-            shuffle=self.shuffle,
-            seed=run_seed() if self.seed is None else self.seed,
-        )
+        seed = run_seed() if self.seed is None else self.seed
+        sampler = ShardSampler.for_trainer(dataset, self.trainer, shuffle=self.shuffle, seed=seed)
         return ResumableLoader(
             dataset, sampler, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_rows
         )
