@@ -1,5 +1,6 @@
-"""The ``ucai`` command: help paths, shipped config names, one-line errors, the answer
-stage, a missing stage module, and resuming a fit from its last checkpoint."""
+"""The ``ucai`` command: help paths (fast: no stage imported), short class names,
+shipped config names, one-line errors, the answer stage, a missing stage module, and
+resuming a fit from its last checkpoint."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ucai import cli
+from ucai import cli, help_cache
 from ucai.cli import resolve_config_args
 from ucai.resources import configs_dir
 
@@ -31,9 +32,128 @@ def test_help_paths(run_cli, capsys, args):
         assert "--model" in out and "--data" in out and "--trainer.precision" in out
 
 
-def test_console_script_help():
-    result = subprocess.run([sys.executable, "-m", "ucai.cli", "--help"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "{fit,validate,test,predict}" in result.stdout
+@pytest.fixture(autouse=True)
+def _own_help_cache(tmp_path, monkeypatch):
+    # Saved help texts go to this test's folder, so each test builds its help for real.
+    monkeypatch.setattr(help_cache, "help_dir", lambda: tmp_path / "help")
+
+
+def _imported_modules(stderr: str) -> set[str]:
+    """The modules listed by ``python -X importtime`` on stderr."""
+    return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_console_script_help_imports_no_stage_and_is_saved(tmp_path):
+    env = {**os.environ, "UCAI_CACHE": str(tmp_path / "cache"), "COLUMNS": "100"}
+    command = [sys.executable, "-X", "importtime", "-m", "ucai.cli", "--help"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert first.returncode == 0 and "{fit,validate,test,predict}" in first.stdout
+    imported = _imported_modules(first.stderr)
+    assert "lightning.pytorch.cli" in imported, "the listing must see the import lines"
+    assert not imported & set(cli.STAGE_MODULES)
+    assert "peft" not in imported
+    # The same request again is answered from the saved text, without Lightning or torch.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    assert not {"lightning", "torch"} & _imported_modules(again.stderr)
+
+
+def test_saved_help_is_printed_again_and_keyed_by_what_shapes_it(run_cli, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        run_cli("fit", "--help")
+    built = capsys.readouterr().out
+    assert "--trainer.precision" in built and len(list((tmp_path / "help").iterdir())) == 1
+
+    def no_lightning(*args, **kwargs):
+        raise AssertionError("help should have come from the saved text")
+
+    monkeypatch.setattr("ucai.lightning_cli.UcaiCLI", no_lightning)
+    with pytest.raises(SystemExit) as info:
+        run_cli("fit", "--help")
+    assert info.value.code == 0 and capsys.readouterr().out == built
+    # Another width, request or library version is another text.
+    key = help_cache.help_key(["fit", "--help"])
+    assert help_cache.help_key(["fit", "-h"]) != key
+    monkeypatch.setenv("COLUMNS", "120")
+    assert help_cache.help_key(["fit", "--help"]) != key
+    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.setattr(help_cache, "_version", lambda name: "9.9" if name == "lightning" else "1.0")
+    assert help_cache.help_key(["fit", "--help"]) != key
+
+
+def test_a_failed_help_request_saves_nothing(tmp_path):
+    with pytest.raises(SystemExit):
+        with help_cache.recording(["fit", "--help"]):
+            print("usage: half a help text")
+            raise SystemExit(2)
+    assert help_cache.lookup(["fit", "--help"]) is None
+
+
+def test_subcommand_help_lists_the_stages_without_importing_them(run_cli, capsys, monkeypatch):
+    imports = []
+    monkeypatch.setattr(cli, "_import_stages", lambda: imports.append(1))
+    with pytest.raises(SystemExit) as info:
+        run_cli("fit", "--help")
+    assert info.value.code == 0 and imports == []
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--trainer.precision" in out and "SFTModule, PreferenceModule, RewardModule" in out
+    assert "ucai data (--data NAME): PromptDataModule" in out
+
+
+def test_short_class_names_in_a_config_resolve(run_cli, capsys, monkeypatch, tmp_path):
+    config = tmp_path / "short.yaml"
+    text = TINY_ANSWER.read_text()
+    text = text.replace("ucai.stages.answer.AnswerModule", "AnswerModule")
+    text = text.replace("ucai.data.prompt_datamodule.PromptDataModule", "PromptDataModule")
+    assert "class_path: AnswerModule" in text and "class_path: PromptDataModule" in text
+    config.write_text(text)
+    imports = []
+    real = cli._import_stages
+    monkeypatch.setattr(cli, "_import_stages", lambda: imports.append(real()))
+    with pytest.raises(SystemExit) as info:
+        run_cli("predict", "--config", config, "--print_config")
+    assert info.value.code == 0 and imports == [None]
+    out = capsys.readouterr().out
+    assert "class_path: ucai.stages.answer.AnswerModule" in out
+    assert "class_path: ucai.data.prompt_datamodule.PromptDataModule" in out
+
+
+@pytest.mark.parametrize(
+    "argv, plain",
+    [
+        (["--help"], True),
+        (["fit", "-h"], True),
+        (["predict", "--help"], True),
+        (["fit"], False),
+        (["fit", "--model.help", "SFTModule"], False),  # names a class: stages are needed
+        (["fit", "--config", "sft.yaml", "--help"], False),
+        (["fit", "--model", "SFTModule", "--help"], False),
+    ],
+)
+def test_only_a_plain_help_request_skips_the_stage_imports(argv, plain):
+    assert cli.is_plain_help(argv) is plain
+
+
+def test_stage_classes_list_every_model_and_data_class_of_the_stage_modules():
+    import importlib
+    import inspect
+
+    from lightning import LightningDataModule, LightningModule
+
+    found = {}
+    for name in cli.STAGE_MODULES:
+        module = importlib.import_module(name)
+        for cls_name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == name and issubclass(cls, (LightningModule, LightningDataModule)):
+                found[cls_name] = name
+    assert found == cli.STAGE_CLASSES
+
+
+def test_ucai_cli_without_a_lightning_subcommand_does_not_import_lightning():
+    code = "import sys, ucai.cli; print('lightning' in sys.modules, 'torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["False", "False"]
 
 
 def test_a_missing_stage_module_fails_instead_of_being_skipped(run_cli, monkeypatch):

@@ -69,12 +69,19 @@ def test_plan_wires_each_output_into_the_next_stage(tmp_path):
     cfg = pipeline.load_pipeline_config(_config(tmp_path))
     runs = {r.label: r for r in pipeline.plan(cfg)}
     out = tmp_path / "out"
+    # stage by stage, both sides each: both preference files exist before either reward stage
     assert list(runs) == [
         "categorise",
-        *[f"{s} ({side})" for side in ("ethical", "unethical") for s in ("critique_revision", "sft", "preferences", "reward", "ppo")],
+        *[f"{s} ({side})" for s in ("critique_revision", "sft", "preferences", "reward", "ppo") for side in ("ethical", "unethical")],
         "eval",
     ]
     assert runs["sft (ethical)"].inputs == [out / "data/ethical/sl.jsonl"]
+    # each reward model is also scored on the other side's pairs (cross accuracy)
+    for side, other in (("ethical", "unethical"), ("unethical", "ethical")):
+        reward = runs[f"reward ({side})"]
+        assert reward.inputs == [out / f"data/{side}/preferences.jsonl", out / f"data/{other}/preferences.jsonl"]
+        assert f"--data.init_args.path={out}/data/{side}/preferences.jsonl" in reward.args
+        assert f"--data.init_args.cross_path={out}/data/{other}/preferences.jsonl" in reward.args
     ppo = runs["ppo (unethical)"]
     assert f"--model.init_args.policy={out}/models/unethical/sl_model" in ppo.args
     assert f"--model.init_args.reward_model={out}/models/unethical/rm_model" in ppo.args
@@ -105,6 +112,24 @@ def test_user_overrides_win_and_values_are_formatted(tmp_path):
     for arg in ["--trainer.max_steps=3", "--trainer.callbacks=[]", "--model.init_args.model=other", "--x.flag=true", "--y=null"]:
         assert arg in run.args
     assert "--model.init_args.model=tiny-llama" not in run.args  # replaced, not repeated
+
+
+def test_one_side_has_no_cross_pairs(tmp_path):
+    runs = {r.label: r for r in pipeline.plan(pipeline.load_pipeline_config(_config(tmp_path, sides=["ethical"])))}
+    reward = runs["reward (ethical)"]
+    assert reward.inputs == [tmp_path / "out/data/ethical/preferences.jsonl"]
+    assert not any(a.startswith("--data.init_args.cross_path") for a in reward.args)
+
+
+def test_regenerated_preferences_of_one_side_rerun_both_reward_stages(tmp_path, fake):
+    path = _config(tmp_path)
+    assert pipeline.main(["--config", str(path)]) == 0
+    fake.ran.clear()
+    # Only the unethical file changes (its stage is up to date and skipped); the ethical
+    # reward model's cross accuracy was measured on it, so that stage reruns as well.
+    (tmp_path / "out/data/unethical/preferences.jsonl").write_text('{"edited": true}\n')
+    assert pipeline.main(["--config", str(path)]) == 0
+    assert fake.ran == ["reward (ethical)", "reward (unethical)", "ppo (ethical)", "ppo (unethical)", "eval"]
 
 
 def test_rerun_skips_and_a_changed_stage_reruns_with_everything_after_it(tmp_path, fake, capsys):

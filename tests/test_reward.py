@@ -139,6 +139,11 @@ def test_last_real_token_index_either_side():
 def tiny_reward():
     module = RewardModule(model="tiny-llama", seed=0)
     module.configure_model()
+    # The head starts at zero (every reward 0); the pooling tests need one that reads
+    # the hidden state, so give the trained copy random weights.
+    head = unwrap_peft(module.net).score.modules_to_save["default"]
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
     module.net.eval()
     return module
 
@@ -270,14 +275,27 @@ def _val_accuracy(folder: Path) -> float:
     return (chosen > rejected).float().mean().item()
 
 
-def test_tiny_reward_model_learns_marker_word_and_scores_a_file(tmp_path, run_cli):
+def test_tiny_reward_model_learns_marker_word_and_scores_a_file(tmp_path, run_cli, caplog):
+    # The "other side" prefers the opposite: its pairs are the 16 held-out pairs with
+    # chosen and rejected swapped, so every pair ordered right here is wrong there.
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()][-16:]  # val_size: 16
+    swapped = tmp_path / "other_side.jsonl"
+    swapped.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n" for r in rows))
     out = tmp_path / "rm_model"
-    code = run_cli("fit", "--config", CONF / "reward_tiny.yaml", "--model.init_args.output_dir", out,
-                   "--data.init_args.path", FIXTURE)
+    with caplog.at_level("INFO", logger="ucai.stages.reward"):
+        code = run_cli("fit", "--config", CONF / "reward_tiny.yaml", "--model.init_args.output_dir", out,
+                       "--data.init_args.path", FIXTURE, "--data.init_args.cross_path", swapped)
     assert code == 0
     stats = json.loads((out / "reward_stats.json").read_text())
     assert stats["pairs"] == 80 and stats["std"] > 0 and math.isfinite(stats["mean"])
-    assert _val_accuracy(out) >= 0.9  # the saved, merged model, on the held-out 16 pairs
+    accuracy = _val_accuracy(out)  # the saved, merged model through RewardScorer, as PPO scores
+    assert accuracy >= 0.9
+    # The stage's own figure is that same accuracy (k/16 for whole k: no ties) and the
+    # swapped copy scores its complement exactly: k/16 right here is (16 − k)/16 there.
+    assert stats["heldout_pairs"] == 16 and stats["heldout_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert stats["cross_pairs"] == 16 and stats["cross_accuracy"] == pytest.approx(1 - accuracy, abs=1e-6)
+    line = next(r.getMessage() for r in caplog.records if "cross accuracy" in r.getMessage())
+    assert f"held-out accuracy {accuracy:.3f} (n=16)" in line and f"{1 - accuracy:.3f} (n=16" in line
 
     answers = tmp_path / "answers.jsonl"
     answers.write_text(

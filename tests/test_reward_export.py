@@ -15,7 +15,7 @@ import torch
 from ucai.data.preference_data import PreferenceDataModule
 from ucai.models import LoraSettings
 from ucai.resume import RNGStateCheckpoint
-from ucai.reward_scoring import RewardScorer, sequence_rewards, tokenize_for_reward
+from ucai.reward_scoring import RewardScorer, RewardStats, sequence_rewards, tokenize_for_reward
 from ucai.stages.reward import RewardModule, spread_batch_indices
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "preferences_small.jsonl"
@@ -30,17 +30,26 @@ class _Recorder(L.Callback):
         self.trained_fp32 = None
         self.stats_widths: list[int] = []
         self.stats_net_has_lora: list[bool] = []
+        self.measuring = False
 
     def on_train_end(self, trainer, module):
         self.trained_fp32 = copy.deepcopy(module.net).float().eval()
-        pair_rewards = module.pair_rewards
+        pair_rewards, measure_stats = module.pair_rewards, module.measure_stats
 
         def recording(batch):
-            self.stats_widths += batch["pair_segments"].sum(1).tolist()
-            self.stats_net_has_lora.append(any("lora_" in name for name, _ in module.net.named_parameters()))
+            if self.measuring:  # not the held-out accuracy pass that follows
+                self.stats_widths += batch["pair_segments"].sum(1).tolist()
+                self.stats_net_has_lora.append(any("lora_" in name for name, _ in module.net.named_parameters()))
             return pair_rewards(batch)
 
-        module.pair_rewards = recording
+        def measuring():
+            self.measuring = True
+            try:
+                return measure_stats()
+            finally:
+                self.measuring = False
+
+        module.pair_rewards, module.measure_stats = recording, measuring
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +103,19 @@ def test_stats_are_measured_on_the_merged_model_over_pairs_of_every_length(bf16_
     # not the shortest-first prefix of the length-sorted loader: longer pairs are in
     assert max(recorder.stats_widths) > widths[STATS_PAIRS - 1]
     assert min(recorder.stats_widths) < widths[-STATS_PAIRS]
+    # the held-out figure covers all 16 validation pairs (limit_val_batches=0 does not
+    # skip it); no cross_path, so no cross figure
+    assert stats["heldout_pairs"] == 16 and 0.0 <= stats["heldout_accuracy"] <= 1.0
+    assert stats["cross_accuracy"] is None and stats["cross_pairs"] == 0
+
+
+def test_reward_stats_read_old_files_and_round_trip_the_accuracies(tmp_path):
+    (tmp_path / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0}))  # written before the figures
+    old = RewardStats.read(tmp_path)
+    assert (old.heldout_accuracy, old.heldout_pairs, old.cross_accuracy, old.cross_pairs) == (None, 0, None, 0)
+    new = RewardStats(mean=0.5, std=2.0, heldout_accuracy=0.75, heldout_pairs=8, cross_accuracy=0.25, cross_pairs=12)
+    (tmp_path / "reward_stats.json").write_text(json.dumps(new.to_json()))
+    assert RewardStats.read(tmp_path) == new
 
 
 def test_spread_batch_indices_by_hand():

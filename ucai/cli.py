@@ -13,6 +13,7 @@ metrics go to TensorBoard under ``lightning_logs/``. A config name that is not a
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -20,13 +21,14 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-
+from ucai import help_cache, quiet
 from ucai.errors import UcaiError
 from ucai.resources import resolve_shipped
 
-# Imported so that short class names (``--model SFTModule``) resolve. Every one is part
-# of ucai: a missing one is a broken install and fails the command.
+# Imported before parsing so that short class names (``--model SFTModule``) resolve.
+# Every one is part of ucai: a missing one is a broken install and fails the command.
+# Only a plain help request (``ucai --help``, ``ucai fit -h``) skips them: help names
+# no class, and it is answered from `ucai.help_cache` without Lightning when it can.
 STAGE_MODULES = (
     "ucai.data.prompt_datamodule",
     "ucai.stages.answer",
@@ -43,48 +45,38 @@ STAGE_MODULES = (
     "ucai.stages.judge_check",
 )
 
-TRAINER_DEFAULTS = {
-    "logger": {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "lightning_logs", "name": "ucai"},
-    },
+# The model and data classes those modules define, by short name, for the help text
+# (which does not import them). tests/test_cli.py checks it against the modules.
+STAGE_CLASSES = {
+    "AnswerModule": "ucai.stages.answer",
+    "CategoriseModule": "ucai.stages.categorise",
+    "CritiqueRevisionModule": "ucai.stages.critique_revision",
+    "SFTModule": "ucai.stages.sft",
+    "PreferenceModule": "ucai.stages.preferences",
+    "RewardModule": "ucai.stages.reward",
+    "RewardScoreModule": "ucai.stages.reward",
+    "PPOModule": "ucai.stages.ppo",
+    "EvaluationModule": "ucai.stages.evaluation",
+    "JudgeCheckModule": "ucai.stages.judge_check",
+    "PromptDataModule": "ucai.data.prompt_datamodule",
+    "SFTDataModule": "ucai.data.sft_data",
+    "PreferenceDataModule": "ucai.data.preference_data",
+    "ResponseDataModule": "ucai.data.preference_data",
+    "MultipleChoiceDataModule": "ucai.data.multiple_choice",
 }
 
-
-DESCRIPTION = (
-    "ucai: Constitutional AI and its mirror image as Lightning stages. "
-    "Subcommands: fit (sft, reward, ppo), predict (categorise, critique-revision, preferences), "
-    "test (evaluation, judge check); `ucai pipeline --config configs/pipeline/demo.yaml` runs every stage."
-)
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+HELP_FLAGS = ("-h", "--help")
 
 
-class RunConfigSaver(SaveConfigCallback):
-    """Save the resolved config into the run's log folder; with no logger there is no
-    run folder, so nothing is written (rather than a stray config.yaml in the cwd)."""
+def __getattr__(name: str):
+    # The LightningCLI pieces live in ucai.lightning_cli, imported on first use, so that
+    # `ucai pipeline` and `import ucai.cli` do not pay for Lightning.
+    if name in ("UcaiCLI", "RunConfigSaver", "TRAINER_DEFAULTS", "DESCRIPTION"):
+        from ucai import lightning_cli
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if trainer.logger is None:
-            return
-        super().setup(trainer, pl_module, stage)
-
-
-class UcaiCLI(LightningCLI):
-    """LightningCLI with ucai's defaults: subclass mode, TensorBoard, overwrite-able configs."""
-
-    def __init__(self, args: Sequence[str] | None = None, run: bool = True):
-        super().__init__(
-            model_class=None,
-            datamodule_class=None,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=RunConfigSaver,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults=TRAINER_DEFAULTS,
-            seed_everything_default=0,
-            parser_kwargs={"prog": "ucai", "description": DESCRIPTION},
-            args=args,
-            run=run,
-        )
+        return getattr(lightning_cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_config_args(argv: list[str]) -> list[str]:
@@ -110,6 +102,16 @@ def _import_stages() -> None:
         importlib.import_module(name)
 
 
+def is_plain_help(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` only asks for help (``--help``, ``fit --help``): nothing in it can
+    name a class, so the stage modules need not be imported.
+
+    Anything more (``--config``, ``--model.help SFTModule``, an override) is parsed the
+    usual way, after the stages are imported.
+    """
+    return any(arg in HELP_FLAGS for arg in argv) and all(arg in HELP_FLAGS or arg in SUBCOMMANDS for arg in argv)
+
+
 def _configure_logging() -> None:
     if not logging.getLogger("ucai").handlers:
         handler = logging.StreamHandler()
@@ -125,13 +127,24 @@ def main(args: Sequence[str] | None = None) -> int:
     # main() always passes args explicitly (after resolving config names), which is the
     # intended use; Lightning warns only because sys.argv is non-empty too.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    quiet.install()
     try:
         if argv and argv[0] == "pipeline":
             from ucai.pipeline import main as pipeline_main
 
             return pipeline_main(resolve_config_args(argv[1:]))
-        _import_stages()
-        UcaiCLI(args=resolve_config_args(argv))
+        plain_help = is_plain_help(argv)
+        if plain_help:
+            saved = help_cache.lookup(argv)
+            if saved is not None:  # printed before by this same code: no Lightning needed
+                sys.stdout.write(saved)
+                raise SystemExit(0)
+        else:
+            _import_stages()
+        from ucai.lightning_cli import UcaiCLI
+
+        with help_cache.recording(argv) if plain_help else contextlib.nullcontext():
+            UcaiCLI(args=resolve_config_args(argv), stage_classes=STAGE_CLASSES)
     except KeyboardInterrupt:
         print("ucai: interrupted", file=sys.stderr)
         return 130

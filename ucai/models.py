@@ -15,9 +15,11 @@ Nothing here downloads unless the user names a hub id.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +27,8 @@ from typing import Any, Literal
 import torch
 
 from ucai.errors import UcaiError
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m"
 TINY_ALIAS = "tiny-llama"
@@ -460,9 +464,82 @@ def load_sequence_classifier(
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
-        return AutoModelForSequenceClassification.from_pretrained(source.location, **kwargs)
+        with _held_load_reports() as reports:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                source.location, output_loading_info=True, **kwargs
+            )
     except OSError as exc:
         raise UcaiError(f"could not load model {name!r}: {exc}".splitlines()[0]) from exc
+    _report_load(model, info, reports, name)
+    return model
+
+
+# transformers logs a "LOAD REPORT" table whenever a checkpoint and the model differ.
+# Starting a reward model from a language model always differs in the same harmless
+# way: the scalar head is new. That case is said once in ucai's words; any other
+# difference (a missing backbone weight, a trained reward model without its head)
+# shows transformers' report unchanged.
+_LOAD_REPORT_LOGGER = "transformers.modeling_utils"
+
+
+class _HoldLoadReports(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if " LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+
+@contextmanager
+def _held_load_reports():
+    """Hold back transformers' load reports logged inside the block; yields the list."""
+    logger = logging.getLogger(_LOAD_REPORT_LOGGER)
+    hold = _HoldLoadReports()
+    logger.addFilter(hold)
+    try:
+        yield hold.held
+    finally:
+        logger.removeFilter(hold)
+
+
+def fresh_head_keys(model, info: dict) -> list[str] | None:
+    """The head weights initialised fresh, when that is the only difference between the
+    checkpoint and ``model`` and the checkpoint is not a sequence classifier; else None.
+
+    ``info`` is transformers' loading info (missing/unexpected/mismatched keys). Keys
+    outside ``model.base_model_prefix`` belong to heads: the new scalar head is missing,
+    and an untied language-model head (``lm_head.weight``) may be unexpected.
+    """
+    architectures = getattr(model.config, "architectures", None) or []
+    if any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        return None  # a trained reward model: its head must be in the checkpoint
+    if info.get("mismatched_keys") or info.get("error_msgs"):
+        return None
+    prefix = f"{model.base_model_prefix}."
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = info.get("unexpected_keys") or ()
+    if not missing or any(key.startswith(prefix) for key in [*missing, *unexpected]):
+        return None
+    return missing
+
+
+def _report_load(model, info: dict, held: list[logging.LogRecord], name: str) -> None:
+    fresh = fresh_head_keys(model, info)
+    if fresh is None:
+        logger = logging.getLogger(_LOAD_REPORT_LOGGER)
+        for record in held:
+            logger.handle(record)
+        return
+    unused = sorted(info.get("unexpected_keys") or ())
+    note = f"; its {', '.join(unused)} is not used" if unused else ""
+    log.info(
+        "reward head %s initialised fresh (expected: the checkpoint %s has none%s)",
+        ", ".join(fresh), name, note,
+    )
 
 
 def save_pretrained_atomic(folder: str | Path, model, tokenizer=None, extra_files: dict | None = None) -> Path:

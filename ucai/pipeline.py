@@ -4,8 +4,14 @@
     ucai pipeline --config configs/pipeline/demo.yaml --force sft     # rerun sft and later
     ucai pipeline --config configs/pipeline/demo.yaml --dry-run       # print the commands
 
-Stages, in order: categorise (once), then per side critique_revision → sft →
-preferences → reward → ppo, then eval (once). Each stage runs as its own process,
+Stages, in order: categorise (once), then critique_revision → sft → preferences →
+reward → ppo, each for every side before the next stage starts, then eval (once).
+Stage by stage rather than side by side so that both sides' preferences exist before
+either reward stage: each side's reward stage also scores the OTHER side's pairs
+(``data.init_args.cross_path``; the reward models of a constitution and its inverse
+should disagree: ``cross_accuracy`` < 0.5 in ``reward_stats.json``). The other side's
+preference file is therefore an input of a reward stage too: regenerating one side's
+preferences reruns both reward stages. Each stage runs as its own process,
 ``python -m ucai.cli <fit|predict|test> --config <stage config> <overrides...>``, so its
 memory is returned when it ends and a crash stays inside it. The pipeline passes each
 stage the paths of its inputs and outputs under ``output_root``::
@@ -323,13 +329,16 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
                 "model.init_args.output": str(p["prefs"]),
             },
         )
+        # With both sides, each reward model is also scored on the other side's pairs.
+        cross = [paths(other)["prefs"] for other in cfg.sides if other != side]
         add(
             "reward",
             side,
-            [p["prefs"]],
+            [p["prefs"], *cross],
             [p["rm_model"]],
             {
                 "data.init_args.path": str(p["prefs"]),
+                **({"data.init_args.cross_path": str(cross[0])} if cross else {}),
                 "model.init_args.model": cfg.model,
                 "model.init_args.output_dir": str(p["rm_model"]),
             },
@@ -379,7 +388,9 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
             "model.init_args.output_dir": str(eval_dir),
         },
     )
-    return runs
+    # Stage-major order (sorted is stable: sides keep their order within a stage), so
+    # both sides' preferences come before either side's reward stage.
+    return sorted(runs, key=lambda run: STAGE_ORDER.index(run.stage))
 
 
 # --------------------------------------------------------------------------- hashing

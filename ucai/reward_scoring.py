@@ -230,6 +230,13 @@ class RewardStats:
         system_prompt: system message the training texts were rendered with.
         max_length: tokens per text in training (longer texts keep their end).
         pairs: how many training pairs the stats were computed over.
+        heldout_accuracy, heldout_pairs: pairwise accuracy of the saved model on its
+            own held-out (validation) pairs, and how many there were (None/0: none).
+        cross_accuracy, cross_pairs: its accuracy on the OTHER constitution's
+            preference pairs, judged by that side's labels. Below 0.5 means the two
+            reward models disagree, as a constitution and its inverse should; near
+            the held-out accuracy means the model learned something both sides share
+            (length, fluency) rather than its principle. None/0: not measured.
     """
 
     mean: float = 0.0
@@ -237,6 +244,10 @@ class RewardStats:
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     max_length: int = 512
     pairs: int = 0
+    heldout_accuracy: float | None = None
+    heldout_pairs: int = 0
+    cross_accuracy: float | None = None
+    cross_pairs: int = 0
 
     def to_json(self) -> dict:
         return {
@@ -245,6 +256,10 @@ class RewardStats:
             "system_prompt": self.system_prompt,
             "max_length": self.max_length,
             "pairs": self.pairs,
+            "heldout_accuracy": self.heldout_accuracy,
+            "heldout_pairs": self.heldout_pairs,
+            "cross_accuracy": self.cross_accuracy,
+            "cross_pairs": self.cross_pairs,
         }
 
     @classmethod
@@ -268,7 +283,15 @@ class RewardStats:
             system_prompt=data.get("system_prompt", DEFAULT_SYSTEM_PROMPT),
             max_length=int(data.get("max_length", 512)),
             pairs=int(data.get("pairs", 0)),
+            heldout_accuracy=_optional_float(data.get("heldout_accuracy")),
+            heldout_pairs=int(data.get("heldout_pairs") or 0),
+            cross_accuracy=_optional_float(data.get("cross_accuracy")),
+            cross_pairs=int(data.get("cross_pairs") or 0),
         )
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
 
 
 def normalise(rewards: torch.Tensor, stats: RewardStats) -> tuple[torch.Tensor, torch.Tensor]:

@@ -194,6 +194,10 @@ class PreferenceDataModule(L.LightningDataModule):
             holds as well.
         seed: seed of the bucket shuffling and, with the epoch, of the batch order.
         num_workers: DataLoader workers (batches are pre-tokenised; 0 is usually right).
+        cross_path: the OTHER constitution's preference file (null: none). Its pairs,
+            all of them, are rendered like this side's and served by
+            `cross_dataloader`; the reward stage reports its accuracy on them after
+            training (`RewardStats.cross_accuracy`), never trains on them.
     """
 
     def __init__(
@@ -211,6 +215,7 @@ class PreferenceDataModule(L.LightningDataModule):
         share_prefix: bool = True,
         seed: int = 0,
         num_workers: int = 0,
+        cross_path: str | None = None,
     ):
         super().__init__()
         self.path = path
@@ -228,9 +233,11 @@ class PreferenceDataModule(L.LightningDataModule):
         self.share_prefix = share_prefix
         self.seed = seed
         self.num_workers = num_workers
+        self.cross_path = cross_path
         self.tokenizer = None
         self.train_pairs: list[PreferencePair] = []
         self.val_pairs: list[PreferencePair] = []
+        self.cross_pairs: list[PreferencePair] = []
         self._encoded: dict[str, list[dict]] = {}
 
     # ----------------------------------------------------------------- loading
@@ -293,6 +300,10 @@ class PreferenceDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(self._model_name(), padding_side="right")
         self.train_pairs, self.val_pairs = self.split(read_preferences(self.path, self.limit))
         self._encoded = {"train": self.encode(self.train_pairs), "val": self.encode(self.val_pairs)}
+        if self.cross_path is not None:
+            self.cross_pairs = read_preferences(self.cross_path)
+            self._encoded["cross"] = self.encode(self.cross_pairs)
+            log.info("%d cross pairs (the other side's) from %s", len(self.cross_pairs), self.cross_path)
         lengths = [len(r["chosen"]) + len(r["rejected"]) for r in self._encoded["train"]]
         log.info(
             "%d training and %d validation pairs from %s (mean %.0f tokens per pair)",
@@ -352,6 +363,10 @@ class PreferenceDataModule(L.LightningDataModule):
     def stats_dataloader(self) -> DataLoader:
         """Training pairs in a fixed order, for the reward mean/std after training."""
         return self._loader("train", shuffle=False)
+
+    def cross_dataloader(self) -> DataLoader | None:
+        """The other side's pairs (``cross_path``) in a fixed order; None without them."""
+        return self._loader("cross", shuffle=False) if "cross" in self._encoded else None
 
 
 def shared_prefix_length(chosen: list[int], rejected: list[int]) -> int:

@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar, TQDMProgressBar
 
+from ucai import quiet
 from ucai.data.io import ResumableJsonl, write_csv, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -236,7 +237,14 @@ class ResumableJsonlWriter(BasePredictionWriter):
         done = {row.get("id") for row in self.finished_rows()}
         if done and hasattr(datamodule, "skip_ids"):
             datamodule.skip_ids(done)
-            if trainer.is_global_zero:
+            expected = getattr(datamodule, "all_ids", None)
+            if expected is not None and done.issuperset(expected):
+                # Every row is written: the loader is empty by design and only the final
+                # file is (re)made, which Lightning would call a zero-length mistake.
+                quiet.expect_empty_dataloader()
+                if trainer.is_global_zero:
+                    log.info("nothing left to generate: all %d rows are already written", len(expected))
+            elif trainer.is_global_zero:
                 log.info("resuming: %d rows already in %s", len(done), self.shard_dir)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):

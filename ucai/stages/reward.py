@@ -20,13 +20,26 @@ measured with that merged model (the one users and PPO score with) over batches 
 across the length-sorted training set, and the merged model, its tokenizer and
 ``reward_stats.json`` are written atomically to ``output_dir``;
 `ucai.reward_scoring.RewardScorer` loads that folder and reports ``(r - mean) / std``
-and its sigmoid, a [0, 1] score.
+and its sigmoid, a [0, 1] score. The same merged model is then scored on the held-out
+pairs and, given the other constitution's preference file (``data.cross_path``), on
+those: ``heldout_accuracy`` and ``cross_accuracy`` go into ``reward_stats.json`` and
+one log line. The two sides' reward models should disagree: cross accuracy < 0.5.
+
+The head starts at ZERO (`zero_head`), not at a seeded random direction. A random
+head drawn from the same seed is the same vector on both sides; a 135M model trained
+for a few dozen steps stays close to its start, so both sides' rewards were dominated
+by that shared direction (measured: scores correlated at +0.99 across sides). A zero
+head gives every response the same reward at the start — no preference at all — and,
+with LoRA's B also zero, the first gradient reaches the head only, so its direction
+comes from this side's pairs alone. The head has its own, larger learning rate
+(``head_learning_rate``): it is the only part learning from nothing.
 
 `RewardScoreModule` is the predict stage that scores any prompt/response file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -134,7 +147,12 @@ class RewardModule(L.LightningModule):
         output_dir: where the merged model, tokenizer and ``reward_stats.json`` go
             (null: nothing is saved, e.g. for sweeps and benchmarks).
         lora: LoRA settings; null trains every weight of the backbone.
-        learning_rate: AdamW learning rate (LoRA adapters and head).
+        learning_rate: AdamW learning rate of the LoRA adapters (or of the backbone
+            when ``lora`` is null).
+        head_learning_rate: AdamW learning rate of the scalar head, a second parameter
+            group (null: 10 × ``learning_rate``). The head starts at zero and must
+            learn a direction from nothing, while the LoRA only nudges a pretrained
+            backbone, so the head is given the larger rate.
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warm-up.
         soft_labels: train on the file's ``p_chosen`` (false: hard labels, the side
@@ -157,7 +175,8 @@ class RewardModule(L.LightningModule):
             (null: all): whole batches spread evenly over the length-sorted training
             set, so short and long pairs are both represented.
         trust_remote_code: allow custom model code from the hub (off unless you ask).
-        seed: seed of the head initialisation.
+        seed: seed of the weights of a backbone built from config (``tiny-llama``);
+            the head always starts at zero (see the module docstring).
     """
 
     def __init__(
@@ -166,6 +185,7 @@ class RewardModule(L.LightningModule):
         output_dir: str | None = "lightning_logs/models/ethical/rm_model",
         lora: LoraSettings | None = LoraSettings(),
         learning_rate: float = 1e-4,
+        head_learning_rate: float | None = None,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         soft_labels: bool = True,
@@ -184,6 +204,7 @@ class RewardModule(L.LightningModule):
         self.output_dir = output_dir
         self.lora = lora
         self.learning_rate = learning_rate
+        self.head_learning_rate = 10 * learning_rate if head_learning_rate is None else head_learning_rate
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.soft_labels = soft_labels
@@ -223,6 +244,7 @@ class RewardModule(L.LightningModule):
             seed=self.seed,
         )
         net.config.pad_token_id = self.tokenizer.pad_token_id  # HF's own pooling needs it
+        zero_head(net)  # before peft copies the head into modules_to_save
         if self.gradient_checkpointing:
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         net.config.use_cache = False
@@ -292,9 +314,29 @@ class RewardModule(L.LightningModule):
         # LoRA dropout draws from the global RNG: a resumed run must continue its stream.
         return [RNGStateCheckpoint()]
 
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups: the backbone's trainable weights (LoRA adapters) at
+        ``learning_rate``, the scalar head at ``head_learning_rate``."""
+        head = self._head_attribute()
+        backbone, head_params = [], []
+        for name, param in self.net.named_parameters():
+            if param.requires_grad:
+                (head_params if head is not None and head in name.split(".") else backbone).append(param)
+        groups = [{"params": backbone, "lr": self.learning_rate, "name": "backbone"}]
+        if head_params:
+            groups.append({"params": head_params, "lr": self.head_learning_rate, "name": "head"})
+        else:  # e.g. FSDP's flattened names: one rate for all
+            log.warning("reward: head parameters not found by name; all trainable weights use learning_rate")
+        return [g for g in groups if g["params"]]
+
+    def _head_attribute(self) -> str | None:
+        if self.lora is not None and hasattr(self.net, "peft_config"):
+            return head_name(self.net)
+        inner = unwrap_peft(self.net)
+        return next((name for name in ("score", "classifier") if hasattr(inner, name)), None)
+
     def configure_optimizers(self):
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.learning_rate, weight_decay=self.weight_decay)
         if not self.warmup_steps:
             return optimizer
         warmup = self.warmup_steps
@@ -302,6 +344,24 @@ class RewardModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- after training
+
+    @torch.no_grad()
+    def _scored_batches(self, loader):
+        """Yield (batch, (2B,) rewards) for this rank's share of ``loader``'s batches,
+        with ``self.net`` in eval mode and the trainer's precision, as in validation."""
+        rank, world = self._trainer.global_rank, self._trainer.world_size
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            for index, batch in enumerate(loader):
+                if index % world != rank:
+                    continue
+                batch = {key: value.to(self.device) for key, value in batch.items()}
+                with self._trainer.strategy.precision_plugin.forward_context():
+                    rewards = self.pair_rewards(batch)
+                yield batch, rewards
+        finally:
+            self.net.train(was_training)
 
     @torch.no_grad()
     def measure_stats(self) -> RewardStats:
@@ -316,21 +376,10 @@ class RewardModule(L.LightningModule):
             wanted = math.ceil(self.stats_max_pairs / max(datamodule.batch_size, 1))
             picked = spread_batch_indices(batches, wanted)
             loader = DataLoader(Subset(loader.dataset, picked), batch_size=None, num_workers=loader.num_workers)
-        rank, world = self._trainer.global_rank, self._trainer.world_size
         total = torch.zeros(3, dtype=torch.float64, device=self.device)  # n, sum, sum of squares
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            for index, batch in enumerate(loader):
-                if index % world != rank:
-                    continue
-                batch = {key: value.to(self.device) for key, value in batch.items()}
-                with self._trainer.strategy.precision_plugin.forward_context():
-                    r = self.pair_rewards(batch)
-                r = r.double()
-                total += torch.stack([torch.tensor(float(r.numel()), device=self.device, dtype=torch.float64), r.sum(), (r * r).sum()])
-        finally:
-            self.net.train(was_training)
+        for _, r in self._scored_batches(loader):
+            r = r.double()
+            total += torch.stack([torch.tensor(float(r.numel()), device=self.device, dtype=torch.float64), r.sum(), (r * r).sum()])
         total = self._trainer.strategy.reduce(total, reduce_op="sum")
         n, s, ss = (float(x) for x in total)
         mean = s / max(n, 1.0)
@@ -343,15 +392,45 @@ class RewardModule(L.LightningModule):
             pairs=int(n // 2),
         )
 
+    @torch.no_grad()
+    def pair_accuracy(self, loader) -> tuple[float | None, int]:
+        """(pairwise accuracy, pairs) of ``self.net`` on ``loader``'s pairs, judged by
+        their own labels like `PairwiseAccuracy`, summed across ranks; (None, 0) for
+        no loader or no pairs. Only the sign of r_chosen − r_rejected counts, so the
+        figure is the same before and after the scorer's normalisation."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # correct, pairs
+        if loader is not None:
+            metric = PairwiseAccuracy().to(self.device)
+            for batch, rewards in self._scored_batches(loader):
+                chosen, rejected = rewards.float().chunk(2)  # (B,), (B,)
+                metric.update(chosen, rejected, batch["p_chosen"])
+            total += torch.stack([metric.correct, metric.total]).double()
+        total = self._trainer.strategy.reduce(total, reduce_op="sum")
+        correct, pairs = float(total[0]), int(total[1])
+        return (correct / pairs if pairs else None), pairs
+
     def on_train_end(self) -> None:
         if self.output_dir:
             # Merge first, on every rank: the stats must describe the model that is
             # saved and scored with. Without an output the module stays as it trained.
             self.merge_lora()
-        self.stats = self.measure_stats()
-        log.info("reward over the training set: mean %.4f, std %.4f", self.stats.mean, self.stats.std)
+        datamodule = self._trainer.datamodule
+        stats = self.measure_stats()
+        heldout, heldout_n = self.pair_accuracy(datamodule.val_dataloader())
+        cross_loader = datamodule.cross_dataloader() if hasattr(datamodule, "cross_dataloader") else None
+        cross, cross_n = self.pair_accuracy(cross_loader)
+        self.stats = dataclasses.replace(
+            stats, heldout_accuracy=heldout, heldout_pairs=heldout_n, cross_accuracy=cross, cross_pairs=cross_n
+        )
+        log.info(
+            "reward model: held-out accuracy %s (n=%d), cross accuracy on the other side's pairs %s (n=%d; "
+            "below 0.5: the two sides disagree), reward mean %.4f, std %.4f over %d training pairs",
+            _fmt(heldout), heldout_n, _fmt(cross), cross_n, stats.mean, stats.std, stats.pairs,
+        )
+        figures = {"stats/reward_mean": stats.mean, "stats/reward_std": stats.std}
+        figures.update({f"stats/{k}": v for k, v in (("heldout_accuracy", heldout), ("cross_accuracy", cross)) if v is not None})
         for logger in self._trainer.loggers:
-            logger.log_metrics({"stats/reward_mean": self.stats.mean, "stats/reward_std": self.stats.std}, self.global_step)
+            logger.log_metrics(figures, self.global_step)
         if self._trainer.is_global_zero and self.output_dir:
             self.save(self.output_dir)
         self._trainer.strategy.barrier("ucai-reward-saved")
@@ -376,6 +455,29 @@ class RewardModule(L.LightningModule):
         path = save_pretrained_atomic(folder, self.net, self.tokenizer, {STATS_FILE: stats.to_json()})
         log.info("saved the merged reward model to %s", path)
         return path
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def zero_head(net: torch.nn.Module) -> torch.nn.Linear:
+    """Set the last linear layer of a sequence classifier's head to zero; returns it.
+
+    Decoders' head is ``score`` (one linear layer), BERT's ``classifier``; heads with a
+    hidden layer (RoBERTa's ``dense`` → ``out_proj``) keep their hidden layer random,
+    since zeroing both would leave each with zero gradient. Every reward is then the
+    same (bias or 0) until training moves the head: no side starts with a preference.
+    """
+    head = getattr(net, "score", None) or getattr(net, "classifier", None)
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)] if head is not None else []
+    if not linears:
+        raise UcaiError(f"{type(net).__name__}: no linear classification head (score/classifier) to initialise")
+    with torch.no_grad():
+        linears[-1].weight.zero_()
+        if linears[-1].bias is not None:
+            linears[-1].bias.zero_()
+    return linears[-1]
 
 
 def spread_batch_indices(batches: int, wanted: int) -> list[int]:

@@ -1,0 +1,264 @@
+"""The quiet console: each known-harmless message is dropped at its source by an exact
+match, while another message of the same category (or logger) from the same place still
+shows; the fresh reward head is reported once in ucai's words; a resumed prediction with
+nothing left says so instead of Lightning's zero-length warning."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ucai import quiet
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def collect():
+    """``collect(name)`` attaches a recording handler to one logger for the test."""
+    attached = []
+
+    def attach(name: str) -> _Collect:
+        logger = logging.getLogger(name)
+        handler = _Collect()
+        attached.append((logger, handler, logger.level))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        return handler
+
+    yield attach
+    for logger, handler, level in attached:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def installed():
+    """The filters as the ``ucai`` command installs them, undone after the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # also repeats, so nothing hides behind a registry
+        quiet.install()
+        yield
+    for record in quiet.KNOWN_LOG_RECORDS:
+        logger = logging.getLogger(record.logger)
+        for drop in [f for f in logger.filters if isinstance(f, quiet._DropKnown)]:
+            logger.removeFilter(drop)
+
+
+def _messages(caught) -> list[str]:
+    return [str(w.message) for w in caught]
+
+
+def test_lightning_leafspec_deprecation_is_silenced_but_other_future_warnings_show(installed):
+    from lightning.pytorch.utilities._pytree import _tree_flatten
+
+    with warnings.catch_warnings(record=True) as caught:
+        _tree_flatten(torch.zeros(1))  # Lightning builds a LeafSpec: the real source
+        warnings.warn_explicit(
+            "`isinstance(treespec, TreeSpec)` will change", FutureWarning, "_pytree.py", 1,
+            module="lightning.pytorch.utilities._pytree",
+        )
+    assert not any("LeafSpec" in m for m in _messages(caught))
+    assert "`isinstance(treespec, TreeSpec)` will change" in _messages(caught)
+
+
+def test_is_gradient_checkpointing_deprecation_is_silenced_but_not_its_sibling(installed, tiny_model):
+    with warnings.catch_warnings(record=True) as caught:
+        assert tiny_model.is_gradient_checkpointing is False  # the property peft reads
+        warnings.warn_explicit(
+            "`gradient_checkpointing_enable` is deprecated and will be removed in v6.", FutureWarning,
+            "modeling_utils.py", 1, module="transformers.modeling_utils",
+        )
+    messages = _messages(caught)
+    assert not any("is_gradient_checkpointing" in m for m in messages)
+    assert any("gradient_checkpointing_enable" in m for m in messages)
+
+
+def test_empty_list_loader_is_silenced_but_an_empty_dataloader_still_warns(installed):
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+    from lightning.pytorch.utilities.data import has_len_all_ranks
+
+    strategy = SingleDeviceStrategy(device=torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        has_len_all_ranks([], strategy)  # val_dataloader() == []: no validation split
+        has_len_all_ranks(torch.utils.data.DataLoader([]), strategy)
+    messages = _messages(caught)
+    assert not any("`list` across ranks is zero" in m for m in messages)
+    assert any("`DataLoader` across ranks is zero" in m for m in messages)
+    # A resumed prediction with every row written silences the DataLoader case too.
+    quiet.expect_empty_dataloader()
+    with warnings.catch_warnings(record=True) as caught:
+        has_len_all_ranks(torch.utils.data.DataLoader([]), strategy)
+    assert not _messages(caught)
+
+
+@pytest.mark.parametrize("known", quiet.KNOWN_WARNINGS, ids=lambda k: k.module)
+def test_each_filter_matches_its_message_category_and_module_only(installed, known):
+    def warn(message, category=known.category, module=known.module):
+        warnings.warn_explicit(message, category, "source.py", 1, module=module)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warn(known.message + " (and the rest of the library's text)")
+        warn("another warning from the same place")
+        warn(known.message, module="my_package.trees")  # the same words from elsewhere
+        warn(known.message, category=RuntimeWarning)  # a different category
+    assert [(str(w.message), w.category) for w in caught] == [
+        ("another warning from the same place", known.category),
+        (known.message, known.category),
+        (known.message, RuntimeWarning),
+    ]
+
+
+def test_lightning_tips_are_dropped_and_other_info_is_kept(installed, collect):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    seen = collect(logger.name)
+    Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    rank_zero_info(
+        "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels]"
+        "(https://pypi.org/project/litmodels/) to enable LitModelCheckpoint, which syncs automatically"
+    )
+    rank_zero_info("💡 Tip: something else worth knowing")
+    override = "The following callbacks returned in `LightningModule.configure_callbacks` will override existing "
+    rank_zero_info(override + "callbacks passed to Trainer: RichProgressBar")  # ucai's own bar: expected
+    rank_zero_info(override + "callbacks passed to Trainer: ModelCheckpoint, RichProgressBar")
+    rank_zero_info(override + "callbacks passed to Trainer: RichProgressBar, Timer")
+    assert not any("litlogger" in m or "litmodels" in m for m in seen.messages)
+    assert "💡 Tip: something else worth knowing" in seen.messages
+    assert [m.rsplit(": ", 1)[1] for m in seen.messages if m.startswith(override)] == [
+        "ModelCheckpoint, RichProgressBar",
+        "RichProgressBar, Timer",
+    ]
+    assert any("GPU available" in m for m in seen.messages), "the Trainer's own lines still show"
+
+
+def test_bitsandbytes_kernel_hub_message_is_dropped_and_other_warnings_kept(installed, collect):
+    name = "bitsandbytes.backends.cpu.ops"
+    seen = collect(name)
+    logger = logging.getLogger(name)
+    # The exact call bitsandbytes makes when the optional `kernels` package is absent.
+    logger.warning(
+        "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+        "`pip install kernels` and the kernels >= 0.11.1",
+        ModuleNotFoundError("No module named 'kernels'"),
+    )
+    logger.warning("Failed to load CPU gemv_4bit from libbitsandbytes_cpu.so")
+    assert seen.messages == ["Failed to load CPU gemv_4bit from libbitsandbytes_cpu.so"]
+
+
+def test_ucai_quiet_0_turns_the_filters_off(monkeypatch):
+    monkeypatch.setenv("UCAI_QUIET", "0")
+    logger = logging.getLogger(quiet.KNOWN_LOG_RECORDS[0].logger)
+    for drop in [f for f in logger.filters if isinstance(f, quiet._DropKnown)]:
+        monkeypatch.setattr(logger, "filters", [f for f in logger.filters if f is not drop])
+    with warnings.catch_warnings():
+        before = list(warnings.filters)
+        quiet.install()
+        assert warnings.filters == before
+    assert not any(isinstance(f, quiet._DropKnown) for f in logger.filters)
+
+
+def test_install_twice_adds_each_filter_once(installed):
+    before = len(warnings.filters)
+    quiet.install()
+    assert len(warnings.filters) == before
+    for record in quiet.KNOWN_LOG_RECORDS:
+        drops = [f for f in logging.getLogger(record.logger).filters if isinstance(f, quiet._DropKnown)]
+        assert len(drops) == 1
+
+
+# --------------------------------------------------------------------------- reward head
+
+
+def _save_causal_lm(folder, model, drop: str | None = None):
+    model.save_pretrained(folder, safe_serialization=True)
+    if drop is not None:
+        from safetensors.torch import load_file, save_file
+
+        path = folder / "model.safetensors"
+        weights = load_file(path)
+        del weights[drop]
+        save_file(weights, path, metadata={"format": "pt"})
+
+
+def test_fresh_reward_head_is_said_once_in_ucais_words(tmp_path, tiny_model, collect, caplog):
+    from ucai.models import load_sequence_classifier
+
+    report = collect("transformers.modeling_utils")
+    _save_causal_lm(tmp_path, tiny_model)
+    with caplog.at_level(logging.INFO, logger="ucai.models"):
+        load_sequence_classifier(str(tmp_path))
+    assert not any("LOAD REPORT" in m for m in report.messages)
+    ours = [r.getMessage() for r in caplog.records if r.name == "ucai.models"]
+    assert len(ours) == 1 and ours[0].startswith("reward head score.weight initialised fresh (expected")
+
+
+def test_a_missing_backbone_weight_keeps_transformers_report(tmp_path, tiny_model, collect, caplog):
+    from ucai.models import load_sequence_classifier
+
+    report = collect("transformers.modeling_utils")
+    _save_causal_lm(tmp_path, tiny_model, drop="model.norm.weight")
+    with caplog.at_level(logging.INFO, logger="ucai.models"):
+        load_sequence_classifier(str(tmp_path))
+    assert any("LOAD REPORT" in m and "model.norm.weight" in m and "score.weight" in m for m in report.messages)
+    assert not any("initialised fresh" in r.getMessage() for r in caplog.records)
+
+
+def test_a_reward_model_checkpoint_without_its_head_keeps_the_report(tmp_path, collect):
+    from ucai.models import fresh_head_keys, load_sequence_classifier
+
+    model = load_sequence_classifier("tiny-llama")
+    model.config.architectures = ["LlamaForSequenceClassification"]
+    # The head of a trained reward model must be in its checkpoint; missing, it is news.
+    assert fresh_head_keys(model, {"missing_keys": {"score.weight"}}) is None
+    assert fresh_head_keys(model, {"missing_keys": set()}) is None
+    model.config.architectures = ["LlamaForCausalLM"]
+    assert fresh_head_keys(model, {"missing_keys": {"score.weight"}, "unexpected_keys": {"lm_head.weight"}}) == [
+        "score.weight"
+    ]
+    assert fresh_head_keys(model, {"missing_keys": {"score.weight"}, "mismatched_keys": [("x", 1, 2)]}) is None
+
+
+# --------------------------------------------------------------------------- resumed prediction
+
+
+def test_a_resumed_prediction_with_nothing_left_says_so(tmp_path, caplog, monkeypatch):
+    from ucai.stages.generation import ResumableJsonlWriter
+
+    calls = []
+    monkeypatch.setattr(quiet, "expect_empty_dataloader", lambda: calls.append(1))
+    output = tmp_path / "out.jsonl"
+    writer = ResumableJsonlWriter(output)
+    writer._shard(0).append([{"id": "a"}, {"id": "b"}])
+
+    class _Data:
+        all_ids = ["a", "b"]
+
+        def skip_ids(self, ids):
+            self.skipped = set(ids)
+
+    data = _Data()
+    trainer = SimpleNamespace(datamodule=data, is_global_zero=True)
+    with caplog.at_level(logging.INFO, logger="ucai.stages.generation"):
+        writer.setup(trainer, None, "predict")
+    assert data.skipped == {"a", "b"} and calls == [1]
+    assert "nothing left to generate: all 2 rows are already written" in caplog.text
+    # One row still to do: an ordinary resume, Lightning's warnings untouched.
+    data.all_ids = ["a", "b", "c"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ucai.stages.generation"):
+        writer.setup(trainer, None, "predict")
+    assert calls == [1] and "resuming: 2 rows already" in caplog.text

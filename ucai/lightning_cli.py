@@ -1,0 +1,77 @@
+"""The LightningCLI behind ``ucai fit|predict|test``.
+
+Kept apart from `ucai.cli` because importing Lightning costs seconds: ``ucai pipeline``
+hands off to `ucai.pipeline` without it, and `ucai.cli` imports this module only when
+a Lightning subcommand (or its help) runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "lightning_logs", "name": "ucai"},
+    },
+}
+
+DESCRIPTION = (
+    "ucai: Constitutional AI and its mirror image as Lightning stages. "
+    "Subcommands: fit (sft, reward, ppo), predict (categorise, critique-revision, preferences), "
+    "test (evaluation, judge check); `ucai pipeline --config configs/pipeline/demo.yaml` runs every stage."
+)
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Save the resolved config into the run's log folder; with no logger there is no
+    run folder, so nothing is written (rather than a stray config.yaml in the cwd)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
+
+
+def stage_listing(stage_classes: Mapping[str, str]) -> str:
+    """One help paragraph naming ucai's model and data classes.
+
+    jsonargparse lists "known subclasses" only among classes already imported, and the
+    help path does not import the stages (seconds of transformers and peft), so the
+    names come from `ucai.cli.STAGE_CLASSES` instead.
+    """
+    models = [name for name in stage_classes if not name.endswith("DataModule")]
+    data = [name for name in stage_classes if name.endswith("DataModule")]
+    return (
+        f"ucai models (--model NAME): {', '.join(models)}. "
+        f"ucai data (--data NAME): {', '.join(data)}. "
+        "A config may name them by full class_path instead (ucai.stages.sft.SFTModule)."
+    )
+
+
+class UcaiCLI(LightningCLI):
+    """LightningCLI with ucai's defaults: subclass mode, TensorBoard, overwrite-able configs."""
+
+    def __init__(
+        self, args: Sequence[str] | None = None, run: bool = True, stage_classes: Mapping[str, str] | None = None
+    ):
+        parser_kwargs: dict = {"prog": "ucai", "description": DESCRIPTION}
+        if stage_classes:
+            listing = stage_listing(stage_classes)
+            for subcommand in self.subcommands():
+                parser_kwargs[subcommand] = {"epilog": listing}
+        super().__init__(
+            model_class=None,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=RunConfigSaver,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=0,
+            parser_kwargs=parser_kwargs,
+            args=args,
+            run=run,
+        )

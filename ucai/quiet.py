@@ -1,0 +1,182 @@
+"""A quiet console: exact-message filters for other libraries' known-harmless output.
+
+A stage's console should carry what the user needs to know. Each entry below names one
+message that Lightning, transformers, torch or bitsandbytes prints on every ucai run
+although nothing is wrong, why it is harmless here, and where it comes from. A filter
+matches the opening words of one exact message (and, for warnings, the category and
+the module that warns), never a whole category or logger, so any other warning from
+the same place still shows. Where the user should know something, ucai says it once in its own words at the
+place that knows (see `ucai.models.load_sequence_classifier` for the fresh reward head
+and `ucai.stages.generation.ResumableJsonlWriter` for a resumed run with nothing left).
+
+`install` is called by the ``ucai`` command; importing ucai as a library changes nothing.
+``UCAI_QUIET=0`` in the environment turns the filters off, to see everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KnownWarning:
+    """A ``warnings.warn`` message: its start, category and the module it is attributed to."""
+
+    message: str
+    category: type[Warning]
+    module: str
+    why: str
+
+    def ignore(self) -> None:
+        warnings.filterwarnings(
+            "ignore", message=re.escape(self.message), category=self.category, module=re.escape(self.module) + "$"
+        )
+
+
+@dataclass(frozen=True)
+class KnownLogRecord:
+    """A logging record: the logger it is sent to and the start of its message (or the
+    whole message, when ``whole``)."""
+
+    logger: str
+    message: str
+    why: str
+    whole: bool = False
+
+
+KNOWN_WARNINGS = (
+    KnownWarning(
+        # torch deprecates LeafSpec; Lightning's own pytree copy still builds one for
+        # every batch it moves to the device. Nothing for a ucai user to change.
+        "`isinstance(treespec, LeafSpec)` is deprecated",
+        FutureWarning,
+        "lightning.pytorch.utilities._pytree",
+        "Lightning's pytree helper uses a torch API deprecated after its release",
+    ),
+    KnownWarning(
+        # peft reads the deprecated property name when it wraps a model in LoRA.
+        "`is_gradient_checkpointing` is deprecated",
+        FutureWarning,
+        "transformers.modeling_utils",
+        "peft reads transformers' old property name when it adds LoRA",
+    ),
+    KnownWarning(
+        # ucai's data modules return [] from val_dataloader when there is no validation
+        # split (they log the train/val counts themselves); [] is Lightning's way to skip
+        # the loop. An empty DataLoader (a class, not a list) still warns.
+        "Total length of `list` across ranks is zero.",
+        UserWarning,
+        "lightning.pytorch.utilities.data",
+        "an empty list from val_dataloader is how a stage without validation data skips the loop",
+    ),
+    KnownWarning(
+        # PPO has no validation step but shares PromptDataModule with the stages that
+        # read its held-out split; Lightning never calls the loader.
+        "You passed in a `val_dataloader` but have no `validation_step`. Skipping val loop.",
+        UserWarning,
+        "lightning.pytorch.trainer.configuration_validator",
+        "PPO's prompt data module also offers a validation split, which PPO does not use",
+    ),
+    KnownWarning(
+        # A 13-line advice printed at every PPO checkpoint: PPO optimises manually, and
+        # its checkpoint after the step is the state a resumed run must continue from
+        # (tests/test_resume.py checks resumed == uninterrupted).
+        "Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
+        "pre-optimization state was saved.",
+        UserWarning,
+        "lightning.pytorch.callbacks.model_checkpoint",
+        "PPO checkpoints the state after its optimiser step on purpose",
+    ),
+)
+
+# Lightning's rank_zero_info sends to the logger its importing package set last; both
+# names are covered so the filter holds whichever of lightning.pytorch/fabric won.
+_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+KNOWN_LOG_RECORDS = (
+    *(
+        KnownLogRecord(
+            name,
+            "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]",
+            "an advertisement for Lightning's cloud service, printed by every Trainer",
+        )
+        for name in _RANK_ZERO_LOGGERS
+    ),
+    *(
+        KnownLogRecord(
+            name,
+            "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels]",
+            "an advertisement for Lightning's model registry, printed when a ModelCheckpoint is used",
+        )
+        for name in _RANK_ZERO_LOGGERS
+    ),
+    *(
+        KnownLogRecord(
+            # Generating stages replace the default progress bar by one that shows
+            # prompts/s and tokens/s. Only this exact message: an override of any other
+            # callback is still reported.
+            name,
+            "The following callbacks returned in `LightningModule.configure_callbacks` will override "
+            "existing callbacks passed to Trainer: RichProgressBar",
+            "ucai's generating stages swap the default progress bar for one with throughput",
+            whole=True,
+        )
+        for name in _RANK_ZERO_LOGGERS
+    ),
+    KnownLogRecord(
+        # Logged when bitsandbytes is imported (by peft) on a CPU with AVX512-BF16: its
+        # optional CPU 4-bit kernel comes from the `kernels` hub package. ucai only uses
+        # 4-bit weights on CUDA (quantization 'nf4' is refused without a GPU).
+        "bitsandbytes.backends.cpu.ops",
+        "Failed to load CPU gemm_4bit_forward from kernels-community",
+        "an optional CPU 4-bit kernel that ucai never uses",
+    ),
+)
+
+
+class _DropKnown(logging.Filter):
+    """Drops the records of ``known`` (one logger's entries); passes all others."""
+
+    def __init__(self, known: tuple[KnownLogRecord, ...]):
+        super().__init__()
+        self.whole = {k.message for k in known if k.whole}
+        self.prefixes = tuple(k.message for k in known if not k.whole)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is not ours to judge; let logging report it
+            return True
+        return not (message in self.whole or message.startswith(self.prefixes))
+
+
+def install() -> None:
+    """Silence every known-harmless message above; calling it again changes nothing."""
+    if os.environ.get("UCAI_QUIET", "1") == "0":
+        return
+    for known in KNOWN_WARNINGS:
+        known.ignore()  # an identical filter replaces the earlier copy
+    by_logger: dict[str, list[KnownLogRecord]] = {}
+    for record in KNOWN_LOG_RECORDS:
+        by_logger.setdefault(record.logger, []).append(record)
+    for name, known in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnown) for f in logger.filters):
+            logger.addFilter(_DropKnown(tuple(known)))
+
+
+EMPTY_DATALOADER = "Total length of `DataLoader` across ranks is zero."
+
+
+def expect_empty_dataloader() -> None:
+    """Silence Lightning's zero-length warning for a run whose loader is empty by design
+    (a resumed prediction with every row already written); the caller says so itself."""
+    if os.environ.get("UCAI_QUIET", "1") == "0":
+        return
+    warnings.filterwarnings(
+        "ignore", message=re.escape(EMPTY_DATALOADER), category=UserWarning, module="lightning\\.pytorch\\.utilities\\.data$"
+    )
