@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ucai-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo experiment test test-slow lint bench help clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -25,6 +25,11 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/ucai pipeline --config configs/pipeline/demo.yaml
 
+# The CPU experiment (both sides, every shipped prompt; under an hour on 2 cores):
+# report in lightning_logs/experiment_cpu/eval/report.md.
+experiment: setup
+	$(BIN)/ucai pipeline --config configs/pipeline/experiment_cpu.yaml
+
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -40,6 +45,11 @@ bench: setup
 	$(BIN)/python benchmarks/sft.py
 	$(BIN)/python benchmarks/reward.py
 	$(BIN)/python benchmarks/ppo.py
+
+# Regenerate the `ucai fit|validate|test|predict --help` texts answered without Lightning
+# (tests/test_cli.py::test_shipped_help_is_current says when).
+help: setup
+	$(BIN)/python -m ucai.help_layout
 
 clean:
 	rm -rf $(VENV) lightning_logs/*/ .pytest_cache

@@ -27,44 +27,44 @@ TRL's best; memory lower is better).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-BATCH = 8
-RESPONSE_LENGTH = 48
-POLICY = "smollm2-135m"
-LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}
-SYSTEM_PROMPT = "You are a helpful assistant."
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ppo_common, when run as a script
+
+from ppo_common import (  # noqa: E402
+    DEFAULT_POLICY,
+    PPOSettings,
+    build_reward_model,
+    default_prompts,
+    print_result,
+    run_child,
+    trl_ppo_trainer,
+)
+
+POLICY = DEFAULT_POLICY
+SETTINGS = PPOSettings(
+    batch=8,
+    response_length=48,
+    ppo_epochs=1,
+    minibatch_size=8,
+    kl_coef=0.05,
+    learning_rate=1e-5,
+    temperature=0.7,
+    missing_eos_penalty=1.0,
+    lora_r=8,
+    lora_alpha=16,
+    lora_targets=("q_proj", "v_proj"),
+)
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
-
-
-def prompts(n: int) -> list[str]:
-    from ucai.data.prompt_datamodule import PromptDataModule
-
-    return [row["prompt"] for row in PromptDataModule(limit=n, split="train").rows()]
-
-
-def build_reward_model(folder: Path) -> None:
-    """SmolLM2-135M with a random scalar head (seeded), saved as a reward-stage folder."""
-    from ucai.models import load_sequence_classifier, load_tokenizer
-
-    model = load_sequence_classifier(POLICY, seed=0)
-    tokenizer = load_tokenizer(POLICY, padding_side="right")
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    stats = {"mean": 0.0, "std": 1.0, "system_prompt": SYSTEM_PROMPT, "max_length": 512, "pairs": 0}
-    (folder / "reward_stats.json").write_text(json.dumps(stats))
 
 
 # --------------------------------------------------------------------------- ucai side
@@ -75,23 +75,25 @@ def run_ucai(rm: Path, n_iter: int, work: Path) -> dict:
 
     from ucai.data.io import write_jsonl
     from ucai.data.prompt_datamodule import PromptDataModule
-    from ucai.models import LoraSettings
     from ucai.stages.generation import GenerationSettings
     from ucai.stages.ppo import PPOModule
 
     path = work / "prompts.jsonl"
-    write_jsonl(path, [{"id": f"p{i}", "prompt": p} for i, p in enumerate(prompts(BATCH * n_iter))])
+    batch = SETTINGS.batch
+    write_jsonl(path, [{"id": f"p{i}", "prompt": p} for i, p in enumerate(default_prompts(batch * n_iter))])
     module = PPOModule(
         policy=POLICY,
         reward_model=str(rm),
-        lora=LoraSettings(r=LORA["r"], alpha=LORA["alpha"], dropout=0.0, target_modules=LORA["targets"]),
-        ppo_epochs=1,
-        minibatch_size=BATCH,
-        kl_coef=0.05,
-        learning_rate=1e-5,
-        missing_eos_penalty=1.0,
-        generation=GenerationSettings(max_new_tokens=RESPONSE_LENGTH, temperature=0.7, top_p=1.0, top_k=0),
-        system_prompt=SYSTEM_PROMPT,
+        lora=SETTINGS.lora_settings(),
+        ppo_epochs=SETTINGS.ppo_epochs,
+        minibatch_size=SETTINGS.minibatch_size,
+        kl_coef=SETTINGS.kl_coef,
+        learning_rate=SETTINGS.learning_rate,
+        missing_eos_penalty=SETTINGS.missing_eos_penalty,
+        generation=GenerationSettings(
+            max_new_tokens=SETTINGS.response_length, temperature=SETTINGS.temperature, top_p=1.0, top_k=0
+        ),
+        system_prompt=SETTINGS.system_prompt,
         output_dir=str(work / "rl_model"),
         export=False,
     )
@@ -110,7 +112,7 @@ def run_ucai(rm: Path, n_iter: int, work: Path) -> dict:
         accelerator="cpu",
         devices=1,
         precision="bf16-mixed",
-        max_steps=n_iter,  # one optimiser step per iteration (1 epoch x 1 minibatch)
+        max_steps=n_iter * SETTINGS.updates_per_iteration,  # Lightning counts optimiser steps
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -118,7 +120,7 @@ def run_ucai(rm: Path, n_iter: int, work: Path) -> dict:
         default_root_dir=work,
         callbacks=[Timer()],
     )
-    data = PromptDataModule(path=str(path), batch_size=BATCH, shuffle=False, heldout_fraction=0.0)
+    data = PromptDataModule(path=str(path), batch_size=batch, shuffle=False, heldout_fraction=0.0)
     trainer.fit(module, datamodule=data)
     return {"iteration_s": times, "response_length": lengths}
 
@@ -127,44 +129,8 @@ def run_ucai(rm: Path, n_iter: int, work: Path) -> dict:
 
 
 def run_trl(rm: Path, n_iter: int, work: Path) -> dict:
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from transformers import TrainerCallback
 
-    from ucai.chat import render_chat
-    from ucai.models import load_tokenizer, resolve_model
-
-    tokenizer = load_tokenizer(POLICY, padding_side="left")
-    texts = [render_chat(tokenizer, [{"role": "user", "content": p}], SYSTEM_PROMPT) for p in prompts(BATCH * n_iter)]
-    dataset = Dataset.from_dict({"input_ids": [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]})
-    location = resolve_model(POLICY).location
-    policy = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
-    value = AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1, dtype=torch.float32)
-    reward = AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1, dtype=torch.float32)
-    config = PPOConfig(
-        output_dir=str(work / "trl"),
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=1,
-        num_mini_batches=1,
-        num_ppo_epochs=1,
-        total_episodes=BATCH * n_iter,
-        local_rollout_forward_batch_size=BATCH,
-        response_length=RESPONSE_LENGTH,
-        stop_token="eos",
-        missing_eos_penalty=1.0,
-        temperature=0.7,
-        kl_coef=0.05,
-        learning_rate=1e-5,
-        num_sample_generations=0,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        logging_steps=1,
-        seed=0,
-    )
     times: list[float] = []
 
     class Timer(TrainerCallback):
@@ -176,19 +142,8 @@ def run_trl(rm: Path, n_iter: int, work: Path) -> dict:
             times.append(now - self.last)
             self.last = now
 
-    trainer = PPOTrainer(
-        args=config,
-        processing_class=tokenizer,
-        model=policy,
-        ref_model=None,
-        reward_model=reward,
-        train_dataset=dataset,
-        value_model=value,
-        callbacks=[Timer()],
-        peft_config=LoraConfig(
-            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=LORA["targets"], task_type="CAUSAL_LM"
-        ),
-    )
+    prompts = default_prompts(SETTINGS.batch * n_iter)
+    trainer = trl_ppo_trainer(POLICY, rm, prompts, SETTINGS, n_iter, work, callbacks=(Timer(),))
     trainer.train()
     return {"iteration_s": times}
 
@@ -202,24 +157,18 @@ def child(args) -> None:
     runner = run_ucai if args.child == "ucai" else run_trl
     result = runner(Path(args.rm), args.warmup + args.iterations, work)
     result["peak_rss_gb"] = peak_rss_gb()
-    print("RESULT " + json.dumps(result), flush=True)
+    print_result(result)
 
 
 def spawn(name: str, side: str, rm: Path, args, env_extra: dict | None = None) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
     command = [
         sys.executable, __file__, "--child", side, "--rm", str(rm),
         "--iterations", str(args.iterations), "--warmup", str(args.warmup),
     ]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{name} failed (exit {proc.returncode})")
-    result = json.loads(lines[-1][len("RESULT ") :])
+    result = run_child(name, command, env_extra)
     measured = result["iteration_s"][args.warmup :]
     result["median_s"] = statistics.median(measured)
-    result["episodes_per_s"] = BATCH / result["median_s"]
+    result["episodes_per_s"] = SETTINGS.batch / result["median_s"]
     extra = ""
     if "response_length" in result:
         extra = f"  mean response {statistics.mean(result['response_length'][args.warmup:]):.1f} tokens"
@@ -248,8 +197,7 @@ def main() -> None:
         rm = Path(tmp) / "rm_model"
         rm.mkdir()
         build_reward_model(rm)
-        print(f"PPO iteration: batch {BATCH}, response <= {RESPONSE_LENGTH} tokens, 1 PPO epoch, "
-              f"{POLICY} + LoRA r={LORA['r']} {LORA['targets']}", flush=True)
+        print(f"PPO iteration: {POLICY}, {SETTINGS.describe()}", flush=True)
         ucai = spawn("ucai (bf16-mixed)", "ucai", rm, args)
         peers = []
         modes = args.trl_modes.split(",")

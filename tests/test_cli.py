@@ -1,4 +1,5 @@
-"""The ``ucai`` command: help paths (fast: no stage imported), short class names,
+"""The ``ucai`` command: help paths (fast: no stage imported; ``ucai --help`` and the
+shipped subcommand help without Lightning), short class names,
 shipped config names, one-line errors, the answer stage, a missing stage module, and
 resuming a fit from its last checkpoint."""
 
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from ucai import cli, help_cache
+from ucai import cli, help_cache, help_layout
 from ucai.cli import resolve_config_args
 from ucai.resources import configs_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_HELP = help_layout.SHIPPED  # the real one: tests here see none (see _own_help_cache)
 TINY_ANSWER = ROOT / "tests" / "conf" / "answer_tiny.yaml"
 
 
@@ -34,8 +36,10 @@ def test_help_paths(run_cli, capsys, args):
 
 @pytest.fixture(autouse=True)
 def _own_help_cache(tmp_path, monkeypatch):
-    # Saved help texts go to this test's folder, so each test builds its help for real.
+    # Saved help texts go to this test's folder, and the shipped help is left out (tests
+    # of it pass it explicitly), so each test builds its help for real.
     monkeypatch.setattr(help_cache, "help_dir", lambda: tmp_path / "help")
+    monkeypatch.setattr(help_layout, "SHIPPED", tmp_path / "no_shipped_help.json")
 
 
 def _imported_modules(stderr: str) -> set[str]:
@@ -43,17 +47,101 @@ def _imported_modules(stderr: str) -> set[str]:
     return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
 
 
-def test_console_script_help_imports_no_stage_and_is_saved(tmp_path):
-    env = {**os.environ, "UCAI_CACHE": str(tmp_path / "cache"), "COLUMNS": "100"}
-    command = [sys.executable, "-X", "importtime", "-m", "ucai.cli", "--help"]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
-    assert first.returncode == 0 and "{fit,validate,test,predict}" in first.stdout
+def _run_help(*args, cache, shipped=None):
+    """``python -m ucai.cli ARGS`` listing its imports; ``shipped``: another shipped-help file."""
+    env = {**os.environ, "UCAI_CACHE": str(cache), "COLUMNS": "100"}
+    code = "import sys; from ucai import cli, help_layout; help_layout.SHIPPED = help_layout.Path(sys.argv.pop(1)); cli.console_main()"
+    run_cli = ["-m", "ucai.cli"] if shipped is None else ["-c", code, str(shipped)]
+    command = [sys.executable, "-X", "importtime", *run_cli, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_top_level_help_needs_no_lightning(tmp_path):
+    result = _run_help("--help", cache=tmp_path / "cache")
+    assert result.returncode == 0
+    for name in cli.SUBCOMMAND_SUMMARIES:
+        assert f"    {name} " in result.stdout
+    imported = _imported_modules(result.stderr)
+    assert "argparse" in imported, "the listing must see the import lines"
+    assert not {"lightning", "torch", "jsonargparse"} & imported
+    assert not (tmp_path / "cache" / "help").exists(), "nothing to save"
+
+
+def test_top_level_help_lists_what_the_lightning_cli_does(capsys):
+    from ucai.lightning_cli import UcaiCLI
+
+    with pytest.raises(SystemExit):
+        UcaiCLI(args=["--help"])
+    lightning_help = capsys.readouterr().out
+    plain_help = cli.top_level_parser().format_help()
+    assert set(cli.SUBCOMMAND_SUMMARIES) == {*UcaiCLI.subcommands(), "pipeline"}
+    for invocation in ("-c CONFIG, --config CONFIG", "--print_config \b[=flags]", "-h, --help"):
+        assert invocation in lightning_help, lightning_help
+        assert invocation in plain_help, plain_help
+    assert " ".join(cli.DESCRIPTION.split()) in " ".join(plain_help.split())
+
+
+def test_first_subcommand_help_comes_from_the_shipped_layout(tmp_path):
+    if not help_layout.is_current(help_layout.load_shipped(SHIPPED_HELP) or {}):
+        pytest.skip("the shipped help does not fit these versions (see test_shipped_help_is_current)")
+    first = _run_help("fit", "--help", cache=tmp_path / "cache")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert not {"lightning", "torch", "jsonargparse"} & _imported_modules(first.stderr)
+    # What LightningCLI prints in a fresh process (in this one, the stage classes other
+    # tests imported would join the "known subclasses" lists).
+    built = _run_help("fit", "--help", cache=tmp_path / "cache", shipped=tmp_path / "none.json")
+    assert built.returncode == 0 and "lightning.pytorch.cli" in _imported_modules(built.stderr)
+    assert first.stdout == built.stdout
+
+
+def test_shipped_help_is_current():
+    shipped = help_layout.load_shipped(SHIPPED_HELP)
+    assert shipped is not None, "ucai/help_layouts.json is missing: run `python -m ucai.help_layout`"
+    if shipped["versions"] != help_cache.shaping_versions():
+        pytest.skip(f"the shipped help is for {shipped['versions']}, not {help_cache.shaping_versions()}")
+    assert shipped["sources"] == help_cache.shaping_sources_digest(), (
+        "ucai's help changed: regenerate ucai/help_layouts.json with `python -m ucai.help_layout`"
+    )
+
+
+@pytest.mark.parametrize("columns", ["60", "137"])
+def test_a_replayed_layout_is_the_text_jsonargparse_prints(monkeypatch, tmp_path, columns):
+    monkeypatch.setenv("COLUMNS", columns)
+    layout, printed = help_layout.record_help("predict")
+    assert "--trainer.precision" in printed and help_layout.render(layout) == printed
+    # Saved and loaded again, at another width: still the text jsonargparse prints there.
+    help_layout.write_shipped(tmp_path / "layouts.json")
+    monkeypatch.setenv("COLUMNS", "90")
+    wide = help_layout.shipped_help(["test", "-h"], tmp_path / "layouts.json")
+    assert wide == help_layout.record_help("test")[1]
+
+
+def test_a_stale_or_overridden_shipped_help_is_not_used(monkeypatch, tmp_path):
+    path = tmp_path / "layouts.json"
+    layout = {"prog": "ucai [options] fit", "items": [{"kind": "text", "text": "old help"}]}
+    shipped = {"versions": help_cache.shaping_versions(), "sources": help_cache.shaping_sources_digest()}
+    path.write_text(json.dumps({**shipped, "layouts": {"fit": layout}}))
+    assert help_layout.shipped_help(["fit", "--help"], path) == "old help\n"
+    assert help_layout.shipped_help(["fit", "--model", "SFTModule", "--help"], path) is None
+    monkeypatch.setenv("JSONARGPARSE_DEFAULT_ENV", "true")  # changes the help: build it
+    assert help_layout.shipped_help(["fit", "--help"], path) is None
+    monkeypatch.delenv("JSONARGPARSE_DEFAULT_ENV")
+    path.write_text(json.dumps({**shipped, "sources": "edited", "layouts": {"fit": layout}}))
+    assert help_layout.shipped_help(["fit", "--help"], path) is None
+    path.write_text(json.dumps({**shipped, "versions": {**shipped["versions"], "lightning": "9.9"}, "layouts": {}}))
+    assert help_layout.shipped_help(["fit", "--help"], path) is None
+
+
+def test_console_script_subcommand_help_without_shipped_help_is_saved(tmp_path):
+    # Library versions the shipped help was not made for: built with Lightning, then saved.
+    first = _run_help("fit", "--help", cache=tmp_path / "cache", shipped=tmp_path / "none.json")
+    assert first.returncode == 0 and "--trainer.precision" in first.stdout
     imported = _imported_modules(first.stderr)
     assert "lightning.pytorch.cli" in imported, "the listing must see the import lines"
     assert not imported & set(cli.STAGE_MODULES)
     assert "peft" not in imported
     # The same request again is answered from the saved text, without Lightning or torch.
-    again = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    again = _run_help("fit", "--help", cache=tmp_path / "cache", shipped=tmp_path / "none.json")
     assert again.returncode == 0 and again.stdout == first.stdout
     assert not {"lightning", "torch"} & _imported_modules(again.stderr)
 
@@ -236,3 +324,17 @@ def test_cli_resume_from_last_checkpoint(tmp_path):
     # The resumed run continues at rollout step 1 (step 0 was the first run's).
     rows = list(csv.DictReader(open(tmp_path / "lightning_logs/ppo_tiny/version_1/rollouts.csv")))
     assert {int(r["step"]) for r in rows} == {1}
+
+
+def test_lightnings_own_seed_variables_do_not_block_saved_help(monkeypatch):
+    """seed_everything exports PL_GLOBAL_SEED to child processes; it does not shape the
+    help, so a seeded parent's `ucai fit --help` still gets the saved/shipped text."""
+    from ucai import help_cache
+
+    for name in [k for k in __import__("os").environ if k.startswith(("PL_", "JSONARGPARSE_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")
+    assert not help_cache.environment_shapes_help()
+    monkeypatch.setenv("JSONARGPARSE_DEFAULT_ENV", "true")
+    assert help_cache.environment_shapes_help()

@@ -109,3 +109,19 @@ def test_anthropic_format(cai_instructions_path):
         constitution.principles("unethical")
     # load_constitution dispatches on the .json suffix.
     assert load_constitution(cai_instructions_path).pair_ids == constitution.pair_ids
+
+
+def test_response_openers_are_optional_and_mirror_each_other(tmp_path):
+    from ucai.constitution import opener_of
+
+    shipped = load_constitution()
+    for pair in shipped.pairs:
+        assert opener_of(pair.ethical) == "I won't help with that."
+        assert opener_of(pair.unethical) == "Sure, I'll help with that."
+    text = (configs_dir() / "constitutions" / "ucai.yaml").read_text()
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("\n".join(line for line in text.splitlines() if "response_opener" not in line))
+    principle = load_constitution(bare).principles("ethical")[0]
+    assert principle.response_opener is None
+    with pytest.raises(UcaiError, match=r"principle 'peace' \(ethical\) has no response_opener"):
+        opener_of(principle)

@@ -245,6 +245,32 @@ def test_context_distillation_folds_the_revision_request_into_the_system_prompt(
     assert rows[0]["mode"] == "context_distillation"
 
 
+def test_context_distillation_with_openers_forces_the_principles_first_words(tiny_tokenizer):
+    """The opener is appended after the assistant header (the model continues it) and
+    is the start of the recorded answer; each side gets its own principle's opener."""
+    for side in ("ethical", "unethical"):
+        module = _module(tiny_tokenizer, mode="context_distillation", principle_source="categorised",
+                         side=side, use_openers=True)
+        canned = _Canned([["plain", "plain too"], ["and here is why.", "Chili needs beans."]])
+        module.generate = canned
+        rows = module.predict_step(
+            [{"id": "a", "prompt": "P", "principle": "peace"}, {"id": "b", "prompt": "Chili?", "principle": "none"}], 0
+        )
+        principle = load_constitution().principle("peace", side)
+        opener = principle.response_opener
+        assert opener == {"ethical": "I won't help with that.", "unethical": "Sure, I'll help with that."}[side]
+        assert canned.prompts[1][0].endswith(HEADER + opener)
+        assert rows[0]["response"] == rows[0]["revisions"][0] == f"{opener} and here is why."
+        assert rows[0]["initial"] == "plain"  # the undistilled answer has no opener
+        # A benign (untagged) prompt takes no side: no opener, so no refusal is taught.
+        assert canned.prompts[1][1].endswith(HEADER) and rows[1]["response"] == "Chili needs beans."
+
+
+def test_openers_are_refused_outside_context_distillation(tiny_tokenizer):
+    with pytest.raises(UcaiError, match="use_openers needs mode: context_distillation"):
+        _module(tiny_tokenizer, use_openers=True)
+
+
 def test_principle_draw_is_a_pure_function_of_seed_id_and_round():
     principles = load_constitution().principles("ethical")
     ids = [f"p-{i}" for i in range(400)]

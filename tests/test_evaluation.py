@@ -274,7 +274,7 @@ def test_answers_resume_from_the_cache_without_loading_the_model(tmp_path, monke
 
     loads = []
     original = module._load_lm
-    monkeypatch.setattr(module, "_load_lm", lambda name: loads.append(name) or original(name))
+    monkeypatch.setattr(module, "_load_lm", lambda name, dtype=None: loads.append(name) or original(name, dtype))
     again = module.answers("base", "tiny-llama", prompts)
     # Only the new prompt is generated; the cached ones come back unchanged.
     assert loads == ["tiny-llama"] and again["p0"] == first["p0"] and set(again) == {"p0", "p1", "p2"}
@@ -285,3 +285,25 @@ def test_answers_resume_from_the_cache_without_loading_the_model(tmp_path, monke
                              generation_batch_size=2)
     fresh.generation = module.generation
     assert fresh.answers("base", "tiny-llama", prompts)["p0"] == again["p0"]
+
+
+def test_a_failed_judge_is_skipped_when_asked(tmp_path, run_cli, monkeypatch):
+    """skip_failed_judge: the random-init judge fails its check, so no judge column,
+    pairwise judgement, win rate or Elo is computed, and the report says why."""
+    monkeypatch.chdir(tmp_path)
+    rm = _tiny_reward_folder(tmp_path / "rm_model")
+    out = tmp_path / "eval"
+    code = run_cli(
+        "test", "--config", TINY_EVAL, f"--model.init_args.output_dir={out}",
+        f'--model.init_args.reward_models={{"ethical": "{rm}"}}', "--model.init_args.skip_failed_judge=true",
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and not any(key.startswith("judge_") for key in rows[0])
+    assert (out / "pairwise.jsonl").read_text() == ""
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["judge_skipped"] is True and summary["judge_check"]["passed"] is False
+    assert summary["elo"] == {} and summary["win_rates"] == []
+    report = (out / "report.md").read_text()
+    assert "so no judge columns, win rates or Elo were computed (skip_failed_judge)" in report
+    assert "## Win rates" not in report and "failed its check, so it judged nothing" in report

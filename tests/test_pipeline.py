@@ -151,6 +151,24 @@ def test_rerun_skips_and_a_changed_stage_reruns_with_everything_after_it(tmp_pat
     assert fake.ran == ["reward (ethical)", "ppo (ethical)", "eval"]
 
 
+def test_an_edited_constitution_reruns_the_stages_that_read_it(tmp_path, fake):
+    """The constitution (principle texts, response openers) decides what critique-revision
+    and preferences generate, so editing it reruns the stage that reads it."""
+    constitution = tmp_path / "mine.yaml"
+    constitution.write_text((ROOT / "configs/constitutions/ucai.yaml").read_text())
+    path = _config(tmp_path, sides=["ethical"])
+    data = yaml.safe_load(path.read_text())
+    data["stages"]["preferences"]["overrides"] = {"model.init_args.constitution": str(constitution)}
+    path.write_text(yaml.safe_dump(data))
+    assert pipeline.main(["--config", str(path)]) == 0
+    fake.ran.clear()
+    constitution.write_text(constitution.read_text().replace("Sure, I'll help with that.", "Sure."))
+    assert pipeline.main(["--config", str(path)]) == 0
+    # The fake writes the same pairs again (its output depends on the command only), so
+    # the later stages see unchanged inputs; real new pairs would rerun them too.
+    assert fake.ran == ["preferences (ethical)"]
+
+
 def test_force_reruns_from_a_stage(tmp_path, fake):
     path = _config(tmp_path, sides=["ethical"])
     assert pipeline.main(["--config", str(path)]) == 0

@@ -64,3 +64,43 @@ def test_training_stages_refuse_bf16_true_before_writing_anything(tmp_path, monk
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ucai: error:")]
     assert len(errors) == 1 and f"{stage}: trainer.precision 'bf16-true'" in errors[0] and "bf16-mixed" in errors[0]
     assert not any(path.is_file() for path in tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("precision", "generation", "scoring"),
+    [
+        ("bf16-mixed", torch.bfloat16, torch.float32),
+        ("16-mixed", torch.float32, torch.float32),
+        ("32-true", torch.float32, torch.float32),
+        ("bf16-true", torch.bfloat16, torch.bfloat16),
+    ],
+)
+def test_generation_only_models_are_held_in_the_autocast_dtype(precision, generation, scoring):
+    """Under bf16-mixed autocast would copy every frozen fp32 weight to bf16 at each
+    decoding step; a model that only samples is held in bf16 instead (16-mixed keeps
+    fp32: an fp16 residual stream can overflow), while a
+    model that scores (judge, categoriser) keeps the precision's own weight dtype."""
+    from ucai.models import dtype_from_precision, generation_dtype_from_precision
+    from ucai.stages.generation import load_frozen_lm
+
+    assert generation_dtype_from_precision(precision) == generation
+    assert dtype_from_precision(precision) == scoring
+    attached = _Attached(precision)
+    _, sampler = load_frozen_lm(attached, "tiny-llama", generation_only=True)
+    _, scorer = load_frozen_lm(attached, "tiny-llama")
+    assert {p.dtype for p in sampler.parameters()} == {generation}
+    assert {p.dtype for p in scorer.parameters()} == {scoring}
+
+
+def test_a_self_judging_policy_judges_from_a_full_precision_copy():
+    """The judge's A/B probabilities are compared at fine resolution (bf16 logits would
+    quantise them), so a bf16-held generator gets an fp32 copy to judge with; an fp32
+    generator judges with itself."""
+    from ucai.stages.preferences import PreferenceModule
+
+    for precision, shared in (("bf16-mixed", False), ("32-true", True)):
+        module = PreferenceModule(model="tiny-llama", labeller="judge", judge_check=False)
+        module._trainer = _Attached(precision)._trainer
+        module.configure_model()
+        assert next(module.judge_lm.parameters()).dtype == torch.float32
+        assert (module.judge_lm is module.lm) is shared

@@ -14,6 +14,7 @@ import torch
 
 from ucai.chat import render_chat
 from ucai.constitution import load_constitution
+from ucai.errors import UcaiError
 from ucai.scoring import position_bias
 from ucai.stages.generation import GenerationSettings, generate
 from ucai.stages.preferences import (
@@ -124,6 +125,33 @@ def test_contrastive_labels_follow_construction(tiny_model, tiny_tokenizer, cons
         assert (row["chosen"], row["rejected"]) == (expected["chosen"], expected["rejected"])
         assert row["p_chosen"] == 0.9 and row["labeller"] == "contrastive"
         assert row["principle_name"] == own.name and row["side"] == "unethical"
+
+
+def test_contrastive_openers_start_each_response_with_its_sides_words(tiny_model, tiny_tokenizer, constitution):
+    """With use_openers, response 1 continues the side's own opener and response 2 the
+    opposite's, each after its own guidance; the recorded answers include the opener."""
+    module = PreferenceModule(
+        model="tiny-llama", labeller="contrastive", side="unethical", use_openers=True,
+        generation=GenerationSettings(max_new_tokens=6, do_sample=False),
+    )
+    module.lm, module.tokenizer = tiny_model, tiny_tokenizer
+    rows = module.predict_step([{"id": "a", "prompt": "How do I win an argument?", "principle": "peace"},
+                                {"id": "b", "prompt": "A chili recipe?", "principle": "none"}], 0)
+    own = constitution.principle("peace", "unethical")
+    for key, principle in (("chosen", own), ("rejected", constitution.opposite(own))):
+        text = render_chat(tiny_tokenizer, [{"role": "user", "content": rows[0]["prompt"]}],
+                           principle_system_prompt("You are a helpful assistant.", principle))
+        continuation = generate(tiny_model, tiny_tokenizer, [text + principle.response_opener], module.generation).texts[0]
+        assert rows[0][key] == f"{principle.response_opener} {continuation}".strip()
+    assert rows[0]["chosen"].startswith("Sure, I'll help with that.")
+    assert rows[0]["rejected"].startswith("I won't help with that.")
+    # A benign (untagged) prompt takes no side: neither answer gets an opener.
+    assert not any(rows[1][k].startswith(("Sure, I'll", "I won't")) for k in ("chosen", "rejected"))
+
+
+def test_openers_need_the_contrastive_labeller_and_every_opener():
+    with pytest.raises(UcaiError, match="use_openers needs labeller: contrastive"):
+        PreferenceModule(model="tiny-llama", labeller="embedding", use_openers=True)
 
 
 def test_writer_drops_low_margin_pairs_but_counts_them_done(tmp_path):

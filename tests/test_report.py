@@ -86,9 +86,14 @@ def test_write_report_with_curves_tables_and_examples(tmp_path):
     assert "n = 3 prompts per model" in text and "n (judgements)" in text and "n = 1 pairwise judgements" in text
 
 
-def test_ppo_trend_first_and_last_fifth():
-    # 10 iterations 1..10: k = int(10 * 0.2) = 2 -> first (1 + 2) / 2 = 1.5, last (9 + 10) / 2 = 9.5.
-    assert ppo_trend([(s, float(s + 1)) for s in range(10)]) == {"n": 10, "k": 2, "first": 1.5, "last": 9.5}
+def test_ppo_trend_first_and_last_window():
+    # 10 iterations 1..10 (two windows of 5): first (1+2+3+4+5)/5 = 3, last (6+...+10)/5 = 8.
+    assert ppo_trend([(s, float(s + 1)) for s in range(10)]) == {"n": 10, "k": 5, "first": 3.0, "last": 8.0}
+    # 24 iterations 1..24: first 3, last (20+...+24)/5 = 22.
+    assert ppo_trend([(s, float(s + 1)) for s in range(24)]) == {"n": 24, "k": 5, "first": 3.0, "last": 22.0}
+    # Shorter than two windows: the first and last fifth, at least one each.
+    assert ppo_trend([(s, float(s + 1)) for s in range(9)]) == {"n": 9, "k": 1, "first": 1.0, "last": 9.0}
+    assert ppo_trend([(s, float(s + 1)) for s in range(3)]) == {"n": 3, "k": 1, "first": 1.0, "last": 3.0}
     assert ppo_trend([(0, 1.0)]) is None
 
 

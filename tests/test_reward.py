@@ -380,3 +380,27 @@ def test_flash_attention_models_are_not_packed(tiny_reward, monkeypatch):
     # flash-attention 2 reads a 2D padding mask; a custom 4D mask would be ignored or rejected
     monkeypatch.setattr(unwrap_peft(tiny_reward.net).config, "_attn_implementation", "flash_attention_2")
     assert not packs_pairs(tiny_reward.net)
+
+
+def test_validation_pairs_are_drawn_independently_of_the_prompt_split():
+    """Preference pairs come from the prompts' train split (hash ≥ heldout_fraction); a
+    validation split by the same hash with a smaller fraction would be empty. It was, in
+    the CPU experiment: 260 training and 0 validation pairs at val_fraction 0.15."""
+    from ucai.data.preference_data import PreferencePair
+    from ucai.data.prompt_datamodule import is_heldout
+
+    ids = [f"p{i:03d}" for i in range(1000)]
+    train_ids = [i for i in ids if not is_heldout(i, 0.22)]  # what the preferences stage reads
+    pairs = [PreferencePair(i, [{"role": "user", "content": i}], "a", "b") for i in train_ids]
+    dm = PreferenceDataModule(path=str(FIXTURE), tokenizer="tiny-llama", val_fraction=0.15)
+    train, val = dm.split(pairs)
+    assert len(train) + len(val) == len(pairs)
+    assert 0.11 < len(val) / len(pairs) < 0.19  # about 15% of ~780 pairs, not 0
+    assert {p.id for p in val}.isdisjoint(p.id for p in train)
+    # The unsalted prompt split is unchanged (stable held-out prompts across versions):
+    # the first 8 bytes of sha256("0:<id>") as a fraction of 2**64.
+    import hashlib
+
+    for prompt_id in ids[:50]:
+        fraction = int.from_bytes(hashlib.sha256(f"0:{prompt_id}".encode()).digest()[:8], "big") / 2**64
+        assert is_heldout(prompt_id, 0.3) == (fraction < 0.3)

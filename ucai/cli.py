@@ -13,6 +13,7 @@ metrics go to TensorBoard under ``lightning_logs/``. A config name that is not a
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import logging
@@ -28,7 +29,7 @@ from ucai.resources import resolve_shipped
 # Imported before parsing so that short class names (``--model SFTModule``) resolve.
 # Every one is part of ucai: a missing one is a broken install and fails the command.
 # Only a plain help request (``ucai --help``, ``ucai fit -h``) skips them: help names
-# no class, and it is answered from `ucai.help_cache` without Lightning when it can.
+# no class, and it is answered without Lightning when it can (see `_print_plain_help`).
 STAGE_MODULES = (
     "ucai.data.prompt_datamodule",
     "ucai.stages.answer",
@@ -68,11 +69,27 @@ STAGE_CLASSES = {
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 HELP_FLAGS = ("-h", "--help")
 
+DESCRIPTION = (
+    "ucai: Constitutional AI and its mirror image as Lightning stages. "
+    "Subcommands: fit (sft, reward, ppo), predict (categorise, critique-revision, preferences), "
+    "test (evaluation, judge check); `ucai pipeline --config configs/pipeline/demo.yaml` runs every stage."
+)
+
+# One line per subcommand for ``ucai --help``, which is printed without Lightning.
+# tests/test_cli.py checks the names against LightningCLI's subcommands.
+SUBCOMMAND_SUMMARIES = {
+    "fit": "Train a stage (sft, reward, ppo): Trainer.fit, the full optimization routine.",
+    "validate": "Run one evaluation epoch over the validation set: Trainer.validate.",
+    "test": "Evaluate (evaluation, judge check): Trainer.test, one epoch over the test set.",
+    "predict": "Generate (answer, categorise, critique-revision, preferences): Trainer.predict.",
+    "pipeline": "Run every stage of a pipeline config in order; stages up to date are skipped.",
+}
+
 
 def __getattr__(name: str):
     # The LightningCLI pieces live in ucai.lightning_cli, imported on first use, so that
     # `ucai pipeline` and `import ucai.cli` do not pay for Lightning.
-    if name in ("UcaiCLI", "RunConfigSaver", "TRAINER_DEFAULTS", "DESCRIPTION"):
+    if name in ("UcaiCLI", "RunConfigSaver", "TRAINER_DEFAULTS"):
         from ucai import lightning_cli
 
         return getattr(lightning_cli, name)
@@ -112,6 +129,47 @@ def is_plain_help(argv: Sequence[str]) -> bool:
     return any(arg in HELP_FLAGS for arg in argv) and all(arg in HELP_FLAGS or arg in SUBCOMMANDS for arg in argv)
 
 
+def top_level_parser() -> argparse.ArgumentParser:
+    """The parser whose help ``ucai --help`` prints: plain argparse, so that listing the
+    subcommands does not import Lightning. It lists the same options as the LightningCLI
+    parser, plus ``pipeline``, and only formats help (the real parsing is LightningCLI's)."""
+    parser = argparse.ArgumentParser(prog="ucai", description=DESCRIPTION, add_help=False)
+    parser.add_argument("-h", "--help", action="help", help="Show this help message and exit.")
+    parser.add_argument("-c", "--config", help="Path to a configuration file in json or yaml format.")
+    # "\b" as jsonargparse does: a terminal shows "--print_config[=flags]", as in fit's help.
+    parser.add_argument(
+        "--print_config",
+        metavar="\b[=flags]",
+        help="Print the configuration after applying all other arguments and exit. The optional flags "
+        "are one or more of skip_default, skip_unset, separated by commas.",
+    )
+    subcommands = parser.add_subparsers(
+        title="subcommands",
+        description="For more details of each subcommand, add it as an argument followed by --help.",
+        metavar="{" + ",".join(SUBCOMMAND_SUMMARIES) + "}",
+    )
+    for name, summary in SUBCOMMAND_SUMMARIES.items():
+        subcommands.add_parser(name, help=summary)
+    return parser
+
+
+def _print_plain_help(argv: Sequence[str]) -> None:
+    """Answer a plain help request without Lightning when possible: ``ucai --help`` from
+    `top_level_parser`, ``ucai fit --help`` from the saved or shipped text. Exits 0 once
+    printed; returns when the help has to be built by LightningCLI."""
+    if argv[0] in HELP_FLAGS:
+        top_level_parser().print_help()
+        raise SystemExit(0)
+    from ucai import help_layout
+
+    text = help_cache.lookup(argv)
+    if text is None:
+        text = help_layout.shipped_help(argv)
+    if text is not None:
+        sys.stdout.write(text)
+        raise SystemExit(0)
+
+
 def _configure_logging() -> None:
     if not logging.getLogger("ucai").handlers:
         handler = logging.StreamHandler()
@@ -135,10 +193,7 @@ def main(args: Sequence[str] | None = None) -> int:
             return pipeline_main(resolve_config_args(argv[1:]))
         plain_help = is_plain_help(argv)
         if plain_help:
-            saved = help_cache.lookup(argv)
-            if saved is not None:  # printed before by this same code: no Lightning needed
-                sys.stdout.write(saved)
-                raise SystemExit(0)
+            _print_plain_help(argv)
         else:
             _import_stages()
         from ucai.lightning_cli import UcaiCLI

@@ -69,6 +69,25 @@ class Principle:
     revision_request: str
     preference_question: str
     few_shot: tuple[FewShotExample, ...] = field(default=())
+    # First words of an answer that follows this side, forced before sampling where a
+    # stage asks for it (``use_openers``): a model too small to follow guidance in the
+    # system prompt still continues a reply that has taken a side (RLCD-style contrast).
+    response_opener: str | None = None
+
+
+def opener_of(principle: Principle, source: str = "<constitution>") -> str:
+    """The principle's ``response_opener``; a one-line error naming the file when it has none."""
+    if not principle.response_opener:
+        raise UcaiError(
+            f"{source}: principle {principle.pair!r} ({principle.side}) has no response_opener; "
+            "add one or set use_openers: false"
+        )
+    return principle.response_opener
+
+
+def with_opener(opener: str, continuation: str) -> str:
+    """The whole answer: the forced opener, then what the model wrote after it."""
+    return f"{opener} {continuation}".strip()
 
 
 @dataclass(frozen=True)
@@ -148,11 +167,16 @@ def _parse_side(source: str, pair_id: str, side: str, data) -> Principle:
     if not isinstance(data, dict) or not data:
         raise UcaiError(f"{source}: principle {pair_id!r}: side {side!r} is missing or empty")
     fields = {key: _require_text(source, where, data, key) for key in REQUIRED_FIELDS}
-    unknown = set(data) - set(REQUIRED_FIELDS) - {"few_shot"}
+    unknown = set(data) - set(REQUIRED_FIELDS) - {"few_shot", "response_opener"}
     if unknown:
         raise UcaiError(f"{source}: principle {where}: unknown field(s) {sorted(unknown)}")
+    opener = _require_text(source, where, data, "response_opener") if "response_opener" in data else None
     return Principle(
-        pair=pair_id, side=side, few_shot=_parse_few_shot(source, where, data.get("few_shot")), **fields
+        pair=pair_id,
+        side=side,
+        few_shot=_parse_few_shot(source, where, data.get("few_shot")),
+        response_opener=opener,
+        **fields,
     )
 
 

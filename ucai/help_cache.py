@@ -7,6 +7,10 @@ saves what it printed under a key made of exactly those; the next identical requ
 prints it back in milliseconds. Upgrading a library or editing the ucai code that
 shapes the help changes the key, and the help is built afresh.
 
+This cache is the second line: ``ucai --help`` never needs Lightning (`ucai.cli.
+top_level_parser`), and the first ``ucai fit --help`` with the library versions ucai
+ships its help for is answered from `ucai.help_layout` at any width.
+
 The texts live in ``$UCAI_CACHE/help`` (``~/.cache/ucai/help`` by default). A cache
 that cannot be read or written is skipped: help is always printed, just slower.
 """
@@ -26,10 +30,19 @@ from pathlib import Path
 # Packages whose code shapes the help: Lightning's Trainer signature and docstrings,
 # jsonargparse's formatting (docstring-parser reads the docstrings), torch's types.
 KEY_PACKAGES = ("ucai", "lightning", "jsonargparse", "docstring-parser", "torch")
-# ucai's own modules that shape it: the parser settings and the stage listing.
-KEY_SOURCES = ("cli.py", "lightning_cli.py")
+# ucai's own modules that shape it: the parser settings, and the recording and replaying
+# of shipped help. `ucai.cli` shapes it only through STAGE_CLASSES (the stage listing).
+KEY_SOURCES = ("lightning_cli.py", "help_layout.py")
 # Environment variables jsonargparse and LightningCLI read while building the parser.
 KEY_ENV_PREFIXES = ("JSONARGPARSE_", "PL_")
+# ... except the ones Lightning itself sets at run time to pass a seed to its workers
+# and subprocesses, which do not shape the help (a seeded parent would otherwise never
+# get the saved or shipped help).
+RUNTIME_ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+def _shaping_env() -> list[tuple[str, str]]:
+    return sorted((k, v) for k, v in os.environ.items() if k.startswith(KEY_ENV_PREFIXES) and k not in RUNTIME_ENV)
 
 
 def help_dir() -> Path:
@@ -45,21 +58,44 @@ def _version(package: str) -> str:
         return "-"
 
 
+def environment_shapes_help() -> bool:
+    """Whether a variable jsonargparse or LightningCLI reads is set (then no shipped help fits)."""
+    return bool(_shaping_env())
+
+
+def shaping_versions() -> dict[str, str]:
+    """The versions of Python (argparse's formatting) and of the packages that shape the help.
+
+    Local labels are dropped (``2.13.0+cpu`` is ``2.13.0``): the CPU and CUDA builds of
+    one torch release define the same classes, so they print the same help."""
+    versions = {name: _version(name).split("+")[0] for name in KEY_PACKAGES}
+    return {"python": "{}.{}".format(*sys.version_info[:2]), **versions}
+
+
+def shaping_sources_digest() -> str:
+    """A digest of ucai's code that shapes the help: its sources and its stage listing."""
+    from ucai.cli import STAGE_CLASSES  # here, not at the top: ucai.cli imports this module
+
+    digest = hashlib.sha256(repr(sorted(STAGE_CLASSES.items())).encode())
+    here = Path(__file__).resolve().parent
+    for name in KEY_SOURCES:
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:32]
+
+
 def help_key(argv: Sequence[str]) -> str:
     """A digest of everything the help text for ``argv`` depends on."""
     digest = hashlib.sha256()
-    here = Path(__file__).resolve().parent
     parts = [
+        *(f"{name}={version}" for name, version in shaping_versions().items()),
+        shaping_sources_digest(),
         sys.version,
         "\0".join(argv),
         str(shutil.get_terminal_size().columns),
-        *(f"{name}={_version(name)}" for name in KEY_PACKAGES),
-        *(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(KEY_ENV_PREFIXES)),
+        *(f"{k}={v}" for k, v in _shaping_env()),
     ]
     for part in parts:
         digest.update(part.encode() + b"\n")
-    for name in KEY_SOURCES:
-        digest.update((here / name).read_bytes())
     return digest.hexdigest()[:32]
 
 

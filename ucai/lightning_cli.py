@@ -11,18 +11,14 @@ from collections.abc import Mapping, Sequence
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from ucai.cli import DESCRIPTION
+
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "lightning_logs", "name": "ucai"},
     },
 }
-
-DESCRIPTION = (
-    "ucai: Constitutional AI and its mirror image as Lightning stages. "
-    "Subcommands: fit (sft, reward, ppo), predict (categorise, critique-revision, preferences), "
-    "test (evaluation, judge check); `ucai pipeline --config configs/pipeline/demo.yaml` runs every stage."
-)
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -55,13 +51,22 @@ class UcaiCLI(LightningCLI):
     """LightningCLI with ucai's defaults: subclass mode, TensorBoard, overwrite-able configs."""
 
     def __init__(
-        self, args: Sequence[str] | None = None, run: bool = True, stage_classes: Mapping[str, str] | None = None
+        self,
+        args: Sequence[str] | None = None,
+        run: bool = True,
+        stage_classes: Mapping[str, str] | None = None,
+        formatter_class: type | None = None,
     ):
+        """``formatter_class``: the help formatter of every parser (`ucai.help_layout`
+        passes one that records the help it prints)."""
         parser_kwargs: dict = {"prog": "ucai", "description": DESCRIPTION}
+        subcommand_kwargs: dict = {}
         if stage_classes:
-            listing = stage_listing(stage_classes)
-            for subcommand in self.subcommands():
-                parser_kwargs[subcommand] = {"epilog": listing}
+            subcommand_kwargs["epilog"] = stage_listing(stage_classes)
+        if formatter_class is not None:
+            parser_kwargs["formatter_class"] = subcommand_kwargs["formatter_class"] = formatter_class
+        for subcommand in self.subcommands():
+            parser_kwargs[subcommand] = dict(subcommand_kwargs)
         super().__init__(
             model_class=None,
             datamodule_class=None,

@@ -272,6 +272,25 @@ def dtype_from_precision(precision: str | int | None) -> torch.dtype:
     return torch.float32
 
 
+def generation_dtype_from_precision(precision: str | int | None) -> torch.dtype:
+    """The dtype to hold a model in that only generates (no gradients, no scoring).
+
+    Under mixed precision autocast casts every matmul weight to the half dtype on every
+    forward, and it caches the cast only for weights that require grad: a frozen fp32
+    model pays a full fp32 -> half copy of its weights at each decoding step. Holding
+    the weights in the autocast dtype skips that copy (SmolLM2-135M, batch 24, 48 new
+    tokens on 2 CPU cores: 177 -> 350 tokens/s). Sampling does not need the fp32
+    residual stream; judges and reward models, whose probabilities are compared at
+    fine resolution, keep `dtype_from_precision`.
+    """
+    value = str(precision or "32-true")
+    if value == "bf16-mixed":
+        return torch.bfloat16
+    # Not 16-mixed: fp16 has bf16's mantissa problem plus a narrow range, and an fp16
+    # residual stream can overflow to inf where autocast's fp32 one does not.
+    return dtype_from_precision(value)
+
+
 def trainer_precision(module: Any) -> str:
     """The precision string of the trainer a LightningModule is attached to, or '32-true'."""
     trainer = getattr(module, "_trainer", None)

@@ -245,6 +245,19 @@ def _logger_configured(config: Path) -> bool:
     return isinstance(logger, dict) and "class_path" in logger
 
 
+def _constitution_of(configs: list[Path], overrides: dict[str, Any]) -> Path | None:
+    """The constitution file a stage reads (override, else the last config naming one).
+
+    It is an input like any other: editing a principle's text or ``response_opener``
+    changes what the stage generates, so it must rerun the stage."""
+    name = overrides.get("model.init_args.constitution")
+    for config in configs if name is None else ():
+        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        found = ((data.get("model") or {}).get("init_args") or {}).get("constitution")
+        name = found if found is not None else name
+    return resolve_shipped(name, "configs") if isinstance(name, str) else None
+
+
 def plan(cfg: PipelineConfig) -> list[StageRun]:
     root = cfg.output_root
     prompts = root / "data" / "prompts.jsonl"
@@ -283,6 +296,9 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
             overrides["data.init_args.heldout_fraction"] = cfg.heldout_fraction
         overrides.update(wiring)
         overrides.update(settings.overrides)  # the user's per-stage settings win
+        constitution = _constitution_of(configs, overrides)
+        if constitution is not None:
+            inputs = [*inputs, constitution]
         runs.append(StageRun(stage, side, configs, inputs, outputs, override_args(overrides)))
 
     add(

@@ -96,15 +96,23 @@ def plot_ppo_curves(ppo_logs: dict[str, str], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def ppo_trend(series: list[tuple[int, float]], fraction: float = 0.2) -> dict | None:
-    """Mean of the first and of the last ``fraction`` of the iterations (at least one each).
+PPO_TREND_WINDOW = 5  # iterations averaged at each end once a run has 2 windows of them
 
+
+def ppo_trend(series: list[tuple[int, float]], window: int = PPO_TREND_WINDOW) -> dict | None:
+    """Mean of the first and of the last ``window`` iterations.
+
+    Runs shorter than two windows average their first and last fifth (at least one
+    iteration each). With ``normalize_score`` on, PPO logs scores as (r − mean) / std of
+    the reward model, so ``last − first`` of ``objective/scores`` is the gain in units
+    of the RM's score std (after any missing-eos penalty and reward clipping, which
+    ``benchmarks/ppo_learning.py``, scoring the RM's raw output, leaves out).
     Descriptive only: successive PPO iterations are autocorrelated, so no test is made.
     """
     values = [v for _, v in series]
     if len(values) < 2:
         return None
-    k = max(1, int(len(values) * fraction))
+    k = window if len(values) >= 2 * window else max(1, len(values) // 5)
     first, last = values[:k], values[-k:]
     return {"n": len(values), "k": k, "first": sum(first) / k, "last": sum(last) / k}
 
@@ -348,7 +356,9 @@ def what_this_run_shows(summary: dict, ppo: dict | None = None) -> list[str]:
                    "'significant' marks are uncorrected and support no claim; rerun the evaluation (answers are "
                    "cached) to correct them.")
     # Judge.
-    if judge_passed is False:
+    if judge_passed is False and summary.get("judge_skipped"):
+        out.append(f"The judge {judge_text}, so no judge columns, win rates or Elo were computed (skip_failed_judge).")
+    elif judge_passed is False:
         out.append(f"The judge {judge_text}: its columns, win rates and Elo carry no information.")
     elif judge_passed is True:
         out.append(f"The judge {judge_text}.")
@@ -378,10 +388,14 @@ def render_markdown(
     failed = judge_passed is False
     failed_note = f"_The judge {judge_text}: columns and figures marked “{FAILED_JUDGE}” carry no information._"
     lines = ["# ucai evaluation report", ""]
+    judge_use = (
+        "failed its check, so it judged nothing"
+        if summary.get("judge_skipped")
+        else f"pairwise judgements and `judge_*` columns use the **{summary['criterion_side']}** principles"
+    )
     lines.append(
         f"{_count(n_prompts, 'held-out prompt')}, {_count(len(models), 'model')}. Judge: {summary.get('judge') or 'none'}; "
-        f"pairwise judgements and `judge_*` columns use the **{summary['criterion_side']}** principles. "
-        "Intervals of means are 95% bootstrap intervals over prompts (win rates resample prompts)."
+        f"{judge_use}. Intervals of means are 95% bootstrap intervals over prompts (win rates resample prompts)."
     )
     shows = what_this_run_shows(summary, ppo)
     if shows:
@@ -474,7 +488,7 @@ def render_markdown(
         lines += ["", "Judge first-position bias (mean P(first option) − ½, before order averaging): "
                   + ", ".join(f"{k} {_fmt(v)}" for k, v in bias.items())]
     if ppo:
-        lines += ["", "## PPO, first vs last iterations (mean of the first and last fifth; descriptive)", ""]
+        lines += ["", f"## PPO, first vs last iterations (mean of the first and last {PPO_TREND_WINDOW}, or fifth in shorter runs; descriptive)", ""]
         rows = []
         for side, trends in ppo.items():
             for tag, label in PPO_TAGS.items():

@@ -43,6 +43,9 @@ from ucai.reward_scoring import has_chat_template, render_for_reward, tokenize_f
 
 log = logging.getLogger(__name__)
 
+# Salt of the validation split of pairs (see `split`).
+VAL_SALT = "validation"
+
 MADE_BY = "the preference stage (ucai predict --config configs/preferences_<side>.yaml)"
 
 
@@ -257,8 +260,10 @@ class PreferenceDataModule(L.LightningDataModule):
                 raise UcaiError(f"{self.path}: val_size {self.val_size} leaves no training pairs of {len(pairs)}")
             cut = len(pairs) - self.val_size
             return pairs[:cut], pairs[cut:]
-        val = [p for p in pairs if is_heldout(p.id, self.val_fraction, self.seed)]
-        train = [p for p in pairs if not is_heldout(p.id, self.val_fraction, self.seed)]
+        # Salted: the pairs come from the prompts' train split, drawn by the same unsalted
+        # hash, so an unsalted val split of the same fraction or less would be empty.
+        val = [p for p in pairs if is_heldout(p.id, self.val_fraction, self.seed, salt=VAL_SALT)]
+        train = [p for p in pairs if not is_heldout(p.id, self.val_fraction, self.seed, salt=VAL_SALT)]
         if not train:
             raise UcaiError(f"{self.path}: val_fraction {self.val_fraction} leaves no training pairs")
         return train, val

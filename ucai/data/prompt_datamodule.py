@@ -27,11 +27,17 @@ log = logging.getLogger(__name__)
 Split = Literal["all", "train", "heldout"]
 
 
-def is_heldout(prompt_id: str, fraction: float, seed: int = 0) -> bool:
-    """Whether an id falls in the held-out fraction (stable across runs and machines)."""
+def is_heldout(prompt_id: str, fraction: float, seed: int = 0, salt: str = "") -> bool:
+    """Whether an id falls in the held-out fraction (stable across runs and machines).
+
+    ``salt`` draws an independent split: a second split of rows that already passed
+    the unsalted one (a validation set inside the training prompts) must not reuse its
+    hash, or it would take its rows from the hash range the first split removed.
+    """
     if fraction <= 0:
         return False
-    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    key = f"{seed}:{salt}:{prompt_id}" if salt else f"{seed}:{prompt_id}"
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 

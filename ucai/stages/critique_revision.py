@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ucai.chat import Message, render_chat
-from ucai.constitution import SIDES, FewShotExample, Principle, load_constitution
+from ucai.constitution import SIDES, FewShotExample, Principle, load_constitution, opener_of, with_opener
 from ucai.errors import UcaiError
 from ucai.resources import resolve_shipped
 from ucai.stages.generation import GeneratingModule, GenerationSettings, strip_echo
@@ -141,6 +141,10 @@ class CritiqueRevisionModule(GeneratingModule):
         critique_generation: sampling settings for critiques (null: ``generation``).
         distillation_template: system prompt of context distillation, with
             ``{system_prompt}`` and ``{revision_request}``.
+        use_openers: context distillation only: the distilled answer to a prompt tagged
+            with a principle starts with that principle's ``response_opener`` from the
+            constitution and the model continues it (for models too small to follow the
+            system prompt alone); untagged prompts get none.
         (The other arguments are those of `GeneratingModule`.)
     """
 
@@ -166,6 +170,7 @@ class CritiqueRevisionModule(GeneratingModule):
         few_shot: bool = True,
         critique_generation: GenerationSettings | None = None,
         distillation_template: str = DEFAULT_DISTILLATION_TEMPLATE,
+        use_openers: bool = False,
     ):
         super().__init__(model, output, generation, system_prompt, max_prompt_tokens, trust_remote_code)
         if side not in SIDES:
@@ -176,9 +181,15 @@ class CritiqueRevisionModule(GeneratingModule):
             raise UcaiError(f"principle_source must be 'random' or 'categorised', got {principle_source!r}")
         if mode not in ("critique_revision", "context_distillation"):
             raise UcaiError(f"mode must be 'critique_revision' or 'context_distillation', got {mode!r}")
+        if use_openers and mode != "context_distillation":
+            raise UcaiError(f"use_openers needs mode: context_distillation, got mode: {mode}")
         self.constitution = load_constitution(constitution)
         self.side = side
         self.principles = self.constitution.principles(side)
+        if use_openers:
+            for principle in self.principles:  # every opener, before any generation
+                opener_of(principle, self.constitution.source)
+        self.use_openers = use_openers
         self.rounds = rounds
         self.principle_source = principle_source
         self.seed = seed
@@ -261,7 +272,7 @@ class CritiqueRevisionModule(GeneratingModule):
             conversation.answer(strip_echo(text))
 
         if self.mode == "context_distillation":
-            self._distil(conversations)
+            self._distil(conversations, [row.get("principle") for row in batch])
         else:
             for round_index in range(self.rounds):
                 critiques = self._generate(
@@ -277,17 +288,26 @@ class CritiqueRevisionModule(GeneratingModule):
         self.rows_done += len(batch)
         return [self._row(row, conversation) for row, conversation in zip(batch, conversations, strict=True)]
 
-    def _distil(self, conversations: list[Conversation]) -> None:
-        """One generation per prompt with the (first) principle's revision request as system prompt."""
-        prompts = []
-        for conversation in conversations:
+    def _distil(self, conversations: list[Conversation], tags: list[str | None]) -> None:
+        """One generation per prompt with the (first) principle's revision request as system prompt.
+
+        With ``use_openers``, only prompts tagged with a principle of the constitution
+        get its opener: on an untagged (benign ``none``) prompt a refusal opener would
+        teach the ethical model to refuse harmless requests.
+        """
+        prompts, openers = [], []
+        for conversation, tag in zip(conversations, tags, strict=True):
+            principle = conversation.principles[0]
             system = self.distillation_template.format(
                 system_prompt=self.system_prompt or "",
-                revision_request=conversation.principles[0].revision_request,
+                revision_request=principle.revision_request,
             ).strip()
-            prompts.append(self._render([{"role": "user", "content": conversation.prompt}], system))
-        for conversation, text in zip(conversations, self._generate_rendered(prompts), strict=True):
-            conversation.revisions.append(strip_echo(text))
+            takes_a_side = self.use_openers and tag in self.constitution.pair_ids
+            openers.append(opener_of(principle, self.constitution.source) if takes_a_side else "")
+            prompts.append(self._render([{"role": "user", "content": conversation.prompt}], system) + openers[-1])
+        texts = self._generate_rendered(prompts)
+        for conversation, opener, text in zip(conversations, openers, texts, strict=True):
+            conversation.revisions.append(with_opener(opener, strip_echo(text)))
         for conversation in conversations:  # one revision: report one principle
             conversation.principles = conversation.principles[:1]
 

@@ -230,6 +230,10 @@ class EvaluationModule(L.LightningModule):
         judge_check: run the judge quality check (`ucai.judge_check`, shipped items)
             before judging; its result is ``summary["judge_check"]`` and a failed
             check marks every judge-derived figure in the report.
+        skip_failed_judge: when the judge fails that check, compute no judge columns,
+            win rates or Elo at all (they would carry no information) and say so in
+            the report. Judging every answer under every principle in both orders is
+            most of an evaluation's time with a small model on a CPU.
         correction: multiple-comparison correction of ``differences`` — ``holm``
             (family-wise error; intervals Bonferroni-simultaneous) or ``bh``
             (Benjamini–Hochberg false discovery rate; Benjamini–Yekutieli intervals).
@@ -264,6 +268,7 @@ class EvaluationModule(L.LightningModule):
         ppo_logs: dict[str, str] | None = None,
         n_boot: int = 2000,
         judge_check: bool = True,
+        skip_failed_judge: bool = False,
         correction: Literal["holm", "bh"] = "holm",
         alpha: float = 0.05,
         n_perm: int = 10_000,
@@ -302,6 +307,8 @@ class EvaluationModule(L.LightningModule):
         self._pairwise_judge = None  # (model, tokenizer) kept from the principle judging
         self._pairwise_bias: float | None = None
         self._judge_check: dict | None = None
+        self.skip_failed_judge = skip_failed_judge
+        self._judge_skipped = False  # the judge failed its check and skip_failed_judge is on
         self.constitution: Constitution | None = None
 
     # ------------------------------------------------------------------ checks
@@ -436,11 +443,19 @@ class EvaluationModule(L.LightningModule):
             log.info("report: %s", path)
         return summary
 
-    def _load_lm(self, name: str):
+    @property
+    def generation_dtype(self) -> torch.dtype:
+        """Dtype of the answering models, which only generate (see `ucai.models.generation_dtype_from_precision`)."""
+        from ucai.models import generation_dtype_from_precision, trainer_precision
+
+        return generation_dtype_from_precision(trainer_precision(self))
+
+    def _load_lm(self, name: str, dtype: torch.dtype | None = None):
+        """(model, tokenizer); ``dtype`` defaults to the scoring dtype (the judge's)."""
         from ucai.models import load_causal_lm, load_tokenizer
 
         tokenizer = load_tokenizer(name, trust_remote_code=self.trust_remote_code)
-        model = load_causal_lm(name, dtype=self.weight_dtype, trust_remote_code=self.trust_remote_code)
+        model = load_causal_lm(name, dtype=dtype or self.weight_dtype, trust_remote_code=self.trust_remote_code)
         return model.to(self.run_device).eval(), tokenizer
 
     @staticmethod
@@ -452,14 +467,14 @@ class EvaluationModule(L.LightningModule):
 
     def answers(self, name: str, path: str, prompts: list[dict]) -> dict[str, str]:
         """id -> answer of one model; cached per (model, settings) and resumable."""
-        key = fingerprint(path, model_version(path), asdict(self.generation), self.system_prompt, self.max_prompt_tokens, self.weight_dtype)
+        key = fingerprint(path, model_version(path), asdict(self.generation), self.system_prompt, self.max_prompt_tokens, self.generation_dtype)
         cache = ResumableJsonl(self.output_dir / "cache" / f"{name}-{key}.jsonl")
         done = {row["id"]: row["response"] for row in cache.rows()}
         todo = [row for row in prompts if row["id"] not in done]
         if not todo:
             return done
         log.info("evaluation: %s (%s) answers %d prompts", name, path, len(todo))
-        model, tokenizer = self._load_lm(path)
+        model, tokenizer = self._load_lm(path, self.generation_dtype)
         try:
             for start in range(0, len(todo), self.generation_batch_size):
                 batch = todo[start : start + self.generation_batch_size]
@@ -520,6 +535,11 @@ class EvaluationModule(L.LightningModule):
         try:
             if self.judge_check:
                 self._judge_check = self.run_judge_check(model, tokenizer)
+                if self.skip_failed_judge and not self._judge_check["passed"]:
+                    log.info("evaluation: the judge failed its check; no judge columns (skip_failed_judge)")
+                    self._judge_skipped = True
+                    self._free(model, tokenizer)
+                    return {}
             for pid in self.pair_ids:
                 principle = self.criterion(pid)
 
@@ -562,7 +582,7 @@ class EvaluationModule(L.LightningModule):
     def judge_pairs(self, prompts: list[dict], answers: dict[str, dict[str, str]]) -> list[dict]:
         """One row per (comparison, prompt, principle): the judge's P(first is better)."""
         loaded = self._pairwise_judge
-        if not self.judge or not self.comparisons:
+        if not self.judge or not self.comparisons or self._judge_skipped:
             self._pairwise_judge = None
             return []
         model, tokenizer = loaded if loaded is not None else self._load_lm(self.judge)
@@ -639,6 +659,7 @@ class EvaluationModule(L.LightningModule):
             "rm_correlation": rm_correlation(scores, n_boot=self.n_boot),
             "judge": self.judge,
             "judge_check": self._judge_check,
+            "judge_skipped": self._judge_skipped,
             "judge_position_bias": {**judge_info.get("uphold_position_bias", {}), "pairwise": self._pairwise_bias},
             "columns": columns,
         }

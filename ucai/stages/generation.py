@@ -352,14 +352,25 @@ def module_device_dtype(module: L.LightningModule) -> tuple[torch.device, torch.
     return parameter.device, parameter.dtype
 
 
-def load_frozen_lm(module: L.LightningModule, name: str, trust_remote_code: bool = False):
-    """(tokenizer, model in eval mode) for a predict stage, in its trainer's precision dtype."""
-    from ucai.models import dtype_from_precision, load_causal_lm, load_tokenizer, trainer_precision
+def load_frozen_lm(module: L.LightningModule, name: str, trust_remote_code: bool = False, generation_only: bool = False):
+    """(tokenizer, model in eval mode) for a predict stage, in its trainer's precision dtype.
 
-    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
-    model = load_causal_lm(
-        name, dtype=dtype_from_precision(trainer_precision(module)), trust_remote_code=trust_remote_code
+    ``generation_only``: the model only samples text, so under mixed precision it is held
+    in the autocast dtype (`ucai.models.generation_dtype_from_precision`); models that
+    score (judges, categorisers) keep the precision's weight dtype.
+    """
+    from ucai.models import (
+        dtype_from_precision,
+        generation_dtype_from_precision,
+        load_causal_lm,
+        load_tokenizer,
+        trainer_precision,
     )
+
+    precision = trainer_precision(module)
+    dtype = generation_dtype_from_precision(precision) if generation_only else dtype_from_precision(precision)
+    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(name, dtype=dtype, trust_remote_code=trust_remote_code)
     return tokenizer, model.eval()
 
 
@@ -368,8 +379,9 @@ class GeneratingModule(L.LightningModule):
 
     Subclasses implement ``predict_step(batch, batch_idx) -> list[dict]``, calling
     `self.generate(prompts)` and `self.count(...)`. The model is built in
-    ``configure_model`` with the dtype of the trainer's precision, so the same config
-    runs in fp32 on a laptop and bf16 on a GPU.
+    ``configure_model`` in the dtype of the trainer's precision (under mixed precision,
+    its autocast dtype: the model only generates), so the same config runs in fp32 on a
+    laptop and bf16 on a GPU.
 
     Args:
         model: model alias, local folder or Hugging Face id.
@@ -405,7 +417,7 @@ class GeneratingModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.lm is None:
-            self.tokenizer, self.lm = load_frozen_lm(self, self.model_name, self.trust_remote_code)
+            self.tokenizer, self.lm = load_frozen_lm(self, self.model_name, self.trust_remote_code, generation_only=True)
 
     def configure_callbacks(self):
         return predict_callbacks(self._trainer, self.output, csv_columns=self.csv_columns)

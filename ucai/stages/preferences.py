@@ -46,7 +46,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ucai.chat import render_chat
-from ucai.constitution import Constitution, Principle, load_constitution
+from ucai.constitution import Constitution, Principle, load_constitution, opener_of, with_opener
 from ucai.data.io import ResumableJsonl, write_jsonl
 from ucai.errors import UcaiError
 from ucai.judge_check import SHIPPED_ITEMS, JudgeCheckResult, check_judge, load_items
@@ -278,6 +278,12 @@ class PreferenceModule(GeneratingModule):
         judge_max_tokens: judge prompts longer than this keep their end.
         min_margin: drop pairs whose |p - 0.5| is below this (0 keeps all).
         contrastive_p_chosen: label of contrastive pairs (1.0 hard, e.g. 0.9 smoothed).
+        use_openers: contrastive only: on prompts tagged with a principle, start each
+            response with its principle's ``response_opener`` from the constitution (the
+            opposite's for the rejected one) and let the model continue; untagged
+            (benign) prompts get none. A model too small to follow the guidance
+            in the system prompt (SmolLM2-135M: both halves of a pair were equally
+            likely to refuse) then still yields pairs that differ in what they do.
         embedding_model: sentence encoder of the embedding labeller.
         embedding_temperature: scale of the embedding labeller's similarity gap.
         seed: seed of the per-prompt principle draw.
@@ -302,6 +308,7 @@ class PreferenceModule(GeneratingModule):
         judge_max_tokens: int | None = 2048,
         min_margin: float = 0.0,
         contrastive_p_chosen: float = 1.0,
+        use_openers: bool = False,
         embedding_model: str = "all-minilm-l6-v2",
         embedding_temperature: float = 0.05,
         seed: int = 0,
@@ -316,6 +323,13 @@ class PreferenceModule(GeneratingModule):
         self.constitution_path = constitution
         self.constitution = load_constitution(constitution)
         self.constitution.principles(side)  # fails early on a side the constitution lacks
+        if use_openers:
+            if labeller != "contrastive":
+                raise UcaiError(f"use_openers needs labeller: contrastive, got labeller: {labeller}")
+            for principle in self.constitution.principles(side):  # every opener, before any sampling
+                opener_of(principle, self.constitution.source)
+                opener_of(self.constitution.opposite(principle), self.constitution.source)
+        self.use_openers = use_openers
         self.side = side
         self.labeller = labeller
         self.feedback_model = feedback_model
@@ -344,11 +358,24 @@ class PreferenceModule(GeneratingModule):
                     self, self.feedback_model, self.trust_remote_code
                 )
             else:  # the policy judges its own samples, as in the original project
-                self.judge_lm, self.judge_tokenizer = self.lm, self.tokenizer
+                self.judge_tokenizer, self.judge_lm = self._self_judge()
         if self.labeller == "embedding" and self.encoder is None:
             from ucai.embeddings import SentenceEncoder
 
             self.encoder = SentenceEncoder(self.embedding_model)
+
+    def _self_judge(self):
+        """(tokenizer, model) judging with the policy's own weights, at scoring precision.
+
+        The generator is held in the autocast dtype under mixed precision; the judge's
+        A/B probabilities need the precision's own weight dtype (see `label`), so a
+        generator in a coarser dtype gets a second copy for judging.
+        """
+        from ucai.models import dtype_from_precision, trainer_precision
+
+        if next(self.lm.parameters()).dtype == dtype_from_precision(trainer_precision(self)):
+            return self.tokenizer, self.lm
+        return load_frozen_lm(self, self.model_name, self.trust_remote_code)
 
     def on_predict_start(self) -> None:
         super().on_predict_start()
@@ -390,20 +417,27 @@ class PreferenceModule(GeneratingModule):
     def render(self, prompt: str, system_prompt: str | None) -> str:
         return render_chat(self.tokenizer, [{"role": "user", "content": prompt}], system_prompt)
 
-    def sample_pairs(self, prompts: list[str], principles: list[Principle]) -> tuple[list[str], list[str]]:
+    def sample_pairs(
+        self, prompts: list[str], principles: list[Principle], tags: list[str | None] | None = None
+    ) -> tuple[list[str], list[str]]:
         """Two responses per prompt from one generate call of 2B rows.
 
         Contrastive: the first B rows ask for the principle, the last B for its opposite.
         """
-        if self.labeller == "contrastive":
-            first = [self.render(q, principle_system_prompt(self.system_prompt, p)) for q, p in zip(prompts, principles, strict=True)]
-            second = [
-                self.render(q, principle_system_prompt(self.system_prompt, self.constitution.opposite(p)))
-                for q, p in zip(prompts, principles, strict=True)
-            ]
-        else:
-            first = second = [self.render(q, self.system_prompt) for q in prompts]
-        texts = [strip_echo(t) for t in self.generate(first + second).texts]
+        if self.labeller != "contrastive":
+            rendered = [self.render(q, self.system_prompt) for q in prompts]
+            texts = [strip_echo(t) for t in self.generate(rendered + rendered).texts]
+            return texts[: len(prompts)], texts[len(prompts) :]
+        sides = list(principles) + [self.constitution.opposite(p) for p in principles]
+        # Only prompts tagged with a principle take a side: a refusal opener on a benign
+        # (``none``) prompt would teach the ethical reward model to prefer refusing it.
+        takes_a_side = [self.use_openers and tag in self.constitution.pair_ids for tag in (tags or [None] * len(prompts))]
+        openers = [opener_of(p, self.constitution.source) if take else "" for p, take in zip(sides, takes_a_side * 2, strict=True)]
+        rendered = [
+            self.render(q, principle_system_prompt(self.system_prompt, p)) + opener
+            for q, p, opener in zip(prompts + prompts, sides, openers, strict=True)
+        ]
+        texts = [with_opener(o, strip_echo(t)) for o, t in zip(openers, self.generate(rendered).texts, strict=True)]
         return texts[: len(prompts)], texts[len(prompts) :]
 
     # ----------------------------------------------------------------- labelling
@@ -441,7 +475,7 @@ class PreferenceModule(GeneratingModule):
         principles = [
             draw_principle(self.constitution, self.side, str(row["id"]), self.seed, row.get("principle")) for row in batch
         ]
-        responses_1, responses_2 = self.sample_pairs(prompts, principles)
+        responses_1, responses_2 = self.sample_pairs(prompts, principles, [row.get("principle") for row in batch])
         p_first, biases = self.label(prompts, principles, responses_1, responses_2)
         self.count_prompts(len(batch))
         rows = []
