@@ -1,36 +1,51 @@
-"""Generation throughput: ucai's batched generation vs one-prompt-at-a-time ``model.generate``.
+"""Generation throughput: ucai's `generate` (decode-loop engine) vs batched HF ``generate``.
 
-    .venv/bin/python benchmarks/generation.py [--model smollm2-135m] [--batch 16] [--new-tokens 32]
+    .venv/bin/python benchmarks/generation.py [--model smollm2-135m] [--batch 16] [--new-tokens 128]
 
-Both sides use the same weights (SmolLM2-135M-Instruct, bfloat16 by default: the
-baseline's best setting on this CPU, 12 vs 8 tokens/s in float32), the same 16
-red-team prompts rendered with the same chat template, greedy decoding and exactly
-``--new-tokens`` new tokens per prompt (``min_new_tokens`` = ``max_new_tokens``, so eos
-cannot end one side early). ucai runs the stages' `generate` (left-padded batch of 16,
-KV cache); the baseline calls ``model.generate`` on one prompt at a time, as a plain
-script would. Each side runs in its own subprocess so that peak RSS
-(``ru_maxrss``) is its own; each warms up once, then the median of ``--runs`` timed
-runs is reported. On a shared, busy machine pass ``--threads 1``: two OpenMP threads
-competing with other processes spin-wait and slow both sides by an order of magnitude. The last line is
+The work is the same on every side: the same weights (SmolLM2-135M-Instruct in
+bfloat16 by default), the same ``--batch`` red-team prompts rendered with the same chat
+template and left-padded into one batch, greedy decoding, and exactly ``--new-tokens``
+new tokens per row: no stop token ends a row early, so every side runs the same number
+of decoding steps over the same rows (HF's static cache changes the numerics enough
+that its greedy answers, and so their lengths, differ from the others' when rows stop
+at eos). The script stops if the completion tokens differ by more than 5%, and says
+whether the ids are identical (ucai's decode loop is token-identical to HF's default).
+
+Sides, each in its own subprocess (so that peak RSS, ``ru_maxrss``, is its own), each
+loading the model, warming up once and timing one run; the sides run ``--repeats``
+times in alternating order (A B C A B C ...) and medians are reported:
+
+* ``ucai`` — the engine `ucai.stages.generation.generate` picks by default (``auto``:
+  the decode loop for this model), given the tokenised batch;
+* ``hf-dynamic`` — ``model.generate`` batched, transformers' default dynamic cache;
+* ``hf-static`` — ``model.generate`` batched with ``cache_implementation="static"``,
+  the peer's best setting on this CPU (``torch.compile`` on top is slower here and
+  takes over a minute to compile; see ../shared/BENCHMARKS.md).
+
+Tokens/s counts the completion tokens over the wall time of the batch (prefill
+included). One line per side, then the last line
 
     generation: speed_ratio=X memory_ratio=Y
 
-(ucai over the baseline: speed higher is better, memory lower is better).
+(ucai over the faster HF setting: speed higher is better, memory lower is better).
+On a machine shared with other jobs pass ``--threads 1``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SIDES = ("ucai", "hf-dynamic", "hf-static")
+WORK_TOLERANCE = 0.05
 
 
 def _prompts(tokenizer, count: int) -> list[str]:
@@ -43,88 +58,61 @@ def _prompts(tokenizer, count: int) -> list[str]:
     return [render_chat(tokenizer, [{"role": "user", "content": r.prompt}], "You are a helpful assistant.") for r in chosen]
 
 
-def _load(model_name: str, dtype_name: str):
+def worker(args) -> dict:
     import torch
 
+    from ucai.generation_engine import select_engine
     from ucai.models import load_causal_lm, load_tokenizer
+    from ucai.stages.generation import GenerationSettings
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-    return load_tokenizer(model_name), load_causal_lm(model_name, dtype=dtype).eval()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model, dtype=dtype).eval()
+    prompts = _prompts(tokenizer, args.batch)
+    settings = GenerationSettings(max_new_tokens=args.new_tokens, do_sample=False)
+    model.generation_config.eos_token_id = None  # no stop token: every row runs to the end
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_length = encoded["input_ids"].shape[1]
 
+    if args.worker == "ucai":
+        engine = select_engine(settings.engine, model)
 
-def _summary(rates: list[float], cpu_rates: list[float]) -> dict:
-    # Wall-clock rate is the headline; tokens per CPU-second is printed beside it because
-    # on a machine shared with other jobs the wall clock mostly measures the scheduler.
+        @torch.no_grad()
+        def run():
+            return engine.generate(
+                model, encoded["input_ids"], encoded["attention_mask"], settings, [], tokenizer.pad_token_id
+            )
+
+    else:
+        extra = {"cache_implementation": "static"} if args.worker == "hf-static" else {}
+
+        @torch.no_grad()
+        def run():
+            return model.generate(
+                **encoded, **settings.to_kwargs(), eos_token_id=[], pad_token_id=tokenizer.pad_token_id, **extra
+            )
+
+    run()  # warm-up (and, for the static cache, its allocation)
+    start = time.perf_counter()
+    sequences = run()
+    elapsed = time.perf_counter() - start
+    completions = sequences[:, prompt_length:]
+    kept = completions.tolist()
     return {
-        "tokens_per_s": statistics.median(rates),
-        "runs": rates,
-        "tokens_per_cpu_s": statistics.median(cpu_rates),
+        "engine": engine.name if args.worker == "ucai" else "hf",
+        "seconds": elapsed,
+        "completion_tokens": int(completions.numel()),
+        "steps": int(completions.shape[1]),
+        "ids_sha": hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:16],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
     }
-
-
-def worker_ucai(args) -> dict:
-    from ucai.stages.generation import GenerationSettings, generate
-
-    @dataclass(frozen=True)
-    class FixedLength(GenerationSettings):
-        """Greedy with eos suppressed until ``max_new_tokens``, so both sides emit as many tokens."""
-
-        def to_kwargs(self):
-            return {**super().to_kwargs(), "min_new_tokens": self.max_new_tokens}
-
-    tokenizer, model = _load(args.model, args.dtype)
-    prompts = _prompts(tokenizer, args.batch)
-    settings = FixedLength(max_new_tokens=args.new_tokens, do_sample=False)
-    generate(model, tokenizer, prompts, settings)  # warm-up
-    rates, cpu_rates = [], []
-    for _ in range(args.runs):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        result = generate(model, tokenizer, prompts, settings)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        assert result.completion_tokens == len(prompts) * args.new_tokens, result.completion_tokens
-        rates.append(result.completion_tokens / elapsed)
-        cpu_rates.append(result.completion_tokens / cpu)
-    return _summary(rates, cpu_rates)
-
-
-def worker_baseline(args) -> dict:
-    import torch
-
-    tokenizer, model = _load(args.model, args.dtype)
-    prompts = _prompts(tokenizer, args.batch)
-    kwargs = dict(
-        max_new_tokens=args.new_tokens,
-        min_new_tokens=args.new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-    )
-
-    @torch.no_grad()
-    def one(prompt: str) -> int:
-        encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        out = model.generate(**encoded, **kwargs)
-        return out.shape[1] - encoded["input_ids"].shape[1]
-
-    one(prompts[0])  # warm-up
-    rates, cpu_rates = [], []
-    for _ in range(args.runs):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        tokens = sum(one(p) for p in prompts)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        assert tokens == len(prompts) * args.new_tokens, tokens
-        rates.append(tokens / elapsed)
-        cpu_rates.append(tokens / cpu)
-    return _summary(rates, cpu_rates)
 
 
 def run_side(side: str, args) -> dict:
     command = [
         sys.executable, __file__, "--worker", side, "--model", args.model, "--batch", str(args.batch),
-        "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--dtype", args.dtype,
-        "--threads", str(args.threads),
+        "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--threads", str(args.threads),
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
@@ -132,15 +120,30 @@ def run_side(side: str, args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def check_same_work(runs: dict[str, list[dict]]) -> dict[str, bool]:
+    """Stop if any side's completion tokens differ from ucai's by more than 5%; returns,
+    per side, whether every one of its runs produced exactly ucai's first run's ids."""
+    reference = runs["ucai"][0]
+    for side, results in runs.items():
+        for result in results:
+            gap = abs(result["completion_tokens"] - reference["completion_tokens"]) / reference["completion_tokens"]
+            if gap > WORK_TOLERANCE:
+                sys.exit(
+                    f"work differs: {side} generated {result['completion_tokens']} completion tokens, "
+                    f"ucai {reference['completion_tokens']} ({gap:.1%} > {WORK_TOLERANCE:.0%})"
+                )
+    return {side: all(r["ids_sha"] == reference["ids_sha"] for r in results) for side, results in runs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side, in alternating order")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default)")
-    parser.add_argument("--worker", choices=["ucai", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
@@ -148,27 +151,43 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        out = worker_ucai(args) if args.worker == "ucai" else worker_baseline(args)
-        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        print(json.dumps(out))
+        print(json.dumps(worker(args)))
         return
 
     print(
-        f"model={args.model} dtype={args.dtype} prompts={args.batch} new_tokens={args.new_tokens} "
-        f"runs={args.runs} threads={args.threads or 'default'}"
+        f"model={args.model} dtype={args.dtype} batch={args.batch} max_new_tokens={args.new_tokens} greedy "
+        f"repeats={args.repeats} threads={args.threads or 'default'}",
+        flush=True,
     )
-    results = {side: run_side(side, args) for side in ("ucai", "baseline")}
-    for side, label in (("ucai", f"ucai generate, batch {args.batch}"), ("baseline", "model.generate, one at a time")):
-        r = results[side]
-        runs = ", ".join(f"{x:.1f}" for x in r["runs"])
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    for repeat in range(args.repeats):
+        order = SIDES if repeat % 2 == 0 else tuple(reversed(SIDES))
+        for side in order:
+            runs[side].append(run_side(side, args))
+    identical = check_same_work(runs)
+    summary = {}
+    for side in SIDES:
+        rates = [r["completion_tokens"] / r["seconds"] for r in runs[side]]
+        summary[side] = {
+            "tokens_per_s": statistics.median(rates),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs[side]),
+        }
+        first = runs[side][0]
         print(
-            f"{label:34s} {r['tokens_per_s']:8.1f} tokens/s (runs: {runs}; "
-            f"{r['tokens_per_cpu_s']:.1f} per CPU-second)  peak RSS {r['peak_rss_mb']:7.0f} MB"
+            f"{side:10s} {summary[side]['tokens_per_s']:7.1f} tokens/s (runs: {', '.join(f'{x:.1f}' for x in rates)}) "
+            f"peak RSS {summary[side]['peak_rss_mb']:6.0f} MB; {first['completion_tokens']} completion tokens "
+            f"in {first['steps']} steps" + (f" (engine: {first['engine']})" if side == "ucai" else "")
         )
-    speed = results["ucai"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
-    memory = results["ucai"]["peak_rss_mb"] / results["baseline"]["peak_rss_mb"]
-    cpu_speed = results["ucai"]["tokens_per_cpu_s"] / results["baseline"]["tokens_per_cpu_s"]
-    print(f"tokens per CPU-second ratio: {cpu_speed:.2f}")
+    print(
+        "token-identical to ucai's greedy ids: "
+        + ", ".join(f"{side} {'yes' if same else 'no'}" for side, same in identical.items())
+    )
+    best = max(("hf-dynamic", "hf-static"), key=lambda side: summary[side]["tokens_per_s"])
+    speed = summary["ucai"]["tokens_per_s"] / summary[best]["tokens_per_s"]
+    memory = summary["ucai"]["peak_rss_mb"] / summary[best]["peak_rss_mb"]
+    default = summary["ucai"]["tokens_per_s"] / summary["hf-dynamic"]["tokens_per_s"]
+    print(f"ucai vs hf-dynamic (transformers' default cache): speed_ratio={default:.2f}")
+    print(f"peer's best: {best}")
     print(f"generation: speed_ratio={speed:.2f} memory_ratio={memory:.2f}")
 
 

@@ -19,8 +19,11 @@ estimated from benchmarks/ppo.py's lighter iteration: ~17 s for ucai, ~42 s for 
     nice -n 19 .venv/bin/python benchmarks/ppo_learning.py \\
         --reward-model lightning_logs/experiment_cpu/models/ethical/rm_model
 
-The last line is ``ppo_learning: ucai_gain=X trl_gain=Y``. The per-iteration table is
-printed above it, and both curves (with the settings) go to ``--out``
+The last line is ``ppo_learning: ucai_gain=X trl_gain=Y``. A single run's gain swings
+widely with the sampling seed (ucai at seed 0 and 1: 0.18 and 0.76), so ``--seeds 0 1
+2`` runs both sides once per seed (alternating which goes first; the prompt order is
+the same for all) and the last line gives the median gains. The per-iteration tables
+are printed above it, and all curves (with the settings) go to ``--out``
 (default benchmarks/results/ppo_learning.json); run logs, ucai's rollouts.csv and
 TensorBoard files stay in ``--work`` (a fresh temporary folder by default).
 
@@ -515,6 +518,14 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--stage-config", type=Path, help="default: configs/ppo_<side of the RM>.yaml")
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[SETTINGS["seed"]],
+        help="training seeds (sampling, initialisation); each runs both sides, the prompt order stays "
+        "that of the first; the last line gives the median gain over seeds",
+    )
     parser.add_argument("--batch", type=int, default=8, help="prompts per PPO iteration (rollout batch)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="response length")
     parser.add_argument("--lr", type=float, default=SETTINGS["learning_rate"])
@@ -539,7 +550,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def settings_from(args) -> PPOSettings:
+def settings_from(args, seed: int | None = None) -> PPOSettings:
     shared = {k: v for k, v in SETTINGS.items() if k in PPOSettings.__dataclass_fields__}
     return PPOSettings(
         **{
@@ -551,6 +562,7 @@ def settings_from(args) -> PPOSettings:
             "ppo_epochs": args.ppo_epochs,
             "minibatch_size": min(args.minibatch, args.batch),  # tiny test batches
             "temperature": args.temperature,
+            "seed": args.seeds[0] if seed is None else seed,
         }
     )
 
@@ -585,19 +597,32 @@ def main() -> None:
     print(f"settings: {settings.describe()}", flush=True)
 
     normalised = SETTINGS["normalize_score"]
-    curves = {
-        "ucai": run_ucai(args, settings, rows, work),
-        "trl": run_trl(args, settings, rows, (mean, std), work),
-    }
-    for name, curve in curves.items():
-        curve["score"] = to_raw(curve["score"], normalised, mean, std)
-        if len(curve["score"]) != args.iterations:
-            raise SystemExit(f"{name} ran {len(curve['score'])} iterations, expected {args.iterations}")
-        curve["gain"] = gain(curve["score"], std)
-    print(
-        "per iteration: mean RM score (raw units, before the missing-eos penalty), KL per sequence, eos fraction"
-    )
-    print_table(curves["ucai"], curves["trl"])
+    runs = []  # one {"seed", "ucai", "trl"} per seed; ucai and trl alternate which goes first
+    for index, seed in enumerate(args.seeds):
+        seed_settings = settings_from(args, seed)
+        seed_work = work / f"seed-{seed}" if len(args.seeds) > 1 else work
+        seed_work.mkdir(parents=True, exist_ok=True)
+        order = ("ucai", "trl") if index % 2 == 0 else ("trl", "ucai")
+        curves = {}
+        for side in order:
+            if side == "ucai":
+                curves["ucai"] = run_ucai(args, seed_settings, rows, seed_work)
+            else:
+                curves["trl"] = run_trl(args, seed_settings, rows, (mean, std), seed_work)
+        for name, curve in curves.items():
+            curve["score"] = to_raw(curve["score"], normalised, mean, std)
+            if len(curve["score"]) != args.iterations:
+                raise SystemExit(f"{name} ran {len(curve['score'])} iterations, expected {args.iterations}")
+            curve["gain"] = gain(curve["score"], std)
+        print(
+            f"seed {seed}: mean RM score (raw units, before the missing-eos penalty), KL per sequence, "
+            "eos fraction per iteration"
+        )
+        print_table(curves["ucai"], curves["trl"])
+        print(f"seed {seed}: ucai_gain={curves['ucai']['gain']:.3f} trl_gain={curves['trl']['gain']:.3f}", flush=True)
+        runs.append({"seed": seed, "ucai": curves["ucai"], "trl": curves["trl"]})
+    gains = {side: [run[side]["gain"] for run in runs] for side in ("ucai", "trl")}
+    medians = {side: statistics.median(values) for side, values in gains.items()}
 
     result = {
         "benchmark": "ppo_learning",
@@ -621,14 +646,19 @@ def main() -> None:
             "kl": "mean per-sequence KL(policy || reference), k1",
             "objective_scores": "mean PPO score (normalised if normalize_score, after the eos penalty)",
         },
-        "ucai": curves["ucai"],
-        "trl": curves["trl"],
+        "seeds": args.seeds,
+        "gains": gains,
+        "median_gain": medians,
+        "runs": runs,
         "work": str(work),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"curves written to {args.out}")
-    print(f"ppo_learning: ucai_gain={curves['ucai']['gain']:.3f} trl_gain={curves['trl']['gain']:.3f}")
+    if len(args.seeds) > 1:
+        for side in ("ucai", "trl"):
+            print(f"{side} gains over seeds {args.seeds}: {', '.join(f'{g:.3f}' for g in gains[side])}")
+    print(f"ppo_learning: ucai_gain={medians['ucai']:.3f} trl_gain={medians['trl']:.3f}")
 
 
 if __name__ == "__main__":

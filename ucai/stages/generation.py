@@ -5,8 +5,10 @@ rollouts, evaluation) shares these pieces; stages never import each other.
 
 * `GenerationSettings` — sampling options, one dataclass so configs read the same in
   every stage.
-* `generate` — left-padded batched ``model.generate`` with KV cache that stops at eos
-  and returns the completions cut at the first end-of-turn token, plus token counts.
+* `generate` — left-padded batched generation that stops at eos and returns the
+  completions cut at the first end-of-turn token, plus token counts. The decoding
+  itself is done by an engine from `ucai.generation_engine` (ucai's decode loop, or
+  transformers ``generate`` for models it does not support).
 * `ResumableJsonlWriter` — a `BasePredictionWriter`: each rank appends finished rows to
   its own shard (``<output>.shards/rank-N.jsonl``, fsynced per batch, repaired after
   ``kill -9``); on a rerun the finished ids are skipped; when every id is done, rank 0
@@ -43,6 +45,9 @@ class GenerationSettings:
         top_p: nucleus sampling mass; 1.0 disables it.
         top_k: keep the k most likely tokens; 0 disables it.
         repetition_penalty: >1 discourages repeats (small models loop without it).
+        engine: ``auto`` (ucai's decode loop where the model supports it, else
+            transformers ``generate``), ``decode_loop``, ``hf``, or a name added with
+            `ucai.generation_engine.register_engine`.
     """
 
     max_new_tokens: int = 128
@@ -51,6 +56,7 @@ class GenerationSettings:
     top_p: float = 0.9
     top_k: int = 0
     repetition_penalty: float = 1.0
+    engine: str = "auto"
 
     def to_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -133,9 +139,12 @@ def generate(
     """Generate one completion per already-rendered prompt, batched.
 
     Prompts are left-padded (generation appends on the right), the model runs in eval
-    mode with the KV cache, and each row stops at eos. ``synced_gpus`` keeps FSDP ranks
-    stepping together until every rank is done, so sharded generation cannot hang.
+    mode with a KV cache, and each row stops at eos. ``synced_gpus`` keeps FSDP ranks
+    stepping together until every rank is done, so sharded generation cannot hang (the
+    ``auto`` engine uses transformers ``generate`` there).
     """
+    from ucai.generation_engine import select_engine
+
     was_training = model.training
     model.eval()
     side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
@@ -152,12 +161,15 @@ def generate(
             max_length=max_prompt_tokens,
         ).to(device)
         stop_ids = eos_ids(tokenizer, model)
-        sequences = model.generate(
-            **encoded,
-            **settings.to_kwargs(),
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
+        # Settings pickled in checkpoints from before `engine` existed lack the field.
+        engine = select_engine(getattr(settings, "engine", "auto"), model, synced_gpus)
+        sequences = engine.generate(
+            model,
+            encoded["input_ids"],
+            encoded["attention_mask"],
+            settings,
+            stop_ids,
+            tokenizer.pad_token_id,
             synced_gpus=synced_gpus,
         )
     finally:
