@@ -182,3 +182,19 @@ def test_greedy_is_token_identical_to_generate_on_smollm2():
     settings = GenerationSettings(max_new_tokens=128, do_sample=False)
     hf, loop = both(model, tokenizer, settings, prompts=_prompts(tokenizer, 16))
     assert torch.equal(hf, loop)
+
+
+def test_the_loop_does_not_keep_a_finished_model_alive(tokenizer):
+    import gc
+    import weakref
+
+    loop = DecodeLoop()
+    model = load_causal_lm("tiny-llama", seed=10).eval()
+    encoded = encode(tokenizer, PROMPTS[:1])
+    settings = GenerationSettings(max_new_tokens=2, do_sample=False)
+    loop.generate(model, encoded["input_ids"], encoded["attention_mask"], settings, [], tokenizer.pad_token_id)
+    assert len(loop._layers) == 1
+    gone = weakref.ref(model.model)  # the decoder, the cache's key
+    del model
+    gc.collect()
+    assert gone() is None and len(loop._layers) == 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from typing import Protocol
 
@@ -280,8 +281,10 @@ class DecodeLoop:
     name = "decode_loop"
 
     def __init__(self):
-        # (decoder, identity of its modules, its layers, the output projection)
-        self._layers: tuple | None = None
+        # decoder -> (identity of its modules, its layers, the output projection). Weakly
+        # keyed: the fused copies live only as long as the model; holding the model here
+        # would keep a finished stage's weights (and their copies) in memory.
+        self._layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ support
 
@@ -327,10 +330,12 @@ class DecodeLoop:
         """The decoder's layers and output projection with their fused weights, kept for
         one model at a time."""
         modules = (*_layer_modules(decoder), id(lm_head))
-        if self._layers is None or self._layers[0] is not decoder or self._layers[1] != modules:
-            layers = [_Layer(layer) for layer in decoder.layers]
-            self._layers = (decoder, modules, layers, FusedProjection([lm_head]))
-        return self._layers[2], self._layers[3]
+        cached = self._layers.get(decoder)
+        if cached is None or cached[0] != modules:
+            self._layers.clear()  # one model at a time
+            cached = (modules, [_Layer(layer) for layer in decoder.layers], FusedProjection([lm_head]))
+            self._layers[decoder] = cached
+        return cached[1], cached[2]
 
     # ------------------------------------------------------------------ decoding
 
@@ -347,7 +352,7 @@ class DecodeLoop:
             return input_ids
         base = _base_model(model)
         decoder = getattr(base, base.base_model_prefix)
-        first_call = self._layers is None or self._layers[0] is not decoder
+        first_call = decoder not in self._layers
         built_before = FusedProjection.build_seconds
         layers, lm_head = self._layers_of(decoder, base.get_output_embeddings())
         try:
