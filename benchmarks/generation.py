@@ -36,16 +36,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when run as a script
+
+from harness import check_same_work, peak_rss_mb, run_alternating  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("ucai", "hf-dynamic", "hf-static")
-WORK_TOLERANCE = 0.05
 
 
 def _prompts(tokenizer, count: int) -> list[str]:
@@ -105,7 +107,7 @@ def worker(args) -> dict:
         "completion_tokens": int(completions.numel()),
         "steps": int(completions.shape[1]),
         "ids_sha": hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:16],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -120,19 +122,10 @@ def run_side(side: str, args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def check_same_work(runs: dict[str, list[dict]]) -> dict[str, bool]:
-    """Stop if any side's completion tokens differ from ucai's by more than 5%; returns,
-    per side, whether every one of its runs produced exactly ucai's first run's ids."""
-    reference = runs["ucai"][0]
-    for side, results in runs.items():
-        for result in results:
-            gap = abs(result["completion_tokens"] - reference["completion_tokens"]) / reference["completion_tokens"]
-            if gap > WORK_TOLERANCE:
-                sys.exit(
-                    f"work differs: {side} generated {result['completion_tokens']} completion tokens, "
-                    f"ucai {reference['completion_tokens']} ({gap:.1%} > {WORK_TOLERANCE:.0%})"
-                )
-    return {side: all(r["ids_sha"] == reference["ids_sha"] for r in results) for side, results in runs.items()}
+def identical_ids(runs: dict[str, list[dict]]) -> dict[str, bool]:
+    """Per side, whether every one of its runs produced exactly ucai's first run's ids."""
+    reference = runs["ucai"][0]["ids_sha"]
+    return {side: all(r["ids_sha"] == reference for r in results) for side, results in runs.items()}
 
 
 def main() -> None:
@@ -159,12 +152,12 @@ def main() -> None:
         f"repeats={args.repeats} threads={args.threads or 'default'}",
         flush=True,
     )
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
-    for repeat in range(args.repeats):
-        order = SIDES if repeat % 2 == 0 else tuple(reversed(SIDES))
-        for side in order:
-            runs[side].append(run_side(side, args))
-    identical = check_same_work(runs)
+    runs = run_alternating(SIDES, args.repeats, lambda side, _: run_side(side, args))
+    check_same_work(
+        {f"{side} run {i + 1}": r["completion_tokens"] for side, results in runs.items() for i, r in enumerate(results)},
+        "completion tokens",
+    )
+    identical = identical_ids(runs)
     summary = {}
     for side in SIDES:
         rates = [r["completion_tokens"] / r["seconds"] for r in runs[side]]

@@ -1,7 +1,7 @@
 """Reward-model training throughput and memory: ucai's RewardModule vs TRL's RewardTrainer.
 
-    python benchmarks/reward.py                 # full run (about 5 minutes on 2 cores)
-    python benchmarks/reward.py --steps 4       # quick look
+    python benchmarks/reward.py                 # full run (about 20 minutes on 2 cores)
+    python benchmarks/reward.py --steps 4 --repeats 1   # a quick look, not a result
 
 Both sides train SmolLM2-135M-Instruct with a scalar head, LoRA r=8 (alpha 16,
 dropout 0.05) on q_proj/v_proj, AdamW lr 1e-4, bf16 autocast on CPU, batch 4 pairs
@@ -14,14 +14,21 @@ is pairs / summed step time (a median of step times would depend on how each sid
 happens to group long and short pairs). Each configuration runs in its own
 subprocess, and peak memory is that process's maximum resident set size.
 
-ucai runs at its defaults: each pair packed into one row, the shared conversation
-once (`ucai.reward_scoring.packed_pair_rewards`), bf16 frozen linear weights.
+Configurations, each ``--repeats`` times in alternating order, medians compared:
 
-ucai also runs with gradient checkpointing, to compare with TRL's defaults like for like.
-TRL is measured at its defaults (gradient checkpointing on) and at its best on this
-machine: without gradient checkpointing, and additionally with Hugging Face's
-length-grouped sampler (the same idea as ucai's length-sorted buckets). The headline
-ratio is against the fastest TRL configuration. The last line reads
+* ucai at its defaults: each pair packed into one row, the shared conversation once
+  (`ucai.reward_scoring.packed_pair_rewards`), bf16 frozen linear weights;
+* ucai without ``frozen_linear_bf16`` (fp32 frozen weights, as TRL keeps them): its
+  memory ratio against the peer says how much of ucai's memory saving that option is;
+* ucai with gradient checkpointing, to compare with TRL's defaults like for like;
+* TRL at its defaults (gradient checkpointing on), without gradient checkpointing, and
+  without it plus Hugging Face's length-grouped sampler (the same idea as ucai's
+  length-sorted buckets).
+
+The work check: every run of every configuration must train on the same pairs and
+tokens in its timed epoch (pairs, and the non-pad tokens of their chosen and rejected
+sequences as each side tokenised them; ucai's packing of a pair's shared conversation
+happens inside its step and is its design, not less work). The headline ratio is against the fastest TRL configuration. The last line reads
 ``reward: speed_ratio=X memory_ratio=Y`` (ucai over the peer; memory lower is better).
 """
 
@@ -30,13 +37,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when run as a script
+
+from harness import check_same_work, median_of, peak_rss_mb, run_alternating  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -48,8 +58,14 @@ def total_steps(args) -> int:
     return (args.warmup_epochs + 1) * args.steps
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+CONFIGS = {
+    "ucai default": ("ucai", "plain"),
+    "ucai fp32 frozen weights": ("ucai", "fp32frozen"),
+    "ucai gradient checkpointing": ("ucai", "gc"),
+    "trl defaults (gradient checkpointing)": ("trl", "default"),
+    "trl no checkpointing": ("trl", "nogc"),
+    "trl no checkpointing, group_by_length": ("trl", "grouped"),
+}
 
 
 # --------------------------------------------------------------------------- data
@@ -94,6 +110,8 @@ def run_ucai(args) -> dict:
     from ucai.stages.reward import RewardModule
 
     times: list[float] = []
+    pairs: list[int] = []
+    tokens: list[int] = []
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -101,6 +119,8 @@ def run_ucai(args) -> dict:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             times.append(time.perf_counter() - self.start)
+            pairs.append(len(batch["p_chosen"]))
+            tokens.append(int(batch["attention_mask"].sum()))
 
     module = RewardModule(
         model="smollm2-135m",
@@ -108,6 +128,7 @@ def run_ucai(args) -> dict:
         lora=LoraSettings(**LORA),
         learning_rate=1e-4,
         gradient_checkpointing=args.config == "gc",
+        frozen_linear_bf16=args.config != "fp32frozen",
         stats_max_pairs=0,
     )
     data = PreferenceDataModule(
@@ -119,7 +140,7 @@ def run_ucai(args) -> dict:
         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Timer()],
     )
     trainer.fit(module, datamodule=data)
-    return {"step_times": times}
+    return {"step_times": times, "step_pairs": pairs, "step_tokens": tokens}
 
 
 def run_trl(args) -> dict:
@@ -132,6 +153,8 @@ def run_trl(args) -> dict:
     from ucai.models import load_tokenizer, smollm2_folder
 
     times: list[float] = []
+    pairs: list[int] = []
+    tokens: list[int] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -172,8 +195,17 @@ def run_trl(args) -> dict:
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
         peft_config=peft_config, callbacks=[Timer()],
     )
+    inner = trainer.training_step
+
+    def counting_step(model, inputs, *rest, **kw):
+        # RewardTrainer stacks the chosen rows, then the rejected rows, in one batch.
+        pairs.append(int(inputs["input_ids"].shape[0]) // 2)
+        tokens.append(int(inputs["attention_mask"].sum()))
+        return inner(model, inputs, *rest, **kw)
+
+    trainer.training_step = counting_step
     trainer.train()
-    return {"step_times": times}
+    return {"step_times": times, "step_pairs": pairs, "step_tokens": tokens}
 
 
 def worker(args) -> None:
@@ -185,9 +217,13 @@ def worker(args) -> None:
     result = run_ucai(args) if args.side == "ucai" else run_trl(args)
     if len(result["step_times"]) != total_steps(args):
         raise SystemExit(f"{args.side}: {len(result['step_times'])} steps timed, expected {total_steps(args)}")
-    timed = result["step_times"][args.warmup_epochs * args.steps :]  # the last epoch
+    last_epoch = slice(args.warmup_epochs * args.steps, None)
+    timed = result["step_times"][last_epoch]
+    timed_pairs = sum(result["step_pairs"][last_epoch])
     result.update(
-        pairs_per_s=args.batch * len(timed) / sum(timed),
+        timed_pairs=timed_pairs,
+        timed_tokens=sum(result["step_tokens"][last_epoch]),
+        pairs_per_s=timed_pairs / sum(timed),
         median_step_s=statistics.median(timed),
         peak_rss_mb=peak_rss_mb(),
     )
@@ -197,10 +233,11 @@ def worker(args) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def spawn(side: str, config: str, args, data: Path, workdir: Path) -> dict:
+def spawn(name: str, repeat: int, args, data: dict[str, Path], workdir: Path) -> dict:
+    side, config = CONFIGS[name]
     result = workdir / f"{side}_{config}.json"
     command = [
-        sys.executable, __file__, "--worker", "--side", side, "--config", config, "--data", str(data),
+        sys.executable, __file__, "--worker", "--side", side, "--config", config, "--data", str(data[side]),
         "--result", str(result), "--workdir", str(workdir), "--steps", str(args.steps), "--warmup-epochs", str(args.warmup_epochs),
         "--batch", str(args.batch), "--max-length", str(args.max_length),
     ]
@@ -213,8 +250,9 @@ def spawn(side: str, config: str, args, data: Path, workdir: Path) -> dict:
     out = json.loads(result.read_text())
     out["wall_s"] = time.perf_counter() - started
     print(
-        f"{side:5s} {config:8s} {out['pairs_per_s']:6.3f} pairs/s  median step {out['median_step_s']:.2f} s  "
-        f"peak RSS {out['peak_rss_mb']:7.0f} MB  (run {out['wall_s']:.0f} s)",
+        f"[{repeat + 1}/{args.repeats}] {name:38s} {out['pairs_per_s']:6.3f} pairs/s  median step "
+        f"{out['median_step_s']:.2f} s  peak RSS {out['peak_rss_mb']:7.0f} MB  ({out['timed_pairs']} pairs, "
+        f"{out['timed_tokens']} tokens timed; run {out['wall_s']:.0f} s)",
         flush=True,
     )
     return out
@@ -222,10 +260,11 @@ def spawn(side: str, config: str, args, data: Path, workdir: Path) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=12, help="optimiser steps per epoch (pairs = steps x batch)")
+    parser.add_argument("--steps", type=int, default=8, help="optimiser steps per epoch (pairs = steps x batch)")
     parser.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs before the timed one")
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, in alternating order")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--config", default="plain", help=argparse.SUPPRESS)
@@ -245,25 +284,41 @@ def main(argv=None) -> None:
         print(
             f"SmolLM2-135M, LoRA r=8 q/v, bf16 autocast, batch {args.batch} pairs, {pairs} hh-rlhf pairs "
             f"<= {args.max_length} tokens (mean {mean_tokens:.0f} tokens per pair), "
-            f"{args.warmup_epochs} warm-up epoch(s) + 1 timed epoch of {args.steps} steps",
+            f"{args.warmup_epochs} warm-up epoch(s) + 1 timed epoch of {args.steps} steps, "
+            f"{args.repeats} repeats in alternating order",
             flush=True,
         )
-        ucai = spawn("ucai", "plain", args, ucai_data, workdir)
-        ucai_gc = spawn("ucai", "gc", args, ucai_data, workdir)
-        peers = {config: spawn("trl", config, args, trl_data, workdir) for config in ("default", "nogc", "grouped")}
-    best_name, best = max(peers.items(), key=lambda item: item[1]["pairs_per_s"])
-    default = peers["default"]
-    print(
-        f"vs TRL defaults: speed {ucai['pairs_per_s'] / default['pairs_per_s']:.2f}x, "
-        f"memory {ucai['peak_rss_mb'] / default['peak_rss_mb']:.2f}x; both with gradient checkpointing: "
-        f"speed {ucai_gc['pairs_per_s'] / default['pairs_per_s']:.2f}x, "
-        f"memory {ucai_gc['peak_rss_mb'] / default['peak_rss_mb']:.2f}x; best TRL config: {best_name}"
-    )
-    print(
-        f"reward: speed_ratio={ucai['pairs_per_s'] / best['pairs_per_s']:.2f} "
-        f"memory_ratio={ucai['peak_rss_mb'] / best['peak_rss_mb']:.2f}"
-    )
+        data = {"ucai": ucai_data, "trl": trl_data}
+        trials = run_alternating(list(CONFIGS), args.repeats, lambda name, r: spawn(name, r, args, data, workdir))
+    for unit in ("pairs", "tokens"):
+        check_same_work(
+            {f"{name} run {i + 1}": r[f"timed_{unit}"] for name, rs in trials.items() for i, r in enumerate(rs)},
+            f"timed {unit}",
+        )
+    summary = {
+        name: {"pairs_per_s": median_of(rs, "pairs_per_s"), "peak_rss_mb": median_of(rs, "peak_rss_mb"),
+               "timed_tokens": rs[0]["timed_tokens"]}
+        for name, rs in trials.items()
+    }
+    for name, s in summary.items():
+        print(f"{name:38s} median {s['pairs_per_s']:6.3f} pairs/s  peak RSS {s['peak_rss_mb']:7.0f} MB  "
+              f"({s['timed_tokens']} tokens per timed epoch)")
+    best_name = max((n for n in CONFIGS if CONFIGS[n][0] == "trl"), key=lambda n: summary[n]["pairs_per_s"])
+    ucai, best = summary["ucai default"], summary[best_name]
+    default, ucai_gc = summary["trl defaults (gradient checkpointing)"], summary["ucai gradient checkpointing"]
+    fp32_frozen = summary["ucai fp32 frozen weights"]
 
+    def ratios(a: dict, b: dict) -> str:
+        return f"speed_ratio={a['pairs_per_s'] / b['pairs_per_s']:.2f} memory_ratio={a['peak_rss_mb'] / b['peak_rss_mb']:.2f}"
+
+    print(f"ucai vs TRL defaults: {ratios(ucai, default)}; both with gradient checkpointing: {ratios(ucai_gc, default)}")
+    print(
+        f"frozen_linear_bf16: ucai with fp32 frozen weights vs {best_name}: {ratios(fp32_frozen, best)}; "
+        f"the option saves {fp32_frozen['peak_rss_mb'] - ucai['peak_rss_mb']:.0f} MB "
+        f"({(fp32_frozen['peak_rss_mb'] - ucai['peak_rss_mb']) / best['peak_rss_mb']:.2f} of the peer's peak)"
+    )
+    print(f"peer's best: {best_name}")
+    print(f"reward: {ratios(ucai, best)}")
 
 if __name__ == "__main__":
     main()

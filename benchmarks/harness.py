@@ -1,0 +1,56 @@
+"""What every benchmark shares: alternating repeats, medians, the work check, peak RSS.
+
+The rules (../shared/BENCHMARKS.md): each configuration runs in its own subprocess,
+at least 3 times, in alternating order (A B C, C B A, A B C ...) so that drift in the
+load of a shared machine hits every side alike; medians are compared; the work done
+is recorded on every side, and a benchmark stops if it differs by more than 5%.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+from collections.abc import Callable, Iterator, Sequence
+
+WORK_TOLERANCE = 0.05
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def alternating(names: Sequence[str], repeats: int) -> Iterator[tuple[int, str]]:
+    """(repeat, name) in the order A B C, C B A, A B C, ..."""
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else tuple(reversed(names)):
+            yield repeat, name
+
+
+def run_alternating(names: Sequence[str], repeats: int, run: Callable[[str, int], dict]) -> dict[str, list[dict]]:
+    """Call ``run(name, repeat)`` for every configuration ``repeats`` times, alternating."""
+    trials: dict[str, list[dict]] = {name: [] for name in names}
+    for repeat, name in alternating(names, repeats):
+        trials[name].append(run(name, repeat))
+    return trials
+
+
+def median_of(trials: list[dict], key: str) -> float:
+    return statistics.median(t[key] for t in trials)
+
+
+def check_same_work(work: dict[str, float], what: str, tolerance: float = WORK_TOLERANCE) -> None:
+    """Stop with an error if any run's ``work`` differs from the first by more than ``tolerance``.
+
+    Args:
+        work: run label -> amount of work (tokens, pairs, response tokens ...).
+        what: the unit, for the message.
+    """
+    (reference_name, reference), *_ = work.items()
+    for name, amount in work.items():
+        gap = abs(amount - reference) / max(abs(reference), 1e-9)
+        if gap > tolerance:
+            raise SystemExit(
+                f"work differs: {name} did {amount:g} {what}, {reference_name} {reference:g} "
+                f"({gap:.1%} > {tolerance:.0%}); the comparison would not be like for like"
+            )
