@@ -1,34 +1,45 @@
-"""One PPO iteration: ucai's PPOModule against TRL 1.12's PPOTrainer, as ratios.
+"""One PPO iteration: ucai's PPOModule against TRL 1.12's PPOTrainer, like for like.
 
-    nice python benchmarks/ppo.py                 # ~10-20 min on 2 CPU cores
-    nice python benchmarks/ppo.py --iterations 2  # quicker, noisier
+    python benchmarks/ppo.py                          # ~20 min on 2 CPU cores
+    python benchmarks/ppo.py --iterations 1 --repeats 1   # a quick look, not a result
 
 Both sides train the same SmolLM2-135M-Instruct policy with LoRA r=8 (alpha 16) on
 q_proj/v_proj, against the same reward model (SmolLM2-135M with a random scalar head,
-saved once to a temporary folder), on the same rendered prompts, with rollout batch 8,
-responses of at most 48 tokens (stop at eos, missing-eos penalty 1), temperature 0.7,
-one PPO epoch over one minibatch, KL coefficient 0.05, learning rate 1e-5.
+saved once to a temporary folder), on the same rendered prompts in the same order (TRL's
+shuffled loader is replaced by one in order), with rollout batch 8, responses of at most
+48 tokens (stop at eos, missing-eos penalty 1), temperature 0.7, one PPO epoch over one
+minibatch, KL coefficient 0.05, learning rate 1e-5.
 
-* ucai: `PPOModule` under a Lightning Trainer, ``bf16-mixed`` (bf16 autocast); the
-  reference is the policy with its adapter disabled and the value function is a head
-  on the policy's hidden state.
-* TRL: ``trl.experimental.ppo.PPOTrainer`` with ``ref_model=None`` (peft: adapter
-  disabled) and the value model loaded from the reward-model folder (a full trainable
-  copy, as in TRL's examples). Run at its defaults on CPU (fp32) and with bf16
-  autocast (``ACCELERATE_MIXED_PRECISION=bf16``, the only way TRL 1.12 gets bf16 with
-  transformers 5); the headline ratio is against the faster of the two.
+The value function is where the two designs differ:
 
-Each configuration runs in its own subprocess (peak RSS = ``ru_maxrss`` of that
-process), warms up for one iteration, then times ``--iterations`` iterations; the
-median is reported. The last line is ``ppo: speed_ratio=X memory_ratio=Y`` (ucai over
-TRL's best; memory lower is better).
+* TRL trains a separate critic: a full copy of the reward model (135M trainable
+  parameters with their own forwards, backward and AdamW state), as in its examples;
+* ucai's default (``value_head: head``) is a scalar head on the policy's hidden state;
+  ``value_head: adapter`` gives the value function its own LoRA adapter on the policy's
+  backbone (its own forward and backward through the model) and a head started from
+  the reward model's head, which is the same job as TRL's critic.
+
+And so is precision: ucai's ``bf16-mixed`` autocasts generation and the reference, value
+and reward forwards; TRL 1.12 on CPU runs fp32 at its defaults and gets bf16 autocast
+only from ``ACCELERATE_MIXED_PRECISION=bf16``, which covers its training forward.
+
+Configurations, each in its own subprocess (peak RSS = ``ru_maxrss``), ``--repeats``
+times in alternating order; each warms up for ``--warmup`` iterations and times
+``--iterations``; medians over all timed iterations of a configuration are compared.
+The response lengths of both sides are recorded (TRL's through its
+``truncate_response``), and the script stops if a configuration's mean response length
+differs from ucai's default by more than 5%. Lines:
+
+* ucai default vs TRL default: the designs as shipped;
+* ucai ``value_head: adapter`` under ``32-true`` vs TRL in fp32: no autocast anywhere;
+* last, ``ppo: speed_ratio=X memory_ratio=Y``: ucai ``value_head: adapter`` (bf16-mixed)
+  against TRL with its critic at TRL's faster precision, the like-for-like comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -37,6 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ppo_common, when run as a script
 
+from harness import check_same_work, peak_rss_mb, run_alternating  # noqa: E402
 from ppo_common import (  # noqa: E402
     DEFAULT_POLICY,
     PPOSettings,
@@ -63,14 +75,20 @@ SETTINGS = PPOSettings(
 )
 
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
+# name -> (side, ucai value head, ucai precision, extra environment)
+CONFIGS = {
+    "ucai default (head, bf16-mixed)": ("ucai", "head", "bf16-mixed", {}),
+    "ucai value adapter (bf16-mixed)": ("ucai", "adapter", "bf16-mixed", {}),
+    "ucai value adapter (32-true)": ("ucai", "adapter", "32-true", {}),
+    "trl defaults (fp32)": ("trl", None, None, {}),
+    "trl bf16 autocast": ("trl", None, None, {"ACCELERATE_MIXED_PRECISION": "bf16"}),
+}
 
 
 # --------------------------------------------------------------------------- ucai side
 
 
-def run_ucai(rm: Path, n_iter: int, work: Path) -> dict:
+def run_ucai(rm: Path, n_iter: int, work: Path, value_head: str, precision: str) -> dict:
     import lightning as L
 
     from ucai.data.io import write_jsonl
@@ -85,6 +103,7 @@ def run_ucai(rm: Path, n_iter: int, work: Path) -> dict:
         policy=POLICY,
         reward_model=str(rm),
         lora=SETTINGS.lora_settings(),
+        value_head=value_head,
         ppo_epochs=SETTINGS.ppo_epochs,
         minibatch_size=SETTINGS.minibatch_size,
         kl_coef=SETTINGS.kl_coef,
@@ -111,7 +130,7 @@ def run_ucai(rm: Path, n_iter: int, work: Path) -> dict:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        precision="bf16-mixed",
+        precision=precision,
         max_steps=n_iter * SETTINGS.updates_per_iteration,  # Lightning counts optimiser steps
         logger=False,
         enable_checkpointing=False,
@@ -129,9 +148,20 @@ def run_ucai(rm: Path, n_iter: int, work: Path) -> dict:
 
 
 def run_trl(rm: Path, n_iter: int, work: Path) -> dict:
+    import trl.experimental.ppo.ppo_trainer as trl_ppo
     from transformers import TrainerCallback
 
     times: list[float] = []
+    lengths: list[float] = []
+    truncate = trl_ppo.truncate_response
+
+    def recording_truncate(stop_token_id, pad_token_id, responses):
+        """TRL's own truncation, recording each batch's mean response length (eos included)."""
+        truncated = truncate(stop_token_id, pad_token_id, responses)
+        lengths.append(float(trl_ppo.first_true_indices(truncated == pad_token_id).float().mean()))
+        return truncated
+
+    trl_ppo.truncate_response = recording_truncate
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -143,9 +173,9 @@ def run_trl(rm: Path, n_iter: int, work: Path) -> dict:
             self.last = now
 
     prompts = default_prompts(SETTINGS.batch * n_iter)
-    trainer = trl_ppo_trainer(POLICY, rm, prompts, SETTINGS, n_iter, work, callbacks=(Timer(),))
+    trainer = trl_ppo_trainer(POLICY, rm, prompts, SETTINGS, n_iter, work, callbacks=(Timer(),), in_order=True)
     trainer.train()
-    return {"iteration_s": times}
+    return {"iteration_s": times, "response_length": lengths}
 
 
 # --------------------------------------------------------------------------- driver
@@ -153,41 +183,59 @@ def run_trl(rm: Path, n_iter: int, work: Path) -> dict:
 
 def child(args) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    work = Path(tempfile.mkdtemp(prefix=f"ppo-bench-{args.child}-"))
-    runner = run_ucai if args.child == "ucai" else run_trl
-    result = runner(Path(args.rm), args.warmup + args.iterations, work)
-    result["peak_rss_gb"] = peak_rss_gb()
+    side, value_head, precision, _ = CONFIGS[args.child]
+    work = Path(tempfile.mkdtemp(prefix=f"ppo-bench-{side}-"))
+    n_iter = args.warmup + args.iterations
+    if side == "ucai":
+        result = run_ucai(Path(args.rm), n_iter, work, value_head, precision)
+    else:
+        result = run_trl(Path(args.rm), n_iter, work)
+    if len(result["iteration_s"]) != n_iter or len(result["response_length"]) != n_iter:
+        raise SystemExit(f"{args.child}: timed {len(result['iteration_s'])} iterations, expected {n_iter}")
+    result = {key: values[args.warmup :] for key, values in result.items()}
+    result["peak_rss_mb"] = peak_rss_mb()
     print_result(result)
 
 
-def spawn(name: str, side: str, rm: Path, args, env_extra: dict | None = None) -> dict:
+def spawn(name: str, repeat: int, rm: Path, args) -> dict:
     command = [
-        sys.executable, __file__, "--child", side, "--rm", str(rm),
+        sys.executable, __file__, "--child", name, "--rm", str(rm),
         "--iterations", str(args.iterations), "--warmup", str(args.warmup),
     ]
-    result = run_child(name, command, env_extra)
-    measured = result["iteration_s"][args.warmup :]
-    result["median_s"] = statistics.median(measured)
-    result["episodes_per_s"] = SETTINGS.batch / result["median_s"]
-    extra = ""
-    if "response_length" in result:
-        extra = f"  mean response {statistics.mean(result['response_length'][args.warmup:]):.1f} tokens"
+    result = run_child(name, command, CONFIGS[name][3])
     print(
-        f"{name:<22} {result['episodes_per_s']:6.3f} episodes/s  (median {result['median_s']:.2f} s/iteration "
-        f"over {len(measured)}: {', '.join(f'{t:.2f}' for t in measured)})  peak RSS {result['peak_rss_gb']:.2f} GB{extra}",
+        f"[{repeat + 1}/{args.repeats}] {name:34s} {SETTINGS.batch / statistics.median(result['iteration_s']):6.3f} "
+        f"episodes/s (s/iteration: {', '.join(f'{t:.2f}' for t in result['iteration_s'])})  peak RSS "
+        f"{result['peak_rss_mb']:6.0f} MB  mean response {statistics.mean(result['response_length']):.1f} tokens",
         flush=True,
     )
     return result
 
 
+def summarise(trials: list[dict]) -> dict:
+    """Median episodes/s over every timed iteration of every run, median peak RSS and
+    the mean response length."""
+    seconds = [t for trial in trials for t in trial["iteration_s"]]
+    return {
+        "episodes_per_s": SETTINGS.batch / statistics.median(seconds),
+        "peak_rss_mb": statistics.median(trial["peak_rss_mb"] for trial in trials),
+        "response_length": statistics.mean(x for trial in trials for x in trial["response_length"]),
+    }
+
+
+def ratios(a: dict, b: dict) -> str:
+    return (
+        f"speed_ratio={a['episodes_per_s'] / b['episodes_per_s']:.2f} "
+        f"memory_ratio={a['peak_rss_mb'] / b['peak_rss_mb']:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=3, help="timed iterations per side")
+    parser.add_argument("--iterations", type=int, default=3, help="timed iterations per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
-    parser.add_argument(
-        "--trl-modes", default="fp32,bf16", help="TRL settings to run: fp32 (its CPU default), bf16 (autocast)"
-    )
-    parser.add_argument("--child", choices=["ucai", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, in alternating order")
+    parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--rm", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -197,19 +245,25 @@ def main() -> None:
         rm = Path(tmp) / "rm_model"
         rm.mkdir()
         build_reward_model(rm)
-        print(f"PPO iteration: {POLICY}, {SETTINGS.describe()}", flush=True)
-        ucai = spawn("ucai (bf16-mixed)", "ucai", rm, args)
-        peers = []
-        modes = args.trl_modes.split(",")
-        if "fp32" in modes:
-            peers.append(spawn("trl 1.12 (defaults, fp32)", "trl", rm, args))
-        if "bf16" in modes:
-            peers.append(spawn("trl 1.12 (bf16 autocast)", "trl", rm, args, {"ACCELERATE_MIXED_PRECISION": "bf16"}))
-    best = max(peers, key=lambda r: r["episodes_per_s"])
-    speed = ucai["episodes_per_s"] / best["episodes_per_s"]
-    memory = ucai["peak_rss_gb"] / best["peak_rss_gb"]
-    print(f"ppo: speed_ratio={speed:.2f} memory_ratio={memory:.2f}")
-
+        print(f"PPO iteration: {POLICY}, {SETTINGS.describe()}, prompts in the same order on both sides", flush=True)
+        trials = run_alternating(list(CONFIGS), args.repeats, lambda name, r: spawn(name, r, rm, args))
+    summary = {name: summarise(runs) for name, runs in trials.items()}
+    check_same_work({name: s["response_length"] for name, s in summary.items()}, "tokens of mean response length")
+    for name, s in summary.items():
+        print(
+            f"{name:34s} median {s['episodes_per_s']:6.3f} episodes/s  peak RSS {s['peak_rss_mb']:6.0f} MB  "
+            f"mean response {s['response_length']:.1f} tokens"
+        )
+    trl_fp32, trl_bf16 = summary["trl defaults (fp32)"], summary["trl bf16 autocast"]
+    best_name = max(("trl defaults (fp32)", "trl bf16 autocast"), key=lambda n: summary[n]["episodes_per_s"])
+    print(f"ucai default (value head) vs TRL defaults (critic, fp32), different designs: "
+          f"{ratios(summary['ucai default (head, bf16-mixed)'], trl_fp32)}")
+    print(f"ucai value adapter 32-true vs TRL fp32, no autocast on either side: "
+          f"{ratios(summary['ucai value adapter (32-true)'], trl_fp32)}")
+    print(f"ucai value adapter bf16-mixed vs TRL bf16 autocast: "
+          f"{ratios(summary['ucai value adapter (bf16-mixed)'], trl_bf16)}")
+    print(f"peer's best: {best_name}")
+    print(f"ppo: {ratios(summary['ucai value adapter (bf16-mixed)'], summary[best_name])}")
 
 if __name__ == "__main__":
     main()

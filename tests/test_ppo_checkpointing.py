@@ -1,6 +1,7 @@
 """Gradient checkpointing changes memory, never gradients: the PPO minibatch gradients
 (policy LoRA, value LoRA, value head) with ``gradient_checkpointing: true`` equal those
-without, for both value-head modes, on the tiny model in float32."""
+without, for both value-head modes, on the tiny model in float32; so do adapter mode's
+policy and value terms backpropagated one after the other."""
 
 from __future__ import annotations
 
@@ -91,3 +92,29 @@ def test_checkpointing_leaves_gradients_unchanged(value_head):
             assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-7), (
                 group, name, (got[name] - expected[name]).abs().max(), expected[name].abs().max()
             )
+
+
+@pytest.mark.parametrize("value_head, backward_calls", [("head", 1), ("adapter", 2)])
+def test_split_backward_gives_the_gradients_of_the_summed_loss(value_head, backward_calls):
+    # In adapter mode the policy term is backpropagated before the value pass runs (one
+    # pass's activations alive at a time); the two terms share no trainable parameter,
+    # so every gradient must equal that of the summed loss bit for bit.
+    module = configured(value_head, checkpointing=False)
+    perturb(module)
+    rollout = rollout_for(module)
+    expected = minibatch_gradients(module, rollout)
+    module.zero_grad(set_to_none=True)
+    losses = []
+
+    def backward(loss):
+        losses.append(float(loss))
+        loss.backward()
+
+    stats = module.minibatch_backward(rollout, torch.arange(rollout.size), backward=backward)
+    got = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    assert len(losses) == backward_calls
+    assert got.keys() == expected.keys() and any(".value." in n for n in got) == (value_head == "adapter")
+    for name, grad in expected.items():
+        assert torch.equal(got[name], grad), name
+    _, summed = module.minibatch_loss(rollout, torch.arange(rollout.size))
+    assert {k: float(v) for k, v in stats.items()} == {k: float(v) for k, v in summed.items()}

@@ -73,3 +73,64 @@ def test_bf16_true_is_refused_naming_bf16_mixed(tmp_path):
     trainer = trainer_with(tmp_path, precision="bf16-true")
     with pytest.raises(UcaiError, match="bf16-mixed"):
         trainer.fit(tiny_module(), datamodule=PromptDataModule(limit=4, batch_size=4, split="train"))
+
+
+class RecordStats(L.Callback):
+    def __init__(self):
+        self.stats: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.stats.append({k: v for k, v in module.last_stats.items() if not k.startswith("perf/")})  # not timings
+
+
+def reward_folder(tmp_path) -> str:
+    import json
+
+    from ucai.models import load_sequence_classifier, load_tokenizer
+
+    folder = tmp_path / "rm_model"
+    rm = load_sequence_classifier("tiny-llama", seed=3)
+    tokenizer = load_tokenizer("tiny-llama", padding_side="right")
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    rm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0}))
+    return str(folder)
+
+
+def test_frozen_weights_in_bf16_change_nothing_under_bf16_mixed(tmp_path):
+    # Autocast rounds the weights of every matmul to bf16 anyway, so holding the frozen
+    # linears (policy base, reward model) in bf16 must leave two PPO updates, with
+    # generation, both adapters and the reward model, bit for bit as they were, and the
+    # export must merge into the base at full precision, not its bf16 rounding.
+    from safetensors.torch import load_file
+
+    rm = reward_folder(tmp_path)
+    runs = {}
+    for cast in (False, True):
+        L.seed_everything(0)
+        module = tiny_module(reward_model=rm, value_head="adapter", frozen_linear_bf16=cast, export=True,
+                             output_dir=str(tmp_path / f"rl_{cast}"))
+        record = RecordStats()
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+            precision="bf16-mixed", callbacks=[record],
+        )
+        trainer.fit(module, datamodule=PromptDataModule(limit=8, batch_size=4, split="train"))
+        runs[cast] = (module, record.stats)
+    module, stats = runs[True]
+    base = module.policy.get_base_model()
+    attention = base.model.layers[0].self_attn
+    assert attention.q_proj.base_layer.weight.dtype == torch.bfloat16  # adapted: its frozen base
+    assert attention.k_proj.weight.dtype == torch.bfloat16  # not adapted
+    assert attention.q_proj.lora_A["policy"].weight.dtype == torch.float32  # trained: untouched
+    assert base.get_input_embeddings().weight.dtype == torch.float32  # tied to lm_head: untouched
+    assert module.value_head.weight.dtype == torch.float32
+    assert module._reward[0].model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert runs[False][0].policy.get_base_model().model.layers[0].self_attn.k_proj.weight.dtype == torch.float32
+    assert len(stats) == 2 and stats == runs[False][1]
+    exported = {cast: load_file(tmp_path / f"rl_{cast}" / "model.safetensors") for cast in (False, True)}
+    assert exported[True].keys() == exported[False].keys()
+    for name, tensor in exported[False].items():
+        assert tensor.dtype == torch.float32 and torch.equal(exported[True][name], tensor), name

@@ -418,6 +418,30 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return count
 
 
+def cast_frozen_linear(net: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast the weights of linear layers that are not trained; returns how many.
+
+    Only ``nn.Linear`` modules whose parameters are all frozen are touched (the peft
+    ``base_layer`` of each adapted projection, and the projections LoRA leaves alone).
+    A linear whose weight is shared with an embedding (a tied ``lm_head``) is left as
+    it is: casting it would cast the embedding too, and with it the residual stream.
+    Under autocast to ``dtype`` the cast changes no result (autocast rounds the
+    weights of every matmul to ``dtype`` anyway); it only stops holding them at full
+    precision.
+    """
+    shared = {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.Embedding)}
+    count = 0
+    for module in net.modules():
+        if (
+            type(module) is torch.nn.Linear
+            and not any(p.requires_grad for p in module.parameters())
+            and id(module.weight) not in shared
+        ):
+            module.to(dtype)
+            count += 1
+    return count
+
+
 def load_causal_lm(
     name: str,
     dtype: torch.dtype = torch.float32,

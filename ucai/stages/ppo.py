@@ -50,6 +50,7 @@ from ucai.errors import UcaiError
 from ucai.losses import entropy_bonus, ppo_policy_loss, ppo_value_loss
 from ucai.models import (
     LoraSettings,
+    cast_frozen_linear,
     disable_dropout,
     dtype_from_precision,
     save_pretrained_atomic,
@@ -252,6 +253,21 @@ def merge_lora_state(state: dict[str, torch.Tensor], adapter: str, scaling: dict
     return merged
 
 
+def with_full_precision_base(state: dict[str, torch.Tensor], base_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (peft layout) with every base weight held in lower precision than the
+    freshly loaded ``base_state`` (transformers layout) replaced by that original, so
+    that merging the adapter does not bake bf16 rounding into the exported model."""
+    prefix = "base_model.model."
+    restored = {}
+    for key, value in state.items():
+        name = (key[len(prefix) :] if key.startswith(prefix) else key).replace(".base_layer.", ".")
+        original = base_state.get(name)
+        if ".lora_" not in key and original is not None and original.shape == value.shape and original.dtype != value.dtype:
+            value = original
+        restored[key] = value
+    return restored
+
+
 def untie_if_adapted(model, merged_state: dict[str, torch.Tensor]) -> None:
     """Give the output head its own weights when the adapter changed it but the model
     ties it to the input embeddings (LoRA on ``lm_head``); otherwise loading the merged
@@ -372,6 +388,11 @@ class PPOModule(L.LightningModule):
         gradient_checkpointing: trade compute for activation memory in the PPO passes
             (each layer is recomputed under the adapter it ran with, so the gradients
             are those without checkpointing in both value-head modes).
+        frozen_linear_bf16: under ``bf16-mixed``, hold the frozen linear weights of the
+            policy's base and of the reward model in bf16. Autocast computes those
+            matmuls in bf16 anyway, so no result changes; it saves their fp32 copies
+            (~430 MB for two 135M models). The export merges the adapter into the base
+            re-read at full precision. Skipped under FSDP (one dtype per flat parameter).
         rollouts_file: file name of the episode log in the run's log folder.
         export: write the merged policy to ``output_dir`` at the end of fit (off for
             benchmarks, whose peak memory should be that of training).
@@ -410,6 +431,7 @@ class PPOModule(L.LightningModule):
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         max_prompt_tokens: int | None = 512,
         gradient_checkpointing: bool = False,
+        frozen_linear_bf16: bool = True,
         rollouts_file: str = "rollouts.csv",
         export: bool = True,
         trust_remote_code: bool = False,
@@ -456,6 +478,8 @@ class PPOModule(L.LightningModule):
         self.system_prompt = system_prompt
         self.max_prompt_tokens = max_prompt_tokens
         self.gradient_checkpointing = gradient_checkpointing
+        self.frozen_linear_bf16 = frozen_linear_bf16
+        self._frozen_cast = False  # whether the frozen weights are held in bf16
         self.rollouts_file = rollouts_file
         self.export = export
         self.trust_remote_code = trust_remote_code
@@ -520,6 +544,22 @@ class PPOModule(L.LightningModule):
             self.value_head.parameters()
         )
         self._load_reward(dtype)
+        self._frozen_cast = (
+            self.frozen_linear_bf16
+            and trainer_precision(self) in ("bf16-mixed", "bf16")
+            and dtype == torch.float32
+            and not self._sharded_by_fsdp()
+        )
+        if self._frozen_cast:
+            # After the value head has copied the reward head at full precision.
+            cast_frozen_linear(self.policy, torch.bfloat16)
+            for reward in self._reward:
+                if not isinstance(reward, TokenReward):
+                    cast_frozen_linear(reward.model, torch.bfloat16)
+
+    def _sharded_by_fsdp(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and "FSDP" in type(trainer.strategy).__name__
 
     def _load_reward(self, dtype: torch.dtype) -> None:
         if self.reward_model_name.startswith(TOKEN_REWARD_PREFIX):
@@ -639,8 +679,9 @@ class PPOModule(L.LightningModule):
             logits = logits / self.generation.temperature
         return logits
 
-    def values_for(self, hidden: torch.Tensor, input_ids, attention_mask, prompt_length: int) -> torch.Tensor:
-        """(B, T) float32 values; ``hidden`` is the policy's response hidden state."""
+    def values_for(self, hidden: torch.Tensor | None, input_ids, attention_mask, prompt_length: int) -> torch.Tensor:
+        """(B, T) float32 values; ``hidden`` is the policy's response hidden state (unused,
+        and may be None, in ``adapter`` mode, which runs its own pass)."""
         if self.value_head_kind == "adapter":
             with self._adapter("value"):
                 hidden = self.response_hidden(input_ids, attention_mask, prompt_length)
@@ -763,31 +804,68 @@ class PPOModule(L.LightningModule):
             rollout: the batch the episodes come from.
             idx: (M,) episode indices.
         """
-        width = rollout.prompt_length
-        ids, att, mask = rollout.sequences[idx], rollout.attention_mask[idx], rollout.mask[idx]
+        ids, att, width = rollout.sequences[idx], rollout.attention_mask[idx], rollout.prompt_length
         hidden = self.response_hidden(ids, att, width)
+        policy_loss, stats = self._policy_terms(rollout, idx, hidden)
+        value_loss, value_stats = self._value_terms(rollout, idx, self.values_for(hidden, ids, att, width))
+        return policy_loss + self.vf_coef * value_loss, {**stats, **value_stats}
+
+    def minibatch_backward(self, rollout: Rollout, idx: torch.Tensor, backward=None) -> dict[str, torch.Tensor]:
+        """Backpropagate the PPO loss of the episodes ``idx``; returns the diagnostics.
+
+        With ``value_head: adapter`` in one process, the policy term is backpropagated
+        before the value pass runs: the two passes share no trainable parameter (each
+        adapter and the head get gradient from one term only), so the gradients are
+        exactly those of the summed loss, while only one pass's activations are alive at
+        a time, which halves the activation peak of an update. Under DDP the summed loss
+        is kept: its reducer expects every trainable parameter in one backward.
+
+        Args:
+            backward: called with each loss (default: Lightning's ``manual_backward``).
+        """
+        backward = backward or self.manual_backward
+        world = self._trainer.world_size if self._trainer is not None else 1
+        if self.value_head_kind != "adapter" or world > 1:
+            loss, stats = self.minibatch_loss(rollout, idx)
+            backward(loss)
+            return stats
+        ids, att, width = rollout.sequences[idx], rollout.attention_mask[idx], rollout.prompt_length
+        policy_loss, stats = self._policy_terms(rollout, idx, self.response_hidden(ids, att, width))
+        backward(policy_loss)
+        del policy_loss  # frees the policy pass's graph before the value pass
+        value_loss, value_stats = self._value_terms(rollout, idx, self.values_for(None, ids, att, width))
+        backward(self.vf_coef * value_loss)
+        return {**stats, **value_stats}
+
+    def _policy_terms(self, rollout: Rollout, idx: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Clipped policy loss (minus the entropy bonus) from the (M, T, H) response
+        hidden states, and its diagnostics."""
+        ids, mask = rollout.sequences[idx], rollout.mask[idx]
         logits = self.response_logits(hidden)
-        logprobs = logprobs_from_logits(logits, ids[:, width:])
-        values = self.values_for(hidden, ids, att, width)
+        logprobs = logprobs_from_logits(logits, ids[:, rollout.prompt_length :])
         pg_loss, clipfrac, approxkl = ppo_policy_loss(
             logprobs, rollout.logprobs[idx], rollout.advantages[idx], mask, self.cliprange
         )
-        vf_loss, vf_clipfrac = ppo_value_loss(values, rollout.values[idx], rollout.returns[idx], mask, self.cliprange_value)
-        loss = pg_loss + self.vf_coef * vf_loss
+        loss = pg_loss
         if self.entropy_coef:
-            loss = loss - self.entropy_coef * entropy_bonus(entropy_from_logits(logits), mask)
+            loss = pg_loss - self.entropy_coef * entropy_bonus(entropy_from_logits(logits), mask)
         with torch.no_grad():
             ratio = torch.exp(logprobs - rollout.logprobs[idx])
             stats = {
                 "policy/approxkl": approxkl.detach(),
                 "policy/clipfrac": clipfrac.detach(),
                 "loss/policy": pg_loss.detach(),
-                "loss/value": vf_loss.detach(),
-                "val/clipfrac": vf_clipfrac.detach(),
                 "val/ratio": masked_mean(ratio, mask),
                 "ratio_max_dev": ((ratio - 1).abs() * mask).max(),
             }
         return loss, stats
+
+    def _value_terms(self, rollout: Rollout, idx: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Clipped value loss of the (M, T) values, and its diagnostics."""
+        loss, clipfrac = ppo_value_loss(
+            values, rollout.values[idx], rollout.returns[idx], rollout.mask[idx], self.cliprange_value
+        )
+        return loss, {"loss/value": loss.detach(), "val/clipfrac": clipfrac.detach()}
 
     def ppo_update(self, rollout: Rollout) -> dict[str, float]:
         """``ppo_epochs`` passes of minibatch updates; returns averaged diagnostics.
@@ -806,9 +884,8 @@ class PPOModule(L.LightningModule):
             order = torch.arange(size) if epoch == 0 else torch.randperm(size)
             order = order.to(rollout.sequences.device)
             for start in range(0, size, self.minibatch_size):
-                loss, step = self.minibatch_loss(rollout, order[start : start + self.minibatch_size])
                 optimizer.zero_grad(set_to_none=True)
-                self.manual_backward(loss)
+                step = self.minibatch_backward(rollout, order[start : start + self.minibatch_size])
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
@@ -821,7 +898,6 @@ class PPOModule(L.LightningModule):
                     if "/" in key:
                         sums[key] = sums.get(key, 0.0) + float(value)
                 updates += 1
-                del loss
         stats = {key: value / updates for key, value in sums.items()}
         stats.update(first)
         return stats
@@ -989,9 +1065,11 @@ class PPOModule(L.LightningModule):
             table = getattr(module, "scaling", None)
             if isinstance(table, dict) and "policy" in table:
                 scaling[_clean_module_name(name)] = module.scaling["policy"]
-        merged_state = merge_lora_state(state, "policy", scaling)
-        dtype = next(iter(merged_state.values())).dtype
+        dtype = next(iter(state.values())).dtype  # the embedding's: never cast
         model = load_causal_lm(self.policy_name, dtype=dtype, trust_remote_code=self.trust_remote_code, seed=self.seed)
+        if self._frozen_cast:
+            state = with_full_precision_base(state, model.state_dict())
+        merged_state = merge_lora_state(state, "policy", scaling)
         untie_if_adapted(model, merged_state)
         missing, unexpected = model.load_state_dict(merged_state, strict=False)
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()

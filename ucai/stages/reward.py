@@ -50,7 +50,7 @@ from torchmetrics import MaxMetric, MeanMetric, Metric, MinMetric
 
 from ucai.errors import UcaiError
 from ucai.losses import bradley_terry_loss
-from ucai.models import LoraSettings
+from ucai.models import LoraSettings, cast_frozen_linear
 from ucai.resume import RNGStateCheckpoint
 from ucai.reward_scoring import (
     STATS_FILE,
@@ -489,20 +489,6 @@ def spread_batch_indices(batches: int, wanted: int) -> list[int]:
     """
     count = max(min(wanted, batches), 0)
     return [(2 * k + 1) * batches // (2 * count) for k in range(count)]
-
-
-def cast_frozen_linear(net: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Cast the weights of linear layers that are not trained; returns how many.
-
-    Only ``nn.Linear`` modules whose parameters are all frozen are touched (the peft
-    ``base_layer`` of each adapted projection, and the projections LoRA leaves alone).
-    """
-    count = 0
-    for module in net.modules():
-        if type(module) is torch.nn.Linear and not any(p.requires_grad for p in module.parameters()):
-            module.to(dtype)
-            count += 1
-    return count
 
 
 # Decoder projection names and their BERT equivalents, so one config adapts either kind.

@@ -1,0 +1,32 @@
+"""The benchmark harness: the alternating order and the 5% work check that every
+benchmark in benchmarks/ relies on for a like-for-like ratio."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from harness import alternating, check_same_work, run_alternating  # noqa: E402
+
+
+def test_alternating_reverses_the_order_every_other_repeat():
+    assert list(alternating(["a", "b", "c"], 3)) == [
+        (0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c"),
+    ]
+
+
+def test_run_alternating_collects_every_run_per_configuration():
+    calls = []
+    trials = run_alternating(["x", "y"], 2, lambda name, repeat: calls.append(name) or {"repeat": repeat})
+    assert calls == ["x", "y", "y", "x"]
+    assert trials == {"x": [{"repeat": 0}, {"repeat": 1}], "y": [{"repeat": 0}, {"repeat": 1}]}
+
+
+def test_work_within_five_percent_passes_and_beyond_stops():
+    check_same_work({"ucai": 1000, "peer": 1049, "peer again": 951}, "tokens")
+    with pytest.raises(SystemExit, match=r"work differs: peer did 1051 tokens, ucai 1000 \(5.1% > 5%\)"):
+        check_same_work({"ucai": 1000, "peer": 1051}, "tokens")
