@@ -7,6 +7,7 @@ by a function that writes its outputs, so the bookkeeping is tested in milliseco
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ class FakeRunner:
         self.ran: list[str] = []
         self.fail = fail
 
-    def __call__(self, run, python):
+    def __call__(self, run, python, threads=None, log=None):
         self.ran.append(run.label)
         if run.label == self.fail:
             shard = run.outputs[0].with_name(run.outputs[0].name + ".shards")
@@ -190,7 +191,7 @@ def test_failed_stage_stops_the_pipeline_and_resumes_without_cleaning(tmp_path, 
     # Same config again: the stage resumes, so its shards are kept for the writer to skip.
     seen = {}
 
-    def check(run, python):
+    def check(run, python, threads=None, log=None):
         if run.stage == "critique_revision":
             seen["shard_kept"] = shard.is_file()
         return FakeRunner()(run, python)
@@ -210,7 +211,7 @@ def test_changed_config_cleans_stale_partial_outputs(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(data))
     seen = {}
 
-    def check(run, python):
+    def check(run, python, threads=None, log=None):
         if run.stage == "critique_revision":
             seen["shards"] = run.outputs[0].with_name("sl.jsonl.shards").exists()
         return FakeRunner()(run, python)
@@ -218,6 +219,56 @@ def test_changed_config_cleans_stale_partial_outputs(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "run_stage", check)
     assert pipeline.main(["--config", str(path)]) == 0
     assert seen == {"shards": False}
+
+
+class SideBySideRunner(FakeRunner):
+    """A fake stage runner whose per-side stages wait for each other at a barrier: run
+    one after the other, the first would time out there."""
+
+    def __init__(self, fail: str | None = None):
+        super().__init__(fail)
+        self.barrier = threading.Barrier(2, timeout=10)
+        self.calls: dict[str, tuple] = {}
+
+    def __call__(self, run, python, threads=None, log=None):
+        self.calls[run.label] = (threads, log)
+        if run.side is not None:
+            self.barrier.wait()
+        return super().__call__(run, python)
+
+
+def test_parallel_sides_run_each_stage_for_both_sides_at_once(tmp_path, monkeypatch, capsys):
+    path = _config(tmp_path, parallel_sides=True)
+    runner = SideBySideRunner()
+    monkeypatch.setattr(pipeline, "run_stage", runner)
+    monkeypatch.setattr(pipeline, "available_cpus", lambda: 4)
+    assert pipeline.main(["--config", str(path)]) == 0
+    console = tmp_path / "out/logs/console"
+    # Both sides at once, each with half the CPUs and its own console log;
+    # categorise and eval (one run each) keep this console and torch's default threads.
+    assert runner.calls["sft (unethical)"] == (2, console / "sft_unethical.log")
+    assert runner.calls["categorise"] == (None, None) and runner.calls["eval"] == (None, None)
+    assert "console: " + str(console / "reward_ethical.log") in capsys.readouterr().out
+    # Every run was recorded as done: a rerun skips all twelve.
+    rerun = FakeRunner()
+    monkeypatch.setattr(pipeline, "run_stage", rerun)
+    assert pipeline.main(["--config", str(path)]) == 0
+    assert rerun.ran == []
+
+
+def test_parallel_sides_keep_the_side_that_succeeded_when_the_other_fails(tmp_path, monkeypatch, capsys):
+    path = _config(tmp_path, parallel_sides=True)
+    monkeypatch.setattr(pipeline, "run_stage", SideBySideRunner(fail="sft (unethical)"))
+    assert pipeline.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "sft (unethical) failed with exit status 2" in err and "last lines of" in err
+    assert (tmp_path / "out/models/ethical/sl_model" / pipeline.MARKER).is_file()
+    assert not (tmp_path / "out/models/unethical/sl_model" / pipeline.MARKER).exists()
+    # The rerun runs only the failed side of sft, then everything after it.
+    rerun = FakeRunner()
+    monkeypatch.setattr(pipeline, "run_stage", rerun)
+    assert pipeline.main(["--config", str(path)]) == 0
+    assert rerun.ran[0] == "sft (unethical)" and "sft (ethical)" not in rerun.ran
 
 
 def test_missing_input_names_the_stage_that_makes_it(tmp_path, fake):
@@ -237,6 +288,7 @@ def test_missing_input_names_the_stage_that_makes_it(tmp_path, fake):
         ({"stages": {"sft": {"configg": "x"}}}, r"stages.sft: unknown key\(s\) \['configg'\]"),
         ({"stages": {"sft": {"config": "nowhere.yaml"}}}, "stages.sft: config nowhere.yaml not found"),
         ({"heldout_fraction": 1.5}, "'heldout_fraction' must be a number between 0 and 1"),
+        ({"parallel_sides": "yes"}, "'parallel_sides' must be true or false, got 'yes'"),
     ],
 )
 def test_bad_pipeline_configs_name_the_problem(tmp_path, changes, message):
