@@ -1065,7 +1065,8 @@ class PPOModule(L.LightningModule):
             table = getattr(module, "scaling", None)
             if isinstance(table, dict) and "policy" in table:
                 scaling[_clean_module_name(name)] = module.scaling["policy"]
-        dtype = next(iter(state.values())).dtype  # the embedding's: never cast
+        # The trainer's weight dtype: the bf16 frozen linears are restored to it below.
+        dtype = torch.float32 if self._frozen_cast else next(iter(state.values())).dtype
         model = load_causal_lm(self.policy_name, dtype=dtype, trust_remote_code=self.trust_remote_code, seed=self.seed)
         if self._frozen_cast:
             state = with_full_precision_base(state, model.state_dict())
