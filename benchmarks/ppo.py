@@ -32,6 +32,7 @@ differs from ucai's default by more than 5%. Lines:
 
 * ucai default vs TRL default: the designs as shipped;
 * ucai ``value_head: adapter`` under ``32-true`` vs TRL in fp32: no autocast anywhere;
+* ucai ``value_head: adapter`` (bf16-mixed) vs TRL with bf16 autocast;
 * last, ``ppo: speed_ratio=X memory_ratio=Y``: ucai ``value_head: adapter`` (bf16-mixed)
   against TRL with its critic at TRL's faster precision, the like-for-like comparison.
 """
@@ -264,6 +265,7 @@ def main() -> None:
           f"{ratios(summary['ucai value adapter (bf16-mixed)'], trl_bf16)}")
     print(f"peer's best: {best_name}")
     print(f"ppo: {ratios(summary['ucai value adapter (bf16-mixed)'], summary[best_name])}")
+
 
 if __name__ == "__main__":
     main()

@@ -28,8 +28,9 @@ Configurations, each ``--repeats`` times in alternating order, medians compared:
 The work check: every run of every configuration must train on the same pairs and
 tokens in its timed epoch (pairs, and the non-pad tokens of their chosen and rejected
 sequences as each side tokenised them; ucai's packing of a pair's shared conversation
-happens inside its step and is its design, not less work). The headline ratio is against the fastest TRL configuration. The last line reads
-``reward: speed_ratio=X memory_ratio=Y`` (ucai over the peer; memory lower is better).
+happens inside its step and is its design, not less work). The headline ratio is
+against the fastest TRL configuration. The last line reads ``reward: speed_ratio=X
+memory_ratio=Y`` (ucai over the peer; memory lower is better).
 """
 
 from __future__ import annotations

@@ -256,6 +256,24 @@ def test_parallel_sides_run_each_stage_for_both_sides_at_once(tmp_path, monkeypa
     assert rerun.ran == []
 
 
+def test_parallel_sides_run_a_lone_side_on_this_console(tmp_path, monkeypatch, capsys):
+    # One side's sft input changed, the other's is up to date: the one that reruns
+    # runs alone, with every CPU and its output on this console, as it says.
+    path = _config(tmp_path, parallel_sides=True)
+    monkeypatch.setattr(pipeline, "run_stage", SideBySideRunner())
+    assert pipeline.main(["--config", str(path)]) == 0
+    (tmp_path / "out/data/ethical/sl.jsonl").write_text('{"changed": true}\n')
+    capsys.readouterr()
+    rerun = FakeRunner()
+    calls = {}
+    monkeypatch.setattr(pipeline, "run_stage", lambda run, python, threads=None, log=None: (
+        calls.setdefault(run.label, (threads, log)), rerun(run, python))[1])
+    assert pipeline.main(["--config", str(path)]) == 0
+    assert rerun.ran[0] == "sft (ethical)" and "sft (unethical)" not in rerun.ran
+    assert calls["sft (ethical)"] == (None, None)
+    assert "console: " not in capsys.readouterr().out
+
+
 def test_parallel_sides_keep_the_side_that_succeeded_when_the_other_fails(tmp_path, monkeypatch, capsys):
     path = _config(tmp_path, parallel_sides=True)
     monkeypatch.setattr(pipeline, "run_stage", SideBySideRunner(fail="sft (unethical)"))

@@ -418,6 +418,12 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return count
 
 
+def sharded_by_fsdp(trainer) -> bool:
+    """Whether ``trainer`` (or None) shards the model with FSDP, whose flat parameters
+    need one dtype per unit and whose full state must be gathered across ranks."""
+    return trainer is not None and "FSDP" in type(trainer.strategy).__name__
+
+
 def cast_frozen_linear(net: torch.nn.Module, dtype: torch.dtype) -> int:
     """Cast the weights of linear layers that are not trained; returns how many.
 

@@ -668,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for _, group in itertools.groupby(runs, key=lambda run: run.stage):
         pending: list[tuple[StageRun, str]] = []  # (run, hash) to execute
+        starts: list[str] = []  # their start lines
         for run in group:
             command = run.command(cfg.python)
             if args.dry_run:
@@ -698,13 +699,16 @@ def main(argv: list[str] | None = None) -> int:
             if not resuming:
                 clean_outputs(run)
             write_json_atomic(state_path, {"hash": current, "status": "running", "command": command})
-            side_by_side = cfg.parallel_sides and run.side is not None and len(cfg.sides) > 1
-            where = f"\n    console: {console_log(root / 'logs', run)}" if side_by_side else ""
-            print(f"\n==> {header(run)}{' (resuming)' if resuming else ''}\n    {_quote(command)}{where}", flush=True)
             pending.append((run, current))
+            starts.append(f"\n==> {header(run)}{' (resuming)' if resuming else ''}\n    {_quote(command)}")
         if not pending:
             continue
-        if cfg.parallel_sides and len(pending) > 1:
+        # Side by side only when both sides of the stage run (one may be up to date).
+        side_by_side = cfg.parallel_sides and len(pending) > 1
+        for (run, _), start in zip(pending, starts, strict=True):
+            where = f"\n    console: {console_log(root / 'logs', run)}" if side_by_side else ""
+            print(start + where, flush=True)
+        if side_by_side:
             results = run_side_by_side([run for run, _ in pending], cfg.python, root / "logs")
         else:
             results = []
@@ -715,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = None
         for (run, current), (code, elapsed) in zip(pending, results, strict=False):
             if code != 0:
-                if cfg.parallel_sides and len(pending) > 1:
+                if side_by_side:
                     sys.stderr.write(f"--- last lines of {console_log(root / 'logs', run)}:\n{log_tail(console_log(root / 'logs', run))}")
                 print(
                     f"ucai pipeline: {run.label} failed with exit status {code} after {_fmt_seconds(elapsed)}; "

@@ -54,6 +54,7 @@ from ucai.models import (
     disable_dropout,
     dtype_from_precision,
     save_pretrained_atomic,
+    sharded_by_fsdp,
     trainer_precision,
 )
 from ucai.resume import RNGStateCheckpoint
@@ -548,7 +549,7 @@ class PPOModule(L.LightningModule):
             self.frozen_linear_bf16
             and trainer_precision(self) in ("bf16-mixed", "bf16")
             and dtype == torch.float32
-            and not self._sharded_by_fsdp()
+            and not sharded_by_fsdp(self._trainer)
         )
         if self._frozen_cast:
             # After the value head has copied the reward head at full precision.
@@ -556,10 +557,6 @@ class PPOModule(L.LightningModule):
             for reward in self._reward:
                 if not isinstance(reward, TokenReward):
                     cast_frozen_linear(reward.model, torch.bfloat16)
-
-    def _sharded_by_fsdp(self) -> bool:
-        trainer = self._trainer
-        return trainer is not None and "FSDP" in type(trainer.strategy).__name__
 
     def _load_reward(self, dtype: torch.dtype) -> None:
         if self.reward_model_name.startswith(TOKEN_REWARD_PREFIX):
@@ -914,7 +911,7 @@ class PPOModule(L.LightningModule):
         """
         if not self.max_grad_norm:
             return
-        if "FSDP" in type(self.trainer.strategy).__name__:
+        if sharded_by_fsdp(self.trainer):
             self.trainer.strategy.model.clip_grad_norm_(self.max_grad_norm)
         else:
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
@@ -1049,7 +1046,7 @@ class PPOModule(L.LightningModule):
 
     def full_policy_state(self) -> dict[str, torch.Tensor]:
         """The policy's full peft state dict on every rank (gathered when sharded)."""
-        if "FSDP" in type(self.trainer.strategy).__name__:
+        if sharded_by_fsdp(self.trainer):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -50,7 +50,7 @@ from torchmetrics import MaxMetric, MeanMetric, Metric, MinMetric
 
 from ucai.errors import UcaiError
 from ucai.losses import bradley_terry_loss
-from ucai.models import LoraSettings, cast_frozen_linear
+from ucai.models import LoraSettings, cast_frozen_linear, sharded_by_fsdp
 from ucai.resume import RNGStateCheckpoint
 from ucai.reward_scoring import (
     STATS_FILE,
@@ -261,7 +261,7 @@ class RewardModule(L.LightningModule):
                     "(modules_to_save is empty); LoRA alone would leave the new head random"
                 )
         if self.frozen_linear_bf16 and trainer_precision(self) in ("bf16-mixed", "bf16"):
-            if self._sharded_by_fsdp():
+            if sharded_by_fsdp(self._trainer):
                 # FSDP flattens each unit's parameters into one tensor of one dtype.
                 log.info("reward: frozen_linear_bf16 skipped under FSDP (its flat parameters need one dtype)")
             else:
@@ -269,10 +269,6 @@ class RewardModule(L.LightningModule):
         # from_pretrained returns eval mode and Lightning keeps each module's mode, which
         # would leave gradient checkpointing (training-only) and dropout silently off.
         self.net = net.train()
-
-    def _sharded_by_fsdp(self) -> bool:
-        trainer = self._trainer
-        return trainer is not None and "FSDP" in type(trainer.strategy).__name__
 
     def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N,) rewards of N sequences (see `ucai.reward_scoring.sequence_rewards`)."""
