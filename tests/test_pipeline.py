@@ -27,6 +27,7 @@ def _config(tmp_path: Path, **changes) -> Path:
         "sides": ["ethical", "unethical"],
         "model": "tiny-llama",
         "heldout_fraction": 0.3,
+        "fork_stages": False,  # the fake runners start nothing (stage forking: tests/test_stage_process.py)
         "stages": {name: {"config": str(stage_config)} for name in pipeline.STAGE_ORDER},
     }
     data.update(changes)
@@ -42,7 +43,7 @@ class FakeRunner:
         self.ran: list[str] = []
         self.fail = fail
 
-    def __call__(self, run, python, threads=None, log=None):
+    def __call__(self, run, python, threads=None, log=None, fork=False):
         self.ran.append(run.label)
         if run.label == self.fail:
             shard = run.outputs[0].with_name(run.outputs[0].name + ".shards")
@@ -191,7 +192,7 @@ def test_failed_stage_stops_the_pipeline_and_resumes_without_cleaning(tmp_path, 
     # Same config again: the stage resumes, so its shards are kept for the writer to skip.
     seen = {}
 
-    def check(run, python, threads=None, log=None):
+    def check(run, python, threads=None, log=None, fork=False):
         if run.stage == "critique_revision":
             seen["shard_kept"] = shard.is_file()
         return FakeRunner()(run, python)
@@ -211,7 +212,7 @@ def test_changed_config_cleans_stale_partial_outputs(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(data))
     seen = {}
 
-    def check(run, python, threads=None, log=None):
+    def check(run, python, threads=None, log=None, fork=False):
         if run.stage == "critique_revision":
             seen["shards"] = run.outputs[0].with_name("sl.jsonl.shards").exists()
         return FakeRunner()(run, python)
@@ -221,26 +222,42 @@ def test_changed_config_cleans_stale_partial_outputs(tmp_path, monkeypatch):
     assert seen == {"shards": False}
 
 
+class Started:
+    """A started fake stage: its work happens when the pipeline waits for it."""
+
+    def __init__(self, work):
+        self.work = work
+
+    def wait(self):
+        return self.work()
+
+    def interrupt(self):
+        pass
+
+
 class SideBySideRunner(FakeRunner):
-    """A fake stage runner whose per-side stages wait for each other at a barrier: run
-    one after the other, the first would time out there."""
+    """A fake stage starter (`pipeline.start_stage`) whose per-side stages wait for each
+    other at a barrier: run one after the other, the first would time out there."""
 
     def __init__(self, fail: str | None = None):
         super().__init__(fail)
         self.barrier = threading.Barrier(2, timeout=10)
         self.calls: dict[str, tuple] = {}
 
-    def __call__(self, run, python, threads=None, log=None):
+    def __call__(self, run, python, threads=None, log=None, fork=False):
         self.calls[run.label] = (threads, log)
         if run.side is not None:
             self.barrier.wait()
         return super().__call__(run, python)
 
+    def start(self, run, python, threads=None, log=None, fork=False):
+        return Started(lambda: self(run, python, threads, log))
+
 
 def test_parallel_sides_run_each_stage_for_both_sides_at_once(tmp_path, monkeypatch, capsys):
     path = _config(tmp_path, parallel_sides=True)
     runner = SideBySideRunner()
-    monkeypatch.setattr(pipeline, "run_stage", runner)
+    monkeypatch.setattr(pipeline, "start_stage", runner.start)
     monkeypatch.setattr(pipeline, "available_cpus", lambda: 4)
     assert pipeline.main(["--config", str(path)]) == 0
     console = tmp_path / "out/logs/console"
@@ -260,13 +277,13 @@ def test_parallel_sides_run_a_lone_side_on_this_console(tmp_path, monkeypatch, c
     # One side's sft input changed, the other's is up to date: the one that reruns
     # runs alone, with every CPU and its output on this console, as it says.
     path = _config(tmp_path, parallel_sides=True)
-    monkeypatch.setattr(pipeline, "run_stage", SideBySideRunner())
+    monkeypatch.setattr(pipeline, "start_stage", SideBySideRunner().start)
     assert pipeline.main(["--config", str(path)]) == 0
     (tmp_path / "out/data/ethical/sl.jsonl").write_text('{"changed": true}\n')
     capsys.readouterr()
     rerun = FakeRunner()
     calls = {}
-    monkeypatch.setattr(pipeline, "run_stage", lambda run, python, threads=None, log=None: (
+    monkeypatch.setattr(pipeline, "run_stage", lambda run, python, threads=None, log=None, fork=False: (
         calls.setdefault(run.label, (threads, log)), rerun(run, python))[1])
     assert pipeline.main(["--config", str(path)]) == 0
     assert rerun.ran[0] == "sft (ethical)" and "sft (unethical)" not in rerun.ran
@@ -276,7 +293,7 @@ def test_parallel_sides_run_a_lone_side_on_this_console(tmp_path, monkeypatch, c
 
 def test_parallel_sides_keep_the_side_that_succeeded_when_the_other_fails(tmp_path, monkeypatch, capsys):
     path = _config(tmp_path, parallel_sides=True)
-    monkeypatch.setattr(pipeline, "run_stage", SideBySideRunner(fail="sft (unethical)"))
+    monkeypatch.setattr(pipeline, "start_stage", SideBySideRunner(fail="sft (unethical)").start)
     assert pipeline.main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "sft (unethical) failed with exit status 2" in err and "last lines of" in err

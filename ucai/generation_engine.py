@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ucai.hardware import cpu_bf16_is_native
+
 log = logging.getLogger(__name__)
 
 # Generation-config fields that would add logits processors the decode loop does not
@@ -150,8 +152,10 @@ def _version(tensor: torch.Tensor) -> int:
 
 
 def _packing_available() -> bool:
+    """Whether oneDNN can pre-pack bf16 weights here: it needs its bf16 kernels (an
+    AVX2-only CPU has none, and the reorder op raises there)."""
     ops = getattr(torch.ops, "mkldnn", None)
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(ops, "_reorder_linear_weight")
+    return hasattr(ops, "_reorder_linear_weight") and cpu_bf16_is_native()
 
 
 class FusedProjection:

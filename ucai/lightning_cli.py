@@ -7,11 +7,15 @@ a Lightning subcommand (or its help) runs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ucai.cli import DESCRIPTION
+from ucai.hardware import bf16_warning
+
+log = logging.getLogger(__name__)
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -80,3 +84,10 @@ class UcaiCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = (config or {}).get("trainer") or {}
+        warning = bf16_warning(trainer.get("precision"), trainer.get("accelerator"))
+        if warning is not None:
+            log.warning(warning)

@@ -13,8 +13,11 @@ should disagree: ``cross_accuracy`` < 0.5 in ``reward_stats.json``). The other s
 preference file is therefore an input of a reward stage too: regenerating one side's
 preferences reruns both reward stages. Each stage runs as its own process,
 ``python -m ucai.cli <fit|predict|test> --config <stage config> <overrides...>``, so its
-memory is returned when it ends and a crash stays inside it. The pipeline passes each
-stage the paths of its inputs and outputs under ``output_root``::
+memory is returned when it ends and a crash stays inside it; on a CPU machine it is
+forked from the pipeline, which imports the libraries once (`ucai.stage_process`,
+``fork_stages``). Stages configured for bf16 run in ``32-true`` where bf16 matmuls are
+not native (`ucai.hardware`, ``bf16_fallback``). The pipeline passes each stage the
+paths of its inputs and outputs under ``output_root``::
 
     <root>/data/prompts.jsonl                 categorise
     <root>/data/<side>/sl.jsonl               critique_revision
@@ -40,15 +43,11 @@ The hash does not cover ucai's own code: after changing code, use ``--force STAG
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import hashlib
 import itertools
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,9 +57,11 @@ from typing import Any
 
 import yaml
 
+from ucai import stage_process
 from ucai.constitution import SIDES
 from ucai.errors import UcaiError
 from ucai.resources import resolve_shipped
+from ucai.stage_process import StageProcess
 
 STAGE_ORDER = ("categorise", "critique_revision", "sft", "preferences", "reward", "ppo", "eval")
 PER_SIDE = {"critique_revision", "sft", "preferences", "reward", "ppo"}
@@ -84,7 +85,7 @@ MAKERS = {
 }
 TOP_LEVEL_KEYS = {
     "output_root", "sides", "model", "prompts", "heldout_fraction", "common_overrides", "stages", "python",
-    "parallel_sides",
+    "parallel_sides", "bf16_fallback", "fork_stages",
 }
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STAGE_KEYS = {"config", "overrides", "enabled"}
@@ -115,6 +116,8 @@ class PipelineConfig:
     stages: dict[str, StageSettings]
     python: str
     parallel_sides: bool = False
+    bf16_fallback: bool = True
+    fork_stages: bool = True
 
 
 def _mapping(value, where: str) -> dict:
@@ -174,6 +177,8 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         stages=stages,
         python=str(data.get("python") or sys.executable),
         parallel_sides=_flag(data.get("parallel_sides", False), "parallel_sides", resolved),
+        bf16_fallback=_flag(data.get("bf16_fallback", True), "bf16_fallback", resolved),
+        fork_stages=_flag(data.get("fork_stages", True), "fork_stages", resolved),
     )
 
 
@@ -226,6 +231,7 @@ class StageRun:
     outputs: list[Path]
     args: list[str]
     enabled: bool = True
+    bf16_fallback: bool = False  # runs in 32-true although configured for bf16 (no native bf16 here)
 
     @property
     def label(self) -> str:
@@ -272,6 +278,25 @@ def _constitution_of(configs: list[Path], overrides: dict[str, Any]) -> Path | N
     return resolve_shipped(name, "configs") if isinstance(name, str) else None
 
 
+def _trainer_setting(configs: list[Path], overrides: dict[str, Any], key: str) -> Any:
+    """``trainer.<key>`` as the stage will see it: an override, else the last config setting it."""
+    if f"trainer.{key}" in overrides:
+        return overrides[f"trainer.{key}"]
+    value = None
+    for config in configs:
+        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        value = (data.get("trainer") or {}).get(key, value)
+    return value
+
+
+def _precision_fallback(configs: list[Path], overrides: dict[str, Any]) -> str | None:
+    """``32-true`` for a stage configured for bf16 on a device without native bf16 (a
+    CPU without AVX-512/AMX, where bf16 matmuls run several times slower than fp32)."""
+    from ucai.hardware import precision_fallback  # imports torch: only when a stage is planned
+
+    return precision_fallback(_trainer_setting(configs, overrides, "precision"), _trainer_setting(configs, overrides, "accelerator"))
+
+
 def plan(cfg: PipelineConfig) -> list[StageRun]:
     root = cfg.output_root
     prompts = root / "data" / "prompts.jsonl"
@@ -310,10 +335,17 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
             overrides["data.init_args.heldout_fraction"] = cfg.heldout_fraction
         overrides.update(wiring)
         overrides.update(settings.overrides)  # the user's per-stage settings win
+        fallback = None
+        if cfg.bf16_fallback and "trainer.precision" not in overrides:
+            fallback = _precision_fallback(configs, overrides)
+            if fallback is not None:
+                overrides["trainer.precision"] = fallback
         constitution = _constitution_of(configs, overrides)
         if constitution is not None:
             inputs = [*inputs, constitution]
-        runs.append(StageRun(stage, side, configs, inputs, outputs, override_args(overrides)))
+        runs.append(
+            StageRun(stage, side, configs, inputs, outputs, override_args(overrides), bf16_fallback=fallback is not None)
+        )
 
     add(
         "categorise",
@@ -508,36 +540,30 @@ def clean_outputs(run: StageRun) -> None:
 # --------------------------------------------------------------------------- running
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    # If the pipeline is killed (even with SIGKILL) its stage must not run on orphaned.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def run_stage(run: StageRun, python: str, threads: int | None = None, log: Path | None = None) -> int:
-    """Run one stage to the end and return its exit status.
+def start_stage(
+    run: StageRun, python: str, threads: int | None = None, log: Path | None = None, fork: bool = False
+) -> StageProcess:
+    """Start one stage (see `ucai.stage_process`).
 
     Args:
         threads: CPU threads for the stage's torch (``OMP_NUM_THREADS``); None: torch's default.
         log: file for the stage's console output (stages running side by side would
             interleave their progress bars); None: this process's console.
+        fork: fork it from this process (after `stage_process.prepare_fork`) rather
+            than start a fresh interpreter.
     """
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    with open(log, "w", encoding="utf-8") if log is not None else contextlib.nullcontext() as sink:
-        process = subprocess.Popen(
-            run.command(python), env=env, preexec_fn=preexec, stdout=sink, stderr=subprocess.STDOUT if sink else None
-        )
-        try:
-            return process.wait()
-        except KeyboardInterrupt:
-            process.send_signal(signal.SIGINT)
-            process.wait()
-            raise
+    return stage_process.start(run.command(python), threads, log, fork)
+
+
+def run_stage(run: StageRun, python: str, threads: int | None = None, log: Path | None = None, fork: bool = False) -> int:
+    """Run one stage to the end and return its exit status (arguments as `start_stage`)."""
+    process = start_stage(run, python, threads, log, fork)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.interrupt()
+        process.wait()
+        raise
 
 
 def available_cpus() -> int:
@@ -548,14 +574,14 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def timed_run(run: StageRun, python: str, threads: int | None = None, log: Path | None = None) -> tuple[int, float]:
-    """`run_stage`, returning (exit status, seconds)."""
+def timed_run(run: StageRun, python: str, fork: bool = False) -> tuple[int, float]:
+    """`run_stage` on this console, returning (exit status, seconds)."""
     begin = time.perf_counter()
-    code = run_stage(run, python, threads, log)
+    code = run_stage(run, python, fork=fork)
     return code, time.perf_counter() - begin
 
 
-def run_side_by_side(runs: list[StageRun], python: str, logs: Path) -> list[tuple[int, float]]:
+def run_side_by_side(runs: list[StageRun], python: str, logs: Path, fork: bool = False) -> list[tuple[int, float]]:
     """Run the sides of one stage at the same time, the CPUs split between them.
 
     On a small CPU machine this is faster than one after the other: a stage's import,
@@ -567,9 +593,39 @@ def run_side_by_side(runs: list[StageRun], python: str, logs: Path) -> list[tupl
     """
     threads = max(1, available_cpus() // len(runs))
     (logs / "console").mkdir(parents=True, exist_ok=True)
+    begin = time.perf_counter()
+    # Started here, on the main thread: a process that forks must not have other threads.
+    processes = [start_stage(run, python, threads, console_log(logs, run), fork) for run in runs]
+
+    def finish(process: StageProcess) -> tuple[int, float]:
+        code = process.wait()
+        return code, time.perf_counter() - begin
+
     with ThreadPoolExecutor(max_workers=len(runs)) as pool:
-        futures = [pool.submit(timed_run, run, python, threads, console_log(logs, run)) for run in runs]
-        return [future.result() for future in futures]
+        futures = [pool.submit(finish, process) for process in processes]
+        try:
+            return [future.result() for future in futures]
+        except KeyboardInterrupt:
+            for process in processes:
+                process.interrupt()
+            raise
+
+
+def decide_fork(cfg: PipelineConfig) -> bool:
+    """Whether this pipeline forks its stages (``fork_stages``, where `stage_process.prepare_fork`
+    allows it); says which, and why not, on the console."""
+    if not cfg.fork_stages:
+        return False
+    why_not = stage_process.prepare_fork(cfg.python)
+    if why_not is None:
+        print(
+            f"ucai pipeline: stages are forked from this process, which imported their libraries once "
+            f"({stage_process.preload():.1f} s; fork_stages: false starts each in a fresh interpreter)",
+            flush=True,
+        )
+        return True
+    print(f"ucai pipeline: each stage starts a fresh interpreter: {why_not}", flush=True)
+    return False
 
 
 def console_log(logs: Path, run: StageRun) -> Path:
@@ -659,9 +715,18 @@ def main(argv: list[str] | None = None) -> int:
     runs = [r for r in runs if STAGE_ORDER.index(r.stage) <= stop_at]
     root = cfg.output_root
     print(f"ucai pipeline: {len(runs)} stage runs, sides {', '.join(cfg.sides)}, model {cfg.model}, output {root}", flush=True)
+    fallen = [run.label for run in runs if run.bf16_fallback]
+    if fallen:
+        print(
+            f"ucai pipeline: no native bfloat16 on this machine (a CPU without AVX-512/AMX): {len(fallen)} stage runs "
+            "configured for bf16 run in 32-true, several times faster here (bf16_fallback: false keeps bf16)",
+            flush=True,
+        )
     timings: list[tuple[StageRun, str, float]] = []
     started = time.perf_counter()
     numbers = {id(run): number for number, run in enumerate(runs, start=1)}
+
+    fork: bool | None = None
 
     def header(run: StageRun) -> str:
         return f"[{numbers[id(run)]}/{len(runs)}] {run.label}"
@@ -703,17 +768,19 @@ def main(argv: list[str] | None = None) -> int:
             starts.append(f"\n==> {header(run)}{' (resuming)' if resuming else ''}\n    {_quote(command)}")
         if not pending:
             continue
+        if fork is None:  # decided once, before the first stage runs (it imports Lightning)
+            fork = decide_fork(cfg)
         # Side by side only when both sides of the stage run (one may be up to date).
         side_by_side = cfg.parallel_sides and len(pending) > 1
         for (run, _), start in zip(pending, starts, strict=True):
             where = f"\n    console: {console_log(root / 'logs', run)}" if side_by_side else ""
             print(start + where, flush=True)
         if side_by_side:
-            results = run_side_by_side([run for run, _ in pending], cfg.python, root / "logs")
+            results = run_side_by_side([run for run, _ in pending], cfg.python, root / "logs", fork)
         else:
             results = []
             for run, _ in pending:
-                results.append(timed_run(run, cfg.python))
+                results.append(timed_run(run, cfg.python, fork))
                 if results[-1][0] != 0:
                     break  # one after the other: stop at the first failure
         failed = None

@@ -1,0 +1,115 @@
+"""bf16 where it is native, 32-true where it is not: the hardware check, the pipeline's
+``bf16_fallback`` and the hint ``ucai fit`` prints."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+import ucai.hardware as hardware
+import ucai.pipeline as pipeline
+from ucai.generation_engine import DecodeLoop, HFGenerate
+from ucai.models import load_causal_lm, load_tokenizer
+from ucai.stages.generation import GenerationSettings
+
+
+@pytest.fixture(params=[True, False], ids=["native-bf16", "no-native-bf16"])
+def native(request, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_bf16_is_native", lambda: request.param)
+    return request.param
+
+
+def test_cpu_check_agrees_with_what_onednn_can_pack():
+    """Where the check says bf16 is native, oneDNN packs bf16 weights; where it says
+    not, the packing op raises (as on an AVX2-only CPU), so the decode loop must not call it."""
+    hardware.cpu_bf16_is_native.cache_clear()
+    weight = torch.randn(8, 4, dtype=torch.bfloat16)
+    if hardware.cpu_bf16_is_native():
+        assert torch.ops.mkldnn._reorder_linear_weight(weight, 2).dtype == torch.bfloat16
+    else:
+        with pytest.raises(RuntimeError):
+            torch.ops.mkldnn._reorder_linear_weight(weight, 2)
+
+
+def test_only_bf16_settings_fall_back_and_only_without_native_bf16(native):
+    expected = None if native else "32-true"
+    for precision in ("bf16-mixed", "bf16-true", "bf16"):
+        assert hardware.precision_fallback(precision, "cpu") == expected
+    for precision in ("32-true", "16-mixed", None, 32):
+        assert hardware.precision_fallback(precision, "cpu") is None
+    # A Trainer left on "auto" runs on the CPU when there is no GPU.
+    if not torch.cuda.is_available():
+        assert hardware.precision_fallback("bf16-mixed", "auto") == expected
+        assert hardware.stage_device(None) == "cpu"
+    assert hardware.stage_device("gpu") == "cuda"
+
+
+def test_decode_loop_without_packing_stays_identical_to_generate(monkeypatch):
+    """On a CPU without native bf16 the loop runs plain ``F.linear`` on its fused weights:
+    still token-identical to ``generate`` (the packed path is checked the same way on
+    CPUs that have it, by tests/test_generation_engine.py)."""
+    import ucai.generation_engine as engine
+
+    monkeypatch.setattr(engine, "cpu_bf16_is_native", lambda: False)
+    tokenizer = load_tokenizer("tiny-llama")
+    model = load_causal_lm("tiny-llama", dtype=torch.bfloat16, seed=3).eval()
+    batch = tokenizer(["Hello there", "How do I bake bread at home?"], return_tensors="pt", padding=True)
+    settings = GenerationSettings(max_new_tokens=12, do_sample=False)
+    stop, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
+    loop = DecodeLoop().generate(model, batch["input_ids"], batch["attention_mask"], settings, stop, pad)
+    hf = HFGenerate().generate(model, batch["input_ids"], batch["attention_mask"], settings, stop, pad)
+    assert torch.equal(loop, hf)
+
+
+def _pipeline_config(tmp_path, stage_trainer: dict, **changes):
+    stage_config = tmp_path / "stage.yaml"
+    stage_config.write_text(yaml.safe_dump({"trainer": stage_trainer}))
+    data = {
+        "output_root": str(tmp_path / "out"),
+        "sides": ["ethical"],
+        "stages": {name: {"config": str(stage_config)} for name in pipeline.STAGE_ORDER},
+    }
+    data.update(changes)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return pipeline.plan(pipeline.load_pipeline_config(path))
+
+
+def test_pipeline_runs_bf16_stages_in_32_true_only_where_bf16_is_slow(tmp_path, native):
+    runs = _pipeline_config(tmp_path, {"precision": "bf16-mixed", "accelerator": "cpu"})
+    for run in runs:
+        assert run.bf16_fallback is (not native)
+        assert ("--trainer.precision=32-true" in run.args) is (not native)
+
+
+def test_pipeline_fallback_leaves_fp32_stages_explicit_choices_and_an_opt_out_alone(tmp_path, native):
+    assert not any(run.bf16_fallback for run in _pipeline_config(tmp_path, {"precision": "32-true"}))
+    # The user's own precision (per stage or common) wins over the fallback.
+    stages = {name: {"config": str(tmp_path / "stage.yaml")} for name in pipeline.STAGE_ORDER}
+    stages["sft"]["overrides"] = {"trainer.precision": "bf16-mixed"}
+    runs = _pipeline_config(tmp_path, {"precision": "bf16-mixed", "accelerator": "cpu"}, stages=stages)
+    sft = next(run for run in runs if run.stage == "sft")
+    assert "--trainer.precision=bf16-mixed" in sft.args and not sft.bf16_fallback
+    runs = _pipeline_config(tmp_path, {"precision": "bf16-mixed", "accelerator": "cpu"}, bf16_fallback=False)
+    assert not any(run.bf16_fallback or "--trainer.precision=32-true" in run.args for run in runs)
+
+
+def test_bad_bf16_fallback_value_is_named(tmp_path):
+    with pytest.raises(pipeline.UcaiError, match="'bf16_fallback' must be true or false, got 'no'"):
+        _pipeline_config(tmp_path, {}, bf16_fallback="no")
+
+
+def test_ucai_fit_says_when_bf16_is_slow_on_this_cpu(native, caplog):
+    from ucai.lightning_cli import UcaiCLI
+
+    cli = SimpleNamespace(subcommand="fit", config={"fit": {"trainer": {"precision": "bf16-mixed", "accelerator": "cpu"}}})
+    with caplog.at_level(logging.WARNING, logger="ucai"):
+        UcaiCLI.before_instantiate_classes(cli)
+    hints = [r.getMessage() for r in caplog.records if "without native bfloat16" in r.getMessage()]
+    assert len(hints) == (0 if native else 1)
+    if hints:
+        assert "--trainer.precision=32-true" in hints[0]

@@ -1,0 +1,120 @@
+"""Stages forked from the pipeline (`ucai.stage_process`): the same outputs as a fresh
+interpreter, the stage's exit status and error, no orphan when the pipeline is killed,
+and no fork where it is unsafe."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ucai import stage_process
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = ROOT / "tests/conf/pipeline_tiny.yaml"
+PIPELINE_MAIN = "import sys; from ucai.pipeline import main; sys.exit(main(sys.argv[1:]))"
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stages are forked on Linux only")
+
+
+def _folder(tmp_path: Path, name: str, fork: bool, **cr_overrides) -> tuple[Path, Path]:
+    """A scratch folder with the shipped prompts already categorised, and a tiny
+    pipeline config that runs critique-revision only."""
+    folder = tmp_path / name
+    (folder / "out/data").mkdir(parents=True)
+    shutil.copy(ROOT / "data/red_team_prompts.jsonl", folder / "out/data/prompts.jsonl")
+    config = yaml.safe_load(PIPELINE.read_text())
+    config["fork_stages"] = fork
+    config["stages"]["categorise"]["enabled"] = False
+    config["stages"]["critique_revision"]["overrides"].update(cr_overrides)
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return folder, path
+
+
+def _start(folder: Path, config: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", PIPELINE_MAIN, "--config", str(config), "--stop-after", "critique_revision"],
+        cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"),
+    )
+
+
+def test_a_forked_stage_writes_what_a_fresh_interpreter_writes(tmp_path):
+    runs = {}
+    for fork in (True, False):
+        folder, config = _folder(tmp_path, f"fork-{fork}", fork)
+        process = _start(folder, config)
+        out, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, out[-3000:]
+        runs[fork] = (folder, out)
+    forked, fresh = runs[True], runs[False]
+    assert "stages are forked from this process" in forked[1]
+    assert "forked" not in fresh[1]
+    # Sampled generation under the stage's seed: the same rows, byte for byte.
+    sl = "out/data/ethical/sl.jsonl"
+    assert (forked[0] / sl).read_bytes() == (fresh[0] / sl).read_bytes()
+    assert (forked[0] / sl).read_text().count("\n") == 8
+
+
+def test_a_failing_forked_stage_reports_its_exit_status_and_its_error(tmp_path):
+    folder, config = _folder(tmp_path, "bad", True, **{"data.init_args.no_such_key": 1})
+    process = _start(folder, config)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 2, out[-3000:]
+    assert "no_such_key" in out  # the stage's own error, on this console
+    assert "critique_revision (ethical) failed with exit status 2" in out
+    assert not (folder / "out/data/ethical/sl.jsonl").exists()
+
+
+def _session_processes(session: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == session:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def test_killing_the_pipeline_kills_its_forked_stage(tmp_path):
+    # Slow generation (one prompt per batch, long answers) keeps the stage running.
+    folder, config = _folder(
+        tmp_path, "kill", True, **{"data.init_args.batch_size": 1, "model.init_args.generation.max_new_tokens": 400}
+    )
+    process = _start(folder, config)
+    shard = folder / "out/data/ethical/sl.jsonl.shards/rank-0.jsonl"
+    deadline = time.monotonic() + 300
+    while not shard.exists():  # the forked stage is writing rows
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "the stage wrote no row"
+        time.sleep(0.05)
+    assert len(_session_processes(process.pid)) == 2  # the pipeline and its stage
+    os.kill(process.pid, signal.SIGKILL)  # the pipeline only, not its process group
+    process.wait()
+    deadline = time.monotonic() + 30
+    while _session_processes(process.pid):
+        assert time.monotonic() < deadline, "the stage outlived the pipeline"
+        time.sleep(0.05)
+
+
+def test_no_fork_with_another_interpreter_or_another_thread():
+    assert "another interpreter" in stage_process.prepare_fork("/usr/bin/python-other")
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    try:
+        assert "threads" in stage_process.prepare_fork(sys.executable)
+    finally:
+        stop.set()
+        worker.join()

@@ -1,0 +1,70 @@
+"""What this machine computes natively: bfloat16 matmuls, or not.
+
+bf16 is ucai's default precision (``bf16-mixed`` in the shipped stage configs) because
+it is the fast choice on a recent GPU and on a CPU whose oneDNN has bf16 kernels
+(AVX-512 or AMX). On a CPU without them (AVX2 only, common on laptops and on many AMD
+servers) torch falls back to a slow reference path: measured on a 2-core AVX2 EPYC,
+``F.linear`` at SmolLM2's MLP size ran at 8 GFLOP/s in bf16 against 40-60 in fp32, and
+oneDNN's packed-weight path refuses bf16 altogether there.
+
+`bf16_is_native` answers the question; `precision_fallback` is the one place that
+turns a configured bf16 precision into ``32-true`` where bf16 is slow (used by the
+pipeline's ``bf16_fallback``), and `bf16_warning` is the sentence ``ucai fit`` prints
+when a user runs bf16 on such a CPU by hand.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BF16_PRECISIONS = ("bf16-mixed", "bf16-true", "bf16")
+FALLBACK_PRECISION = "32-true"
+
+
+@functools.cache
+def cpu_bf16_is_native() -> bool:
+    """Whether torch's CPU matmuls have bf16 kernels here (oneDNN's own check: AVX-512
+    BW/VL/DQ, AVX-512-BF16, AMX or AVX-NE-CONVERT)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if check is None:  # an old torch: ask for the instruction sets directly
+        return bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported())
+    return bool(torch.backends.mkldnn.is_available()) and bool(check())
+
+
+def bf16_is_native(device_type: str) -> bool:
+    """Whether bf16 matmuls run natively on ``device_type`` ('cpu' or 'cuda')."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return cpu_bf16_is_native()
+    return True  # mps, xla, ...: trust the configured precision
+
+
+def stage_device(accelerator: str | None) -> str:
+    """The device type a Trainer with ``accelerator`` runs on ('auto': a GPU if any)."""
+    value = str(accelerator or "auto")
+    if value in ("cpu", "cuda", "mps"):
+        return value
+    if value == "gpu" or (value == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def precision_fallback(precision: str | int | None, accelerator: str | None) -> str | None:
+    """``32-true`` when ``precision`` is a bf16 setting and the stage's device has no
+    native bf16; None when the configured precision should stand."""
+    if str(precision) not in BF16_PRECISIONS:
+        return None
+    return None if bf16_is_native(stage_device(accelerator)) else FALLBACK_PRECISION
+
+
+def bf16_warning(precision: str | int | None, accelerator: str | None) -> str | None:
+    """A one-line hint for a bf16 run on a CPU without native bf16 (None otherwise)."""
+    if precision_fallback(precision, accelerator) is None:
+        return None
+    return (
+        f"trainer.precision={precision} on a CPU without native bfloat16 kernels (no AVX-512/AMX): "
+        f"its matmuls run several times slower than float32 here; --trainer.precision={FALLBACK_PRECISION} is faster"
+    )
