@@ -44,7 +44,12 @@ def _start(folder: Path, config: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", PIPELINE_MAIN, "--config", str(config), "--stop-after", "critique_revision"],
         cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"),
+        # torch's default threads, as `make demo` runs: OpenBLAS and others then start
+        # native worker threads at import, which must not stop the fork.
+        env={
+            **{k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        },
     )
 
 

@@ -17,8 +17,10 @@ with the parent), runs ``ucai.cli.main`` with the stage's arguments, exactly wha
 * the stage would run with this interpreter (the pipeline's ``python``);
 * torch is a CPU-only build: once a process has touched CUDA (bitsandbytes' import
   asks for the device), a forked child cannot use it;
-* the pipeline process has one thread, so no lock or OpenMP pool is lost in the fork
-  (the pipeline only imports; it never runs a torch operation).
+* the pipeline process has one Python thread, so no Python lock is held across the fork
+  (the pipeline only imports; it never runs a torch operation, so no OpenMP team of
+  its own is lost; the idle worker pools that OpenBLAS and other native libraries
+  start at import are rebuilt by their fork handlers).
 
 Otherwise, and with ``fork_stages: false`` in the pipeline config, each stage starts a
 fresh interpreter, ``python -m ucai.cli ...``, as before.
@@ -34,6 +36,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -70,13 +73,6 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child
         pass
 
 
-def _thread_count() -> int:
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return 1
-
-
 def prepare_fork(python: str) -> str | None:
     """Get this process ready to fork stages: check the conditions of the module
     docstring and `preload`. Returns why stages cannot be forked (None: they can)."""
@@ -89,9 +85,9 @@ def prepare_fork(python: str) -> str | None:
     if torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None:
         return "torch is a GPU build (a forked process cannot use CUDA once its parent has)"
     preload()
-    threads = _thread_count()
+    threads = threading.active_count()
     if threads != 1:
-        return f"the pipeline process has {threads} threads"
+        return f"the pipeline process runs {threads} Python threads"
     return None
 
 
