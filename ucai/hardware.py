@@ -61,10 +61,10 @@ def precision_fallback(precision: str | int | None, accelerator: str | None) -> 
 
 
 def bf16_warning(precision: str | int | None, accelerator: str | None) -> str | None:
-    """A one-line hint for a bf16 run on a CPU without native bf16 (None otherwise)."""
+    """A one-line hint for a bf16 run on a device without native bf16 (None otherwise)."""
     if precision_fallback(precision, accelerator) is None:
         return None
     return (
-        f"trainer.precision={precision} on a CPU without native bfloat16 kernels (no AVX-512/AMX): "
+        f"trainer.precision={precision} on a device without native bfloat16 kernels (a CPU without AVX-512/AMX, a GPU before Ampere): "
         f"its matmuls run several times slower than float32 here; --trainer.precision={FALLBACK_PRECISION} is faster"
     )

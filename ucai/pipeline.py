@@ -718,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     fallen = [run.label for run in runs if run.bf16_fallback]
     if fallen:
         print(
-            f"ucai pipeline: no native bfloat16 on this machine (a CPU without AVX-512/AMX): {len(fallen)} stage runs "
+            f"ucai pipeline: no native bfloat16 here (a CPU without AVX-512/AMX, a GPU before Ampere): {len(fallen)} stage runs "
             "configured for bf16 run in 32-true, several times faster here (bf16_fallback: false keeps bf16)",
             flush=True,
         )
