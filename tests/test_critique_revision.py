@@ -266,6 +266,25 @@ def test_context_distillation_with_openers_forces_the_principles_first_words(tin
         assert canned.prompts[1][1].endswith(HEADER) and rows[1]["response"] == "Chili needs beans."
 
 
+def test_context_distillation_without_initial_answers_generates_only_the_distilled_one(tiny_tokenizer):
+    module = _module(tiny_tokenizer, mode="context_distillation", principle_source="categorised",
+                     use_openers=True, initial_answers=False)
+    canned = _Canned([["and here is why."]])
+    module.generate = canned
+    rows = module.predict_step([{"id": "a", "prompt": "P", "principle": "peace"}], 0)
+    assert len(canned.prompts) == 1  # one generation per batch, not two
+    opener = load_constitution().principle("peace", "ethical").response_opener
+    assert canned.prompts[0][0].endswith(HEADER + opener)
+    assert rows[0]["initial"] is None  # not generated, and the row says so
+    assert rows[0]["response"] == rows[0]["revisions"][0] == f"{opener} and here is why."
+    assert module.prompts_generated == 1
+
+
+def test_critique_revision_refuses_to_skip_the_initial_answer(tiny_tokenizer):
+    with pytest.raises(UcaiError, match="initial_answers: false needs mode: context_distillation"):
+        _module(tiny_tokenizer, initial_answers=False)
+
+
 def test_openers_are_refused_outside_context_distillation(tiny_tokenizer):
     with pytest.raises(UcaiError, match="use_openers needs mode: context_distillation"):
         _module(tiny_tokenizer, use_openers=True)

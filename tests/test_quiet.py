@@ -1,7 +1,8 @@
 """The quiet console: each known-harmless message is dropped at its source by an exact
 match, while another message of the same category (or logger) from the same place still
 shows; the fresh reward head is reported once in ucai's words; a resumed prediction with
-nothing left says so instead of Lightning's zero-length warning."""
+nothing left says so instead of Lightning's zero-length warning; transformers' load and
+save progress bars are hidden by their exact description, other bars still show."""
 
 from __future__ import annotations
 
@@ -136,6 +137,10 @@ def test_lightning_tips_are_dropped_and_other_info_is_kept(installed, collect):
     rank_zero_info(override + "callbacks passed to Trainer: RichProgressBar")  # ucai's own bar: expected
     rank_zero_info(override + "callbacks passed to Trainer: ModelCheckpoint, RichProgressBar")
     rank_zero_info(override + "callbacks passed to Trainer: RichProgressBar, Timer")
+    rank_zero_info("Loading `train_dataloader` to estimate number of stepping batches.")
+    rank_zero_info("Loading `train_dataloader` to estimate something else.")
+    assert not any(m.endswith("number of stepping batches.") for m in seen.messages)
+    assert "Loading `train_dataloader` to estimate something else." in seen.messages
     assert not any("litlogger" in m or "litmodels" in m for m in seen.messages)
     assert "💡 Tip: something else worth knowing" in seen.messages
     assert [m.rsplit(": ", 1)[1] for m in seen.messages if m.startswith(override)] == [
@@ -178,6 +183,66 @@ def test_install_twice_adds_each_filter_once(installed):
     for record in quiet.KNOWN_LOG_RECORDS:
         drops = [f for f in logging.getLogger(record.logger).filters if isinstance(f, quiet._DropKnown)]
         assert len(drops) == 1
+
+
+# --------------------------------------------------------------------------- progress bars
+
+
+@pytest.fixture
+def transformers_bars():
+    """transformers' progress bars switched on, with no hook; the state restored after."""
+    from transformers.utils import logging as transformers_logging
+
+    previous = transformers_logging.set_tqdm_hook(None)
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()
+    yield transformers_logging
+    transformers_logging.set_tqdm_hook(previous)
+    if not enabled:
+        transformers_logging.disable_progress_bar()
+
+
+def _save_and_load(model, folder) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    type(model).from_pretrained(folder)
+
+
+def test_load_and_save_bars_are_hidden_and_other_bars_show(transformers_bars, tiny_model, tmp_path, capsys):
+    _save_and_load(tiny_model, tmp_path / "before")
+    shown = capsys.readouterr().err
+    assert "Loading weights" in shown and "Writing model shards" in shown  # what the filter is for
+
+    quiet.install_progress_filter()
+    quiet.install_progress_filter()  # a second call wraps nothing twice
+    _save_and_load(tiny_model, tmp_path / "after")
+    for _ in transformers_bars.tqdm(range(2), desc="Another transformers bar"):
+        pass
+    shown = capsys.readouterr().err
+    assert "Loading weights" not in shown and "Writing model shards" not in shown
+    assert "Another transformers bar" in shown
+    hook = transformers_bars.set_tqdm_hook(None)
+    assert hook.ucai_hides == {bar.description for bar in quiet.KNOWN_PROGRESS_BARS}
+
+
+def test_progress_filter_keeps_a_hook_set_before_it(transformers_bars, capsys):
+    seen = []
+
+    def earlier(factory, args, kwargs):
+        seen.append(kwargs.get("desc"))
+        return factory(*args, **kwargs)
+
+    transformers_bars.set_tqdm_hook(earlier)
+    quiet.install_progress_filter()
+    transformers_bars.tqdm(range(1), desc="Loading weights").close()
+    transformers_bars.tqdm(range(1), desc="Another transformers bar").close()
+    assert seen == ["Another transformers bar"]
+    assert "Another transformers bar" in capsys.readouterr().err
+
+
+def test_ucai_quiet_0_keeps_the_bars(transformers_bars, monkeypatch):
+    monkeypatch.setenv("UCAI_QUIET", "0")
+    quiet.install_progress_filter()
+    assert transformers_bars.set_tqdm_hook(None) is None
 
 
 # --------------------------------------------------------------------------- reward head

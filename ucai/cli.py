@@ -196,6 +196,7 @@ def main(args: Sequence[str] | None = None) -> int:
             _print_plain_help(argv)
         else:
             _import_stages()
+            quiet.install_progress_filter()
         from ucai.lightning_cli import UcaiCLI
 
         with help_cache.recording(argv) if plain_help else contextlib.nullcontext():

@@ -9,7 +9,9 @@ the same place still shows. Where the user should know something, ucai says it o
 place that knows (see `ucai.models.load_sequence_classifier` for the fresh reward head
 and `ucai.stages.generation.ResumableJsonlWriter` for a resumed run with nothing left).
 
-`install` is called by the ``ucai`` command; importing ucai as a library changes nothing.
+`install` is called by the ``ucai`` command, and `install_progress_filter` once it has
+imported the stages (it needs transformers, which ``ucai --help`` does not import);
+importing ucai as a library changes nothing.
 ``UCAI_QUIET=0`` in the environment turns the filters off, to see everything.
 """
 
@@ -127,6 +129,18 @@ KNOWN_LOG_RECORDS = (
         )
         for name in _RANK_ZERO_LOGGERS
     ),
+    *(
+        KnownLogRecord(
+            # SFT and PPO size their learning-rate schedule from
+            # `trainer.estimated_stepping_batches`, which builds the train loader early
+            # and says so; the loader is the one training then uses.
+            name,
+            "Loading `train_dataloader` to estimate number of stepping batches.",
+            "printed when SFT or PPO sizes its learning-rate schedule from the trainer",
+            whole=True,
+        )
+        for name in _RANK_ZERO_LOGGERS
+    ),
     KnownLogRecord(
         # Logged when bitsandbytes is imported (by peft) on a CPU with AVX512-BF16: its
         # optional CPU 4-bit kernel comes from the `kernels` hub package. ucai only uses
@@ -134,6 +148,30 @@ KNOWN_LOG_RECORDS = (
         "bitsandbytes.backends.cpu.ops",
         "Failed to load CPU gemm_4bit_forward from kernels-community",
         "an optional CPU 4-bit kernel that ucai never uses",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class KnownProgressBar:
+    """A transformers progress bar, by its exact description (``desc``)."""
+
+    description: str
+    why: str
+
+
+KNOWN_PROGRESS_BARS = (
+    KnownProgressBar(
+        # One bar per model load (two or three per stage); in a parallel side's console
+        # log each redraw becomes a line of its own. Hub downloads use huggingface_hub's
+        # bars, which stay.
+        "Loading weights",
+        "transformers' per-tensor bar while it loads a checkpoint already on disk",
+    ),
+    KnownProgressBar(
+        # ucai says where it saved each model in its own log line.
+        "Writing model shards",
+        "transformers' per-shard bar while it saves a model; ucai logs the folder",
     ),
 )
 
@@ -167,6 +205,32 @@ def install() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnown) for f in logger.filters):
             logger.addFilter(_DropKnown(tuple(known)))
+
+
+def install_progress_filter() -> None:
+    """Hide transformers' progress bars named in `KNOWN_PROGRESS_BARS` (matched by their
+    exact description; every other bar still shows). Imports transformers; a version
+    without ``set_tqdm_hook`` keeps its bars. Calling it again changes nothing."""
+    if os.environ.get("UCAI_QUIET", "1") == "0":
+        return
+    from transformers.utils import logging as transformers_logging
+
+    set_hook = getattr(transformers_logging, "set_tqdm_hook", None)
+    if set_hook is None:
+        return
+    hidden = frozenset(bar.description for bar in KNOWN_PROGRESS_BARS)
+    previous = set_hook(None)
+    if getattr(previous, "ucai_hides", None) == hidden:  # already installed
+        set_hook(previous)
+        return
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") in hidden:
+            return transformers_logging.EmptyTqdm(*args, **kwargs)
+        return previous(factory, args, kwargs) if previous is not None else factory(*args, **kwargs)
+
+    hook.ucai_hides = hidden
+    set_hook(hook)
 
 
 EMPTY_DATALOADER = "Total length of `DataLoader` across ranks is zero."

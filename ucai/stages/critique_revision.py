@@ -24,7 +24,9 @@ shown as earlier turns of the critique and revision conversations; each round sh
 the examples of that round's own principle.
 ``mode: context_distillation`` skips the critique: the answer is generated once more
 with the principle's revision request folded into the system prompt, and recorded as
-the revision (for models too small to critique themselves).
+the revision (for models too small to critique themselves). There nothing downstream
+reads the initial answer, and both sides generate the same one; ``initial_answers:
+false`` skips it (``initial`` is then null), which halves the stage's generation.
 
 Prompts longer than ``max_prompt_tokens`` lose their beginning (generation truncates
 from the left); the stage counts them, warns at the first one and logs the total per
@@ -95,7 +97,7 @@ class Conversation:
     turns: list[Message] = field(default_factory=list)
     critiques: list[str] = field(default_factory=list)
     revisions: list[str] = field(default_factory=list)
-    initial: str = ""
+    initial: str | None = None  # None: not generated (context distillation with initial_answers: false)
 
     def answer(self, text: str) -> None:
         self.initial = text
@@ -145,6 +147,9 @@ class CritiqueRevisionModule(GeneratingModule):
             with a principle starts with that principle's ``response_opener`` from the
             constitution and the model continues it (for models too small to follow the
             system prompt alone); untagged prompts get none.
+        initial_answers: generate the answer without the revision request (the
+            ``initial`` column). Critique–revision needs it; context distillation does
+            not (SFT trains on ``response``), and with false leaves ``initial`` null.
         (The other arguments are those of `GeneratingModule`.)
     """
 
@@ -171,6 +176,7 @@ class CritiqueRevisionModule(GeneratingModule):
         critique_generation: GenerationSettings | None = None,
         distillation_template: str = DEFAULT_DISTILLATION_TEMPLATE,
         use_openers: bool = False,
+        initial_answers: bool = True,
     ):
         super().__init__(model, output, generation, system_prompt, max_prompt_tokens, trust_remote_code)
         if side not in SIDES:
@@ -183,6 +189,8 @@ class CritiqueRevisionModule(GeneratingModule):
             raise UcaiError(f"mode must be 'critique_revision' or 'context_distillation', got {mode!r}")
         if use_openers and mode != "context_distillation":
             raise UcaiError(f"use_openers needs mode: context_distillation, got mode: {mode}")
+        if not initial_answers and mode != "context_distillation":
+            raise UcaiError("initial_answers: false needs mode: context_distillation (a critique needs the initial answer)")
         self.constitution = load_constitution(constitution)
         self.side = side
         self.principles = self.constitution.principles(side)
@@ -190,6 +198,7 @@ class CritiqueRevisionModule(GeneratingModule):
             for principle in self.principles:  # every opener, before any generation
                 opener_of(principle, self.constitution.source)
         self.use_openers = use_openers
+        self.initial_answers = initial_answers
         self.rounds = rounds
         self.principle_source = principle_source
         self.seed = seed
@@ -267,9 +276,10 @@ class CritiqueRevisionModule(GeneratingModule):
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
         conversations = [Conversation(row["prompt"], self.principles_for(row), self.few_shot) for row in batch]
 
-        initial = self._generate([[{"role": "user", "content": c.prompt}] for c in conversations])
-        for conversation, text in zip(conversations, initial, strict=True):
-            conversation.answer(strip_echo(text))
+        if self.initial_answers:
+            initial = self._generate([[{"role": "user", "content": c.prompt}] for c in conversations])
+            for conversation, text in zip(conversations, initial, strict=True):
+                conversation.answer(strip_echo(text))
 
         if self.mode == "context_distillation":
             self._distil(conversations, [row.get("principle") for row in batch])
