@@ -11,7 +11,8 @@ interface (`GenerationEngine`): ``unsupported(model)`` says why it cannot run a 
   Llama). Prefill runs through the model's own forward; each decode step then runs the
   layers directly on a preallocated KV cache, attending only to the filled part, with
   masks and positions built once, and with the q/k/v and gate/up projections fused
-  into one matmul each on CPU (small matmuls there are dominated by per-call
+  into one matmul each on CPU where the weights need a bf16 copy anyway (packed for
+  oneDNN, or cast once for autocast; small matmuls there are dominated by per-call
   overhead). The layer pieces are the model's own modules and functions (norms,
   rotary embedding, its attention function), so greedy decoding is token-identical to
   ``generate``; sampling applies the same logits processors in the same order.
@@ -175,6 +176,12 @@ class FusedProjection:
     (SmolLM2's matrices at 16 rows: 1.2-1.7x faster). bf16 ``F.linear`` on CPU runs
     the same oneDNN kernel, so outputs are unchanged; each rebuild checks that on its
     real input and drops the packing if they differ.
+
+    A copy is made only when it buys something: packing, or a cast the matmul would
+    otherwise redo at every step. Otherwise (fp32 weights without autocast, or bf16
+    where oneDNN cannot pack it) the layers' own weights are used one by one: fusing
+    alone measured no faster for fp32 on an AVX2 CPU (SmolLM2's q/k/v and gate/up at
+    16 rows) and held a second copy of every weight (+540 MB, 1.47x HF's peak memory).
     """
 
     # Seconds spent building fused and packed weights, over all instances: the engine's
@@ -195,6 +202,7 @@ class FusedProjection:
         self._bias: torch.Tensor | None = None
         self._packed: torch.Tensor | None = None
         self._dtype: torch.dtype | None = None
+        self._direct = False  # no copy: the layers' own weights, one matmul each
 
     def _refresh(self, x: torch.Tensor) -> None:
         """(Re)build the fused weight when the dtype, batch or a weight changed."""
@@ -207,13 +215,19 @@ class FusedProjection:
         if key == self._key:
             return
         start = time.perf_counter()
+        packable = dtype == torch.bfloat16 and _packing_available()
+        self._direct = dtype == weights[0].dtype and not packable
+        if self._direct:
+            self._weight = self._bias = self._packed = None
+            self._key = key
+            return
         with torch.no_grad():
             self._weight = torch.cat(weights).to(dtype)
             biases = [base.bias for base in self.bases]
             self._bias = None if biases[0] is None else torch.cat(biases).to(dtype)
             self._packed = None
             self._dtype = dtype
-            if dtype == torch.bfloat16 and _packing_available():
+            if packable:
                 packed = torch.ops.mkldnn._reorder_linear_weight(self._weight, rows)
                 flat = x.reshape(rows, -1).to(dtype)
                 if torch.equal(self._packed_linear(flat, packed), F.linear(flat, self._weight, self._bias)):
@@ -231,12 +245,15 @@ class FusedProjection:
         if not self.fusible:
             return [module(x) for module in self.modules]
         self._refresh(x)
-        if self._packed is not None:
-            flat = x.reshape(-1, x.shape[-1]).to(self._dtype)
-            out = self._packed_linear(flat, self._packed).view(*x.shape[:-1], -1)
+        if self._direct:
+            pieces = [F.linear(x, base.weight, base.bias) for base in self.bases]
         else:
-            out = F.linear(x, self._weight, self._bias)
-        pieces = out.split(self.sizes, dim=-1)
+            if self._packed is not None:
+                flat = x.reshape(-1, x.shape[-1]).to(self._dtype)
+                out = self._packed_linear(flat, self._packed).view(*x.shape[:-1], -1)
+            else:
+                out = F.linear(x, self._weight, self._bias)
+            pieces = out.split(self.sizes, dim=-1)
         return [
             piece if module is base else lora_output(module, x, piece)
             for piece, module, base in zip(pieces, self.modules, self.bases, strict=True)
