@@ -25,7 +25,7 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/ucai pipeline --config configs/pipeline/demo.yaml
 
-# The CPU experiment (both sides, every shipped prompt; under an hour on 2 cores):
+# The CPU experiment (both sides, every shipped prompt; 22 to 61 minutes on 2 cores):
 # report in lightning_logs/experiment_cpu/eval/report.md.
 experiment: setup
 	$(BIN)/ucai pipeline --config configs/pipeline/experiment_cpu.yaml

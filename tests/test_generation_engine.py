@@ -127,15 +127,15 @@ def test_fused_projection_matches_separate_layers_and_tracks_updates():
         layers[1].weight.add_(1.0)
     assert torch.equal(fused(x)[1], layers[1](x))
     # fp32 without autocast: the layers' own weights, no second copy of them.
-    assert fused._direct and fused._weight is None and fused._packed is None
+    assert fused._direct and not fused.holds_copy
     # Under bf16 autocast the weights are cast once into one fused bf16 copy.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outs = fused(x)
         for out, layer in zip(outs, layers, strict=True):
             assert out.dtype == torch.bfloat16 and torch.equal(out, layer(x))
-    assert not fused._direct and (fused._weight is not None or fused._packed is not None)
+    assert not fused._direct and fused.holds_copy
     assert torch.equal(fused(x)[2], layers[2](x))  # and back to the plain weights
-    assert fused._direct and fused._weight is None
+    assert fused._direct and not fused.holds_copy
 
 
 def test_generate_uses_the_loop_and_falls_back_for_other_architectures(tokenizer, caplog):

@@ -237,6 +237,11 @@ class FusedProjection:
         self._key = key
         FusedProjection.build_seconds += time.perf_counter() - start
 
+    @property
+    def holds_copy(self) -> bool:
+        """Whether the last call ran on a fused (and possibly packed) copy of the weights."""
+        return self._weight is not None or self._packed is not None
+
     def _packed_linear(self, flat: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(flat, packed, self._bias, "none", [], "")
 
@@ -383,12 +388,14 @@ class DecodeLoop:
         try:
             return self._decode(model, base, decoder, layers, lm_head, input_ids, attention_mask, settings, stop_ids, pad_id)
         finally:
-            if first_call:
+            if first_call and layers and layers[0].qkv.holds_copy:
                 log.info(
                     "generation: decode loop (its warm-up, fusing and packing the weights: %.2f s, "
                     "counted in this stage's time)",
                     FusedProjection.build_seconds - built_before,
                 )
+            elif first_call:
+                log.info("generation: decode loop (on the model's own weights: nothing to fuse or pack)")
 
     def _decode(self, model, base, decoder, layers, lm_head, input_ids, attention_mask, settings, stop_ids, pad_id):
         """The decoding itself (see `generate`)."""

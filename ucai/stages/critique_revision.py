@@ -25,8 +25,8 @@ the examples of that round's own principle.
 ``mode: context_distillation`` skips the critique: the answer is generated once more
 with the principle's revision request folded into the system prompt, and recorded as
 the revision (for models too small to critique themselves). There nothing downstream
-reads the initial answer, and both sides generate the same one; ``initial_answers:
-false`` skips it (``initial`` is then null), which halves the stage's generation.
+reads the initial answer (SFT trains on ``response``); ``initial_answers: false``
+skips it (``initial`` is then null), which halves the stage's generation.
 
 Prompts longer than ``max_prompt_tokens`` lose their beginning (generation truncates
 from the left); the stage counts them, warns at the first one and logs the total per
