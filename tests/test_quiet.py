@@ -222,6 +222,7 @@ def test_load_and_save_bars_are_hidden_and_other_bars_show(transformers_bars, ti
     assert "Another transformers bar" in shown
     hook = transformers_bars.set_tqdm_hook(None)
     assert hook.ucai_hides == {bar.description for bar in quiet.KNOWN_PROGRESS_BARS}
+    assert hook.ucai_previous is None  # the second call did not wrap the first
 
 
 def test_progress_filter_keeps_a_hook_set_before_it(transformers_bars, capsys):
@@ -236,6 +237,7 @@ def test_progress_filter_keeps_a_hook_set_before_it(transformers_bars, capsys):
     transformers_bars.tqdm(range(1), desc="Loading weights").close()
     transformers_bars.tqdm(range(1), desc="Another transformers bar").close()
     assert seen == ["Another transformers bar"]
+    assert transformers_bars.set_tqdm_hook(None).ucai_previous is earlier
     assert "Another transformers bar" in capsys.readouterr().err
 
 

@@ -229,7 +229,7 @@ def install_progress_filter() -> None:
             return transformers_logging.EmptyTqdm(*args, **kwargs)
         return previous(factory, args, kwargs) if previous is not None else factory(*args, **kwargs)
 
-    hook.ucai_hides = hidden
+    hook.ucai_hides, hook.ucai_previous = hidden, previous
     set_hook(hook)
 
 
