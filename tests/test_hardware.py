@@ -49,8 +49,8 @@ def test_only_bf16_settings_fall_back_and_only_without_native_bf16(native):
 
 
 def test_decode_loop_without_packing_stays_identical_to_generate(monkeypatch):
-    """On a CPU without native bf16 the loop runs plain ``F.linear`` on its fused weights:
-    still token-identical to ``generate`` (the packed path is checked the same way on
+    """On a CPU without native bf16 the loop packs nothing and runs ``F.linear`` on the
+    layers' own weights: token-identical to ``generate`` (the packed path is checked the same way on
     CPUs that have it, by tests/test_generation_engine.py)."""
     import ucai.generation_engine as engine
 

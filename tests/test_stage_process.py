@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ucai import stage_process
@@ -23,6 +24,11 @@ PIPELINE = ROOT / "tests/conf/pipeline_tiny.yaml"
 PIPELINE_MAIN = "import sys; from ucai.pipeline import main; sys.exit(main(sys.argv[1:]))"
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stages are forked on Linux only")
+# A GPU build of torch never forks (a forked process cannot use CUDA once its parent has).
+cpu_torch_only = pytest.mark.skipif(
+    torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None,
+    reason="stages are forked only with a CPU-only torch build; this torch is a GPU build",
+)
 
 
 def _folder(tmp_path: Path, name: str, fork: bool, **cr_overrides) -> tuple[Path, Path]:
@@ -53,6 +59,7 @@ def _start(folder: Path, config: Path) -> subprocess.Popen:
     )
 
 
+@cpu_torch_only
 def test_a_forked_stage_writes_what_a_fresh_interpreter_writes(tmp_path):
     runs = {}
     for fork in (True, False):
@@ -70,6 +77,7 @@ def test_a_forked_stage_writes_what_a_fresh_interpreter_writes(tmp_path):
     assert (forked[0] / sl).read_text().count("\n") == 8
 
 
+@cpu_torch_only
 def test_a_failing_forked_stage_reports_its_exit_status_and_its_error(tmp_path):
     folder, config = _folder(tmp_path, "bad", True, **{"data.init_args.no_such_key": 1})
     process = _start(folder, config)
@@ -92,6 +100,7 @@ def _session_processes(session: int) -> list[int]:
     return pids
 
 
+@cpu_torch_only
 def test_killing_the_pipeline_kills_its_forked_stage(tmp_path):
     # Slow generation (one prompt per batch, long answers) keeps the stage running.
     folder, config = _folder(
@@ -113,8 +122,12 @@ def test_killing_the_pipeline_kills_its_forked_stage(tmp_path):
         time.sleep(0.05)
 
 
-def test_no_fork_with_another_interpreter_or_another_thread():
+def test_no_fork_with_another_interpreter_a_gpu_torch_or_another_thread(monkeypatch):
     assert "another interpreter" in stage_process.prepare_fork("/usr/bin/python-other")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert "GPU build" in stage_process.prepare_fork(sys.executable)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
     stop = threading.Event()
     worker = threading.Thread(target=stop.wait)
     worker.start()

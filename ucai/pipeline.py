@@ -265,28 +265,27 @@ def _logger_configured(config: Path) -> bool:
     return isinstance(logger, dict) and "class_path" in logger
 
 
+def _configured(configs: list[Path], overrides: dict[str, Any], key: str) -> Any:
+    """A stage setting as the stage will see it, by dotted ``key``
+    (``trainer.precision``): the override, else the last config that sets it."""
+    if key in overrides:
+        return overrides[key]
+    value = None
+    for config in configs:
+        found = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        for part in key.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        value = found if found is not None else value
+    return value
+
+
 def _constitution_of(configs: list[Path], overrides: dict[str, Any]) -> Path | None:
-    """The constitution file a stage reads (override, else the last config naming one).
+    """The constitution file a stage reads.
 
     It is an input like any other: editing a principle's text or ``response_opener``
     changes what the stage generates, so it must rerun the stage."""
-    name = overrides.get("model.init_args.constitution")
-    for config in configs if name is None else ():
-        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-        found = ((data.get("model") or {}).get("init_args") or {}).get("constitution")
-        name = found if found is not None else name
+    name = _configured(configs, overrides, "model.init_args.constitution")
     return resolve_shipped(name, "configs") if isinstance(name, str) else None
-
-
-def _trainer_setting(configs: list[Path], overrides: dict[str, Any], key: str) -> Any:
-    """``trainer.<key>`` as the stage will see it: an override, else the last config setting it."""
-    if f"trainer.{key}" in overrides:
-        return overrides[f"trainer.{key}"]
-    value = None
-    for config in configs:
-        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-        value = (data.get("trainer") or {}).get(key, value)
-    return value
 
 
 def _precision_fallback(configs: list[Path], overrides: dict[str, Any]) -> str | None:
@@ -294,7 +293,9 @@ def _precision_fallback(configs: list[Path], overrides: dict[str, Any]) -> str |
     CPU without AVX-512/AMX, where bf16 matmuls run several times slower than fp32)."""
     from ucai.hardware import precision_fallback  # imports torch: only when a stage is planned
 
-    return precision_fallback(_trainer_setting(configs, overrides, "precision"), _trainer_setting(configs, overrides, "accelerator"))
+    return precision_fallback(
+        _configured(configs, overrides, "trainer.precision"), _configured(configs, overrides, "trainer.accelerator")
+    )
 
 
 def plan(cfg: PipelineConfig) -> list[StageRun]:
