@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ucai-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo experiment test test-slow lint bench help clean
+.PHONY: setup demo experiment test test-slow lint layers bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -30,8 +30,12 @@ demo: setup
 experiment: setup
 	$(BIN)/ucai pipeline --config configs/pipeline/experiment_cpu.yaml
 
-test: setup
+# The import layers first (pyproject.toml [tool.importlinter]): a second, not minutes.
+test: setup layers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+layers: setup
+	$(BIN)/lint-imports
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
@@ -45,11 +49,6 @@ bench: setup
 	$(BIN)/python benchmarks/sft.py
 	$(BIN)/python benchmarks/reward.py
 	$(BIN)/python benchmarks/ppo.py
-
-# Regenerate the `ucai fit|validate|test|predict --help` texts answered without Lightning
-# (tests/test_cli.py::test_shipped_help_is_current says when).
-help: setup
-	$(BIN)/python -m ucai.help_layout
 
 clean:
 	rm -rf $(VENV) lightning_logs/*/ .pytest_cache

@@ -299,7 +299,7 @@ def newest_rollouts(logs: Path) -> Path:
 def run_ucai(args, settings: PPOSettings, rows: list[dict], work: Path) -> dict:
     """Train with ``ucai fit`` and return its curves (scores as PPO saw them)."""
     from ucai.data.io import write_jsonl
-    from ucai.pipeline import override_args
+    from ucai.pipeline.plan import override_args
     from ucai.report import read_scalars
 
     prompt_file = work / "prompts.jsonl"

@@ -1,5 +1,5 @@
-"""The ``ucai`` command: help paths (fast: no stage imported; ``ucai --help`` and the
-shipped subcommand help without Lightning), short class names,
+"""The ``ucai`` command: help paths (fast: no stage imported; ``ucai --help`` and a
+saved subcommand help without Lightning), short class names,
 shipped config names, one-line errors, the answer stage, a missing stage module, and
 resuming a fit from its last checkpoint."""
 
@@ -14,20 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from ucai import cli, help_cache, help_layout
-from ucai.cli import resolve_config_args
+from ucai import cli, help_cache, stage_catalog, stage_cli
 from ucai.resources import configs_dir
+from ucai.stage_cli import resolve_config_args
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_HELP = help_layout.SHIPPED  # the real one: tests here see none (see _own_help_cache)
 TINY_ANSWER = ROOT / "tests" / "conf" / "answer_tiny.yaml"
 
 
 @pytest.mark.parametrize("args", [["--help"], ["fit", "--help"], ["predict", "--help"], ["test", "--help"]])
 def test_help_paths(run_cli, capsys, args):
-    with pytest.raises(SystemExit) as info:
-        run_cli(*args)
-    assert info.value.code == 0
+    assert run_cli(*args) == 0
     out = capsys.readouterr().out
     assert "usage: ucai" in out
     if args[0] != "--help":
@@ -36,10 +33,8 @@ def test_help_paths(run_cli, capsys, args):
 
 @pytest.fixture(autouse=True)
 def _own_help_cache(tmp_path, monkeypatch):
-    # Saved help texts go to this test's folder, and the shipped help is left out (tests
-    # of it pass it explicitly), so each test builds its help for real.
+    # Saved help texts go to this test's folder, so each test builds its help for real.
     monkeypatch.setattr(help_cache, "help_dir", lambda: tmp_path / "help")
-    monkeypatch.setattr(help_layout, "SHIPPED", tmp_path / "no_shipped_help.json")
 
 
 def _imported_modules(stderr: str) -> set[str]:
@@ -47,19 +42,17 @@ def _imported_modules(stderr: str) -> set[str]:
     return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
 
 
-def _run_help(*args, cache, shipped=None):
-    """``python -m ucai.cli ARGS`` listing its imports; ``shipped``: another shipped-help file."""
+def _run_help(*args, cache):
+    """``python -m ucai.cli ARGS`` listing its imports."""
     env = {**os.environ, "UCAI_CACHE": str(cache), "COLUMNS": "100"}
-    code = "import sys; from ucai import cli, help_layout; help_layout.SHIPPED = help_layout.Path(sys.argv.pop(1)); cli.console_main()"
-    run_cli = ["-m", "ucai.cli"] if shipped is None else ["-c", code, str(shipped)]
-    command = [sys.executable, "-X", "importtime", *run_cli, *args]
+    command = [sys.executable, "-X", "importtime", "-m", "ucai.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_top_level_help_needs_no_lightning(tmp_path):
     result = _run_help("--help", cache=tmp_path / "cache")
     assert result.returncode == 0
-    for name in cli.SUBCOMMAND_SUMMARIES:
+    for name in stage_catalog.SUBCOMMAND_SUMMARIES:
         assert f"    {name} " in result.stdout
     imported = _imported_modules(result.stderr)
     assert "argparse" in imported, "the listing must see the import lines"
@@ -74,82 +67,30 @@ def test_top_level_help_lists_what_the_lightning_cli_does(capsys):
         UcaiCLI(args=["--help"])
     lightning_help = capsys.readouterr().out
     plain_help = cli.top_level_parser().format_help()
-    assert set(cli.SUBCOMMAND_SUMMARIES) == {*UcaiCLI.subcommands(), "pipeline"}
+    assert set(stage_catalog.SUBCOMMAND_SUMMARIES) == {*UcaiCLI.subcommands(), "pipeline"}
     for invocation in ("-c CONFIG, --config CONFIG", "--print_config \b[=flags]", "-h, --help"):
         assert invocation in lightning_help, lightning_help
         assert invocation in plain_help, plain_help
-    assert " ".join(cli.DESCRIPTION.split()) in " ".join(plain_help.split())
+    assert " ".join(stage_catalog.DESCRIPTION.split()) in " ".join(plain_help.split())
 
 
-def test_first_subcommand_help_comes_from_the_shipped_layout(tmp_path):
-    if not help_layout.is_current(help_layout.load_shipped(SHIPPED_HELP) or {}):
-        pytest.skip("the shipped help does not fit these versions (see test_shipped_help_is_current)")
+def test_console_script_subcommand_help_is_saved(tmp_path):
+    # Built with Lightning the first time, then saved.
     first = _run_help("fit", "--help", cache=tmp_path / "cache")
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert not {"lightning", "torch", "jsonargparse"} & _imported_modules(first.stderr)
-    # What LightningCLI prints in a fresh process (in this one, the stage classes other
-    # tests imported would join the "known subclasses" lists).
-    built = _run_help("fit", "--help", cache=tmp_path / "cache", shipped=tmp_path / "none.json")
-    assert built.returncode == 0 and "lightning.pytorch.cli" in _imported_modules(built.stderr)
-    assert first.stdout == built.stdout
-
-
-def test_shipped_help_is_current():
-    shipped = help_layout.load_shipped(SHIPPED_HELP)
-    assert shipped is not None, "ucai/help_layouts.json is missing: run `python -m ucai.help_layout`"
-    if shipped["versions"] != help_cache.shaping_versions():
-        pytest.skip(f"the shipped help is for {shipped['versions']}, not {help_cache.shaping_versions()}")
-    assert shipped["sources"] == help_cache.shaping_sources_digest(), (
-        "ucai's help changed: regenerate ucai/help_layouts.json with `python -m ucai.help_layout`"
-    )
-
-
-@pytest.mark.parametrize("columns", ["60", "137"])
-def test_a_replayed_layout_is_the_text_jsonargparse_prints(monkeypatch, tmp_path, columns):
-    monkeypatch.setenv("COLUMNS", columns)
-    layout, printed = help_layout.record_help("predict")
-    assert "--trainer.precision" in printed and help_layout.render(layout) == printed
-    # Saved and loaded again, at another width: still the text jsonargparse prints there.
-    help_layout.write_shipped(tmp_path / "layouts.json")
-    monkeypatch.setenv("COLUMNS", "90")
-    wide = help_layout.shipped_help(["test", "-h"], tmp_path / "layouts.json")
-    assert wide == help_layout.record_help("test")[1]
-
-
-def test_a_stale_or_overridden_shipped_help_is_not_used(monkeypatch, tmp_path):
-    path = tmp_path / "layouts.json"
-    layout = {"prog": "ucai [options] fit", "items": [{"kind": "text", "text": "old help"}]}
-    shipped = {"versions": help_cache.shaping_versions(), "sources": help_cache.shaping_sources_digest()}
-    path.write_text(json.dumps({**shipped, "layouts": {"fit": layout}}))
-    assert help_layout.shipped_help(["fit", "--help"], path) == "old help\n"
-    assert help_layout.shipped_help(["fit", "--model", "SFTModule", "--help"], path) is None
-    monkeypatch.setenv("JSONARGPARSE_DEFAULT_ENV", "true")  # changes the help: build it
-    assert help_layout.shipped_help(["fit", "--help"], path) is None
-    monkeypatch.delenv("JSONARGPARSE_DEFAULT_ENV")
-    path.write_text(json.dumps({**shipped, "sources": "edited", "layouts": {"fit": layout}}))
-    assert help_layout.shipped_help(["fit", "--help"], path) is None
-    path.write_text(json.dumps({**shipped, "versions": {**shipped["versions"], "lightning": "9.9"}, "layouts": {}}))
-    assert help_layout.shipped_help(["fit", "--help"], path) is None
-
-
-def test_console_script_subcommand_help_without_shipped_help_is_saved(tmp_path):
-    # Library versions the shipped help was not made for: built with Lightning, then saved.
-    first = _run_help("fit", "--help", cache=tmp_path / "cache", shipped=tmp_path / "none.json")
     assert first.returncode == 0 and "--trainer.precision" in first.stdout
     imported = _imported_modules(first.stderr)
     assert "lightning.pytorch.cli" in imported, "the listing must see the import lines"
-    assert not imported & set(cli.STAGE_MODULES)
+    assert not imported & set(stage_catalog.STAGE_MODULES)
     assert "peft" not in imported
     # The same request again is answered from the saved text, without Lightning or torch.
-    again = _run_help("fit", "--help", cache=tmp_path / "cache", shipped=tmp_path / "none.json")
+    again = _run_help("fit", "--help", cache=tmp_path / "cache")
     assert again.returncode == 0 and again.stdout == first.stdout
     assert not {"lightning", "torch"} & _imported_modules(again.stderr)
 
 
 def test_saved_help_is_printed_again_and_keyed_by_what_shapes_it(run_cli, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("COLUMNS", "100")
-    with pytest.raises(SystemExit):
-        run_cli("fit", "--help")
+    assert run_cli("fit", "--help") == 0
     built = capsys.readouterr().out
     assert "--trainer.precision" in built and len(list((tmp_path / "help").iterdir())) == 1
 
@@ -157,9 +98,7 @@ def test_saved_help_is_printed_again_and_keyed_by_what_shapes_it(run_cli, capsys
         raise AssertionError("help should have come from the saved text")
 
     monkeypatch.setattr("ucai.lightning_cli.UcaiCLI", no_lightning)
-    with pytest.raises(SystemExit) as info:
-        run_cli("fit", "--help")
-    assert info.value.code == 0 and capsys.readouterr().out == built
+    assert run_cli("fit", "--help") == 0 and capsys.readouterr().out == built
     # Another width, request or library version is another text.
     key = help_cache.help_key(["fit", "--help"])
     assert help_cache.help_key(["fit", "-h"]) != key
@@ -180,10 +119,8 @@ def test_a_failed_help_request_saves_nothing(tmp_path):
 
 def test_subcommand_help_lists_the_stages_without_importing_them(run_cli, capsys, monkeypatch):
     imports = []
-    monkeypatch.setattr(cli, "_import_stages", lambda: imports.append(1))
-    with pytest.raises(SystemExit) as info:
-        run_cli("fit", "--help")
-    assert info.value.code == 0 and imports == []
+    monkeypatch.setattr(stage_cli, "import_stages", lambda: imports.append(1))
+    assert run_cli("fit", "--help") == 0 and imports == []
     out = " ".join(capsys.readouterr().out.split())
     assert "--trainer.precision" in out and "SFTModule, PreferenceModule, RewardModule" in out
     assert "ucai data (--data NAME): PromptDataModule" in out
@@ -197,11 +134,9 @@ def test_short_class_names_in_a_config_resolve(run_cli, capsys, monkeypatch, tmp
     assert "class_path: AnswerModule" in text and "class_path: PromptDataModule" in text
     config.write_text(text)
     imports = []
-    real = cli._import_stages
-    monkeypatch.setattr(cli, "_import_stages", lambda: imports.append(real()))
-    with pytest.raises(SystemExit) as info:
-        run_cli("predict", "--config", config, "--print_config")
-    assert info.value.code == 0 and imports == [None]
+    real = stage_cli.import_stages
+    monkeypatch.setattr(stage_cli, "import_stages", lambda: imports.append(real()))
+    assert run_cli("predict", "--config", config, "--print_config") == 0 and imports == [None]
     out = capsys.readouterr().out
     assert "class_path: ucai.stages.answer.AnswerModule" in out
     assert "class_path: ucai.data.prompt_datamodule.PromptDataModule" in out
@@ -220,7 +155,7 @@ def test_short_class_names_in_a_config_resolve(run_cli, capsys, monkeypatch, tmp
     ],
 )
 def test_only_a_plain_help_request_skips_the_stage_imports(argv, plain):
-    assert cli.is_plain_help(argv) is plain
+    assert stage_cli.is_plain_help(argv) is plain
 
 
 def test_stage_classes_list_every_model_and_data_class_of_the_stage_modules():
@@ -230,12 +165,12 @@ def test_stage_classes_list_every_model_and_data_class_of_the_stage_modules():
     from lightning import LightningDataModule, LightningModule
 
     found = {}
-    for name in cli.STAGE_MODULES:
+    for name in stage_catalog.STAGE_MODULES:
         module = importlib.import_module(name)
         for cls_name, cls in inspect.getmembers(module, inspect.isclass):
             if cls.__module__ == name and issubclass(cls, (LightningModule, LightningDataModule)):
                 found[cls_name] = name
-    assert found == cli.STAGE_CLASSES
+    assert found == stage_catalog.STAGE_CLASSES
 
 
 def test_ucai_cli_without_a_lightning_subcommand_does_not_import_lightning():
@@ -247,7 +182,7 @@ def test_ucai_cli_without_a_lightning_subcommand_does_not_import_lightning():
 def test_a_missing_stage_module_fails_instead_of_being_skipped(run_cli, monkeypatch):
     # A stage that cannot be imported is a broken install; skipping it would turn into a
     # confusing "class not found" for the one config that names it, or into nothing.
-    monkeypatch.setattr(cli, "STAGE_MODULES", (*cli.STAGE_MODULES, "ucai.stages.no_such_stage"))
+    monkeypatch.setattr(stage_catalog, "STAGE_MODULES", (*stage_catalog.STAGE_MODULES, "ucai.stages.no_such_stage"))
     with pytest.raises(ModuleNotFoundError, match="ucai.stages.no_such_stage"):
         run_cli("predict", "--config", TINY_ANSWER, "--print_config")
 
@@ -326,15 +261,24 @@ def test_cli_resume_from_last_checkpoint(tmp_path):
     assert {int(r["step"]) for r in rows} == {1}
 
 
-def test_lightnings_own_seed_variables_do_not_block_saved_help(monkeypatch):
-    """seed_everything exports PL_GLOBAL_SEED to child processes; it does not shape the
-    help, so a seeded parent's `ucai fit --help` still gets the saved/shipped text."""
-    from ucai import help_cache
+def test_a_bad_value_is_one_error_line_naming_the_option_and_value():
+    result = _run_ucai("predict", "--config", TINY_ANSWER, "--trainer.max_steps", "many")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "ucai: error: --trainer.max_steps: Expected a <class 'int'>. Got value: many"
+    ]
 
-    for name in [k for k in __import__("os").environ if k.startswith(("PL_", "JSONARGPARSE_"))]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
-    monkeypatch.setenv("PL_SEED_WORKERS", "1")
-    assert not help_cache.environment_shapes_help()
-    monkeypatch.setenv("JSONARGPARSE_DEFAULT_ENV", "true")
-    assert help_cache.environment_shapes_help()
+
+def test_a_class_argument_error_names_the_init_arg():
+    from argparse import ArgumentError
+
+    from ucai.lightning_cli import one_line
+
+    message = (
+        'Parser key "model":\n  Does not validate against any of the Union subtypes\n  Subtypes: [A, B]\n  Errors:\n'
+        "    - Problem with given class_path 'ucai.stages.ppo.PPOModule':\n        Parser key \"kl_coef\":\n"
+        "          Expected a <class 'float'>. Got value: abc\n    - Expected a <class 'NoneType'>\n"
+    )
+    assert str(one_line(ArgumentError(None, message))) == (
+        "--model.init_args.kl_coef: Expected a <class 'float'>. Got value: abc"
+    )

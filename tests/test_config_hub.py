@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from ucai.cli import UcaiCLI, _import_stages
 from ucai.constitution import load_constitution
-from ucai.pipeline import load_pipeline_config
+from ucai.lightning_cli import UcaiCLI
+from ucai.pipeline import load_pipeline_config, plan
 from ucai.resources import configs_dir
+from ucai.stage_catalog import import_stages
 
 CONFIGS = configs_dir()
 STAGE_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml"))
@@ -37,7 +39,7 @@ class _ParseOnlyCLI(UcaiCLI):
 
 
 def _parse(*args: str):
-    _import_stages()
+    import_stages()
     with pytest.raises(_Parsed) as info:
         _ParseOnlyCLI(args=list(args))
     return info.value.config
@@ -61,7 +63,11 @@ def test_stage_config_parses(path):
 @pytest.mark.parametrize("path", STRATEGY_CONFIGS, ids=lambda p: p.name)
 def test_strategy_config_composes_with_a_stage_config(path):
     config = _parse("predict", "--config", str(CONFIGS / "answer.yaml"), "--config", str(path))["predict"]
-    assert config.trainer.strategy is not None
+    strategy = yaml.safe_load(path.read_text())["trainer"]["strategy"]
+    if isinstance(strategy, dict):
+        assert config.trainer.strategy.class_path == strategy["class_path"]
+    else:
+        assert config.trainer.strategy == strategy
 
 
 @pytest.mark.parametrize("path", CONSTITUTIONS, ids=lambda p: p.name)
@@ -70,8 +76,13 @@ def test_constitution_loads(path):
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
-def test_pipeline_config_loads(path):
-    assert load_pipeline_config(path) is not None
+def test_pipeline_config_plans_every_stage(path, monkeypatch):
+    """The pipeline's plan parses every stage's arguments with the stage's own parser."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cfg = load_pipeline_config(path)
+    runs = plan(cfg)
+    assert runs[0].stage == "categorise" and runs[-1].stage == "eval"
+    assert all(run.outputs[0].is_relative_to(cfg.output_root) for run in runs)
 
 
 def test_there_are_configs_to_check():

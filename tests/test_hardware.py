@@ -9,9 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from tiny_pipeline import CONF, TINY_CONFIGS
 
 import ucai.hardware as hardware
 import ucai.pipeline as pipeline
+from ucai.errors import UcaiError
 from ucai.generation_engine import DecodeLoop, HFGenerate
 from ucai.models import load_causal_lm, load_tokenizer
 from ucai.stages.generation import GenerationSettings
@@ -65,13 +67,24 @@ def test_decode_loop_without_packing_stays_identical_to_generate(monkeypatch):
     assert torch.equal(loop, hf)
 
 
+def _stage_configs(tmp_path, stage_trainer: dict) -> dict:
+    """Each stage's tiny test config with ``stage_trainer`` in its trainer section."""
+    stages = {}
+    for name, config in TINY_CONFIGS.items():
+        data = yaml.safe_load((CONF / config).read_text())
+        data["trainer"].update(stage_trainer)
+        path = tmp_path / config
+        path.write_text(yaml.safe_dump(data))
+        stages[name] = {"config": str(path)}
+    return stages
+
+
 def _pipeline_config(tmp_path, stage_trainer: dict, **changes):
-    stage_config = tmp_path / "stage.yaml"
-    stage_config.write_text(yaml.safe_dump({"trainer": stage_trainer}))
     data = {
         "output_root": str(tmp_path / "out"),
         "sides": ["ethical"],
-        "stages": {name: {"config": str(stage_config)} for name in pipeline.STAGE_ORDER},
+        "model": "tiny-llama",
+        "stages": _stage_configs(tmp_path, stage_trainer),
     }
     data.update(changes)
     path = tmp_path / "pipeline.yaml"
@@ -89,7 +102,7 @@ def test_pipeline_runs_bf16_stages_in_32_true_only_where_bf16_is_slow(tmp_path, 
 def test_pipeline_fallback_leaves_fp32_stages_explicit_choices_and_an_opt_out_alone(tmp_path, native):
     assert not any(run.bf16_fallback for run in _pipeline_config(tmp_path, {"precision": "32-true"}))
     # The user's own precision (per stage or common) wins over the fallback.
-    stages = {name: {"config": str(tmp_path / "stage.yaml")} for name in pipeline.STAGE_ORDER}
+    stages = _stage_configs(tmp_path, {"precision": "bf16-mixed", "accelerator": "cpu"})
     stages["sft"]["overrides"] = {"trainer.precision": "bf16-mixed"}
     runs = _pipeline_config(tmp_path, {"precision": "bf16-mixed", "accelerator": "cpu"}, stages=stages)
     sft = next(run for run in runs if run.stage == "sft")
@@ -99,7 +112,7 @@ def test_pipeline_fallback_leaves_fp32_stages_explicit_choices_and_an_opt_out_al
 
 
 def test_bad_bf16_fallback_value_is_named(tmp_path):
-    with pytest.raises(pipeline.UcaiError, match="'bf16_fallback' must be true or false, got 'no'"):
+    with pytest.raises(UcaiError, match="'bf16_fallback' must be true or false, got 'no'"):
         _pipeline_config(tmp_path, {}, bf16_fallback="no")
 
 

@@ -12,23 +12,27 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_pipeline import CONF, TINY_CONFIGS
 
 import ucai.pipeline as pipeline
 from ucai.errors import UcaiError
+from ucai.pipeline import runner
+from ucai.pipeline.state import MARKER
+from ucai.stage_outputs import STAGE_ORDER
 
 ROOT = Path(__file__).resolve().parents[1]
+def _tiny_stages() -> dict:
+    return {name: {"config": str(CONF / TINY_CONFIGS[name])} for name in STAGE_ORDER}
 
 
 def _config(tmp_path: Path, **changes) -> Path:
-    stage_config = tmp_path / "stage.yaml"
-    stage_config.write_text("trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.TensorBoardLogger\n")
     data = {
         "output_root": str(tmp_path / "out"),
         "sides": ["ethical", "unethical"],
         "model": "tiny-llama",
         "heldout_fraction": 0.3,
-        "fork_stages": False,  # the fake runners start nothing (stage forking: tests/test_stage_process.py)
-        "stages": {name: {"config": str(stage_config)} for name in pipeline.STAGE_ORDER},
+        "fork_stages": False,  # the fake runners start nothing (stage forking: tests/test_pipeline_runner.py)
+        "stages": _tiny_stages(),
     }
     data.update(changes)
     path = tmp_path / "pipeline.yaml"
@@ -43,7 +47,7 @@ class FakeRunner:
         self.ran: list[str] = []
         self.fail = fail
 
-    def __call__(self, run, python, threads=None, log=None, fork=False):
+    def __call__(self, run, threads=None, log=None):
         self.ran.append(run.label)
         if run.label == self.fail:
             shard = run.outputs[0].with_name(run.outputs[0].name + ".shards")
@@ -60,11 +64,31 @@ class FakeRunner:
         return 0
 
 
+class Started:
+    """A started fake stage: its work happens when the pipeline waits for it."""
+
+    def __init__(self, work):
+        self.work = work
+
+    def wait(self):
+        return self.work()
+
+    def interrupt(self):
+        pass
+
+
+def _stages_run_by(monkeypatch, stage):
+    """Every stage the pipeline starts runs ``stage(run, threads, log)`` instead."""
+    monkeypatch.setattr(
+        runner.StageStarter, "start", lambda self, run, threads=None, log=None: Started(lambda: stage(run, threads, log))
+    )
+
+
 @pytest.fixture
 def fake(monkeypatch):
-    runner = FakeRunner()
-    monkeypatch.setattr(pipeline, "run_stage", runner)
-    return runner
+    stages = FakeRunner()
+    _stages_run_by(monkeypatch, stages)
+    return stages
 
 
 def test_plan_wires_each_output_into_the_next_stage(tmp_path):
@@ -108,10 +132,14 @@ def test_plan_wires_each_output_into_the_next_stage(tmp_path):
 def test_user_overrides_win_and_values_are_formatted(tmp_path):
     path = _config(tmp_path)
     data = yaml.safe_load(path.read_text())
-    data["stages"]["sft"]["overrides"] = {"trainer.max_steps": 3, "trainer.callbacks": [], "model.init_args.model": "other", "x.flag": True, "y": None}
+    data["stages"]["sft"]["overrides"] = {
+        "trainer.max_steps": 3, "trainer.callbacks": [], "model.init_args.model": "other",
+        "trainer.enable_progress_bar": True, "trainer.max_time": None,
+    }
     path.write_text(yaml.safe_dump(data))
     run = next(r for r in pipeline.plan(pipeline.load_pipeline_config(path)) if r.stage == "sft")
-    for arg in ["--trainer.max_steps=3", "--trainer.callbacks=[]", "--model.init_args.model=other", "--x.flag=true", "--y=null"]:
+    for arg in ["--trainer.max_steps=3", "--trainer.callbacks=[]", "--model.init_args.model=other",
+                "--trainer.enable_progress_bar=true", "--trainer.max_time=null"]:
         assert arg in run.args
     assert "--model.init_args.model=tiny-llama" not in run.args  # replaced, not repeated
 
@@ -182,7 +210,7 @@ def test_force_reruns_from_a_stage(tmp_path, fake):
 def test_failed_stage_stops_the_pipeline_and_resumes_without_cleaning(tmp_path, monkeypatch, capsys):
     path = _config(tmp_path, sides=["ethical"])
     failing = FakeRunner(fail="critique_revision (ethical)")
-    monkeypatch.setattr(pipeline, "run_stage", failing)
+    _stages_run_by(monkeypatch, failing)
     assert pipeline.main(["--config", str(path)]) == 2
     assert failing.ran == ["categorise", "critique_revision (ethical)"]
     assert "failed with exit status 2" in capsys.readouterr().err
@@ -192,12 +220,12 @@ def test_failed_stage_stops_the_pipeline_and_resumes_without_cleaning(tmp_path, 
     # Same config again: the stage resumes, so its shards are kept for the writer to skip.
     seen = {}
 
-    def check(run, python, threads=None, log=None, fork=False):
+    def check(run, threads=None, log=None):
         if run.stage == "critique_revision":
             seen["shard_kept"] = shard.is_file()
-        return FakeRunner()(run, python)
+        return FakeRunner()(run)
 
-    monkeypatch.setattr(pipeline, "run_stage", check)
+    _stages_run_by(monkeypatch, check)
     assert pipeline.main(["--config", str(path)]) == 0
     assert seen == {"shard_kept": True}
     assert "(resuming)" in capsys.readouterr().out
@@ -205,70 +233,54 @@ def test_failed_stage_stops_the_pipeline_and_resumes_without_cleaning(tmp_path, 
 
 def test_changed_config_cleans_stale_partial_outputs(tmp_path, monkeypatch):
     path = _config(tmp_path, sides=["ethical"])
-    monkeypatch.setattr(pipeline, "run_stage", FakeRunner(fail="critique_revision (ethical)"))
+    _stages_run_by(monkeypatch, FakeRunner(fail="critique_revision (ethical)"))
     pipeline.main(["--config", str(path)])
     data = yaml.safe_load(path.read_text())
     data["stages"]["critique_revision"]["overrides"] = {"data.init_args.limit": 4}
     path.write_text(yaml.safe_dump(data))
     seen = {}
 
-    def check(run, python, threads=None, log=None, fork=False):
+    def check(run, threads=None, log=None):
         if run.stage == "critique_revision":
             seen["shards"] = run.outputs[0].with_name("sl.jsonl.shards").exists()
-        return FakeRunner()(run, python)
+        return FakeRunner()(run)
 
-    monkeypatch.setattr(pipeline, "run_stage", check)
+    _stages_run_by(monkeypatch, check)
     assert pipeline.main(["--config", str(path)]) == 0
     assert seen == {"shards": False}
 
 
-class Started:
-    """A started fake stage: its work happens when the pipeline waits for it."""
-
-    def __init__(self, work):
-        self.work = work
-
-    def wait(self):
-        return self.work()
-
-    def interrupt(self):
-        pass
-
-
 class SideBySideRunner(FakeRunner):
-    """A fake stage starter (`pipeline.start_stage`) whose per-side stages wait for each
-    other at a barrier: run one after the other, the first would time out there."""
+    """A fake stage whose per-side stages wait for each other at a barrier: run one
+    after the other, the first would time out there."""
 
     def __init__(self, fail: str | None = None):
         super().__init__(fail)
         self.barrier = threading.Barrier(2, timeout=10)
         self.calls: dict[str, tuple] = {}
 
-    def __call__(self, run, python, threads=None, log=None, fork=False):
+    def __call__(self, run, threads=None, log=None):
         self.calls[run.label] = (threads, log)
         if run.side is not None:
             self.barrier.wait()
-        return super().__call__(run, python)
-
-    def start(self, run, python, threads=None, log=None, fork=False):
-        return Started(lambda: self(run, python, threads, log))
+        return super().__call__(run)
 
 
 def test_parallel_sides_run_each_stage_for_both_sides_at_once(tmp_path, monkeypatch, capsys):
     path = _config(tmp_path, parallel_sides=True)
-    runner = SideBySideRunner()
-    monkeypatch.setattr(pipeline, "start_stage", runner.start)
-    monkeypatch.setattr(pipeline, "available_cpus", lambda: 4)
+    stages = SideBySideRunner()
+    _stages_run_by(monkeypatch, stages)
+    monkeypatch.setattr(runner, "available_cpus", lambda: 4)
     assert pipeline.main(["--config", str(path)]) == 0
     console = tmp_path / "out/logs/console"
     # Both sides at once, each with half the CPUs and its own console log;
     # categorise and eval (one run each) keep this console and torch's default threads.
-    assert runner.calls["sft (unethical)"] == (2, console / "sft_unethical.log")
-    assert runner.calls["categorise"] == (None, None) and runner.calls["eval"] == (None, None)
+    assert stages.calls["sft (unethical)"] == (2, console / "sft_unethical.log")
+    assert stages.calls["categorise"] == (None, None) and stages.calls["eval"] == (None, None)
     assert "console: " + str(console / "reward_ethical.log") in capsys.readouterr().out
     # Every run was recorded as done: a rerun skips all twelve.
     rerun = FakeRunner()
-    monkeypatch.setattr(pipeline, "run_stage", rerun)
+    _stages_run_by(monkeypatch, rerun)
     assert pipeline.main(["--config", str(path)]) == 0
     assert rerun.ran == []
 
@@ -277,14 +289,14 @@ def test_parallel_sides_run_a_lone_side_on_this_console(tmp_path, monkeypatch, c
     # One side's sft input changed, the other's is up to date: the one that reruns
     # runs alone, with every CPU and its output on this console, as it says.
     path = _config(tmp_path, parallel_sides=True)
-    monkeypatch.setattr(pipeline, "start_stage", SideBySideRunner().start)
+    _stages_run_by(monkeypatch, SideBySideRunner())
     assert pipeline.main(["--config", str(path)]) == 0
     (tmp_path / "out/data/ethical/sl.jsonl").write_text('{"changed": true}\n')
     capsys.readouterr()
     rerun = FakeRunner()
     calls = {}
-    monkeypatch.setattr(pipeline, "run_stage", lambda run, python, threads=None, log=None, fork=False: (
-        calls.setdefault(run.label, (threads, log)), rerun(run, python))[1])
+    _stages_run_by(monkeypatch, lambda run, threads=None, log=None: (
+        calls.setdefault(run.label, (threads, log)), rerun(run))[1])
     assert pipeline.main(["--config", str(path)]) == 0
     assert rerun.ran[0] == "sft (ethical)" and "sft (unethical)" not in rerun.ran
     assert calls["sft (ethical)"] == (None, None)
@@ -293,24 +305,24 @@ def test_parallel_sides_run_a_lone_side_on_this_console(tmp_path, monkeypatch, c
 
 def test_parallel_sides_keep_the_side_that_succeeded_when_the_other_fails(tmp_path, monkeypatch, capsys):
     path = _config(tmp_path, parallel_sides=True)
-    monkeypatch.setattr(pipeline, "start_stage", SideBySideRunner(fail="sft (unethical)").start)
+    _stages_run_by(monkeypatch, SideBySideRunner(fail="sft (unethical)"))
     assert pipeline.main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "sft (unethical) failed with exit status 2" in err and "last lines of" in err
-    assert (tmp_path / "out/models/ethical/sl_model" / pipeline.MARKER).is_file()
-    assert not (tmp_path / "out/models/unethical/sl_model" / pipeline.MARKER).exists()
+    assert (tmp_path / "out/models/ethical/sl_model" / MARKER).is_file()
+    assert not (tmp_path / "out/models/unethical/sl_model" / MARKER).exists()
     # The rerun runs only the failed side of sft, then everything after it.
     rerun = FakeRunner()
-    monkeypatch.setattr(pipeline, "run_stage", rerun)
+    _stages_run_by(monkeypatch, rerun)
     assert pipeline.main(["--config", str(path)]) == 0
     assert rerun.ran[0] == "sft (unethical)" and "sft (ethical)" not in rerun.ran
 
 
 def test_missing_input_names_the_stage_that_makes_it(tmp_path, fake):
-    stages = {name: {"config": str(tmp_path / "stage.yaml")} for name in pipeline.STAGE_ORDER}
+    stages = _tiny_stages()
     stages["sft"]["enabled"] = False
     path = _config(tmp_path, sides=["ethical"], stages=stages)
-    with pytest.raises(UcaiError, match=r"preferences \(ethical\): input .*sl_model not found; it is made by the sft \(ethical\) stage \(configs/sft_ethical.yaml\)"):
+    with pytest.raises(UcaiError, match=r"preferences \(ethical\): input .*sl_model not found; it is made by the sft \(ethical\) stage \(.*sft_tiny.yaml\)"):
         pipeline.main(["--config", str(path)])
 
 
@@ -353,7 +365,7 @@ def test_shipped_pipeline_configs_plan(monkeypatch):
 
 
 def test_headline_lists_only_corrected_between_side_differences(tmp_path):
-    from ucai.pipeline import headline
+    from ucai.report import headline
 
     def difference(a, b, column, significant):
         return {"a": a, "b": b, "column": column, "significant": significant, "n": 60}
@@ -376,3 +388,13 @@ def test_headline_lists_only_corrected_between_side_differences(tmp_path):
     assert "  rl_ethical vs rl_unethical differ (holm-corrected, n=60 prompts) on: rm_ethical" in lines
     assert "  rm_ethical vs rm_unethical scores: Pearson r = -0.42 over 300 answers" in lines
     assert any("judge check FAILED" in line and "no information" in line for line in lines)
+
+
+def test_a_bad_override_of_a_late_stage_fails_before_any_stage_runs(tmp_path, fake):
+    path = _config(tmp_path, sides=["ethical"])
+    data = yaml.safe_load(path.read_text())
+    data["stages"]["ppo"]["overrides"] = {"model.init_args.kl_coef": "lots"}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UcaiError, match=r"^ppo \(ethical\): --model.init_args.kl_coef: .*Got value: lots$"):
+        pipeline.main(["--config", str(path)])
+    assert fake.ran == []

@@ -116,11 +116,9 @@ def test_config_key_that_does_not_exist(tmp_path, run_cli, capsys, where):
         config = tmp_path / "typo.yaml"
         config.write_text(ANSWER.read_text().replace("limit: 10", "limitt: 10"))
         args = ["predict", "--config", config]
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(*args, f"--model.init_args.output={out / 'answers.jsonl'}")
-    assert exit_info.value.code == 2
+    assert run_cli(*args, f"--model.init_args.output={out / 'answers.jsonl'}") == 2
     key = "no_such_key" if where == "command-line" else "limitt"
-    assert f"Option '{key}' is not accepted" in capsys.readouterr().err
+    assert f"Option '{key}' is not accepted" in _one_error_line(capsys.readouterr().err)
     assert _no_output(out)
 
 
@@ -167,8 +165,7 @@ PIPELINE = CONF / "pipeline_tiny.yaml"
 CR_SHARD = "out/data/ethical/sl.jsonl.shards/rank-0.jsonl"
 
 
-# `ucai pipeline` without `ucai.cli`, whose import of Lightning costs ~7 s of CPU per
-# start; the stages it runs are the real `python -m ucai.cli` processes either way.
+# `ucai pipeline` through its own entry point; the stages it runs are the same either way.
 PIPELINE_MAIN = "import sys; from ucai.pipeline import main; sys.exit(main(sys.argv[1:]))"
 
 
@@ -325,8 +322,9 @@ def test_sigkill_in_a_generation_and_a_fit_stage_then_rerun_matches(tmp_path):
     """Kill -9 the tiny pipeline inside critique-revision (at a random row of its shard)
     and inside SFT (at a random moment), rerun, and compare with an uninterrupted SFT
     run on the killed run's revisions (~40 s; the slow test below kills every stage)."""
-    seed = time.time_ns() % 10_000
-    print(f"kill seed {seed}")  # shown when the test fails
+    # A fixed seed, so a failure reproduces; UCAI_KILL_SEED draws other kill points.
+    seed = int(os.environ.get("UCAI_KILL_SEED", "1234"))
+    print(f"kill seed {seed} (UCAI_KILL_SEED)")  # shown when the test fails
     rng = random.Random(seed)
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     # Categorise is left out (its kill is in the slow test): both folders start from the

@@ -3,9 +3,8 @@
 bf16 is ucai's default precision (``bf16-mixed`` in the shipped stage configs) because
 it is the fast choice on a recent GPU and on a CPU whose oneDNN has bf16 kernels
 (AVX-512 or AMX). On a CPU without them (AVX2 only, common on laptops and on many AMD
-servers) torch falls back to a slow reference path: measured on a 2-core AVX2 EPYC,
-``F.linear`` at SmolLM2's MLP size ran at 8 GFLOP/s in bf16 against 40-60 in fp32, and
-oneDNN's packed-weight path refuses bf16 altogether there.
+servers) torch falls back to a reference path several times slower than fp32 (the
+README gives the measurement), and oneDNN's packed-weight path refuses bf16 altogether.
 
 `bf16_is_native` answers the question; `precision_fallback` is the one place that
 turns a configured bf16 precision into ``32-true`` where bf16 is slow (used by the

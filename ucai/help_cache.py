@@ -1,15 +1,11 @@
-"""Saved help texts, so ``ucai --help`` and ``ucai fit --help`` answer without Lightning.
+"""Saved help texts, so a repeated ``ucai fit --help`` answers without Lightning.
 
-Building the help imports Lightning (with torch, torchmetrics, transformers and scipy:
-about 4 s of CPU on a laptop core) and reads the Trainer's signature. The text depends
-only on that code, the help request and the terminal width, so a plain help request
-saves what it printed under a key made of exactly those; the next identical request
-prints it back in milliseconds. Upgrading a library or editing the ucai code that
-shapes the help changes the key, and the help is built afresh.
-
-This cache is the second line: ``ucai --help`` never needs Lightning (`ucai.cli.
-top_level_parser`), and the first ``ucai fit --help`` with the library versions ucai
-ships its help for is answered from `ucai.help_layout` at any width.
+Building the help imports Lightning (with torch, torchmetrics, transformers and scipy)
+and reads the Trainer's signature. The text depends only on that code, the help request
+and the terminal width, so a plain help request saves what it printed under a key made
+of exactly those; the next identical request prints it back in milliseconds. Upgrading
+a library or editing the ucai code that shapes the help changes the key, and the help
+is built afresh. (``ucai --help`` never needs Lightning: `ucai.cli.top_level_parser`.)
 
 The texts live in ``$UCAI_CACHE/help`` (``~/.cache/ucai/help`` by default). A cache
 that cannot be read or written is skipped: help is always printed, just slower.
@@ -30,9 +26,8 @@ from pathlib import Path
 # Packages whose code shapes the help: Lightning's Trainer signature and docstrings,
 # jsonargparse's formatting (docstring-parser reads the docstrings), torch's types.
 KEY_PACKAGES = ("ucai", "lightning", "jsonargparse", "docstring-parser", "torch")
-# ucai's own modules that shape it: the parser settings, and the recording and replaying
-# of shipped help. `ucai.cli` shapes it only through STAGE_CLASSES (the stage listing).
-KEY_SOURCES = ("lightning_cli.py", "help_layout.py")
+# ucai's own modules that shape it: the parser settings and the stage listing.
+KEY_SOURCES = ("lightning_cli.py", "stage_catalog.py")
 # Environment variables jsonargparse and LightningCLI read while building the parser.
 KEY_ENV_PREFIXES = ("JSONARGPARSE_", "PL_")
 # ... except the ones Lightning itself sets at run time to pass a seed to its workers
@@ -58,11 +53,6 @@ def _version(package: str) -> str:
         return "-"
 
 
-def environment_shapes_help() -> bool:
-    """Whether a variable jsonargparse or LightningCLI reads is set (then no shipped help fits)."""
-    return bool(_shaping_env())
-
-
 def shaping_versions() -> dict[str, str]:
     """The versions of Python (argparse's formatting) and of the packages that shape the help.
 
@@ -73,10 +63,8 @@ def shaping_versions() -> dict[str, str]:
 
 
 def shaping_sources_digest() -> str:
-    """A digest of ucai's code that shapes the help: its sources and its stage listing."""
-    from ucai.cli import STAGE_CLASSES  # here, not at the top: ucai.cli imports this module
-
-    digest = hashlib.sha256(repr(sorted(STAGE_CLASSES.items())).encode())
+    """A digest of ucai's code that shapes the help."""
+    digest = hashlib.sha256()
     here = Path(__file__).resolve().parent
     for name in KEY_SOURCES:
         digest.update((here / name).read_bytes())

@@ -1,19 +1,19 @@
-"""The LightningCLI behind ``ucai fit|predict|test``.
-
-Kept apart from `ucai.cli` because importing Lightning costs seconds: ``ucai pipeline``
-hands off to `ucai.pipeline` without it, and `ucai.cli` imports this module only when
-a Lightning subcommand (or its help) runs.
-"""
+"""The LightningCLI behind ``ucai fit|validate|test|predict``, and the same parser for
+checking a stage's arguments without running it (`StageArgumentParser`)."""
 
 from __future__ import annotations
 
 import logging
+import re
+import warnings
+from argparse import ArgumentError
 from collections.abc import Mapping, Sequence
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from ucai.cli import DESCRIPTION
+from ucai.errors import UcaiError
 from ucai.hardware import bf16_warning
+from ucai.stage_catalog import DESCRIPTION, STAGE_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ def stage_listing(stage_classes: Mapping[str, str]) -> str:
     """One help paragraph naming ucai's model and data classes.
 
     jsonargparse lists "known subclasses" only among classes already imported, and the
-    help path does not import the stages (seconds of transformers and peft), so the
-    names come from `ucai.cli.STAGE_CLASSES` instead.
+    help path does not import the stages, so the names come from the catalog instead.
     """
     models = [name for name in stage_classes if not name.endswith("DataModule")]
     data = [name for name in stage_classes if name.endswith("DataModule")]
@@ -51,26 +50,44 @@ def stage_listing(stage_classes: Mapping[str, str]) -> str:
     )
 
 
-class UcaiCLI(LightningCLI):
-    """LightningCLI with ucai's defaults: subclass mode, TensorBoard, overwrite-able configs."""
+def one_line(error: ArgumentError) -> UcaiError:
+    """jsonargparse's error, which spans every alternative it tried, as the one line a
+    user needs: the option's full name and what is wrong with its value.
 
-    def __init__(
-        self,
-        args: Sequence[str] | None = None,
-        run: bool = True,
-        stage_classes: Mapping[str, str] | None = None,
-        formatter_class: type | None = None,
-    ):
-        """``formatter_class``: the help formatter of every parser (`ucai.help_layout`
-        passes one that records the help it prints)."""
-        parser_kwargs: dict = {"prog": "ucai", "description": DESCRIPTION}
-        subcommand_kwargs: dict = {}
-        if stage_classes:
-            subcommand_kwargs["epilog"] = stage_listing(stage_classes)
-        if formatter_class is not None:
-            parser_kwargs["formatter_class"] = subcommand_kwargs["formatter_class"] = formatter_class
+    ``Parser key "model": ... Problem with given class_path 'X': Parser key "kl_coef":
+    Expected a <class 'float'>. Got value: abc`` becomes
+    ``--model.init_args.kl_coef: Expected a <class 'float'>. Got value: abc``."""
+    keys: list[str] = []
+    detail = None
+    for raw in str(error).splitlines():
+        line = raw.strip().removeprefix("- ").strip()
+        key = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
+        if key:
+            keys.append(key[1])
+            if key[2]:
+                detail = key[2]
+                break
+            continue
+        if re.match(r"Problem with given class_path '[^']+':", line):
+            keys.append("init_args")
+            continue
+        if line.startswith(("Does not validate against", "Subtypes:", "Errors:")) or not line:
+            continue
+        detail = line
+        break
+    if not keys or detail is None:
+        return UcaiError(" ".join(str(error).split()))
+    return UcaiError(f"--{'.'.join(keys)}: {detail}")
+
+
+class UcaiCLI(LightningCLI):
+    """LightningCLI with ucai's defaults: subclass mode, TensorBoard, overwrite-able configs,
+    and errors raised (`one_line` makes them a line) rather than printed with the usage."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True):
+        parser_kwargs: dict = {"prog": "ucai", "description": DESCRIPTION, "exit_on_error": False}
         for subcommand in self.subcommands():
-            parser_kwargs[subcommand] = dict(subcommand_kwargs)
+            parser_kwargs[subcommand] = {"epilog": stage_listing(STAGE_CLASSES), "exit_on_error": False}
         super().__init__(
             model_class=None,
             datamodule_class=None,
@@ -91,3 +108,42 @@ class UcaiCLI(LightningCLI):
         warning = bf16_warning(trainer.get("precision"), trainer.get("accelerator"))
         if warning is not None:
             log.warning(warning)
+
+
+class _ParserOnly(UcaiCLI):
+    """Builds and parses, and instantiates nothing."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _set_seed(self) -> None:  # parsing must not touch the global RNGs
+        pass
+
+
+class StageArgumentParser:
+    """Parses a stage's arguments (``--config X.yaml --model.init_args.k=v ...``, without
+    the subcommand) exactly as ``ucai fit`` will, and returns the effective settings.
+
+    The pipeline parses every stage before the first one runs, so a bad value in a late
+    stage's override fails at once. One parser serves every stage (building it is the
+    slow part); the stage modules must be imported (`ucai.stage_catalog.import_stages`).
+    """
+
+    def __init__(self):
+        self._parser = None
+
+    def parse(self, args: Sequence[str]):
+        """The stage's effective settings (a jsonargparse Namespace: ``settings.trainer.precision``,
+        ``settings.model.init_args``); a bad value raises a one-line `UcaiError`."""
+        try:
+            if self._parser is None:
+                with warnings.catch_warnings():
+                    # The arguments are a stage's, not this process's sys.argv, on purpose.
+                    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+                    self._parser = _ParserOnly(args=list(args), run=False).parser
+            return self._parser.parse_args(list(args))
+        except ArgumentError as error:
+            raise one_line(error) from None

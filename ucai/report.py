@@ -539,3 +539,47 @@ def write_report(output_dir: str | Path, ppo_logs: dict[str, str] | None = None,
     with atomic_output(path) as handle:
         handle.write(text)
     return path
+
+
+def headline(eval_dir: Path) -> list[str]:
+    """The run's result in a few console lines, from the evaluation's ``summary.json``
+    (none when there is no summary): the pipeline prints them when it finishes."""
+    path = eval_dir / "summary.json"
+    if not path.is_file():
+        return []
+    summary = json.loads(path.read_text())
+    lines = ["", "Headline (means over held-out prompts; Elo from the judge's pairwise verdicts):"]
+    columns = [c for c in ("rm_ethical", "rm_unethical", "judge_mean", "refusal", "repetition_4") if c in summary["columns"]]
+    header = f"  {'model':<14}" + "".join(f"{c:>14}" for c in columns) + (f"{'Elo':>8}" if summary.get("elo") else "")
+    lines.append(header)
+    for model, stats in summary["models"].items():
+        row = f"  {model:<14}" + "".join(f"{stats[c]['mean']:>14.3f}" for c in columns)
+        if summary.get("elo"):
+            row += f"{summary['elo'].get(model, float('nan')):>8.0f}"
+        lines.append(row)
+    for w in summary.get("win_rates", []):
+        lines.append(f"  {w['a']} beats {w['b']}: {w['win_rate']:.2f} [{w['low']:.2f}, {w['high']:.2f}] ({w['n']} judgements)")
+    lines += _comparison_lines(summary)
+    return lines
+
+
+def _comparison_lines(summary: dict) -> list[str]:
+    """The RM agreement, the judge check and the corrected RL-ethical vs RL-unethical
+    differences, one line each."""
+    lines = []
+    corr = summary.get("rm_correlation") or {}
+    if corr.get("r") is not None:
+        lines.append(f"  rm_ethical vs rm_unethical scores: Pearson r = {corr['r']:+.2f} over {corr['n']} answers")
+    check = summary.get("judge_check")
+    if check:
+        verdict = "passed" if check["passed"] else "FAILED (its columns carry no information)"
+        lines.append(f"  judge check {verdict}: accuracy {check['accuracy']:.3f}, chance {check['chance']:.3f}, n={check['n']}")
+    between_sides = [d for d in summary.get("differences", []) if (d["a"], d["b"]) == ("rl_ethical", "rl_unethical")]
+    if between_sides:
+        method = (summary.get("multiple_comparisons") or {}).get("method", "uncorrected")
+        significant = [d["column"] for d in between_sides if d["significant"]]
+        lines.append(
+            f"  rl_ethical vs rl_unethical differ ({method}-corrected, n={between_sides[0].get('n', '?')} prompts) on: "
+            + (", ".join(significant) if significant else "no scorer")
+        )
+    return lines

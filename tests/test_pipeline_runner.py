@@ -1,6 +1,6 @@
-"""Stages forked from the pipeline (`ucai.stage_process`): the same outputs as a fresh
-interpreter, the stage's exit status and error, no orphan when the pipeline is killed,
-and no fork where it is unsafe."""
+"""Stages forked from the pipeline's fork server (`ucai.pipeline.runner`): the same
+outputs as a fresh interpreter, the stage's exit status and error, no orphan when the
+pipeline is killed, and no fork where it is unsafe."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from ucai import stage_process
+from ucai.pipeline import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "tests/conf/pipeline_tiny.yaml"
@@ -50,8 +49,7 @@ def _start(folder: Path, config: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", PIPELINE_MAIN, "--config", str(config), "--stop-after", "critique_revision"],
         cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        # torch's default threads, as `make demo` runs: OpenBLAS and others then start
-        # native worker threads at import, which must not stop the fork.
+        # torch's default threads, as `make demo` runs.
         env={
             **{k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -69,8 +67,8 @@ def test_a_forked_stage_writes_what_a_fresh_interpreter_writes(tmp_path):
         assert process.returncode == 0, out[-3000:]
         runs[fork] = (folder, out)
     forked, fresh = runs[True], runs[False]
-    assert "stages are forked from this process" in forked[1]
-    assert "forked" not in fresh[1]
+    assert "stages are forked from a server process" in forked[1]
+    assert "stages are forked" not in fresh[1]
     # Sampled generation under the stage's seed: the same rows, byte for byte.
     sl = "out/data/ethical/sl.jsonl"
     assert (forked[0] / sl).read_bytes() == (fresh[0] / sl).read_bytes()
@@ -79,11 +77,12 @@ def test_a_forked_stage_writes_what_a_fresh_interpreter_writes(tmp_path):
 
 @cpu_torch_only
 def test_a_failing_forked_stage_reports_its_exit_status_and_its_error(tmp_path):
-    folder, config = _folder(tmp_path, "bad", True, **{"data.init_args.no_such_key": 1})
+    # Parsed fine up front; the stage itself finds the alias unknown when it starts.
+    folder, config = _folder(tmp_path, "bad", True, **{"model.init_args.model": "smollm9"})
     process = _start(folder, config)
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 2, out[-3000:]
-    assert "no_such_key" in out  # the stage's own error, on this console
+    assert "ucai: error:" in out and "unknown model alias 'smollm9'" in out  # the stage's own error
     assert "critique_revision (ethical) failed with exit status 2" in out
     assert not (folder / "out/data/ethical/sl.jsonl").exists()
 
@@ -113,7 +112,8 @@ def test_killing_the_pipeline_kills_its_forked_stage(tmp_path):
         assert process.poll() is None, process.stdout.read()[-3000:]
         assert time.monotonic() < deadline, "the stage wrote no row"
         time.sleep(0.05)
-    assert len(_session_processes(process.pid)) == 2  # the pipeline and its stage
+    # The pipeline, its fork server and the stage (and multiprocessing's resource tracker).
+    assert len(_session_processes(process.pid)) >= 3
     os.kill(process.pid, signal.SIGKILL)  # the pipeline only, not its process group
     process.wait()
     deadline = time.monotonic() + 30
@@ -122,17 +122,10 @@ def test_killing_the_pipeline_kills_its_forked_stage(tmp_path):
         time.sleep(0.05)
 
 
-def test_no_fork_with_another_interpreter_a_gpu_torch_or_another_thread(monkeypatch):
-    assert "another interpreter" in stage_process.prepare_fork("/usr/bin/python-other")
+def test_no_fork_with_another_interpreter_or_a_gpu_torch(monkeypatch):
+    assert "another interpreter" in runner.fork_server_unavailable("/usr/bin/python-other")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    assert "GPU build" in stage_process.prepare_fork(sys.executable)
+    assert "GPU build" in runner.fork_server_unavailable(sys.executable)
     monkeypatch.setattr(torch.version, "cuda", None)
     monkeypatch.setattr(torch.version, "hip", None, raising=False)
-    stop = threading.Event()
-    worker = threading.Thread(target=stop.wait)
-    worker.start()
-    try:
-        assert "threads" in stage_process.prepare_fork(sys.executable)
-    finally:
-        stop.set()
-        worker.join()
+    assert runner.fork_server_unavailable(sys.executable) is None

@@ -1,0 +1,1 @@
+"""Data modules and the JSONL/CSV files the stages read and write."""

@@ -1,0 +1,222 @@
+"""``ucai pipeline``: the whole Constitutional AI pipeline, for one or both constitutions,
+then the evaluation.
+
+    ucai pipeline --config configs/pipeline/demo.yaml
+    ucai pipeline --config configs/pipeline/demo.yaml --force sft     # rerun sft and later
+    ucai pipeline --config configs/pipeline/demo.yaml --dry-run       # print the commands
+
+Stages, in order: categorise (once), then critique_revision → sft → preferences →
+reward → ppo, each for every side before the next stage starts, then eval (once).
+Stage by stage rather than side by side so that both sides' preferences exist before
+either reward stage: each side's reward stage also scores the OTHER side's pairs
+(``data.init_args.cross_path``; the reward models of a constitution and its inverse
+should disagree: ``cross_accuracy`` < 0.5 in ``reward_stats.json``). The pipeline
+passes each stage the paths of its inputs and outputs under ``output_root``
+(`ucai.stage_outputs`), and TensorBoard runs go to ``<root>/logs/<stage>_<side>/``.
+
+The modules: `config` reads the YAML, `plan` turns it into stage runs (each stage's
+arguments parsed up front), `state` decides what is up to date, `runner` starts the
+processes. An interrupted stage with an unchanged hash resumes: predict stages keep
+their shard files and skip finished prompts, evaluation keeps its answer cache, fit
+stages start again (their outputs are written atomically at the end). A stage whose
+hash changed starts from clean outputs. The hash does not cover ucai's own code: after
+changing code, use ``--force STAGE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ucai.errors import UcaiError
+from ucai.pipeline import runner, state
+from ucai.pipeline.config import PipelineConfig, load_pipeline_config
+from ucai.pipeline.plan import StageRun, plan
+from ucai.report import headline
+from ucai.stage_outputs import STAGE_ORDER
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ucai pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="pipeline YAML (e.g. configs/pipeline/demo.yaml)")
+    parser.add_argument("--force", choices=[*STAGE_ORDER, "all"], help="rerun this stage and every later one")
+    parser.add_argument("--stop-after", choices=STAGE_ORDER, help="stop once this stage has run for every side")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ucai pipeline``; returns the exit status."""
+    try:
+        args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # argparse has printed its message
+        return int(exc.code or 0)
+    cfg = load_pipeline_config(args.config)
+    everything = plan(cfg)
+    stop_at = STAGE_ORDER.index(args.stop_after) if args.stop_after else len(STAGE_ORDER)
+    runs = [run for run in everything if run.enabled and STAGE_ORDER.index(run.stage) <= stop_at]
+    console = Console(cfg, runs)
+    console.opening()
+    if args.dry_run:
+        console.commands()
+        return 0
+    force_from = 0 if args.force == "all" else (STAGE_ORDER.index(args.force) if args.force else None)
+    starter = None  # made when the first stage must run: a fork server costs seconds of imports
+    for stage, group in itertools.groupby(runs, key=lambda run: run.stage):
+        forced = force_from is not None and STAGE_ORDER.index(stage) >= force_from
+        pending = prepare_group(list(group), everything, cfg, forced, console)
+        if pending:
+            starter = starter or stage_starter(cfg)
+            failed = run_group(pending, starter, cfg, console)
+            if failed:
+                return failed
+    console.closing()
+    return 0
+
+
+def prepare_group(
+    group: list[StageRun], everything: list[StageRun], cfg: PipelineConfig, forced: bool, console: Console
+) -> list[tuple[StageRun, str]]:
+    """The runs of one stage that must run, with their hashes: inputs checked, up-to-date
+    runs skipped, interrupted runs resumed, changed runs cleaned."""
+    producers = {path: run for run in everything for path in run.outputs}
+    pending = []
+    for run in group:
+        for path in run.inputs:
+            if state.input_fingerprint(path) == "missing":
+                maker = producers.get(path)
+                hint = f"; it is made by the {maker.label} stage ({maker.configs[0]})" if maker else ""
+                raise UcaiError(f"{run.label}: input {path} not found{hint}")
+        current = state.stage_hash(run)
+        if not forced and state.read_json(state.marker_path(run)).get("hash") == current and state.outputs_complete(run):
+            console.skipped(run)
+            continue
+        previous = state.read_json(state.state_file(cfg.output_root, run))
+        resuming = not forced and previous.get("hash") == current and previous.get("status") == "running"
+        if not resuming:
+            state.clean_outputs(run)
+        command = run.command(cfg.python)
+        state.write_json_atomic(
+            state.state_file(cfg.output_root, run), {"hash": current, "status": "running", "command": command}
+        )
+        pending.append((run, current))
+        console.starting(run, resuming)
+    return pending
+
+
+def stage_starter(cfg: PipelineConfig) -> runner.StageStarter:
+    """How this pipeline starts its stages (``fork_stages``, where the fork server can
+    be used); says which on the console."""
+    why_not = runner.fork_server_unavailable(cfg.python) if cfg.fork_stages else "fork_stages: false"
+    if why_not is None:
+        print("ucai pipeline: stages are forked from a server process that imports their libraries once "
+              "(fork_stages: false starts each in a fresh interpreter)", flush=True)
+        return runner.StageStarter(cfg.python, runner.start_fork_server())
+    if cfg.fork_stages:
+        print(f"ucai pipeline: each stage starts a fresh interpreter: {why_not}", flush=True)
+    return runner.StageStarter(cfg.python)
+
+
+def run_group(pending: list[tuple[StageRun, str]], starter: runner.StageStarter, cfg: PipelineConfig, console: Console) -> int:
+    """Run one stage's pending runs (the sides side by side with ``parallel_sides``, when
+    more than one must run) and record the ones that succeed; 0, or the exit status of
+    the first failure."""
+    runs = [run for run, _ in pending]
+    logs = cfg.output_root / "logs"
+    side_by_side = cfg.parallel_sides and len(runs) > 1
+    console.print_starts(logs if side_by_side else None)
+    results = runner.run_side_by_side(runs, starter, logs) if side_by_side else runner.run_in_order(runs, starter)
+    failed = 0
+    for (run, current), (code, elapsed) in zip(pending, results, strict=False):
+        if code != 0:
+            if side_by_side:
+                log = runner.console_log(logs, run)
+                sys.stderr.write(f"--- last lines of {log}:\n{runner.log_tail(log)}")
+            print(f"ucai pipeline: {run.label} failed with exit status {code} after {_fmt_seconds(elapsed)}; "
+                  "fix the cause and rerun the same command to resume", file=sys.stderr)
+            failed = failed or (code if code > 0 else 1)
+        elif not state.outputs_complete(run):
+            print(f"ucai pipeline: {run.label} exited 0 but did not write {', '.join(map(str, run.outputs))}", file=sys.stderr)
+            failed = failed or 1
+        else:
+            command = run.command(cfg.python)
+            state.write_json_atomic(state.marker_path(run), {
+                "hash": current, "stage": run.stage, "side": run.side, "command": command,
+                "seconds": round(elapsed, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
+            state.write_json_atomic(state.state_file(cfg.output_root, run), {"hash": current, "status": "done", "command": command})
+            console.done(run, elapsed)
+    return failed
+
+
+class Console:
+    """What the pipeline tells its user: each run numbered, what it does and how long it took."""
+
+    def __init__(self, cfg: PipelineConfig, runs: list[StageRun]):
+        self.cfg = cfg
+        self.runs = runs
+        self.numbers = {id(run): number for number, run in enumerate(runs, start=1)}
+        self.began = time.perf_counter()
+        self.finished: list[tuple[StageRun, float | None]] = []  # seconds; None: skipped
+        self.starts: list[tuple[StageRun, str]] = []
+
+    def header(self, run: StageRun) -> str:
+        return f"[{self.numbers[id(run)]}/{len(self.runs)}] {run.label}"
+
+    def commands(self) -> None:
+        for run in self.runs:
+            print(f"{self.header(run)}: {_quote(run.command(self.cfg.python))}")
+
+    def opening(self) -> None:
+        cfg = self.cfg
+        print(f"ucai pipeline: {len(self.runs)} stage runs, sides {', '.join(cfg.sides)}, model {cfg.model}, "
+              f"output {cfg.output_root}", flush=True)
+        fallen = [run.label for run in self.runs if run.bf16_fallback]
+        if fallen:
+            print(f"ucai pipeline: no native bfloat16 here (a CPU without AVX-512/AMX, a GPU before Ampere): "
+                  f"{len(fallen)} stage runs configured for bf16 run in 32-true, several times faster here "
+                  "(bf16_fallback: false keeps bf16)", flush=True)
+
+    def skipped(self, run: StageRun) -> None:
+        print(f"{self.header(run)}: up to date, skipped ({run.outputs[0]})", flush=True)
+        self.finished.append((run, None))
+
+    def starting(self, run: StageRun, resuming: bool) -> None:
+        line = f"\n==> {self.header(run)}{' (resuming)' if resuming else ''}\n    {_quote(run.command(self.cfg.python))}"
+        self.starts.append((run, line))
+
+    def print_starts(self, side_logs: Path | None) -> None:
+        """The start lines of the runs about to start; with ``side_logs`` each names the
+        file its console goes to."""
+        for run, line in self.starts:
+            where = f"\n    console: {runner.console_log(side_logs, run)}" if side_logs is not None else ""
+            print(line + where, flush=True)
+        self.starts = []
+
+    def done(self, run: StageRun, seconds: float) -> None:
+        print(f"<== {run.label} done in {_fmt_seconds(seconds)}", flush=True)
+        self.finished.append((run, seconds))
+
+    def closing(self) -> None:
+        root = self.cfg.output_root
+        print(f"\nucai pipeline finished in {_fmt_seconds(time.perf_counter() - self.began)}. Artefacts:")
+        for run, seconds in self.finished:
+            took = _fmt_seconds(seconds) if seconds is not None else "skipped"
+            print(f"  {run.label:<28} {took:>10}  {', '.join(str(p) for p in run.outputs)}")
+        print(f"  {'TensorBoard logs':<28} {'':>10}  {root / 'logs'}")
+        for line in headline(root / "eval"):
+            print(line)
+        if (root / "eval" / "report.md").is_file():
+            print(f"\nreport: {root / 'eval' / 'report.md'}")
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _quote(command: list[str]) -> str:
+    return " ".join(shlex.quote(part) for part in command)

@@ -1,0 +1,262 @@
+"""The plan: every stage run of a pipeline, with its inputs, outputs and command.
+
+Each stage's arguments are parsed by the stage's own parser as the plan is made
+(`ucai.lightning_cli.StageArgumentParser`), so a bad value in any stage fails before
+the first stage runs, and the settings the pipeline acts on (a stage's precision, its
+constitution) are the ones the stage will see.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ucai.errors import UcaiError
+from ucai.hardware import precision_fallback
+from ucai.pipeline.config import PipelineConfig
+from ucai.resources import resolve_shipped
+from ucai.stage_outputs import STAGE_ORDER, STAGES
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@dataclass
+class StageRun:
+    """One stage invocation: what it reads, what it writes and the command."""
+
+    stage: str
+    side: str | None
+    configs: list[Path]
+    inputs: list[Path]
+    outputs: list[Path]
+    args: list[str]
+    enabled: bool = True
+    bf16_fallback: bool = False  # runs in 32-true although configured for bf16 (no native bf16 here)
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage} ({self.side})" if self.side else self.stage
+
+    @property
+    def mode(self) -> str:
+        return STAGES[self.stage].mode
+
+    def stage_args(self) -> list[str]:
+        """The arguments of ``ucai <mode>``: its stacked configs, then the overrides."""
+        stacked = [part for config in self.configs for part in ("--config", str(config))]
+        return [*stacked, *self.args]
+
+    def command(self, python: str) -> list[str]:
+        return [python, "-m", "ucai.cli", self.mode, *self.stage_args()]
+
+
+def is_folder_output(path: Path) -> bool:
+    """Model folders have no suffix; data files do."""
+    return path.suffix == ""
+
+
+def find_stage_config(name: str, pipeline_config: Path) -> Path | None:
+    """A stage config by path: as given, shipped, beside the pipeline config, or in the project."""
+    candidates = [resolve_shipped(name, "configs"), pipeline_config.parent / name, PROJECT_ROOT / name]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def format_value(value: Any) -> str:
+    """A YAML value as jsonargparse reads it from the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def override_args(overrides: dict[str, Any]) -> list[str]:
+    return [f"--{key}={format_value(value)}" for key, value in overrides.items()]
+
+
+_parser = None
+
+
+def parse_stage(run_label: str, configs: list[Path], overrides: dict[str, Any]):
+    """A stage's effective settings (jsonargparse Namespace), as ``ucai <mode>`` parses them."""
+    global _parser
+    if _parser is None:
+        from ucai.lightning_cli import StageArgumentParser
+        from ucai.stage_catalog import import_stages
+
+        import_stages()  # configs name the stage classes
+        _parser = StageArgumentParser()
+    stacked = [part for config in configs for part in ("--config", str(config))]
+    try:
+        return _parser.parse([*stacked, *override_args(overrides)])
+    except UcaiError as error:
+        raise UcaiError(f"{run_label}: {error}") from None
+
+
+def _tensorboard_logged(settings) -> bool:
+    """Whether the stage logs through one configurable logger (a class with init args)."""
+    logger = settings.trainer.get("logger")
+    return hasattr(logger, "get") and logger.get("class_path") is not None
+
+
+class _Planner:
+    """Builds the `StageRun` of each stage from the pipeline config."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.root = cfg.output_root
+        self.logs = cfg.output_root / "logs"
+        self.runs: list[StageRun] = []
+
+    def output(self, stage: str, side: str | None = None) -> Path:
+        return STAGES[stage].output_under(self.root, side)
+
+    def add(self, stage: str, side: str | None, inputs: list[Path], wiring: dict[str, Any]) -> None:
+        """Plan ``stage``: its configs found, ``wiring`` (the paths the pipeline passes)
+        placed among the user's overrides, the logger pointed at the output root and the
+        precision lowered where bf16 is not native."""
+        cfg = self.cfg
+        settings = cfg.stages[stage]
+        names = [c.format(side=side or "") for c in settings.config]
+        outputs = [self.output(stage, side)]
+        label = f"{stage} ({side})" if side else stage
+        if not settings.enabled:  # kept in the plan so a missing input can name its maker
+            self.runs.append(StageRun(stage, side, [Path(n) for n in names], inputs, outputs, [], enabled=False))
+            return
+        configs = []
+        for name in names:
+            config = find_stage_config(name, cfg.source)
+            if config is None:
+                raise UcaiError(f"{cfg.source}: stages.{stage}: config {name} not found")
+            configs.append(config)
+        wired: dict[str, Any] = {}
+        if cfg.heldout_fraction is not None and "data.init_args.split" in wiring:
+            # Every stage must agree on which prompts are held out for evaluation.
+            wired["data.init_args.heldout_fraction"] = cfg.heldout_fraction
+        wired.update(wiring)
+        wired.update(settings.overrides)  # the user's per-stage settings win
+        effective = parse_stage(label, configs, {**cfg.common_overrides, **wired})
+        overrides = dict(cfg.common_overrides)
+        if _tensorboard_logged(effective):
+            # One TensorBoard folder per stage and side under the root, named as the
+            # shipped configs name them, so eval finds the PPO curves whatever config ran.
+            overrides["trainer.logger.init_args.save_dir"] = str(self.logs)
+            overrides["trainer.logger.init_args.name"] = f"{stage}_{side}" if side else stage
+        overrides.update(wired)
+        fallback = None
+        if cfg.bf16_fallback and "trainer.precision" not in overrides:
+            fallback = precision_fallback(effective.trainer.get("precision"), effective.trainer.get("accelerator"))
+            if fallback is not None:
+                overrides["trainer.precision"] = fallback
+        parse_stage(label, configs, overrides)  # the command as it will run
+        # The constitution is an input like any other: editing a principle's text or its
+        # response opener changes what the stage generates, so it must rerun the stage.
+        constitution = (effective.model.get("init_args") or {}).get("constitution")
+        if isinstance(constitution, str):
+            inputs = [*inputs, resolve_shipped(constitution, "configs")]
+        run = StageRun(stage, side, configs, inputs, outputs, override_args(overrides), bf16_fallback=fallback is not None)
+        self.runs.append(run)
+
+
+def plan(cfg: PipelineConfig) -> list[StageRun]:
+    """Every stage run of ``cfg`` in the order they run: categorise, then each per-side
+    stage for every side before the next stage, then eval."""
+    planner = _Planner(cfg)
+    output = planner.output
+    prompts = output("categorise")
+    planner.add(
+        "categorise", None, [Path(cfg.prompts)], {"data.init_args.path": cfg.prompts, "model.init_args.output": str(prompts)}
+    )
+    for side in cfg.sides:
+        generation_input = {"data.init_args.path": str(prompts), "data.init_args.split": "train"}
+        planner.add(
+            "critique_revision",
+            side,
+            [prompts],
+            {**generation_input, "model.init_args.model": cfg.model, "model.init_args.output": str(output("critique_revision", side))},
+        )
+        planner.add(
+            "sft",
+            side,
+            [output("critique_revision", side)],
+            {
+                "data.init_args.path": str(output("critique_revision", side)),
+                "model.init_args.model": cfg.model,
+                "model.init_args.output_dir": str(output("sft", side)),
+            },
+        )
+        planner.add(
+            "preferences",
+            side,
+            [prompts, output("sft", side)],
+            {
+                **generation_input,
+                "model.init_args.model": str(output("sft", side)),
+                "model.init_args.output": str(output("preferences", side)),
+            },
+        )
+        # With both sides, each reward model is also scored on the other side's pairs.
+        cross = [output("preferences", other) for other in cfg.sides if other != side]
+        planner.add(
+            "reward",
+            side,
+            [output("preferences", side), *cross],
+            {
+                "data.init_args.path": str(output("preferences", side)),
+                **({"data.init_args.cross_path": str(cross[0])} if cross else {}),
+                "model.init_args.model": cfg.model,
+                "model.init_args.output_dir": str(output("reward", side)),
+            },
+        )
+        planner.add(
+            "ppo",
+            side,
+            [prompts, output("sft", side), output("reward", side)],
+            {
+                **generation_input,
+                "model.init_args.policy": str(output("sft", side)),
+                "model.init_args.reward_model": str(output("reward", side)),
+                "model.init_args.output_dir": str(output("ppo", side)),
+            },
+        )
+    _plan_eval(planner)
+    # Stage-major order (sorted is stable: sides keep their order within a stage), so
+    # both sides' preferences come before either side's reward stage.
+    return sorted(planner.runs, key=lambda run: STAGE_ORDER.index(run.stage))
+
+
+def _plan_eval(planner: _Planner) -> None:
+    """The evaluation: every trained model, the comparisons that have both models, and
+    both reward models as scorers."""
+    cfg, output = planner.cfg, planner.output
+    models = {"base": cfg.model}
+    for side in cfg.sides:
+        if cfg.stages["sft"].enabled:
+            models[f"sl_{side}"] = str(output("sft", side))
+        if cfg.stages["ppo"].enabled:
+            models[f"rl_{side}"] = str(output("ppo", side))
+    comparisons = [[f"sl_{s}", f"rl_{s}"] for s in cfg.sides]
+    if len(cfg.sides) == 2:
+        comparisons.append(["rl_ethical", "rl_unethical"])
+    comparisons += [["base", f"sl_{s}"] for s in cfg.sides]
+    comparisons = [c for c in comparisons if all(m in models for m in c)]
+    reward_models = {s: output("reward", s) for s in cfg.sides} if cfg.stages["reward"].enabled else {}
+    planner.add(
+        "eval",
+        None,
+        [output("categorise"), *[Path(m) for name, m in models.items() if name != "base"], *reward_models.values()],
+        {
+            "data.init_args.path": str(output("categorise")),
+            "data.init_args.split": "heldout",
+            "model.init_args.models": models,
+            "model.init_args.reward_models": {s: str(path) for s, path in reward_models.items()},
+            "model.init_args.ppo_logs": {s: str(planner.logs / f"ppo_{s}") for s in cfg.sides},
+            "model.init_args.comparisons": comparisons,
+            "model.init_args.judge": cfg.model,
+            "model.init_args.output_dir": str(output("eval")),
+        },
+    )

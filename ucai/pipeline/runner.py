@@ -1,0 +1,237 @@
+"""Running stages: each in a process of its own, one after the other or the sides of a
+stage side by side.
+
+A stage's process returns its memory when it ends, and a crash stays inside it. A fresh
+interpreter spends seconds importing Lightning, transformers and peft before a stage
+does anything, so on a CPU machine the pipeline starts the standard library's fork
+server with those imports preloaded (``multiprocessing`` "forkserver") and each stage is
+forked from it, ready to run: `ucai.stage_cli.main` with the stage's arguments, exactly
+what ``python -m ucai.cli`` runs. What the fork server cannot give is kept here: each
+stage asks the kernel to kill it when its parent dies (``PR_SET_PDEATHSIG``), so a
+pipeline killed with SIGKILL takes its stages with it (the fork server exits with the
+pipeline).
+
+Stages start fresh interpreters instead (`fork_server_unavailable` says why) off Linux,
+with another interpreter than the pipeline's, and with a GPU build of torch: the fork
+server's imports touch CUDA (bitsandbytes asks for the device), and a forked process
+cannot use CUDA once its parent has. ``fork_stages: false`` asks for fresh interpreters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+from ucai.pipeline.plan import StageRun
+from ucai.stage_catalog import STAGE_MODULES
+
+# What a stage imports before it starts working; the fork server imports it once.
+PRELOAD_MODULES = (
+    "torch",
+    "lightning.pytorch",
+    "transformers",
+    "transformers.models.llama.modeling_llama",  # the offline default model's code
+    "peft",
+    "ucai.stage_cli",
+    "ucai.lightning_cli",
+    *STAGE_MODULES,
+)
+_PR_SET_PDEATHSIG = 1
+
+
+class StageProcess(Protocol):
+    """A started stage: wait for its exit status, or interrupt it."""
+
+    def wait(self) -> int:
+        """Block until the stage ends; its exit status (negative: killed by that signal)."""
+
+    def interrupt(self) -> None:
+        """Send the stage SIGINT (Ctrl-C), as the terminal would."""
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """If the stage's parent dies (even by SIGKILL), the stage must not run on orphaned."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def fork_server_unavailable(python: str) -> str | None:
+    """Why stages cannot be forked from a fork server here (None: they can)."""
+    if not sys.platform.startswith("linux"):
+        return f"the parent-death signal is Linux's (this is {sys.platform})"
+    if os.path.abspath(python) != os.path.abspath(sys.executable):
+        return f"the stages run with another interpreter ({python})"
+    import torch
+
+    if torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None:
+        return "torch is a GPU build (a forked process cannot use CUDA once its parent has)"
+    return None
+
+
+def start_fork_server() -> multiprocessing.context.BaseContext:
+    """Start the fork server, which imports `PRELOAD_MODULES` while this process goes on
+    (the first stage waits for it)."""
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(PRELOAD_MODULES))
+    forkserver.ensure_running()
+    return context
+
+
+class SpawnedStage:
+    """A stage in a fresh interpreter: ``python -m ucai.cli <mode> <args>``."""
+
+    def __init__(self, command: list[str], threads: int | None, log: Path | None):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        preexec = die_with_parent if sys.platform.startswith("linux") else None
+        with open(log, "w", encoding="utf-8") if log is not None else contextlib.nullcontext() as sink:
+            self.process = subprocess.Popen(
+                command, env=env, preexec_fn=preexec, stdout=sink, stderr=subprocess.STDOUT if sink else None
+            )
+
+    def wait(self) -> int:
+        return self.process.wait()
+
+    def interrupt(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+
+
+class ForkedStage:
+    """A stage forked from the fork server, running `ucai.stage_cli.main` on its arguments."""
+
+    def __init__(self, context, argv: list[str], threads: int | None, log: Path | None):
+        self.process = context.Process(
+            target=_stage_child, args=(argv, threads, log, sys.argv[0], os.getpid()), name="ucai-stage"
+        )
+        self.process.start()
+
+    def wait(self) -> int:
+        self.process.join()
+        return self.process.exitcode
+
+    def interrupt(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGINT)
+
+
+def _stage_child(argv: list[str], threads: int | None, log: Path | None, argv0: str, pipeline: int) -> None:  # pragma: no cover - child
+    """The forked stage: the console, threads and exit status that a fresh ``python -m
+    ucai.cli`` with ``PYTHONUNBUFFERED=1`` and ``OMP_NUM_THREADS`` would have."""
+    die_with_parent()
+    try:
+        os.kill(pipeline, 0)  # died before the signal was armed: nothing would kill this stage
+    except ProcessLookupError:
+        os._exit(1)
+    if log is not None:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    if threads is not None:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    # Lightning relaunches a script from sys.argv for multi-process strategies.
+    sys.argv = [argv0, *argv]
+    from ucai.stage_cli import main
+
+    code = main(argv)
+    logging.shutdown()  # multiprocessing ends its children without running atexit handlers
+    sys.exit(code)
+
+
+class StageStarter:
+    """Starts every stage of a pipeline the same way: forked, or in a fresh interpreter."""
+
+    def __init__(self, python: str, fork_context=None):
+        self.python = python
+        self.fork_context = fork_context
+
+    def start(self, run: StageRun, threads: int | None = None, log: Path | None = None) -> StageProcess:
+        """Start ``run``. ``threads``: its torch CPU threads (None: torch's default);
+        ``log``: a file for its console (None: this console)."""
+        if self.fork_context is not None:
+            return ForkedStage(self.fork_context, [run.mode, *run.stage_args()], threads, log)
+        return SpawnedStage(run.command(self.python), threads, log)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, which containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def console_log(logs: Path, run: StageRun) -> Path:
+    return logs / "console" / (f"{run.stage}_{run.side}.log" if run.side else f"{run.stage}.log")
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "".join(path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-lines:])
+    except OSError:
+        return ""
+
+
+def run_in_order(runs: list[StageRun], starter: StageStarter) -> list[tuple[int, float]]:
+    """Run stages one after the other on this console, stopping at the first failure;
+    (exit status, seconds) of each that ran."""
+    results = []
+    for run in runs:
+        begin = time.perf_counter()
+        process = starter.start(run)
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:
+            process.interrupt()
+            process.wait()
+            raise
+        results.append((code, time.perf_counter() - begin))
+        if code != 0:
+            break
+    return results
+
+
+def run_side_by_side(runs: list[StageRun], starter: StageStarter, logs: Path) -> list[tuple[int, float]]:
+    """Run the sides of one stage at the same time, the CPUs split between them.
+
+    On a small CPU machine this is faster than one after the other: a stage's import,
+    model loading, tokenising and the per-token Python work of decoding use one core,
+    and a small model's matmuls gain little from a second thread. Each stage's console
+    output goes to ``logs/console/<stage>_<side>.log``. The CPUs are split, not shared:
+    OpenMP threads of two stages spinning against each other on the same cores cost
+    more than they give (benchmarks in the README).
+    """
+    threads = max(1, available_cpus() // len(runs))
+    (logs / "console").mkdir(parents=True, exist_ok=True)
+    begin = time.perf_counter()
+    processes = [starter.start(run, threads, console_log(logs, run)) for run in runs]
+
+    def finish(process: StageProcess) -> tuple[int, float]:
+        code = process.wait()
+        return code, time.perf_counter() - begin
+
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+        futures = [pool.submit(finish, process) for process in processes]
+        try:
+            return [future.result() for future in futures]
+        except KeyboardInterrupt:
+            for process in processes:
+                process.interrupt()
+            raise

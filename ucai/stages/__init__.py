@@ -1,0 +1,1 @@
+"""The pipeline stages, one LightningModule each (see docs/architecture.md)."""
