@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
+from ucai.errors import UcaiError
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -52,3 +56,16 @@ def resolve_shipped(path: str | Path, kind: str = "configs") -> Path:
         if candidate.exists():
             return candidate
     return p
+
+
+def read_yaml(path: Path):
+    """The content of a YAML file; a syntax error or a file that is not UTF-8 is a
+    one-line `UcaiError` naming the file (and the line, where YAML knows it)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise UcaiError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    except UnicodeDecodeError as exc:
+        raise UcaiError(f"{path}: not valid UTF-8 ({exc.reason})") from None

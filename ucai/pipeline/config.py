@@ -8,11 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ucai.constitution import SIDES
 from ucai.errors import UcaiError
-from ucai.resources import resolve_shipped
+from ucai.resources import read_yaml, resolve_shipped
 from ucai.stage_outputs import STAGE_ORDER, STAGES
 
 TOP_LEVEL_KEYS = {
@@ -61,15 +59,7 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
     resolved = resolve_shipped(path, "configs")
     if not resolved.is_file():
         raise UcaiError(f"{path}: pipeline config not found")
-    try:
-        data = yaml.safe_load(resolved.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise UcaiError(f"{resolved}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    except UnicodeDecodeError as exc:
-        raise UcaiError(f"{resolved}: not valid UTF-8 ({exc.reason})") from None
-    data = _mapping(data, str(resolved))
+    data = _mapping(read_yaml(resolved), str(resolved))
     unknown = sorted(set(data) - TOP_LEVEL_KEYS)
     if unknown:
         raise UcaiError(f"{resolved}: unknown key(s) {unknown}; known keys: {sorted(TOP_LEVEL_KEYS)}")

@@ -1,0 +1,82 @@
+"""What ``ucai pipeline`` prints: each run numbered, its command, how long it took, and
+at the end the artefacts and the evaluation's headline."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+from ucai.pipeline.config import PipelineConfig
+from ucai.pipeline.plan import StageRun
+from ucai.pipeline.runner import console_log
+from ucai.report import headline
+
+
+class Console:
+    """What the pipeline tells its user: each run numbered, what it does and how long it took."""
+
+    def __init__(self, cfg: PipelineConfig, runs: list[StageRun]):
+        self.cfg = cfg
+        self.runs = runs
+        self.numbers = {id(run): number for number, run in enumerate(runs, start=1)}
+        self.began = time.perf_counter()
+        self.finished: list[tuple[StageRun, float | None]] = []  # seconds; None: skipped
+        self.starts: list[tuple[StageRun, str]] = []
+
+    def header(self, run: StageRun) -> str:
+        return f"[{self.numbers[id(run)]}/{len(self.runs)}] {run.label}"
+
+    def commands(self) -> None:
+        for run in self.runs:
+            print(f"{self.header(run)}: {_quote(run.command(self.cfg.python))}")
+
+    def opening(self) -> None:
+        cfg = self.cfg
+        print(f"ucai pipeline: {len(self.runs)} stage runs, sides {', '.join(cfg.sides)}, model {cfg.model}, "
+              f"output {cfg.output_root}", flush=True)
+        fallen = [run.label for run in self.runs if run.bf16_fallback]
+        if fallen:
+            print(f"ucai pipeline: no native bfloat16 here (a CPU without AVX-512/AMX, a GPU before Ampere): "
+                  f"{len(fallen)} stage runs configured for bf16 run in 32-true, several times faster here "
+                  "(bf16_fallback: false keeps bf16)", flush=True)
+
+    def skipped(self, run: StageRun) -> None:
+        print(f"{self.header(run)}: up to date, skipped ({run.outputs[0]})", flush=True)
+        self.finished.append((run, None))
+
+    def starting(self, run: StageRun, resuming: bool) -> None:
+        line = f"\n==> {self.header(run)}{' (resuming)' if resuming else ''}\n    {_quote(run.command(self.cfg.python))}"
+        self.starts.append((run, line))
+
+    def print_starts(self, side_logs: Path | None) -> None:
+        """The start lines of the runs about to start; with ``side_logs`` each names the
+        file its console goes to."""
+        for run, line in self.starts:
+            where = f"\n    console: {console_log(side_logs, run)}" if side_logs is not None else ""
+            print(line + where, flush=True)
+        self.starts = []
+
+    def done(self, run: StageRun, seconds: float) -> None:
+        print(f"<== {run.label} done in {fmt_seconds(seconds)}", flush=True)
+        self.finished.append((run, seconds))
+
+    def closing(self) -> None:
+        root = self.cfg.output_root
+        print(f"\nucai pipeline finished in {fmt_seconds(time.perf_counter() - self.began)}. Artefacts:")
+        for run, seconds in self.finished:
+            took = fmt_seconds(seconds) if seconds is not None else "skipped"
+            print(f"  {run.label:<28} {took:>10}  {', '.join(str(p) for p in run.outputs)}")
+        print(f"  {'TensorBoard logs':<28} {'':>10}  {root / 'logs'}")
+        for line in headline(root / "eval"):
+            print(line)
+        if (root / "eval" / "report.md").is_file():
+            print(f"\nreport: {root / 'eval' / 'report.md'}")
+
+
+def fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _quote(command: list[str]) -> str:
+    return " ".join(shlex.quote(part) for part in command)
