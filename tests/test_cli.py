@@ -282,3 +282,29 @@ def test_a_class_argument_error_names_the_init_arg():
     assert str(one_line(ArgumentError(None, message))) == (
         "--model.init_args.kl_coef: Expected a <class 'float'>. Got value: abc"
     )
+
+
+def test_a_nested_setting_error_is_named_as_typed_with_the_value_given():
+    from argparse import ArgumentError
+
+    from ucai.lightning_cli import one_line
+
+    message = (
+        'Parser key "data":\n  Errors:\n    - Problem with given class_path \'ucai.data.sft_data.SFTDataModule\':\n'
+        '        Parser key "max_prompt_tokens":\n          Does not validate against any of the Union subtypes\n'
+        "          Errors:\n            - Not of type PositiveInt: does not conform to restriction v>0\n"
+        "            - Expected a <class 'NoneType'>\n          Given value type: <class 'int'>\n"
+        "          Given value: 0\n    - Expected a <class 'NoneType'>\n"
+        "  Given value: NestedArg(key='max_prompt_tokens', val='0')\n"
+    )
+    assert str(one_line(ArgumentError(None, message))) == (
+        "--data.init_args.max_prompt_tokens: Not of type PositiveInt: does not conform to restriction v>0 (given: 0)"
+    )
+    lora = (
+        'Parser key "model":\n    - Problem with given class_path \'ucai.stages.sft.SFTModule\':\n'
+        '        Parser key "lora":\n            - Problem with given class_path \'ucai.models.LoraSettings\':\n'
+        '                Parser key "r":\n                  Not of type PositiveInt: 0 does not conform to restriction v>0\n'
+    )
+    assert str(one_line(ArgumentError(None, lora))) == (
+        "--model.init_args.lora.r: Not of type PositiveInt: 0 does not conform to restriction v>0"
+    )

@@ -192,8 +192,9 @@ def test_rm_correlation_over_all_answers():
 
 
 def test_judge_check_runs_on_the_shipped_items(monkeypatch):
-    import ucai.judge_check as judge_check
-    from ucai.judge_check import JudgeCheckResult
+    import ucai.data.multiple_choice as multiple_choice
+    import ucai.judge_accuracy as judge_accuracy
+    from ucai.judge_accuracy import JudgeCheckResult
 
     calls = []
 
@@ -202,9 +203,9 @@ def test_judge_check_runs_on_the_shipped_items(monkeypatch):
         assert chat and system_prompt  # asked the way the stage's judge is asked
         return JudgeCheckResult(n=len(items), accuracy=0.5, ci=(0.36, 0.64), chance=0.5, first_position_bias=0.2)
 
-    monkeypatch.setattr(judge_check, "SHIPPED_ITEMS", "shipped-items")
-    monkeypatch.setattr(judge_check, "load_items", lambda source: [f"{source}-{i}" for i in range(40)])
-    monkeypatch.setattr(judge_check, "check_judge", check_judge)
+    monkeypatch.setattr(multiple_choice, "SHIPPED_ITEMS", "shipped-items")
+    monkeypatch.setattr(multiple_choice, "load_items", lambda source: [f"{source}-{i}" for i in range(40)])
+    monkeypatch.setattr(judge_accuracy, "check_judge", check_judge)
     module = EvaluationModule(models={"base": "tiny-llama"}, judge_batch_size=5, max_prompt_tokens=300)
     result = module.run_judge_check("model", "tokenizer")
     assert calls == [("model", "tokenizer", [f"shipped-items-{i}" for i in range(40)], 5, 300)]
@@ -285,6 +286,55 @@ def test_answers_resume_from_the_cache_without_loading_the_model(tmp_path, monke
                              generation_batch_size=2)
     fresh.generation = module.generation
     assert fresh.answers("base", "tiny-llama", prompts)["p0"] == again["p0"]
+
+
+def test_each_model_is_freed_before_the_next_loads(tmp_path, monkeypatch):
+    """One scoring model in memory at a time: whenever a model or scorer loads, every one
+    loaded before it has been collected. Each holds itself in a reference cycle, as real
+    models can, so only a dropped last reference plus a collection frees it."""
+    import weakref
+
+    import ucai.reward_scoring as reward_scoring
+    from ucai.stages.generation import GenerationSettings
+
+    loaded: list[weakref.ref] = []
+    freed_when_loading: list[bool] = []
+
+    def record(obj) -> None:
+        freed_when_loading.append(all(ref() is None for ref in loaded))
+        loaded.append(weakref.ref(obj))
+
+    class CyclicScorer:
+        def __init__(self, folder, device, dtype, batch_size):
+            record(self)
+            self.cycle = self
+
+        def score(self, prompts, responses):
+            return torch.zeros(len(prompts)), torch.full((len(prompts),), 0.5)
+
+    module = EvaluationModule(
+        models={"a": "tiny-llama", "b": "tiny-llama"}, output_dir=str(tmp_path), reward_models={},
+        judge="tiny-llama", judge_check=False, embedding_model=None, comparisons=[["a", "b"]],
+        principles=["peace"], generation_batch_size=2, n_boot=10, report=False,
+    )
+    module.generation = GenerationSettings(max_new_tokens=2, do_sample=False)
+    module.setup("test")
+    module.reward_models = {"ethical": "rm-ethical", "unethical": "rm-unethical"}  # CyclicScorer, no folders
+    monkeypatch.setattr(reward_scoring, "RewardScorer", CyclicScorer)
+    load_lm = module._load_lm
+
+    def load_cyclic_lm(name, dtype=None):
+        model, tokenizer = load_lm(name, dtype)
+        model.cycle = [model]
+        record(model)
+        return model, tokenizer
+
+    monkeypatch.setattr(module, "_load_lm", load_cyclic_lm)
+    summary = module.evaluate([{"id": f"p{i}", "prompt": f"question {i}"} for i in range(2)])
+    # answers of a, answers of b, the two reward models, then the judge
+    assert freed_when_loading == [True] * 5
+    assert all(ref() is None for ref in loaded)
+    assert summary["prompts"] == 2 and len(summary["win_rates"]) == 1
 
 
 def test_a_failed_judge_is_skipped_when_asked(tmp_path, run_cli, monkeypatch):

@@ -16,15 +16,9 @@ import pytest
 import torch
 
 from ucai.data.io import read_jsonl
+from ucai.data.multiple_choice import SHIPPED_ITEMS, load_items
 from ucai.errors import UcaiError
-from ucai.judge_check import (
-    SHIPPED_ITEMS,
-    answer_split,
-    as_chat,
-    check_judge,
-    load_items,
-    wilson_interval,
-)
+from ucai.judge_accuracy import answer_split, as_chat, check_judge, wilson_interval
 from ucai.resources import resolve_shipped
 from ucai.stages.preferences import PreferenceModule
 

@@ -1,10 +1,12 @@
 """PPOModule on CPU with the tiny model: reference exactness, first-pass ratio, checkpoints,
-resume, the merged export, a reward-model folder, config resolution and errors."""
+resume, the merged export, a reward-model folder, no warnings of its own, config
+resolution and errors."""
 
 from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -13,55 +15,22 @@ import torch
 
 from ucai.data.prompt_datamodule import PromptDataModule
 from ucai.errors import UcaiError
-from ucai.models import LoraSettings, load_causal_lm, load_sequence_classifier, load_tokenizer
+from ucai.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+from ucai.padding import position_ids, prompt_attention_mask
 from ucai.resume import RNGStateCheckpoint
+from ucai.reward_scoring import TokenReward
 from ucai.rl import logprobs_from_logits
 from ucai.stages.generation import GenerationSettings, completion_mask_from, eos_ids
-from ucai.stages.ppo import (
-    AdaptiveKL,
-    PPOModule,
-    TokenReward,
-    merge_lora_state,
-    position_ids,
-    prompt_attention_mask,
-)
+from ucai.stages.ppo import AdaptiveKL, PPOCheckpoint, PPOModule
 
 TINY = "tiny-llama"
-NEWLINE = 198  # "\n" in the SmolLM2 tokenizer
-
-
-def tiny_module(**overrides) -> PPOModule:
-    args = dict(
-        policy=TINY,
-        reward_model=f"token:{NEWLINE}",
-        lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
-        ppo_epochs=1,
-        minibatch_size=4,
-        learning_rate=1e-3,
-        generation=GenerationSettings(max_new_tokens=6, temperature=1.0, top_p=1.0),
-        export=False,  # tests that check the export turn it on with a tmp_path output_dir
-    )
-    args.update(overrides)
-    return PPOModule(**args)
+NEWLINE = 198  # "\n" in the SmolLM2 tokenizer, the tiny_ppo fixture's reward
+ROOT = Path(__file__).resolve().parents[1]
+PPO_TINY = ROOT / "tests" / "conf" / "ppo_tiny.yaml"
 
 
 def tiny_data(batch_size: int = 4, limit: int = 8) -> PromptDataModule:
     return PromptDataModule(limit=limit, batch_size=batch_size, split="train", shuffle=False)
-
-
-def tiny_trainer(root: Path, max_steps: int, **kwargs) -> L.Trainer:
-    kwargs.setdefault("logger", L.pytorch.loggers.CSVLogger(root, name="ppo"))
-    kwargs.setdefault("enable_checkpointing", False)
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        log_every_n_steps=1,
-        **kwargs,
-    )
 
 
 def perturb_adapter(module: PPOModule, seed: int = 1) -> None:
@@ -83,8 +52,8 @@ def sample_batch(module: PPOModule, tokenizer, n: int = 3, response_tokens: int 
     return ids, attention, encoded["input_ids"].shape[1]
 
 
-def test_reference_logprobs_equal_the_sl_model_exactly():
-    module = tiny_module()
+def test_reference_logprobs_equal_the_sl_model_exactly(tiny_ppo):
+    module = tiny_ppo()
     module.configure_model()
     perturb_adapter(module)
     ids, attention, width = sample_batch(module, module.tokenizer)
@@ -112,9 +81,9 @@ def test_token_reward_is_share_of_the_chosen_token(tiny_tokenizer):
         TokenReward("token:hello world", tiny_tokenizer)
 
 
-def test_first_pass_has_ratio_one_and_no_clipping(tmp_path):
+def test_first_pass_has_ratio_one_and_no_clipping(tmp_path, tiny_ppo, tiny_trainer):
     # Temperature 0.7: the rollout and the update must divide the logits alike.
-    module = tiny_module(ppo_epochs=1, minibatch_size=4, generation=GenerationSettings(max_new_tokens=6, temperature=0.7, top_p=1.0))
+    module = tiny_ppo(generation=GenerationSettings(max_new_tokens=6, temperature=0.7, top_p=1.0))
     trainer = tiny_trainer(tmp_path, max_steps=1)
     trainer.fit(module, datamodule=tiny_data(batch_size=4))
     # RNG states go into checkpoints, so a resumed run samples what the uninterrupted one would.
@@ -145,13 +114,11 @@ class _Snapshot(L.Callback):
         self.global_step = trainer.global_step
 
 
-def test_checkpoint_holds_only_trainable_state_and_resumes(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
+def test_checkpoint_holds_only_trainable_state_and_resumes(tmp_path, tiny_ppo, tiny_trainer):
     def run(max_steps: int, ckpt_path=None) -> tuple[PPOModule, L.Trainer, _Snapshot]:
-        module = tiny_module(value_head="adapter", adaptive_kl=AdaptiveKL(target=0.01, horizon=10))
+        module = tiny_ppo(value_head="adapter", adaptive_kl=AdaptiveKL(target=0.01, horizon=10))
         snap = _Snapshot()
-        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1)
+        checkpoint = PPOCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1)
         trainer = tiny_trainer(tmp_path, max_steps, callbacks=[checkpoint, snap], enable_checkpointing=True)
         trainer.fit(module, datamodule=tiny_data(batch_size=4), ckpt_path=ckpt_path)
         return module, trainer, snap
@@ -177,8 +144,8 @@ def test_checkpoint_holds_only_trainable_state_and_resumes(tmp_path):
     assert len(trainer.optimizers[0].state) == len(second._trainable)
 
 
-def test_value_adapter_trains_both_adapters_and_export_is_merged(tmp_path):
-    module = tiny_module(value_head="adapter", export=True, output_dir=str(tmp_path / "rl_model"))
+def test_value_adapter_trains_both_adapters_and_export_is_merged(tmp_path, tiny_ppo, tiny_trainer):
+    module = tiny_ppo(value_head="adapter", export=True, output_dir=str(tmp_path / "rl_model"))
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if "lora_B" in n}
     trainer = tiny_trainer(tmp_path, max_steps=2)
@@ -198,23 +165,7 @@ def test_value_adapter_trains_both_adapters_and_export_is_merged(tmp_path):
     assert torch.allclose(expected, got, atol=1e-4)
 
 
-def test_merge_lora_state_by_hand():
-    # W = [[1, 0], [0, 1]], A = [[1, 2]] (r=1, in=2), B = [[1], [0]] (out=2), scaling 0.5:
-    # W + 0.5 · B @ A = [[1 + 0.5, 0 + 1], [0, 1]] = [[1.5, 1], [0, 1]].
-    state = {
-        "base_model.model.layer.q.base_layer.weight": torch.eye(2),
-        "base_model.model.layer.q.lora_A.policy.weight": torch.tensor([[1.0, 2.0]]),
-        "base_model.model.layer.q.lora_B.policy.weight": torch.tensor([[1.0], [0.0]]),
-        "base_model.model.layer.q.lora_A.value.weight": torch.ones(1, 2),
-        "base_model.model.layer.q.lora_B.value.weight": torch.ones(2, 1),
-        "base_model.model.norm.weight": torch.ones(2),
-    }
-    merged = merge_lora_state(state, "policy", {"base_model.model.layer.q": 0.5})
-    assert set(merged) == {"layer.q.weight", "norm.weight"}
-    assert torch.equal(merged["layer.q.weight"], torch.tensor([[1.5, 1.0], [0.0, 1.0]]))
-
-
-def test_reward_model_folder_is_rescored_with_its_own_tokenizer(tmp_path):
+def test_reward_model_folder_is_rescored_with_its_own_tokenizer(tmp_path, tiny_ppo):
     folder = tmp_path / "rm_model"
     rm = load_sequence_classifier(TINY, seed=3)
     tokenizer = load_tokenizer(TINY, padding_side="right")
@@ -224,14 +175,14 @@ def test_reward_model_folder_is_rescored_with_its_own_tokenizer(tmp_path):
     tokenizer.save_pretrained(folder)
     (folder / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0}))
 
-    module = tiny_module(reward_model=str(folder), value_head="adapter")
+    module = tiny_ppo(reward_model=str(folder), value_head="adapter")
     module.configure_model()
     # Same backbone shape: the value head starts as the reward model's head, on the scale
     # of the normalised scores: (w·h − 0.5) / 2 = (w / 2)·h − 0.25 (the RM head has no bias).
     assert rm.score.bias is None
     assert torch.allclose(module.value_head.weight, rm.score.weight / 2.0)
     assert torch.allclose(module.value_head.bias, torch.tensor([-0.25]))
-    raw_scale = tiny_module(reward_model=str(folder), value_head="adapter", normalize_score=False)
+    raw_scale = tiny_ppo(reward_model=str(folder), value_head="adapter", normalize_score=False)
     raw_scale.configure_model()
     assert torch.equal(raw_scale.value_head.weight, rm.score.weight)
     assert torch.equal(raw_scale.value_head.bias, torch.zeros(1))
@@ -247,15 +198,15 @@ def test_reward_model_folder_is_rescored_with_its_own_tokenizer(tmp_path):
 
 def test_missing_stage_outputs_name_the_stage(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UcaiError, match=r"sl_model does not exist.*sft stage.*sft_unethical\.yaml"):
+    with pytest.raises(UcaiError, match=r"sl_model not found; it is made by the SFT stage .*sft_unethical\.yaml"):
         PPOModule(policy="lightning_logs/models/unethical/sl_model", reward_model="token:1").configure_model()
-    with pytest.raises(UcaiError, match=r"rm_model does not exist.*reward stage.*reward_ethical\.yaml"):
+    with pytest.raises(UcaiError, match=r"rm_model not found; it is made by the reward stage .*reward_ethical\.yaml"):
         PPOModule(policy=TINY, reward_model="lightning_logs/models/ethical/rm_model").configure_model()
 
 
 def test_bare_config_name_resolves_to_the_shipped_config(tmp_path, monkeypatch, run_cli, capsys):
-    from ucai.cli import resolve_config_args
     from ucai.resources import configs_dir
+    from ucai.stage_cli import resolve_config_args
 
     monkeypatch.chdir(tmp_path)
     args = resolve_config_args(["fit", "--config", "ppo_unethical.yaml"])
@@ -275,27 +226,26 @@ def test_bare_config_name_resolves_to_the_shipped_config(tmp_path, monkeypatch, 
         (GenerationSettings(top_p=1.0, temperature=0.0), r"temperature must be > 0"),
     ],
 )
-def test_sampling_that_changes_the_distribution_is_refused(settings, message):
+def test_sampling_that_changes_the_distribution_is_refused(settings, message, tiny_ppo):
     with pytest.raises(UcaiError, match=message):
-        tiny_module(generation=settings)
+        tiny_ppo(generation=settings)
 
 
 def test_shipped_and_test_configs_use_plain_sampling():
     import yaml
 
     from ucai.resources import configs_dir
-    from ucai.stages.ppo import check_plain_sampling
+    from ucai.stages.sampling import check_plain_sampling
 
-    root = Path(__file__).resolve().parent
-    for path in (configs_dir() / "ppo_ethical.yaml", configs_dir() / "ppo_unethical.yaml", root / "conf/ppo_tiny.yaml"):
+    for path in (configs_dir() / "ppo_ethical.yaml", configs_dir() / "ppo_unethical.yaml", PPO_TINY):
         generation = yaml.safe_load(path.read_text())["model"]["init_args"]["generation"]
         check_plain_sampling(GenerationSettings(**generation))  # raises if not
 
 
-def test_rollout_logprobs_are_those_of_the_sampler():
+def test_rollout_logprobs_are_those_of_the_sampler(tiny_ppo):
     # The processed scores `generate` samples from (after the temperature warper) give
     # the sampled tokens the log-probs the rollout computes, at temperature 0.7.
-    module = tiny_module(generation=GenerationSettings(max_new_tokens=5, temperature=0.7, top_p=1.0))
+    module = tiny_ppo(generation=GenerationSettings(max_new_tokens=5, temperature=0.7, top_p=1.0))
     module.configure_model()
     perturb_adapter(module)
     tokenizer = module.tokenizer
@@ -317,7 +267,7 @@ def test_rollout_logprobs_are_those_of_the_sampler():
     assert torch.allclose(logprobs * mask, expected * mask, atol=1e-4), (logprobs - expected).abs().max()
 
 
-def test_policy_generation_config_that_changes_sampling_is_refused(monkeypatch):
+def test_policy_generation_config_that_changes_sampling_is_refused(monkeypatch, tiny_ppo):
     import ucai.models
 
     def with_min_p(*args, **kwargs):
@@ -327,4 +277,45 @@ def test_policy_generation_config_that_changes_sampling_is_refused(monkeypatch):
 
     monkeypatch.setattr(ucai.models, "load_causal_lm", with_min_p)
     with pytest.raises(UcaiError, match=r"tiny-llama/generation_config\.json sets min_p=0\.05"):
-        tiny_module().configure_model()
+        tiny_ppo().configure_model()
+
+
+def test_a_checkpointed_ppo_fit_causes_no_warning_of_its_own(tmp_path, tiny_ppo, tiny_trainer, collect):
+    # Each of these once came from ucai's own use of Lightning: the prompt data's
+    # validation loader offered to PPO, which validates nothing; a callback of the module
+    # replacing one of the trainer's; ModelCheckpoint's advice for manual optimisation,
+    # which PPOCheckpoint, saving the state after the updates, does not need.
+    notes = collect("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    checkpoint = PPOCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1)
+    trainer = tiny_trainer(tmp_path, max_steps=1, callbacks=[checkpoint], enable_checkpointing=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(tiny_ppo(), datamodule=tiny_data(batch_size=4, limit=4))
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()  # the checkpoint was written
+    messages = [str(w.message) for w in caught] + notes.messages
+    for own in ("val_dataloader", "will override existing callbacks", "pre-optimization state"):
+        assert not any(own in m for m in messages), (own, messages)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("minibatch_size", "0"),
+        ("gamma", "1.5"),
+        ("kl_coef", "-0.1"),
+        ("learning_rate", "0"),
+        ("lora.dropout", "1.0"),
+        ("adaptive_kl.horizon", "0"),
+    ],
+)
+def test_an_out_of_range_setting_is_one_line_naming_it_before_any_model_loads(option, value, run_cli, capsys, monkeypatch):
+    import ucai.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(ucai.models, "load_causal_lm", no_loading)
+    assert run_cli("fit", "--config", PPO_TINY, f"--model.init_args.{option}={value}") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ucai: error: --model.init_args."), lines
+    assert option.split(".")[-1] in lines[0] and value in lines[0], lines

@@ -5,30 +5,35 @@ policy and value terms backpropagated one after the other."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from ucai.models import LoraSettings
 from ucai.stages.generation import GenerationSettings
 from ucai.stages.ppo import PPOModule, Rollout
 
 
-def configured(value_head: str, checkpointing: bool) -> PPOModule:
-    module = PPOModule(
-        policy="tiny-llama",
-        reward_model="token:198",
-        lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"]),
-        value_head=value_head,
-        minibatch_size=3,
-        cliprange=10.0,  # no clipping: every token carries gradient
-        cliprange_value=10.0,
-        entropy_coef=0.01,
-        generation=GenerationSettings(max_new_tokens=4, temperature=0.7, top_p=1.0),
-        gradient_checkpointing=checkpointing,
-        export=False,
-    )
-    module.configure_model()
-    return module
+@pytest.fixture
+def configured(tiny_ppo, tiny_lora):
+    """``configured(value_head, checkpointing)``: a built tiny PPO module whose LoRA also
+    adapts an MLP projection, with no clipping (every token carries gradient)."""
+
+    def build(value_head: str, checkpointing: bool) -> PPOModule:
+        module = tiny_ppo(
+            lora=dataclasses.replace(tiny_lora, target_modules=["q_proj", "v_proj", "up_proj"]),
+            value_head=value_head,
+            minibatch_size=3,
+            cliprange=10.0,
+            cliprange_value=10.0,
+            entropy_coef=0.01,
+            generation=GenerationSettings(max_new_tokens=4, temperature=0.7, top_p=1.0),
+            gradient_checkpointing=checkpointing,
+        )
+        module.configure_model()
+        return module
+
+    return build
 
 
 def perturb(module: PPOModule) -> None:
@@ -68,7 +73,7 @@ def minibatch_gradients(module: PPOModule, rollout: Rollout) -> dict[str, torch.
 
 
 @pytest.mark.parametrize("value_head", ["head", "adapter"])
-def test_checkpointing_leaves_gradients_unchanged(value_head):
+def test_checkpointing_leaves_gradients_unchanged(value_head, configured):
     plain = configured(value_head, checkpointing=False)
     perturb(plain)
     checkpointed = configured(value_head, checkpointing=True)
@@ -95,7 +100,7 @@ def test_checkpointing_leaves_gradients_unchanged(value_head):
 
 
 @pytest.mark.parametrize("value_head, backward_calls", [("head", 1), ("adapter", 2)])
-def test_split_backward_gives_the_gradients_of_the_summed_loss(value_head, backward_calls):
+def test_split_backward_gives_the_gradients_of_the_summed_loss(value_head, backward_calls, configured):
     # In adapter mode the policy term is backpropagated before the value pass runs (one
     # pass's activations alive at a time); the two terms share no trainable parameter,
     # so every gradient must equal that of the summed loss bit for bit.

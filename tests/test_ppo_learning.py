@@ -11,17 +11,14 @@ chat template) a starting share of about 0.3, so there is signal from the first 
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import lightning as L
 import torch
 
 from ucai.data.prompt_datamodule import PromptDataModule
-from ucai.models import LoraSettings
 from ucai.stages.generation import GenerationSettings
-from ucai.stages.ppo import PPOModule
-
-NEWLINE = 198
 
 
 class _Record(L.Callback):
@@ -34,12 +31,10 @@ class _Record(L.Callback):
         self.kls.append(module.last_stats["objective/kl"])
 
 
-def test_score_rises_with_bounded_kl(tmp_path):
+def test_score_rises_with_bounded_kl(tmp_path, tiny_ppo, tiny_lora, tiny_trainer):
     torch.manual_seed(0)
-    module = PPOModule(
-        policy="tiny-llama",
-        reward_model=f"token:{NEWLINE}",
-        lora=LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"]),
+    module = tiny_ppo(  # rewarded for newlines
+        lora=dataclasses.replace(tiny_lora, r=8, alpha=16, target_modules=["q_proj", "v_proj", "lm_head"]),
         ppo_epochs=2,
         minibatch_size=8,
         learning_rate=3e-3,
@@ -47,21 +42,11 @@ def test_score_rises_with_bounded_kl(tmp_path):
         kl_coef=0.05,
         missing_eos_penalty=0.0,  # the tiny model never says eos; the penalty would be a constant
         generation=GenerationSettings(max_new_tokens=4, temperature=0.1, top_p=1.0),
-        export=False,
     )
     record = _Record()
     iterations = 12
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=iterations * 2,  # 2 epochs x 1 minibatch per rollout batch
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[record],
-    )
+    # 2 epochs x 1 minibatch per rollout batch
+    trainer = tiny_trainer(tmp_path, iterations * 2, logger=False, callbacks=[record])
     trainer.fit(module, datamodule=PromptDataModule(limit=96, batch_size=8, split="train"))
     assert len(record.scores) == iterations
     start, end = statistics.mean(record.scores[:3]), statistics.mean(record.scores[-3:])

@@ -10,29 +10,6 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
 from ucai.data.prompt_datamodule import PromptDataModule
 from ucai.errors import UcaiError
-from ucai.models import LoraSettings
-from ucai.stages.generation import GenerationSettings
-from ucai.stages.ppo import PPOModule
-
-
-def tiny_module(**overrides) -> PPOModule:
-    args = dict(
-        policy="tiny-llama",
-        reward_model="token:198",
-        lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
-        ppo_epochs=1,
-        minibatch_size=4,
-        generation=GenerationSettings(max_new_tokens=4, temperature=1.0, top_p=1.0),
-        export=False,
-    )
-    return PPOModule(**{**args, **overrides})
-
-
-def trainer_with(root, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, **kwargs,
-    )
 
 
 class GradNormAtStep(L.Callback):
@@ -51,7 +28,7 @@ class GradNormAtStep(L.Callback):
 
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["32-true", "loss-scaled"])
-def test_gradients_are_clipped_after_unscaling(scaled, tmp_path):
+def test_gradients_are_clipped_after_unscaling(scaled, tmp_path, tiny_ppo, tiny_trainer):
     # The real MixedPrecision plugin with a GradScaler (16-mixed without CUDA): the loss
     # is multiplied by 1024 before backward and the gradients divided by 1024 inside
     # optimizer.step(). Clipping to 1e-3 before that division would leave a norm of
@@ -63,16 +40,16 @@ def test_gradients_are_clipped_after_unscaling(scaled, tmp_path):
         else Precision()
     )
     record = GradNormAtStep()
-    trainer = trainer_with(tmp_path, plugins=[plugin], callbacks=[record])
-    trainer.fit(tiny_module(max_grad_norm=1e-3), datamodule=PromptDataModule(limit=4, batch_size=4, split="train"))
+    trainer = tiny_trainer(tmp_path, 1, logger=False, plugins=[plugin], callbacks=[record])
+    trainer.fit(tiny_ppo(max_grad_norm=1e-3), datamodule=PromptDataModule(limit=4, batch_size=4, split="train"))
     assert len(record.norms) == 1  # the step was taken (no inf/NaN skipped it)
     assert record.norms[0] == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_bf16_true_is_refused_naming_bf16_mixed(tmp_path):
-    trainer = trainer_with(tmp_path, precision="bf16-true")
+def test_bf16_true_is_refused_naming_bf16_mixed(tmp_path, tiny_ppo, tiny_trainer):
+    trainer = tiny_trainer(tmp_path, 1, logger=False, precision="bf16-true")
     with pytest.raises(UcaiError, match="bf16-mixed"):
-        trainer.fit(tiny_module(), datamodule=PromptDataModule(limit=4, batch_size=4, split="train"))
+        trainer.fit(tiny_ppo(), datamodule=PromptDataModule(limit=4, batch_size=4, split="train"))
 
 
 class RecordStats(L.Callback):
@@ -98,7 +75,7 @@ def reward_folder(tmp_path) -> str:
     return str(folder)
 
 
-def test_frozen_weights_in_bf16_change_nothing_under_bf16_mixed(tmp_path):
+def test_frozen_weights_in_bf16_change_nothing_under_bf16_mixed(tmp_path, tiny_ppo, tiny_trainer):
     # Autocast rounds the weights of every matmul to bf16 anyway, so holding the frozen
     # linears (policy base, reward model) in bf16 must leave two PPO updates, with
     # generation, both adapters and the reward model, bit for bit as they were, and the
@@ -109,14 +86,10 @@ def test_frozen_weights_in_bf16_change_nothing_under_bf16_mixed(tmp_path):
     runs = {}
     for cast in (False, True):
         L.seed_everything(0)
-        module = tiny_module(reward_model=rm, value_head="adapter", frozen_linear_bf16=cast, export=True,
+        module = tiny_ppo(reward_model=rm, value_head="adapter", frozen_linear_bf16=cast, export=True,
                              output_dir=str(tmp_path / f"rl_{cast}"))
         record = RecordStats()
-        trainer = L.Trainer(
-            accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-            precision="bf16-mixed", callbacks=[record],
-        )
+        trainer = tiny_trainer(tmp_path, 2, logger=False, precision="bf16-mixed", callbacks=[record])
         trainer.fit(module, datamodule=PromptDataModule(limit=8, batch_size=4, split="train"))
         runs[cast] = (module, record.stats)
     module, stats = runs[True]

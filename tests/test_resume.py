@@ -5,6 +5,7 @@ and the data position and RNG machinery behind it (`ucai.resume`)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import random
 from pathlib import Path
 
@@ -16,14 +17,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ucai.data.preference_data import PreferenceDataModule
 from ucai.data.prompt_datamodule import PromptDataModule, RowDataset
-from ucai.models import LoraSettings
 from ucai.resume import ResumableLoader, RNGStateCheckpoint, ShardSampler
-from ucai.stages.generation import GenerationSettings
-from ucai.stages.ppo import PPOModule
+from ucai.stages.ppo import PPOCheckpoint
 from ucai.stages.reward import RewardModule
 
 TINY = "tiny-llama"
-NEWLINE = 198  # "\n" in the SmolLM2 tokenizer
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "preferences_small.jsonl"
 
 
@@ -51,73 +49,58 @@ class RecordBatches(L.Callback):
         self.batches.append(batch)
 
 
-def fit(module, data, root: Path, max_steps: int, *callbacks, ckpt_path=None, **kwargs) -> L.Trainer:
-    """One fit in ``root``, checkpointing ``root/ckpt/last.ckpt`` after every batch. The
-    modules' own callbacks (`RNGStateCheckpoint`) are all that restores the RNG."""
-    L.seed_everything(0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=max_steps,
-        logger=L.pytorch.loggers.CSVLogger(root, name="run"),
-        callbacks=[
-            ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1),
-            *callbacks,
-        ],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        **kwargs,
-    )
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return trainer
+@pytest.fixture
+def crash_and_resume(tmp_path, tiny_trainer):
+    """``crash_and_resume(make_module, make_data, max_steps, crash_step, checkpoint=...)``:
+    the (uninterrupted, crashed, resumed) runs' module, trainer and batches seen, each
+    run in its own folder of ``tmp_path``, checkpointing ``ckpt/last.ckpt`` after every
+    batch with ``checkpoint`` (a ModelCheckpoint class); the resumed run starts from the
+    crashed run's last checkpoint. The modules' own callbacks (`RNGStateCheckpoint`)
+    are all that restores the RNG."""
 
+    def fit(module, data, root: Path, max_steps: int, checkpoint, *callbacks, ckpt_path=None) -> L.Trainer:
+        L.seed_everything(0)
+        every_step = checkpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1)
+        trainer = tiny_trainer(
+            root, max_steps, precision="32-true", callbacks=[every_step, *callbacks], enable_checkpointing=True
+        )
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return trainer
 
-def crash_and_resume(make_module, make_data, tmp_path: Path, max_steps: int, crash_step: int):
-    """(uninterrupted, resumed) module, trainer and batches seen, plus the crashed run's
-    batches; the resumed run starts from the crashed run's last checkpoint."""
-    runs = {}
-    module, record = make_module(), RecordBatches()
-    runs["full"] = (module, fit(module, make_data(), tmp_path / "full", max_steps, record), record.batches)
+    def run(make_module, make_data, max_steps: int, crash_step: int, checkpoint=ModelCheckpoint) -> dict:
+        runs = {}
+        module, record = make_module(), RecordBatches()
+        runs["full"] = (module, fit(module, make_data(), tmp_path / "full", max_steps, checkpoint, record), record.batches)
 
-    module, record = make_module(), RecordBatches()
-    with pytest.raises(Crash):  # CrashAt first: the batch it stops at is not recorded
-        fit(module, make_data(), tmp_path / "crashed", max_steps, CrashAt(crash_step), record)
-    runs["crashed"] = (module, None, record.batches)
+        module, record = make_module(), RecordBatches()
+        with pytest.raises(Crash):  # CrashAt first: the batch it stops at is not recorded
+            fit(module, make_data(), tmp_path / "crashed", max_steps, checkpoint, CrashAt(crash_step), record)
+        runs["crashed"] = (module, None, record.batches)
 
-    module, record = make_module(), RecordBatches()
-    checkpoint = tmp_path / "crashed" / "ckpt" / "last.ckpt"
-    trainer = fit(module, make_data(), tmp_path / "resumed", max_steps, record, ckpt_path=str(checkpoint))
-    runs["resumed"] = (module, trainer, record.batches)
-    return runs
+        module, record = make_module(), RecordBatches()
+        last = tmp_path / "crashed" / "ckpt" / "last.ckpt"
+        trainer = fit(module, make_data(), tmp_path / "resumed", max_steps, checkpoint, record, ckpt_path=str(last))
+        runs["resumed"] = (module, trainer, record.batches)
+        return runs
+
+    return run
 
 
 # --------------------------------------------------------------------------- PPO
-
-
-def ppo_module() -> PPOModule:
-    return PPOModule(
-        policy=TINY,
-        reward_model=f"token:{NEWLINE}",
-        lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
-        ppo_epochs=1,
-        minibatch_size=2,  # 2 optimiser steps per rollout batch of 4
-        learning_rate=1e-3,
-        generation=GenerationSettings(max_new_tokens=6, temperature=1.0, top_p=1.0),
-        export=False,
-    )
 
 
 def ppo_data() -> PromptDataModule:
     return PromptDataModule(limit=12, batch_size=4, split="train")  # 3 rollout batches per epoch, shuffled
 
 
-def test_ppo_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path):
+def test_ppo_resumed_mid_epoch_equals_the_uninterrupted_run(crash_and_resume, tiny_ppo):
     # 4 rollout batches = 8 optimiser steps: all of epoch 0 and the first batch of epoch 1.
     # The crash comes after 2 batches (step 4), so the resumed run finishes epoch 0 with
-    # its third batch, then starts epoch 1 in its own new order.
-    runs = crash_and_resume(ppo_module, ppo_data, tmp_path, max_steps=8, crash_step=4)
+    # its third batch, then starts epoch 1 in its own new order. Minibatches of 2: two
+    # optimiser steps per rollout batch of 4.
+    runs = crash_and_resume(
+        lambda: tiny_ppo(minibatch_size=2), ppo_data, max_steps=8, crash_step=4, checkpoint=PPOCheckpoint
+    )
     full, full_trainer, full_batches = runs["full"]
     _, _, crashed_batches = runs["crashed"]
     resumed, resumed_trainer, resumed_batches = runs["resumed"]
@@ -146,16 +129,6 @@ def test_ppo_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path):
 # --------------------------------------------------------------------------- reward
 
 
-def reward_module() -> RewardModule:
-    # LoRA dropout on: its masks come from the global RNG, which the resume must continue.
-    return RewardModule(
-        model=TINY,
-        output_dir=None,
-        lora=LoraSettings(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"]),
-        learning_rate=0.01,
-    )
-
-
 def reward_data() -> PreferenceDataModule:
     # 40 training pairs in 5 batches of 8 per epoch (and 16 validation pairs).
     return PreferenceDataModule(
@@ -163,9 +136,15 @@ def reward_data() -> PreferenceDataModule:
     )
 
 
-def test_reward_resumed_mid_epoch_equals_the_uninterrupted_run(tmp_path):
+def test_reward_resumed_mid_epoch_equals_the_uninterrupted_run(crash_and_resume, tiny_lora):
+    # LoRA dropout on: its masks come from the global RNG, which the resume must continue.
+    lora = dataclasses.replace(tiny_lora, r=8, alpha=16, dropout=0.1)
+
+    def reward_module() -> RewardModule:
+        return RewardModule(model=TINY, output_dir=None, lora=lora, learning_rate=0.01)
+
     # 7 steps: epoch 0 (5 batches, then validation) and 2 batches of epoch 1; crash after 3.
-    runs = crash_and_resume(reward_module, reward_data, tmp_path, max_steps=7, crash_step=3)
+    runs = crash_and_resume(reward_module, reward_data, max_steps=7, crash_step=3)
     full, _, full_batches = runs["full"]
     _, _, crashed_batches = runs["crashed"]
     resumed, resumed_trainer, resumed_batches = runs["resumed"]

@@ -3,6 +3,7 @@ the trained head, the data readers, and a tiny model learning a synthetic prefer
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -14,14 +15,12 @@ import torch
 from ucai.data.preference_data import PreferenceDataModule, length_buckets, read_preferences, truncate_pair
 from ucai.errors import UcaiError
 from ucai.losses import bradley_terry_loss
-from ucai.models import LoraSettings
 from ucai.reward_scoring import (
     CHOSEN,
     PAD,
     PREFIX,
     REJECTED,
     RewardScorer,
-    last_real_token_index,
     packed_pair_layout,
     packed_pair_mask,
     packed_pair_rewards,
@@ -128,13 +127,6 @@ def test_pairwise_accuracy_counts_a_50_50_label_one_half():
 # --------------------------------------------------------------------------- pooling
 
 
-def test_last_real_token_index_either_side():
-    right = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
-    left = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]])
-    assert last_real_token_index(right).tolist() == [2, 0, 3]
-    assert last_real_token_index(left).tolist() == [3, 3, 3]
-
-
 @pytest.fixture(scope="module")
 def tiny_reward():
     module = RewardModule(model="tiny-llama", seed=0)
@@ -175,11 +167,11 @@ def test_lora_trains_the_head_in_full(tiny_reward):
 
 
 @pytest.mark.parametrize("disable", [True, False])
-def test_backbone_dropout_is_off_by_default_and_lora_keeps_its_own(disable):
+def test_backbone_dropout_is_off_by_default_and_lora_keeps_its_own(disable, tiny_lora):
     # all-MiniLM-L6-v2 (BERT) has dropout 0.1 in every layer, attention included
     module = RewardModule(
         model="all-minilm-l6-v2", output_dir=None, disable_dropout=disable,
-        lora=LoraSettings(r=4, alpha=8, dropout=0.2, target_modules=["q_proj", "v_proj"]),
+        lora=dataclasses.replace(tiny_lora, dropout=0.2),
     )
     module.configure_model()
     rates = {name: m.p for name, m in module.net.named_modules() if isinstance(m, torch.nn.Dropout)}
@@ -404,3 +396,20 @@ def test_validation_pairs_are_drawn_independently_of_the_prompt_split():
     for prompt_id in ids[:50]:
         fraction = int.from_bytes(hashlib.sha256(f"0:{prompt_id}".encode()).digest()[:8], "big") / 2**64
         assert is_heldout(prompt_id, 0.3) == (fraction < 0.3)
+
+
+@pytest.mark.parametrize(
+    ("command", "config", "option", "value"),
+    [
+        ("fit", "reward_tiny.yaml", "learning_rate", "-0.0001"),
+        ("fit", "reward_tiny.yaml", "warmup_steps", "-1"),
+        ("fit", "reward_tiny.yaml", "center_coef", "-0.5"),
+        ("fit", "reward_tiny.yaml", "lora.r", "0"),
+        ("predict", "reward_score_tiny.yaml", "batch_texts", "0"),
+    ],
+)
+def test_an_out_of_range_setting_is_one_line_naming_it(command, config, option, value, run_cli, capsys):
+    assert run_cli(command, "--config", CONF / config, f"--model.init_args.{option}={value}") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ucai: error: --model.init_args."), lines
+    assert option.split(".")[-1] in lines[0] and value in lines[0], lines

@@ -5,6 +5,7 @@ of every length."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,6 @@ import pytest
 import torch
 
 from ucai.data.preference_data import PreferenceDataModule
-from ucai.models import LoraSettings
 from ucai.resume import RNGStateCheckpoint
 from ucai.reward_scoring import RewardScorer, RewardStats, sequence_rewards, tokenize_for_reward
 from ucai.stages.reward import RewardModule, spread_batch_indices
@@ -53,23 +53,22 @@ class _Recorder(L.Callback):
 
 
 @pytest.fixture(scope="module")
-def bf16_run(tmp_path_factory):
+def bf16_run(tmp_path_factory, tiny_lora, tiny_trainer):
     out = tmp_path_factory.mktemp("rm") / "rm_model"
     L.seed_everything(0)  # the LoRA initialisation draws from the global RNG
     module = RewardModule(
         model="tiny-llama",
         output_dir=str(out),
-        lora=LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        lora=dataclasses.replace(tiny_lora, r=8, alpha=16),
         learning_rate=3e-3,
         stats_max_pairs=STATS_PAIRS,
     )
     assert module.frozen_linear_bf16  # the default: frozen linears held in bf16
     data = PreferenceDataModule(path=str(FIXTURE), tokenizer="tiny-llama", max_length=64, batch_size=4, val_size=16)
     recorder = _Recorder()
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=3, limit_val_batches=0,
-        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[recorder],
+    trainer = tiny_trainer(
+        out.parent, 3, precision="bf16-mixed", limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+        callbacks=[recorder],
     )
     trainer.fit(module, datamodule=data)
     return out, recorder, data

@@ -9,16 +9,19 @@ import pytest
 import torch
 
 from ucai.data.preference_data import PreferenceDataModule
-from ucai.models import LoraSettings
 from ucai.stages.reward import RewardModule, zero_head
 
-LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
 
+@pytest.fixture
+def reward_module(tiny_lora):
+    """``reward_module(**settings)``: a configured RewardModule on the tiny model."""
 
-def _module(**kwargs) -> RewardModule:
-    module = RewardModule(model="tiny-llama", output_dir=None, lora=LORA, **kwargs)
-    module.configure_model()
-    return module
+    def build(**kwargs) -> RewardModule:
+        module = RewardModule(model="tiny-llama", output_dir=None, lora=tiny_lora, **kwargs)
+        module.configure_model()
+        return module
+
+    return build
 
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "preferences_small.jsonl"
@@ -35,10 +38,10 @@ def _named(module: RewardModule, part: str) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.net.named_parameters() if p.requires_grad and part in n}
 
 
-def test_head_starts_at_zero_whatever_the_seed_so_every_reward_is_equal():
+def test_head_starts_at_zero_whatever_the_seed_so_every_reward_is_equal(reward_module):
     batch = None
     for seed in (0, 1):
-        module = _module(seed=seed)
+        module = reward_module(seed=seed)
         head = _named(module, "score")
         assert head and all(torch.count_nonzero(w) == 0 for w in head.values())
         batch = batch or _batch()
@@ -57,8 +60,8 @@ def test_zero_head_zeroes_only_the_last_layer_of_a_two_layer_head():
     assert torch.count_nonzero(net.classifier[0].weight) > 0
 
 
-def test_parameter_groups_give_the_head_its_own_learning_rate():
-    module = _module(learning_rate=1e-3, head_learning_rate=5e-2)
+def test_parameter_groups_give_the_head_its_own_learning_rate(reward_module):
+    module = reward_module(learning_rate=1e-3, head_learning_rate=5e-2)
     groups = {g["name"]: g for g in module.parameter_groups()}
     assert {name: g["lr"] for name, g in groups.items()} == {"backbone": 1e-3, "head": 5e-2}
     names = {id(p): n for n, p in module.net.named_parameters()}
@@ -69,15 +72,15 @@ def test_parameter_groups_give_the_head_its_own_learning_rate():
     trainable = sum(p.requires_grad for p in module.net.parameters())
     assert len(head) + len(backbone) == trainable  # every trained weight in exactly one group
     # default: 10 × the LoRA's rate (1e-4 -> 1e-3)
-    assert {g["name"]: g["lr"] for g in _module().parameter_groups()} == {"backbone": 1e-4, "head": pytest.approx(1e-3)}
+    assert {g["name"]: g["lr"] for g in reward_module().parameter_groups()} == {"backbone": 1e-4, "head": pytest.approx(1e-3)}
 
 
-def test_first_step_moves_only_the_head_and_by_its_own_rate():
+def test_first_step_moves_only_the_head_and_by_its_own_rate(reward_module):
     # Zero head: dL/dh = 0 behind it, so LoRA's B (zero) gets no gradient, nor does A (B = 0).
     # Adam's first step is lr · g / (|g| + eps) = ±lr for every weight with g != 0, so
     # each head weight moves by the head's rate, 2e-2, not by the LoRA's 1e-4.
     torch.manual_seed(0)
-    module = _module(learning_rate=1e-4, head_learning_rate=2e-2)
+    module = reward_module(learning_rate=1e-4, head_learning_rate=2e-2)
     batch = _batch()
     optimizer = module.configure_optimizers()
     before_head, before_lora = _named(module, "score"), _named(module, "lora_")

@@ -1,4 +1,5 @@
-"""Pure RL maths (ucai.rl) against numbers worked out by hand in the comments."""
+"""Pure RL maths (ucai.rl) against numbers worked out by hand in the comments, up to the
+targets of a whole rollout batch (`rollout_targets`)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from ucai.rl import (
     entropy_from_logits,
     gae,
     kl_per_token,
-    last_real_index,
     logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
     penalise_missing_eos,
     per_token_rewards,
+    rollout_targets,
 )
 
 
@@ -75,11 +76,6 @@ def test_k1_and_k3_by_hand():
     assert torch.equal(kl_per_token(ref, ref, "k3"), torch.zeros_like(ref))
     with pytest.raises(ValueError):
         kl_per_token(logprobs, ref, "k2")
-
-
-def test_last_real_index_both_paddings():
-    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [0, 1, 0, 0]])
-    assert last_real_index(mask).tolist() == [2, 3, 1]
 
 
 def test_reward_placed_on_last_real_token():
@@ -141,3 +137,88 @@ def test_adaptive_kl_controller_by_hand():
     # Fixed coefficient: never moves.
     fixed = KLController(0.05)
     assert fixed.update(100.0, 1000) == 0.05
+
+
+# --------------------------------------------------------------------------- a rollout batch
+# Two episodes of T = 4 response tokens: row 0 ends with eos at t = 2 (mask 1 1 1 0,
+# t = 3 is padding); row 1 never reaches eos (mask 1 1 1 1, cut at the length limit).
+
+MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+FINISHED = torch.tensor([True, False])
+
+
+def close(got: torch.Tensor, expected: list) -> bool:
+    return torch.allclose(got, torch.tensor(expected, dtype=got.dtype), atol=1e-5)
+
+
+def test_rollout_rewards_advantages_and_returns_by_hand():
+    targets = rollout_targets(
+        # Padding entries (row 0, t = 3) hold large numbers that must never count.
+        logprobs=torch.tensor([[-1.0, -2.0, -1.0, -7.0], [-1.0, -1.0, -1.0, -1.0]]),
+        ref_logprobs=torch.tensor([[-2.0, -2.0, -3.0, -9.0], [-1.0, -3.0, -1.0, -1.0]]),
+        values=torch.tensor([[-2.5, 1.5, 0.0, 5.0], [-5.5, -2.0, -3.5, 0.0]]),
+        mask=MASK,
+        scores=torch.tensor([3.0, 1.0]),
+        finished=FINISHED,
+        kl_coef=0.5,
+        kl_estimator="k1",
+        gamma=1.0,
+        lam=0.5,
+        reward_clip=2.0,
+        missing_eos_penalty=2.0,
+        whiten_rewards=False,
+    )
+    # k1 KL per token = logp − ref_logp, 0 on padding:
+    #   row 0: −1+2 = 1, −2+2 = 0, −1+3 = 2, (pad) 0;  row 1: 0, −1+3 = 2, 0, 0.
+    assert close(targets.kl, [[1, 0, 2, 0], [0, 2, 0, 0]])
+    # Scores: row 0 (finished) 3 clipped to reward_clip 2, no penalty;
+    #         row 1 (no eos) 1, inside the clip, minus the penalty 2 → −1.
+    assert close(targets.final_scores, [2, -1])
+    # rewards = −kl_coef · KL (= −0.5 · KL), plus the final score on the LAST REAL token:
+    #   row 0: −0.5, 0, −1 + 2 = 1, (pad) 0       (eos at t = 2, not the padded t = 3)
+    #   row 1:  0, −1, 0, 0 − 1 = −1              (cut at t = 3)
+    assert close(targets.rewards, [[-0.5, 0, 1, 0], [0, -1, 0, -1]])
+    # Values are masked (the padded 5.0 becomes 0, and V after the last real token is 0).
+    assert close(targets.values, [[-2.5, 1.5, 0, 0], [-5.5, -2, -3.5, 0]])
+
+    # GAE, γ = 1, λ = 0.5: δ_t = r_t + V_{t+1} − V_t, A_t = δ_t + 0.5 · A_{t+1}.
+    #   row 0: t=2: δ = 1 + 0 − 0 = 1             A = 1
+    #          t=1: δ = 0 + 0 − 1.5 = −1.5        A = −1.5 + 0.5 · 1 = −1
+    #          t=0: δ = −0.5 + 1.5 + 2.5 = 3.5    A = 3.5 + 0.5 · (−1) = 3
+    #   row 1: t=3: δ = −1 + 0 − 0 = −1           A = −1
+    #          t=2: δ = 0 + 0 + 3.5 = 3.5         A = 3.5 − 0.5 = 3
+    #          t=1: δ = −1 − 3.5 + 2 = −2.5       A = −2.5 + 1.5 = −1
+    #          t=0: δ = 0 − 2 + 5.5 = 3.5         A = 3.5 − 0.5 = 3
+    # returns = A + V: row 0: 3 − 2.5, −1 + 1.5, 1 + 0 = 0.5, 0.5, 1; row 1: −2.5, −3, −0.5, −1.
+    assert close(targets.returns, [[0.5, 0.5, 1, 0], [-2.5, -3, -0.5, -1]])
+    # Whitening over the 7 real tokens A = 3, −1, 1 | 3, −1, 3, −1: mean 7/7 = 1,
+    # deviations 2, −2, 0, 2, −2, 2, −2, unbiased variance 24 / 6 = 4, std 2
+    # → 1, −1, 0 | 1, −1, 1, −1; padding 0.
+    assert close(targets.advantages, [[1, -1, 0, 0], [1, -1, 1, -1]])
+
+
+def test_whiten_rewards_keeps_the_mean_before_gae():
+    targets = rollout_targets(
+        logprobs=torch.tensor([[-4.0, -1.0, -1.0, -7.0], [-1.0, -4.0, -1.0, -1.0]]),
+        ref_logprobs=torch.tensor([[-1.0, -2.0, -1.0, -9.0], [-2.0, -1.0, -2.0, -1.0]]),
+        values=torch.tensor([[0.0, 0.0, 0.0, 9.0], [0.0, 0.0, 0.0, 0.0]]),
+        mask=MASK,
+        scores=torch.tensor([3.0, 3.0]),
+        finished=FINISHED,
+        kl_coef=1.0,
+        gamma=1.0,
+        lam=1.0,
+        reward_clip=None,
+        missing_eos_penalty=2.0,
+        whiten_rewards=True,
+    )
+    # KL = logp − ref: row 0: −3, 1, 0; row 1: 1, −3, 1, 0. Final scores: 3 (eos), 3 − 2 = 1.
+    # rewards = −KL plus the score on the last real token:
+    #   row 0: 3, −1, 0 + 3 = 3;   row 1: −1, 3, −1, 0 + 1 = 1.
+    # The rewards are reported before whitening.
+    assert close(targets.rewards, [[3, -1, 3, 0], [-1, 3, -1, 1]])
+    # Whitened with the mean kept: mean 7/7 = 1, deviations 2, −2, 2 | −2, 2, −2, 0,
+    # unbiased variance 24 / 6 = 4, std 2 → w = dev / 2 + 1 = 2, 0, 2 | 0, 2, 0, 1.
+    # With V = 0, γ = λ = 1: A_t = sum of w from t on = returns:
+    #   row 0: 4, 2, 2;   row 1: 3, 3, 1, 1.
+    assert close(targets.returns, [[4, 2, 2, 0], [3, 3, 1, 1]])

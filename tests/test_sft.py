@@ -1,5 +1,6 @@
-"""SFTModule: loss maths, schedule, memorisation + generation, export, resume, QLoRA on
-CPU, and the shipped configs (two-process DDP: tests/test_ddp.py)."""
+"""SFTModule: loss maths, memorisation + generation, export, resume, QLoRA on CPU,
+settings out of range, and the shipped configs (two-process DDP: tests/test_ddp.py; the
+learning-rate schedule: tests/test_lr_schedule.py)."""
 
 from __future__ import annotations
 
@@ -16,16 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_CONF = ROOT / "tests" / "conf" / "sft_tiny.yaml"
 FIXTURE = ROOT / "tests" / "fixtures" / "sl_small.jsonl"
 SYSTEM = "You are a helpful assistant."
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared 2-core machine two OpenMP threads spin-wait for each other: a tiny
-    # matmul takes ~30 ms instead of ~0.01 ms. One thread keeps these tests fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_response_token_loss_by_hand():
@@ -51,23 +42,7 @@ def test_response_token_loss_by_hand():
     assert n == 0 and empty.item() == 0.0 and empty.requires_grad
 
 
-def test_lr_schedule_by_hand():
-    from ucai.stages.sft import lr_lambda
-
-    # warm-up 3 steps: (step + 1) / 4 -> 0.25, 0.5, 0.75, then the peak at step 3.
-    assert [lr_lambda(s, 3, 13, "cosine", 0.0) for s in range(3)] == [0.25, 0.5, 0.75]
-    assert lr_lambda(3, 3, 13, "cosine", 0.0) == 1.0
-    # cosine over 10 decay steps: halfway (step 8) -> 0.5 * (1 + cos(pi / 2)) = 0.5;
-    # with min_lr_ratio 0.1 -> 0.1 + 0.9 * 0.5 = 0.55; the end (step 13) -> 0.1.
-    assert lr_lambda(8, 3, 13, "cosine", 0.0) == pytest.approx(0.5)
-    assert lr_lambda(8, 3, 13, "cosine", 0.1) == pytest.approx(0.55)
-    assert lr_lambda(13, 3, 13, "cosine", 0.1) == pytest.approx(0.1)
-    # linear: step 5 is 2 of the 10 decay steps in -> 1 - 2/10 = 0.8
-    assert lr_lambda(5, 3, 13, "linear", 0.0) == pytest.approx(0.8)
-    assert lr_lambda(100, 0, 10, "constant", 0.0) == 1.0
-
-
-def test_memorises_generates_and_exports_a_loadable_merged_model(tmp_path):
+def test_memorises_generates_and_exports_a_loadable_merged_model(tmp_path, tiny_trainer):
     """LoRA on every linear layer of tiny-llama, high LR: the training loss falls and
     greedy decoding reproduces the trained replies, from the LoRA model and from the
     exported merged model loaded with AutoModelForCausalLM."""
@@ -103,10 +78,7 @@ def test_memorises_generates_and_exports_a_loadable_merged_model(tmp_path):
     first_batch = next(iter(datamodule._loader(datamodule.train_examples, shuffle=False)))
     with torch.no_grad():
         initial_loss = module.forward_loss(first_batch)[0].item()
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=30, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )
+    trainer = tiny_trainer(tmp_path, 30, logger=False)
     trainer.fit(module, datamodule)
     with torch.no_grad():
         final_loss = module.forward_loss(first_batch)[0].item()
@@ -211,12 +183,27 @@ def test_shipped_configs_parse_and_compose(side, strategy, capsys, run_cli):
     args = ["fit", "--config", ROOT / "configs" / f"sft_{side}.yaml"]
     if strategy:
         args += ["--config", ROOT / "configs" / "strategies" / f"{strategy}.yaml"]
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(*args, "--print_config")
-    assert exit_info.value.code in (0, None)
+    assert run_cli(*args, "--print_config") == 0
     printed = capsys.readouterr().out
     assert f"path: lightning_logs/data/{side}/sl.jsonl" in printed
     assert f"output_dir: lightning_logs/models/{side}/sl_model" in printed
     if strategy:
         expected = {"fsdp": "FSDPStrategy", "deepspeed_stage_2": "DeepSpeedStrategy"}.get(strategy, "DDPStrategy")
         assert expected in printed
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("learning_rate", "0"),
+        ("warmup_ratio", "1.5"),
+        ("min_lr_ratio", "-0.1"),
+        ("lora.r", "0"),
+        ("betas", "[0.9,1.0]"),
+    ],
+)
+def test_an_out_of_range_setting_is_one_line_naming_it(option, value, run_cli, capsys):
+    assert run_cli("fit", "--config", TINY_CONF, f"--model.init_args.{option}={value}") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ucai: error: --model.init_args."), lines
+    assert option.split(".")[-1] in lines[0] and value.strip("[]").split(",")[-1] in lines[0], lines

@@ -9,14 +9,14 @@ as real models are.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from ucai.models import LoraSettings, load_tokenizer, save_pretrained_atomic
+from ucai.models import load_tokenizer, save_pretrained_atomic
 from ucai.stages.ppo import PPOModule
 from ucai.stages.reward import RewardModule
 from ucai.stages.sft import SFTModule
-
-LORA = LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"])
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +32,15 @@ def _eval_modules(net) -> list[str]:
 @pytest.mark.parametrize(
     "build, net",
     [
-        (lambda folder: SFTModule(model=folder, lora=LORA, gradient_checkpointing=True), "lm"),
-        (lambda folder: RewardModule(model=folder, lora=LORA, output_dir=None, gradient_checkpointing=True), "net"),
-        (lambda folder: PPOModule(policy=folder, reward_model="token:198", lora=LORA, gradient_checkpointing=True), "policy"),
+        (lambda folder, lora: SFTModule(model=folder, lora=lora, gradient_checkpointing=True), "lm"),
+        (lambda folder, lora: RewardModule(model=folder, lora=lora, output_dir=None, gradient_checkpointing=True), "net"),
+        (lambda folder, lora: PPOModule(policy=folder, reward_model="token:198", lora=lora, gradient_checkpointing=True), "policy"),
     ],
     ids=["sft", "reward", "ppo"],
 )
-def test_stage_models_loaded_from_a_folder_train_in_train_mode(model_folder, build, net):
-    module = build(model_folder)
+def test_stage_models_loaded_from_a_folder_train_in_train_mode(model_folder, build, net, tiny_lora):
+    # LoRA dropout on: a module left in eval mode would silently skip it too.
+    module = build(model_folder, dataclasses.replace(tiny_lora, dropout=0.1))
     module.configure_model()
     model = getattr(module, net)
     assert _eval_modules(model) == []

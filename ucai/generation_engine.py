@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ucai.hardware import cpu_bf16_is_native
+from ucai.padding import position_ids
 
 log = logging.getLogger(__name__)
 
@@ -172,16 +173,16 @@ class FusedProjection:
     outputs bit-identical (checked by `tests/test_generation_engine.py`).
 
     A bfloat16 fused weight is also pre-packed into oneDNN's blocked layout, which
-    ``F.linear`` would otherwise re-derive from the plain layout at every call
-    (SmolLM2's matrices at 16 rows: 1.2-1.7x faster). bf16 ``F.linear`` on CPU runs
+    ``F.linear`` would otherwise re-derive from the plain layout at every call (timed
+    by ``benchmarks/generation.py``). bf16 ``F.linear`` on CPU runs
     the same oneDNN kernel, so outputs are unchanged; each rebuild checks that on its
     real input and drops the packing if they differ.
 
     A copy is made only when it buys something: packing, or a cast the matmul would
     otherwise redo at every step. Otherwise (fp32 weights without autocast, or bf16
     where oneDNN cannot pack it) the layers' own weights are used one by one: fusing
-    alone measured no faster for fp32 on an AVX2 CPU (SmolLM2's q/k/v and gate/up at
-    16 rows) and held a second copy of every weight (+540 MB, 1.47x HF's peak memory).
+    alone does not make fp32 faster on CPU, and it would hold a second copy of every
+    weight.
     """
 
     # Seconds spent building fused and packed weights, over all instances: the engine's
@@ -232,7 +233,7 @@ class FusedProjection:
                 flat = x.reshape(rows, -1).to(dtype)
                 if torch.equal(self._packed_linear(flat, packed), F.linear(flat, self._weight, self._bias)):
                     # The packed copy is all the loop needs: not holding the plain fused
-                    # one as well saves a copy of the weights (~200 MB for SmolLM2).
+                    # one as well saves a copy of the weights.
                     self._packed, self._weight = packed, None
         self._key = key
         FusedProjection.build_seconds += time.perf_counter() - start
@@ -406,7 +407,7 @@ class DecodeLoop:
 
         # Prefill with the model's own forward: the same positions, mask and kernels
         # as `generate`, and its cache is copied into the preallocated one below.
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, P)
+        positions = position_ids(attention_mask)  # (B, P); the prompt is left-padded
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -52,15 +52,16 @@ def stage_listing(stage_classes: Mapping[str, str]) -> str:
 
 def one_line(error: ArgumentError) -> UcaiError:
     """jsonargparse's error, which spans every alternative it tried, as the one line a
-    user needs: the option's full name and what is wrong with its value.
+    user needs: the option as they would type it and what is wrong with its value.
 
     ``Parser key "model": ... Problem with given class_path 'X': Parser key "kl_coef":
     Expected a <class 'float'>. Got value: abc`` becomes
-    ``--model.init_args.kl_coef: Expected a <class 'float'>. Got value: abc``."""
+    ``--model.init_args.kl_coef: Expected a <class 'float'>. Got value: abc``; where the
+    reason leaves the value out, the value jsonargparse was given is added."""
+    lines = [raw.strip().removeprefix("- ").strip() for raw in str(error).splitlines()]
     keys: list[str] = []
     detail = None
-    for raw in str(error).splitlines():
-        line = raw.strip().removeprefix("- ").strip()
+    for number, line in enumerate(lines):
         key = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
         if key:
             keys.append(key[1])
@@ -69,11 +70,20 @@ def one_line(error: ArgumentError) -> UcaiError:
                 break
             continue
         if re.match(r"Problem with given class_path '[^']+':", line):
-            keys.append("init_args")
+            # Only a top-level class (--model, --data) is written with init_args.
+            if len(keys) == 1:
+                keys.append("init_args")
             continue
         if line.startswith(("Does not validate against", "Subtypes:", "Errors:")) or not line:
             continue
         detail = line
+        given = next((rest.split(":", 1)[1].strip() for rest in lines[number:] if rest.startswith("Given value:")), None)
+        nested = re.fullmatch(r"NestedArg\(key='[^']*', val=(.*)\)", given or "")
+        if nested:
+            given = nested[1].strip("'\"")
+        # jsonargparse names the value after a colon ("Got value: x", "PositiveInt: 0 does ...").
+        if given and not re.search(rf"\w: '?{re.escape(given)}'?(\s|$)", detail):
+            detail = f"{detail} (given: {given})"
         break
     if not keys or detail is None:
         return UcaiError(" ".join(str(error).split()))

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from ucai.errors import UcaiError
+from ucai.value_ranges import FractionBelowOne, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,8 @@ def smollm2_folder() -> Path:
 
 
 def _smollm2_tokenizer_folder() -> Path:
-    """A tokenizer-only folder for the tiny model (3 s to build instead of 20 s)."""
+    """A tokenizer-only folder for the tiny model (much quicker to build than converting
+    the whole SmolLM2 model)."""
     full = cache_dir() / SMOLLM2_ALIAS
     if (full / _COMPLETE_MARKER).is_file():
         return full
@@ -331,9 +333,9 @@ class LoraSettings:
             but the output head.
     """
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    r: PositiveInt = 8
+    alpha: PositiveInt = 16
+    dropout: FractionBelowOne = 0.05
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
 
     def to_peft(self, task_type: str = "CAUSAL_LM"):
@@ -349,8 +351,8 @@ class LoraSettings:
         )
 
 
-# Hyperparameters saved in Lightning checkpoints may hold this dataclass; checkpoints are
-# loaded with weights_only=True, which refuses classes that are not allow-listed.
+# Hyperparameters saved in Lightning checkpoints may hold this dataclass; checkpoints
+# are loaded with weights_only=True, which refuses classes that are not allow-listed.
 torch.serialization.add_safe_globals([LoraSettings])
 
 

@@ -5,9 +5,11 @@ message that Lightning, transformers, torch or bitsandbytes prints on every ucai
 although nothing is wrong, why it is harmless here, and where it comes from. A filter
 matches the opening words of one exact message (and, for warnings, the category and
 the module that warns), never a whole category or logger, so any other warning from
-the same place still shows. Where the user should know something, ucai says it once in its own words at the
-place that knows (see `ucai.models.load_sequence_classifier` for the fresh reward head
-and `ucai.stages.generation.ResumableJsonlWriter` for a resumed run with nothing left).
+the same place still shows. A warning that ucai's own use of a library would cause is
+fixed where it arises, never filtered here. Where the user should know something, ucai
+says it once in its own words at the place that knows (see
+`ucai.models.load_sequence_classifier` for the fresh reward head and
+`ucai.stages.generation.ResumableJsonlWriter` for a resumed run with nothing left).
 
 `install` is called by the ``ucai`` command, and `install_progress_filter` once it has
 imported the stages (it needs transformers, which ``ucai --help`` does not import);
@@ -66,33 +68,6 @@ KNOWN_WARNINGS = (
         "transformers.modeling_utils",
         "peft reads transformers' old property name when it adds LoRA",
     ),
-    KnownWarning(
-        # ucai's data modules return [] from val_dataloader when there is no validation
-        # split (they log the train/val counts themselves); [] is Lightning's way to skip
-        # the loop. An empty DataLoader (a class, not a list) still warns.
-        "Total length of `list` across ranks is zero.",
-        UserWarning,
-        "lightning.pytorch.utilities.data",
-        "an empty list from val_dataloader is how a stage without validation data skips the loop",
-    ),
-    KnownWarning(
-        # PPO has no validation step but shares PromptDataModule with the stages that
-        # read its held-out split; Lightning never calls the loader.
-        "You passed in a `val_dataloader` but have no `validation_step`. Skipping val loop.",
-        UserWarning,
-        "lightning.pytorch.trainer.configuration_validator",
-        "PPO's prompt data module also offers a validation split, which PPO does not use",
-    ),
-    KnownWarning(
-        # A 13-line advice printed at every PPO checkpoint: PPO optimises manually, and
-        # its checkpoint after the step is the state a resumed run must continue from
-        # (tests/test_resume.py checks resumed == uninterrupted).
-        "Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
-        "pre-optimization state was saved.",
-        UserWarning,
-        "lightning.pytorch.callbacks.model_checkpoint",
-        "PPO checkpoints the state after its optimiser step on purpose",
-    ),
 )
 
 # Lightning's rank_zero_info sends to the logger its importing package set last; both
@@ -113,19 +88,6 @@ KNOWN_LOG_RECORDS = (
             name,
             "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels]",
             "an advertisement for Lightning's model registry, printed when a ModelCheckpoint is used",
-        )
-        for name in _RANK_ZERO_LOGGERS
-    ),
-    *(
-        KnownLogRecord(
-            # Generating stages replace the default progress bar by one that shows
-            # prompts/s and tokens/s. Only this exact message: an override of any other
-            # callback is still reported.
-            name,
-            "The following callbacks returned in `LightningModule.configure_callbacks` will override "
-            "existing callbacks passed to Trainer: RichProgressBar",
-            "ucai's generating stages swap the default progress bar for one with throughput",
-            whole=True,
         )
         for name in _RANK_ZERO_LOGGERS
     ),
@@ -231,16 +193,3 @@ def install_progress_filter() -> None:
 
     hook.ucai_hides, hook.ucai_previous = hidden, previous
     set_hook(hook)
-
-
-EMPTY_DATALOADER = "Total length of `DataLoader` across ranks is zero."
-
-
-def expect_empty_dataloader() -> None:
-    """Silence Lightning's zero-length warning for a run whose loader is empty by design
-    (a resumed prediction with every row already written); the caller says so itself."""
-    if os.environ.get("UCAI_QUIET", "1") == "0":
-        return
-    warnings.filterwarnings(
-        "ignore", message=re.escape(EMPTY_DATALOADER), category=UserWarning, module="lightning\\.pytorch\\.utilities\\.data$"
-    )

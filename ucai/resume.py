@@ -20,10 +20,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, DistributedSampler
+
+from ucai.gather import gather_from_ranks
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
         kind, keys, position, has_gauss, gauss = states["numpy"]
         states["numpy"] = (kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss)
     _set_rng_states(states)
-
-
-def _gather_from_ranks(obj: Any) -> list[Any]:
-    """``obj`` of every process, in rank order (a one-item list outside distributed runs)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, obj)
-        return gathered
-    return [obj]
 
 
 def own_generator(seed: int = 0) -> torch.Generator:
@@ -100,7 +92,7 @@ class RNGStateCheckpoint(Callback):
         return "RNGStateCheckpoint"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ranks": _gather_from_ranks(rng_states())}
+        return {"ranks": gather_from_ranks(rng_states())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict["ranks"]

@@ -31,6 +31,8 @@ import torch
 
 from ucai.chat import DEFAULT_SYSTEM_PROMPT, render_chat
 from ucai.errors import UcaiError
+from ucai.padding import last_real_index, position_ids, tokenizer_sides
+from ucai.stage_outputs import made_by
 
 STATS_FILE = "reward_stats.json"
 
@@ -66,25 +68,6 @@ def render_for_reward(
 
 
 # --------------------------------------------------------------------------- pooling
-
-
-def last_real_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last 1 in each row of the mask, whatever side the padding is on.
-
-    Args:
-        attention_mask: (B, T) 0/1.
-    Returns:
-        (B,) long indices in [0, T).
-    """
-    mask = attention_mask.long()
-    width = mask.shape[1]
-    # argmax returns the FIRST maximum, so on the flipped mask it finds the last 1.
-    return width - 1 - mask.flip(1).argmax(dim=1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) positions counted from each row's first real token (0 on left padding)."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 def unwrap_peft(model):
@@ -123,10 +106,10 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     hidden = backbone(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+        position_ids=position_ids(attention_mask),
         use_cache=False,
     ).last_hidden_state  # (B, T, H)
-    index = last_real_token_index(attention_mask)  # (B,)
+    index = last_real_index(attention_mask)  # (B,)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
     return inner.score(pooled)[:, 0]
 
@@ -306,9 +289,7 @@ def tokenize_for_reward(tokenizer, texts: list[str], max_length: int | None, pad
 
     Encoders always pad on the right: their head reads position 0 ([CLS]).
     """
-    side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
-    tokenizer.padding_side, tokenizer.truncation_side = padding_side, "left"
-    try:
+    with tokenizer_sides(tokenizer, padding_side, "left"):
         # Chat-template text already holds its special tokens; encoders need [CLS]/[SEP].
         return tokenizer(
             texts,
@@ -318,8 +299,6 @@ def tokenize_for_reward(tokenizer, texts: list[str], max_length: int | None, pad
             add_special_tokens=not has_chat_template(tokenizer),
             return_tensors="pt",
         )
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
 
 
 # --------------------------------------------------------------------------- scorer
@@ -347,10 +326,7 @@ class RewardScorer:
 
         folder = Path(folder_or_name).expanduser()
         if not folder.is_dir():
-            raise UcaiError(
-                f"reward model folder {folder} not found; it is made by the reward stage "
-                "(ucai fit --config configs/reward_<side>.yaml)"
-            )
+            raise UcaiError(f"reward model folder {folder} not found; {made_by(folder, 'reward')}")
         self.stats = RewardStats.read(folder)
         self.tokenizer = load_tokenizer(str(folder), padding_side="right")
         self.model = load_sequence_classifier(str(folder), dtype=dtype).to(device).eval()
@@ -378,3 +354,43 @@ class RewardScorer:
     def score(self, prompts, responses) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised reward (N,), score in [0, 1] (N,)), both float32 on CPU."""
         return normalise(self.raw_rewards(prompts, responses), self.stats)
+
+
+# --------------------------------------------------------------------------- synthetic reward
+
+TOKEN_REWARD_PREFIX = "token:"
+
+
+class TokenReward:
+    """Synthetic reward for tests and diagnostics: the share of response tokens that are
+    one chosen token. ``reward_model: token:<id or token text>`` selects it.
+
+    It measures nothing about ethics; it exists so that learning can be checked in
+    seconds with a tiny model, and so that the RL loop can be debugged without a
+    reward model.
+    """
+
+    def __init__(self, spec: str, tokenizer):
+        value = spec.removeprefix(TOKEN_REWARD_PREFIX)
+        if value.strip().isdigit():
+            self.token_id = int(value)
+        else:
+            ids = tokenizer(value, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise UcaiError(
+                    f"reward_model {spec!r}: {value!r} is {len(ids)} tokens for this tokenizer; "
+                    "give one token or its id"
+                )
+            self.token_id = ids[0]
+        if not 0 <= self.token_id < len(tokenizer):
+            raise UcaiError(f"reward_model {spec!r}: token id {self.token_id} is outside the vocabulary")
+
+    def __call__(self, responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B,) share of real tokens (eos included) equal to the chosen token.
+
+        Args:
+            responses: (B, T) response ids.
+            mask: (B, T) 0/1 real response tokens.
+        """
+        hits = (responses == self.token_id).float() * mask
+        return hits.sum(1) / mask.sum(1).clamp(min=1)

@@ -14,9 +14,12 @@ tested with numbers worked out by hand. Conventions, shared by every function:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from ucai.padding import last_real_index
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -151,17 +154,6 @@ def kl_per_token(
 # --------------------------------------------------------------------------- rewards
 
 
-def last_real_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last 1 in each row of a (B, T) mask, whatever the padding side.
-
-    argmax returns the first maximum, so on the flipped mask it finds the last 1. A row
-    of zeros gives T - 1; callers only see such rows if a response is empty, which
-    generation never produces (the first token is always real).
-    """
-    width = mask.shape[1]
-    return width - 1 - mask.long().flip(1).argmax(dim=1)
-
-
 def penalise_missing_eos(scores: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:
     """Subtract ``penalty`` from the score of every response that never produced eos.
 
@@ -236,6 +228,86 @@ def gae(
     return advantages, returns
 
 
+# --------------------------------------------------------------------------- one rollout batch
+
+
+@dataclass(frozen=True)
+class RolloutTargets:
+    """What PPO learns from in one rollout batch of B episodes of T response tokens.
+
+    Attributes:
+        kl: (B, T) per-token KL estimate, 0 on padding.
+        final_scores: (B,) scores after the clip and the missing-eos penalty.
+        rewards: (B, T) per-token rewards, before any whitening.
+        values: (B, T) value estimates, 0 on padding.
+        advantages: (B, T) whitened GAE advantages, 0 on padding.
+        returns: (B, T) value targets, 0 on padding.
+    """
+
+    kl: torch.Tensor
+    final_scores: torch.Tensor
+    rewards: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def rollout_targets(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scores: torch.Tensor,
+    finished: torch.Tensor,
+    *,
+    kl_coef: float,
+    kl_estimator: KLEstimator = "k1",
+    reward_clip: float | None = None,
+    missing_eos_penalty: float = 0.0,
+    whiten_rewards: bool = False,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> RolloutTargets:
+    """Rewards, advantages and returns of a rollout batch from its per-token numbers.
+
+    The score is clipped to ``[-reward_clip, reward_clip]``, responses without eos lose
+    ``missing_eos_penalty``, and the result lands on the last real token of per-token
+    rewards ``-kl_coef * KL_t`` (`per_token_rewards`). Those rewards (whitened with
+    their mean kept when ``whiten_rewards``) give GAE advantages and returns; the
+    advantages are then whitened over the batch's real tokens.
+
+    Args:
+        logprobs: (B, T) policy log-probs of the sampled tokens.
+        ref_logprobs: (B, T) reference log-probs of the same tokens.
+        values: (B, T) value of the state before each token.
+        mask: (B, T) 0/1 real response tokens (padding after the last one).
+        scores: (B,) reward-model scores.
+        finished: (B,) bool, whether each response reached eos.
+        kl_coef, kl_estimator: weight and estimator (`kl_per_token`) of the KL penalty.
+        reward_clip: clip of the scores (None or 0: off).
+        missing_eos_penalty: subtracted from the score of unfinished responses (0: off).
+        whiten_rewards: whiten the per-token rewards (mean kept) before GAE.
+        gamma, lam: GAE discount and lambda.
+    """
+    final = scores.clamp(-reward_clip, reward_clip) if reward_clip else scores.clone()
+    if missing_eos_penalty:
+        final = penalise_missing_eos(final, finished, missing_eos_penalty)
+    mask = mask.float()
+    kl = kl_per_token(logprobs, ref_logprobs, kl_estimator) * mask
+    rewards = per_token_rewards(final, kl, mask, kl_coef)
+    gae_rewards = masked_whiten(rewards, mask, shift_mean=False) if whiten_rewards else rewards
+    values = values * mask
+    advantages, returns = gae(gae_rewards, values, mask, gamma, lam)
+    return RolloutTargets(
+        kl=kl,
+        final_scores=final,
+        rewards=rewards,
+        values=values,
+        advantages=masked_whiten(advantages, mask),
+        returns=returns,
+    )
+
+
 # --------------------------------------------------------------------------- KL coefficient
 
 
@@ -262,8 +334,9 @@ class KLController:
         if horizon <= 0:
             raise ValueError(f"adaptive KL horizon must be > 0, got {horizon}")
         self.value = float(init_kl_coef)
-        self.target = target
-        self.horizon = horizon
+        # Plain numbers: the state goes into checkpoints, which hold only allow-listed types.
+        self.target = None if target is None else float(target)
+        self.horizon = int(horizon)
 
     @property
     def adaptive(self) -> bool:

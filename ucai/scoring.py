@@ -17,6 +17,8 @@ import string
 
 import torch
 
+from ucai.padding import position_ids, tokenizer_sides
+
 OPTION_LETTERS = string.ascii_uppercase
 
 
@@ -44,9 +46,7 @@ def option_probabilities(model, tokenizer, prompts: list[str], labels: list[str]
         (B, K) float32 rows summing to 1.
     """
     label_ids = torch.tensor(option_token_ids(tokenizer, labels))
-    side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
-    tokenizer.padding_side = tokenizer.truncation_side = "left"  # last position = next token
-    try:
+    with tokenizer_sides(tokenizer, "left", "left"):  # last position = next token
         batch = tokenizer(
             prompts,
             return_tensors="pt",
@@ -55,14 +55,12 @@ def option_probabilities(model, tokenizer, prompts: list[str], labels: list[str]
             truncation=max_length is not None,
             max_length=max_length,
         )
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
     device = next(model.parameters()).device
     batch = batch.to(device)
     # Left padding shifts each row; positions must count real tokens only, as in training.
-    position_ids = (batch["attention_mask"].long().cumsum(1) - 1).clamp(min=0)
+    positions = position_ids(batch["attention_mask"])
     # Only the last position's logits are needed; skipping the vocabulary projection
-    # elsewhere is most of the forward's cost for small models (~5x on tiny-llama).
+    # elsewhere is most of the forward's cost for small models.
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     was_training = model.training
     model.eval()
@@ -70,7 +68,7 @@ def option_probabilities(model, tokenizer, prompts: list[str], labels: list[str]
         # Autocast off: bf16 option logits are so coarse that the normalised probability
         # of two options takes only a handful of values (0.5, 0.531, 0.562, ...).
         with torch.autocast(device_type=device.type, enabled=False):
-            logits = model(**batch, position_ids=position_ids, use_cache=False, **extra).logits[:, -1, :]  # (B, V)
+            logits = model(**batch, position_ids=positions, use_cache=False, **extra).logits[:, -1, :]  # (B, V)
     finally:
         model.train(was_training)
     option_logits = logits.float()[:, label_ids.to(device)]  # (B, K)

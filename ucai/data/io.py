@@ -10,6 +10,7 @@ one, never half of one.
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import json
 import os
@@ -82,6 +83,41 @@ def load_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
     if not rows:
         raise UcaiError(f"{path}: file is empty")
     return rows
+
+
+def require_writable(path: str | Path, field: str, folder: bool = False) -> None:
+    """Fail with one `UcaiError` naming ``field`` and ``path`` unless the stage will be
+    able to write there: ``path`` is not the wrong kind (a folder where a file goes, or
+    the reverse), and the nearest part of it that exists is a folder that accepts new
+    entries. Checked by creating and removing an unnamed file there, because permission
+    bits do not tell (root may write anywhere except where the filesystem refuses, as
+    in ``/proc``). Nothing is left behind.
+
+    Args:
+        path: the output as configured.
+        field: the setting it came from, as the user writes it
+            (``--model.init_args.output``).
+        folder: the output is a folder (else a file).
+    """
+    target = Path(path).expanduser()
+
+    def fail(reason: str) -> UcaiError:
+        return UcaiError(f"{field}: cannot write {path}: {reason}")
+
+    if target.exists() and target.is_dir() != folder:
+        raise fail("it is a folder, expected a file" if target.is_dir() else "it is a file, expected a folder")
+    existing = target if folder and target.is_dir() else target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise fail(f"{existing} is a file, so nothing can be created under it")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        # ENOENT here means a filesystem that creates nothing on request (/proc).
+        detail = "" if exc.errno == errno.ENOENT else f" ({exc.strerror or exc})"
+        raise fail(f"{existing} does not accept new files{detail}") from None
 
 
 @contextmanager

@@ -40,6 +40,7 @@ from ucai.data.prompts import parse_transcript
 from ucai.errors import UcaiError, located
 from ucai.resume import ResumableLoader, ShardSampler, own_generator
 from ucai.reward_scoring import has_chat_template, render_for_reward, tokenize_for_reward
+from ucai.value_ranges import FractionBelowOne, NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -183,18 +184,16 @@ class PreferenceDataModule(L.LightningDataModule):
         limit: read at most this many pairs.
         bucket_batches: batches per length-sorting bucket (1 disables sorting).
         pad_to_multiple_of: batch widths are rounded up to a multiple of this (1: no
-            rounding). Under bf16 autocast on CPU, resident memory grew with every new
-            batch width (measured: +0.9 GB over 40 steps of random widths, none in
-            fp32) and levelled off once widths were multiples of 32. 32 costs 8% of
-            the tokens in padding on hh-rlhf at 512 tokens (16: 5%, 1: 2%).
+            rounding). Under bf16 autocast on CPU, resident memory grows with every new
+            batch width and levels off once widths repeat; a few widths cost a little
+            padding.
         share_prefix: also give each batch every pair packed into ONE row, the shared
             conversation once and then both replies, so that a decoder runs the
             conversation once per pair (`ucai.reward_scoring.packed_pair_rewards`,
-            exact); batches are then bucketed by packed length. On 1,995 hh-rlhf pairs
-            (SmolLM2 template, 512 tokens) batches hold 1.74x fewer tokens, padding
-            included, than two length-bucketed sequences per pair. Encoders and
-            flash-attention models fall back to the two sequences, which every batch
-            holds as well.
+            exact); batches are then bucketed by packed length and hold fewer tokens
+            than two sequences per pair (compared in ``benchmarks/reward.py``).
+            Encoders and flash-attention models fall back to the two sequences, which
+            every batch holds as well.
         seed: seed of the bucket shuffling and, with the epoch, of the batch order.
         num_workers: DataLoader workers (batches are pre-tokenised; 0 is usually right).
         cross_path: the OTHER constitution's preference file (null: none). Its pairs,
@@ -208,16 +207,16 @@ class PreferenceDataModule(L.LightningDataModule):
         path: str = "lightning_logs/data/ethical/preferences.jsonl",
         tokenizer: str | None = None,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        max_length: int = 512,
-        batch_size: int = 4,
-        val_fraction: float = 0.1,
-        val_size: int | None = None,
-        limit: int | None = None,
-        bucket_batches: int = 50,
-        pad_to_multiple_of: int = 32,
+        max_length: PositiveInt = 512,
+        batch_size: PositiveInt = 4,
+        val_fraction: FractionBelowOne = 0.1,
+        val_size: NonNegativeInt | None = None,
+        limit: PositiveInt | None = None,
+        bucket_batches: PositiveInt = 50,
+        pad_to_multiple_of: PositiveInt = 32,
         share_prefix: bool = True,
         seed: int = 0,
-        num_workers: int = 0,
+        num_workers: NonNegativeInt = 0,
         cross_path: str | None = None,
     ):
         super().__init__()
@@ -230,8 +229,6 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_size = val_size
         self.limit = limit
         self.bucket_batches = bucket_batches
-        if pad_to_multiple_of < 1:
-            raise UcaiError(f"pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}")
         self.pad_to_multiple_of = pad_to_multiple_of
         self.share_prefix = share_prefix
         self.seed = seed
@@ -298,8 +295,14 @@ class PreferenceDataModule(L.LightningDataModule):
         return rows
 
     def setup(self, stage: str | None = None) -> None:
-        if self._encoded:
-            return
+        if not self._encoded:
+            self._read_and_encode()
+        if not self._encoded["val"] and self.trainer is not None:
+            # No validation pairs: the fit loop runs no validation and asks for no loader
+            # (an empty one would be reported as a mistake).
+            self.trainer.limit_val_batches = 0
+
+    def _read_and_encode(self) -> None:
         from ucai.models import load_tokenizer
 
         self.tokenizer = load_tokenizer(self._model_name(), padding_side="right")
@@ -439,7 +442,9 @@ class ResponseDataModule(L.LightningDataModule):
         batch_size: rows per batch.
     """
 
-    def __init__(self, path: str, response_field: str = "response", limit: int | None = None, batch_size: int = 16):
+    def __init__(
+        self, path: str, response_field: str = "response", limit: PositiveInt | None = None, batch_size: PositiveInt = 16
+    ):
         super().__init__()
         self.path = path
         self.response_field = response_field

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ucai.data.prompts import DEFAULT_PROMPTS, PromptRecord, read_prompts
 from ucai.resume import ResumableLoader, ShardSampler, own_generator, run_seed
+from ucai.value_ranges import ClosedUnitInterval, NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,13 @@ class PromptDataModule(L.LightningDataModule):
         path: str = DEFAULT_PROMPTS,
         principles: list[str] | None = None,
         split: Split = "all",
-        heldout_fraction: float = 0.1,
+        heldout_fraction: ClosedUnitInterval = 0.1,
         split_seed: int = 0,
-        limit: int | None = None,
-        batch_size: int = 8,
-        num_workers: int = 0,
+        limit: PositiveInt | None = None,
+        batch_size: PositiveInt = 8,
+        num_workers: NonNegativeInt = 0,
         empty: Literal["drop", "error"] = "error",
-        max_chars: int | None = 2000,
+        max_chars: PositiveInt | None = 2000,
         shuffle: bool = True,
         seed: int | None = None,
     ):
@@ -170,7 +171,4 @@ class PromptDataModule(L.LightningDataModule):
         return self._loader()
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader()
-
-    def val_dataloader(self) -> DataLoader:
         return self._loader()

@@ -42,6 +42,7 @@ from ucai.data.io import read_jsonl
 from ucai.data.prompts import parse_transcript, stable_id
 from ucai.errors import UcaiError, located
 from ucai.resume import ResumableLoader, own_generator
+from ucai.value_ranges import AtLeastTwo, ClosedUnitInterval, NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -371,18 +372,16 @@ class SFTDataModule(L.LightningDataModule):
         path: str = "lightning_logs/data/ethical/sl.jsonl",
         tokenizer: str | None = None,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        max_length: int = 1024,
-        val_fraction: float = 0.05,
+        max_length: AtLeastTwo = 1024,
+        val_fraction: ClosedUnitInterval = 0.05,
         split_seed: int = 0,
-        limit: int | None = None,
-        batch_size: int = 8,
+        limit: PositiveInt | None = None,
+        batch_size: PositiveInt = 8,
         packing: bool = False,
-        bucket_batches: int = 16,
-        num_workers: int = 0,
+        bucket_batches: PositiveInt = 16,
+        num_workers: NonNegativeInt = 0,
     ):
         super().__init__()
-        if max_length < 2:
-            raise UcaiError(f"data.max_length must be at least 2, got {max_length}")
         self.path = path
         self.tokenizer_name = tokenizer
         self.system_prompt = system_prompt
@@ -412,8 +411,14 @@ class SFTDataModule(L.LightningDataModule):
         return self.tokenizer
 
     def setup(self, stage: str) -> None:
-        if self.train_examples is not None:
-            return
+        if self.train_examples is None:
+            self._read_and_encode()
+        if not self.val_examples and self.trainer is not None:
+            # No validation split: the fit loop runs no validation and asks for no loader
+            # (an empty one would be reported as a mistake).
+            self.trainer.limit_val_batches = 0
+
+    def _read_and_encode(self) -> None:
         examples = read_sft_examples(self.path)
         if self.limit is not None:
             examples = examples[: self.limit]

@@ -54,21 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed its message
         return int(exc.code or 0)
     cfg = load_pipeline_config(args.config)
+    # Started first: a fork server imports the stages' libraries while the plan is made.
+    starter = None if args.dry_run else stage_starter(cfg)
     everything = plan(cfg)
     stop_at = STAGE_ORDER.index(args.stop_after) if args.stop_after else len(STAGE_ORDER)
     runs = [run for run in everything if run.enabled and STAGE_ORDER.index(run.stage) <= stop_at]
     console = Console(cfg, runs)
-    console.opening()
+    console.opening(starter.how if starter else None)
     if args.dry_run:
         console.commands()
         return 0
     force_from = 0 if args.force == "all" else (STAGE_ORDER.index(args.force) if args.force else None)
-    starter = None  # made when the first stage must run: a fork server costs seconds of imports
     for stage, group in itertools.groupby(runs, key=lambda run: run.stage):
         forced = force_from is not None and STAGE_ORDER.index(stage) >= force_from
         pending = prepare_group(list(group), everything, cfg, forced, console)
         if pending:
-            starter = starter or stage_starter(cfg)
             failed = run_group(pending, starter, cfg, console)
             if failed:
                 return failed
@@ -107,16 +107,15 @@ def prepare_group(
 
 
 def stage_starter(cfg: PipelineConfig) -> runner.StageStarter:
-    """How this pipeline starts its stages (``fork_stages``, where the fork server can
-    be used); says which on the console."""
-    why_not = runner.fork_server_unavailable(cfg.python) if cfg.fork_stages else "fork_stages: false"
-    if why_not is None:
-        print("ucai pipeline: stages are forked from a server process that imports their libraries once "
-              "(fork_stages: false starts each in a fresh interpreter)", flush=True)
-        return runner.StageStarter(cfg.python, runner.start_fork_server())
-    if cfg.fork_stages:
-        print(f"ucai pipeline: each stage starts a fresh interpreter: {why_not}", flush=True)
-    return runner.StageStarter(cfg.python)
+    """How this pipeline starts its stages: forked from a fork server (``fork_stages``,
+    where one can be used), else fresh interpreters."""
+    why_not = runner.fork_server_unavailable(cfg.python) if cfg.fork_stages else None
+    if cfg.fork_stages and why_not is None:
+        how = "stages are forked from a server process that imports their libraries once " \
+              "(fork_stages: false starts each in a fresh interpreter)"
+        return runner.StageStarter(cfg.python, how, runner.start_fork_server())
+    how = f"each stage starts a fresh interpreter: {why_not}" if why_not else None
+    return runner.StageStarter(cfg.python, how)
 
 
 def run_group(pending: list[tuple[StageRun, str]], starter: runner.StageStarter, cfg: PipelineConfig, console: Console) -> int:

@@ -31,10 +31,12 @@ class Console:
         for run in self.runs:
             print(f"{self.header(run)}: {_quote(run.command(self.cfg.python))}")
 
-    def opening(self) -> None:
+    def opening(self, how_stages_start: str | None) -> None:
         cfg = self.cfg
         print(f"ucai pipeline: {len(self.runs)} stage runs, sides {', '.join(cfg.sides)}, model {cfg.model}, "
               f"output {cfg.output_root}", flush=True)
+        if how_stages_start:
+            print(f"ucai pipeline: {how_stages_start}", flush=True)
         fallen = [run.label for run in self.runs if run.bf16_fallback]
         if fallen:
             print(f"ucai pipeline: no native bfloat16 here (a CPU without AVX-512/AMX, a GPU before Ampere): "

@@ -37,6 +37,7 @@ from ucai.stage_catalog import STAGE_MODULES
 
 # What a stage imports before it starts working; the fork server imports it once.
 PRELOAD_MODULES = (
+    "ucai.pipeline.fork_server_setup",
     "torch",
     "lightning.pytorch",
     "transformers",
@@ -158,8 +159,10 @@ def _stage_child(argv: list[str], threads: int | None, log: Path | None, argv0: 
 class StageStarter:
     """Starts every stage of a pipeline the same way: forked, or in a fresh interpreter."""
 
-    def __init__(self, python: str, fork_context=None):
+    def __init__(self, python: str, how: str | None = None, fork_context=None):
+        """``how``: a line for the user on how stages start (None: nothing to say)."""
         self.python = python
+        self.how = how
         self.fork_context = fork_context
 
     def start(self, run: StageRun, threads: int | None = None, log: Path | None = None) -> StageProcess:

@@ -15,8 +15,8 @@ touches; ucai does it locally with one of two interchangeable categorisers:
   log-probabilities are averaged (`average_over_orders`), which cancels the position
   bias of small models without squashing the remaining preference;
   ``calibrate`` also divides out the options' probabilities for a content-free prompt.
-  SmolLM2-135M is at chance on this task (see the measurements in the README); use it
-  with a larger instruction-tuned model, or use the embedding categoriser.
+  SmolLM2-135M is at chance on this task; use it with a larger instruction-tuned
+  model, or use the embedding categoriser.
 
 Labels are the constitution's pairs (id + the ethical side's description) or an
 explicit list ``[{id, description}, ...]`` in the config, so the same stage sorts
@@ -42,10 +42,11 @@ import lightning as L
 import torch
 
 from ucai.chat import render_chat
-from ucai.data.io import ResumableJsonl, write_csv, write_jsonl
+from ucai.data.io import ResumableJsonl, require_writable, write_csv, write_jsonl
 from ucai.errors import UcaiError
 from ucai.scoring import OPTION_LETTERS, average_over_orders, cyclic_orders, option_probabilities
 from ucai.stages.generation import ResumableJsonlWriter, load_frozen_lm, predict_callbacks
+from ucai.value_ranges import PositiveFloat, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class CategoriseModule(L.LightningModule):
         labels: list[dict] | None = None,
         encoder: str = "all-minilm-l6-v2",
         threshold: float = 0.12,
-        temperature: float = 0.05,
+        temperature: PositiveFloat = 0.05,
         confidence: Literal["softmax", "similarity"] = "softmax",
         model: str = "smollm2-135m",
         system_prompt: str | None = "You are a helpful assistant.",
@@ -225,17 +226,14 @@ class CategoriseModule(L.LightningModule):
         include_none: bool = True,
         calibrate: bool = False,
         content_free: str = "N/A",
-        max_prompt_tokens: int | None = 1024,
-        max_per_principle: int | None = None,
+        max_prompt_tokens: PositiveInt | None = 1024,
+        max_per_principle: PositiveInt | None = None,
         trust_remote_code: bool = False,
     ):
         super().__init__()
         if categoriser not in ("embedding", "multiple_choice"):
             raise UcaiError(f"categoriser must be 'embedding' or 'multiple_choice', got {categoriser!r}")
-        if max_per_principle is not None and max_per_principle < 1:
-            raise UcaiError(f"max_per_principle must be at least 1, got {max_per_principle}")
-        if temperature <= 0:
-            raise UcaiError(f"temperature must be positive, got {temperature}")
+        require_writable(output, "--model.init_args.output")
         self.categoriser = categoriser
         self.output = output
         self.labels = labels_from_config(labels, constitution)

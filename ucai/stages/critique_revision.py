@@ -51,6 +51,7 @@ from ucai.constitution import SIDES, FewShotExample, Principle, load_constitutio
 from ucai.errors import UcaiError
 from ucai.resources import resolve_shipped
 from ucai.stages.generation import GeneratingModule, GenerationSettings, strip_echo
+from ucai.value_ranges import PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +165,11 @@ class CritiqueRevisionModule(GeneratingModule):
         output: str = "lightning_logs/data/ethical/sl.jsonl",
         generation: GenerationSettings = GenerationSettings(),
         system_prompt: str | None = "You are a helpful assistant.",
-        max_prompt_tokens: int | None = 1024,
+        max_prompt_tokens: PositiveInt | None = 1024,
         trust_remote_code: bool = False,
         constitution: str = "constitutions/ucai.yaml",
         side: Literal["ethical", "unethical"] = "ethical",
-        rounds: int = 1,
+        rounds: PositiveInt = 1,
         principle_source: Literal["random", "categorised"] = "random",
         seed: int = 0,
         mode: Literal["critique_revision", "context_distillation"] = "critique_revision",
@@ -181,8 +182,6 @@ class CritiqueRevisionModule(GeneratingModule):
         super().__init__(model, output, generation, system_prompt, max_prompt_tokens, trust_remote_code)
         if side not in SIDES:
             raise UcaiError(f"side must be one of {', '.join(SIDES)}, got {side!r}")
-        if rounds < 1:
-            raise UcaiError(f"rounds must be at least 1, got {rounds}")
         if principle_source not in ("random", "categorised"):
             raise UcaiError(f"principle_source must be 'random' or 'categorised', got {principle_source!r}")
         if mode not in ("critique_revision", "context_distillation"):

@@ -13,6 +13,7 @@ rollouts, evaluation) shares these pieces; stages never import each other.
   its own shard (``<output>.shards/rank-N.jsonl``, fsynced per batch, repaired after
   ``kill -9``); on a rerun the finished ids are skipped; when every id is done, rank 0
   merges the shards in input order into the final JSONL (and CSV) atomically.
+* `ThroughputInProgressBar` — prompts/s and tokens/s in the trainer's own progress bar.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, RichProgressBar, TQDMProgressBar
 
-from ucai import quiet
-from ucai.data.io import ResumableJsonl, write_csv, write_jsonl
+from ucai.data.io import ResumableJsonl, require_writable, write_csv, write_jsonl
+from ucai.padding import tokenizer_sides
+from ucai.value_ranges import NonNegativeInt, NucleusMass, PositiveFloat, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +52,12 @@ class GenerationSettings:
             `ucai.generation_engine.register_engine`.
     """
 
-    max_new_tokens: int = 128
+    max_new_tokens: PositiveInt = 128
     do_sample: bool = True
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    temperature: PositiveFloat = 0.7
+    top_p: NucleusMass = 0.9
+    top_k: NonNegativeInt = 0
+    repetition_penalty: PositiveFloat = 1.0
     engine: str = "auto"
 
     def to_kwargs(self) -> dict[str, Any]:
@@ -147,19 +149,17 @@ def generate(
 
     was_training = model.training
     model.eval()
-    side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
-    # Pad and truncate on the left: generation continues the right end of the prompt.
-    tokenizer.padding_side = tokenizer.truncation_side = "left"
     try:
-        device = next(model.parameters()).device
-        encoded = tokenizer(
-            prompts,
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-            truncation=max_prompt_tokens is not None,
-            max_length=max_prompt_tokens,
-        ).to(device)
+        # Pad and truncate on the left: generation continues the right end of the prompt.
+        with tokenizer_sides(tokenizer, "left", "left"):
+            encoded = tokenizer(
+                prompts,
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                truncation=max_prompt_tokens is not None,
+                max_length=max_prompt_tokens,
+            ).to(next(model.parameters()).device)
         stop_ids = eos_ids(tokenizer, model)
         # Settings pickled in checkpoints from before `engine` existed lack the field.
         engine = select_engine(getattr(settings, "engine", "auto"), model, synced_gpus)
@@ -173,7 +173,6 @@ def generate(
             synced_gpus=synced_gpus,
         )
     finally:
-        tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
         model.train(was_training)
     prompt_length = encoded["input_ids"].shape[1]
     completions = sequences[:, prompt_length:]
@@ -251,11 +250,14 @@ class ResumableJsonlWriter(BasePredictionWriter):
             datamodule.skip_ids(done)
             expected = getattr(datamodule, "all_ids", None)
             if expected is not None and done.issuperset(expected):
-                # Every row is written: the loader is empty by design and only the final
-                # file is (re)made, which Lightning would call a zero-length mistake.
-                quiet.expect_empty_dataloader()
+                # Every row is written: no batch is left to predict, so the predict loop
+                # is told to run none (it then asks for no loader and skips its end
+                # hooks) and the final file, if shards still wait for it, is made here.
                 if trainer.is_global_zero:
                     log.info("nothing left to generate: all %d rows are already written", len(expected))
+                trainer.limit_predict_batches = 0
+                if self.shard_dir.is_dir():
+                    self.on_predict_end(trainer, pl_module)
             elif trainer.is_global_zero:
                 log.info("resuming: %d rows already in %s", len(done), self.shard_dir)
 
@@ -316,47 +318,46 @@ class ThroughputMeter:
         return {"prompts/s": self.prompts / elapsed, "tok/s": self.tokens / elapsed}
 
 
-class GenerationProgressBar(TQDMProgressBar):
-    """Progress bar whose postfix shows prompts/s and tokens/s during predict."""
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        rates = getattr(pl_module, "throughput", None)
-        if rates is not None and self.predict_progress_bar is not None:
-            self.predict_progress_bar.set_postfix(
-                {key: f"{value:.1f}" for key, value in rates.items()}, refresh=False
-            )
+# The bars `ThroughputInProgressBar` writes to; a custom bar is left as configured.
+STOCK_PROGRESS_BARS = (TQDMProgressBar, RichProgressBar)
 
 
-class RichGenerationProgressBar(RichProgressBar):
-    """Lightning's default (Rich) bar with prompts/s and tokens/s in the predict line.
+class ThroughputInProgressBar(Callback):
+    """Shows the stage's prompts/s and tokens/s (``pl_module.throughput``) in the
+    trainer's own progress bar while predicting: TQDM's postfix, or the predict task's
+    description under Rich (Rich draws its metrics column for training alone).
 
-    Rich's metrics column is drawn for training alone, so the rates go into the task
-    description.
+    It sits beside the bar instead of replacing it, so the bar keeps its configured
+    settings and Lightning has no callback of the trainer's to override. It runs after
+    the bar's own batch-end hook (a module's callbacks come after the trainer's), so the
+    rates follow the bar's update.
     """
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         rates = getattr(pl_module, "throughput", None)
-        if rates and self.progress is not None and self.predict_progress_bar_id is not None:
+        if not rates:
+            return
+        bar = trainer.progress_bar_callback
+        if type(bar) is TQDMProgressBar:
+            bar.predict_progress_bar.set_postfix({key: f"{value:.1f}" for key, value in rates.items()}, refresh=False)
+        elif type(bar) is RichProgressBar and bar.progress is not None and bar.predict_progress_bar_id is not None:
             description = f"Predicting {rates['prompts/s']:.2f} prompts/s {rates['tok/s']:.1f} tok/s"
-            self.progress.update(self.predict_progress_bar_id, description=description)
-            self.refresh()
+            bar.progress.update(bar.predict_progress_bar_id, description=description)
+            bar.refresh()
+
+
+def throughput_callbacks(trainer) -> list:
+    """`ThroughputInProgressBar` when the trainer has a stock progress bar, else nothing."""
+    bar = getattr(trainer, "progress_bar_callback", None)
+    return [ThroughputInProgressBar()] if type(bar) in STOCK_PROGRESS_BARS else []
 
 
 def predict_callbacks(
     trainer, output: str | Path, csv: bool = True, csv_columns: list[str] | None = None
 ) -> list:
-    """The callbacks every generating stage returns from ``configure_callbacks``."""
-    callbacks: list = [ResumableJsonlWriter(output, csv=csv, csv_columns=csv_columns)]
-    # The configured bar (TQDM or Rich) is replaced by the same kind with rates shown;
-    # a custom bar, or none at all, is left as configured.
-    bar = getattr(trainer, "progress_bar_callback", None)
-    if type(bar) is TQDMProgressBar:
-        callbacks.append(GenerationProgressBar(refresh_rate=bar.refresh_rate))
-    elif type(bar) is RichProgressBar:
-        callbacks.append(RichGenerationProgressBar(refresh_rate=bar.refresh_rate, leave=bar._leave, theme=bar.theme))
-    return callbacks
+    """The callbacks every generating stage returns from ``configure_callbacks``: the
+    writer, and the rates in the progress bar."""
+    return [ResumableJsonlWriter(output, csv=csv, csv_columns=csv_columns), *throughput_callbacks(trainer)]
 
 
 def module_device_dtype(module: L.LightningModule) -> tuple[torch.device, torch.dtype]:
@@ -412,10 +413,11 @@ class GeneratingModule(L.LightningModule):
         output: str = "lightning_logs/data/answers.jsonl",
         generation: GenerationSettings = GenerationSettings(),
         system_prompt: str | None = "You are a helpful assistant.",
-        max_prompt_tokens: int | None = 1024,
+        max_prompt_tokens: PositiveInt | None = 1024,
         trust_remote_code: bool = False,
     ):
         super().__init__()
+        require_writable(output, "--model.init_args.output")
         self.model_name = model
         self.output = output
         self.generation = generation

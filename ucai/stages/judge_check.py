@@ -5,7 +5,7 @@
 
 Scores a feedback model on multiple-choice items (`MultipleChoiceDataModule`, by
 default the shipped ``data/judge_check.jsonl``) with the judge labeller's scoring and
-order debiasing (`ucai.judge_check`), writes ``n, accuracy, ci, chance,
+order debiasing (`ucai.judge_accuracy`), writes ``n, accuracy, ci, chance,
 first_position_bias, passed`` to ``output`` (JSON, atomically, on rank 0) and prints the
 same figures as one line. Each device scores its share of the items; rank 0 gathers them.
 """
@@ -16,11 +16,12 @@ import json
 import logging
 
 import lightning as L
-import torch
 
-from ucai.data.io import atomic_output
-from ucai.judge_check import ItemScore, JudgeCheckResult, score_items, summarise
+from ucai.data.io import atomic_output, require_writable
+from ucai.gather import rows_from_all_ranks
+from ucai.judge_accuracy import ItemScore, JudgeCheckResult, score_items, summarise
 from ucai.stages.generation import load_frozen_lm
+from ucai.value_ranges import PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,13 @@ class JudgeCheckModule(L.LightningModule):
         self,
         model: str = "smollm2-135m",
         output: str = "lightning_logs/judge_check.json",
-        max_length: int | None = 2048,
+        max_length: PositiveInt | None = 2048,
         chat: bool = False,
         system_prompt: str | None = "You are a helpful assistant.",
         trust_remote_code: bool = False,
     ):
         super().__init__()
+        require_writable(output, "--model.init_args.output")
         self.model_name = model
         self.output = output
         self.max_length = max_length
@@ -77,11 +79,7 @@ class JudgeCheckModule(L.LightningModule):
         self._scores.extend((row["index"], score) for row, score in zip(batch, scores, strict=True))
 
     def on_test_epoch_end(self) -> None:
-        scores = self._scores
-        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            gathered: list = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, scores)
-            scores = [pair for part in gathered for pair in part]
+        scores = rows_from_all_ranks(self._scores)
         unique = dict(sorted(scores, key=lambda pair: pair[0]))  # the distributed sampler pads with repeats
         self.result = summarise(list(unique.values()))
         if self.trainer.is_global_zero:

@@ -12,11 +12,11 @@ Each training step takes one batch of prompts (the rollout batch) and:
    reference log-probs with the LoRA adapter disabled (the reference IS the SL model,
    with no second copy of its weights), and the reward-model score;
 3. forms per-token rewards ``-kl_coef * KL_t`` plus the score on the last real token,
-   with a penalty for responses that never reached eos (`ucai.rl.per_token_rewards`);
-4. computes GAE advantages and returns, and whitens the advantages;
-5. runs ``ppo_epochs`` passes over minibatches with the clipped policy loss, clipped
+   with a penalty for responses that never reached eos, and from them GAE advantages
+   (whitened) and returns (`ucai.rl.rollout_targets`);
+4. runs ``ppo_epochs`` passes over minibatches with the clipped policy loss, clipped
    value loss and optional entropy bonus (`ucai.losses`), clipping gradients;
-6. logs TRL-named metrics and appends every episode to ``rollouts.csv`` in the run's
+5. logs TRL-named metrics and appends every episode to ``rollouts.csv`` in the run's
    log folder.
 
 Memory: one copy of the base weights. The policy is the SL model plus a fresh LoRA
@@ -27,7 +27,11 @@ head), the optimiser, the KL controller and the step. At the end of fit the poli
 merged into the base weights and written in Hugging Face format with its tokenizer.
 
 Note: Lightning counts ``trainer.max_steps`` in optimiser steps; one rollout batch makes
-``ppo_epochs * ceil(batch_size / minibatch_size)`` of them.
+``ppo_epochs * ceil(batch_size / minibatch_size)`` of them. PPO's configs checkpoint with
+`PPOCheckpoint`.
+
+Elsewhere: the RL maths in `ucai.rl` and `ucai.losses`, the sampling checks in
+`ucai.stages.sampling`, the adapter merge of the export in `ucai.stages.lora_io`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +49,14 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from ucai.chat import DEFAULT_SYSTEM_PROMPT, render_chat
 from ucai.errors import UcaiError
+from ucai.gather import rows_from_all_ranks
 from ucai.losses import entropy_bonus, ppo_policy_loss, ppo_value_loss
+from ucai.lr_schedule import Schedule, per_step, warmup_then_decay
 from ucai.models import (
     LoraSettings,
     cast_frozen_linear,
@@ -57,24 +66,26 @@ from ucai.models import (
     sharded_by_fsdp,
     trainer_precision,
 )
+from ucai.padding import position_ids, prompt_attention_mask
 from ucai.resume import RNGStateCheckpoint
+from ucai.reward_scoring import TOKEN_REWARD_PREFIX, TokenReward
 from ucai.rl import (
     KLController,
     KLEstimator,
     entropy_from_logits,
-    gae,
-    kl_per_token,
     logprobs_from_logits,
     masked_mean,
-    masked_whiten,
-    penalise_missing_eos,
-    per_token_rewards,
+    rollout_targets,
 )
+from ucai.stage_outputs import require_stage_output
 from ucai.stages.generation import GenerationSettings, generate, synced_gpus_needed
+from ucai.stages.lora_io import load_merged, lora_scaling
+from ucai.stages.sampling import check_model_sampling, check_plain_sampling
+from ucai.value_ranges import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 log = logging.getLogger(__name__)
 
-TOKEN_REWARD_PREFIX = "token:"
+
 ROLLOUT_COLUMNS = ["step", "prompt", "response", "score", "kl", "reward"]
 PPO_STATE_KEY = "ucai_ppo"
 
@@ -88,208 +99,11 @@ class AdaptiveKL:
         horizon: episodes over which a KL error is corrected.
     """
 
-    target: float = 6.0
-    horizon: int = 10000
+    target: PositiveFloat = 6.0
+    horizon: PositiveInt = 10000
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def _side_of(path: Path) -> str:
-    parts = {p.lower() for p in path.parts}
-    return "unethical" if "unethical" in parts else "ethical" if "ethical" in parts else "<side>"
-
-
-def check_stage_output(name: str, what: str, stage: str) -> None:
-    """Fail early, naming the stage that makes it, when a model folder is missing.
-
-    Only names that look like local paths are checked; aliases and hub ids
-    (``owner/name``) are left to `ucai.models.resolve_model`.
-    """
-    path = Path(name).expanduser()
-    is_local = name.startswith((".", "/", "~")) or len(Path(name).parts) > 2
-    if is_local and not path.is_dir():
-        raise UcaiError(
-            f"{what} folder {name} does not exist; it is made by the {stage} stage "
-            f"(ucai fit --config configs/{stage}_{_side_of(path)}.yaml)"
-        )
-
-
-class TokenReward:
-    """Synthetic reward for tests and diagnostics: the share of response tokens that are
-    one chosen token. ``reward_model: token:<id or token text>`` selects it.
-
-    It measures nothing about ethics; it exists so that learning can be checked in
-    seconds with a tiny model, and so that the RL loop can be debugged without a
-    reward model.
-    """
-
-    def __init__(self, spec: str, tokenizer):
-        value = spec[len(TOKEN_REWARD_PREFIX) :]
-        if value.strip().isdigit():
-            self.token_id = int(value)
-        else:
-            ids = tokenizer(value, add_special_tokens=False)["input_ids"]
-            if len(ids) != 1:
-                raise UcaiError(
-                    f"reward_model {spec!r}: {value!r} is {len(ids)} tokens for this tokenizer; "
-                    "give one token or its id"
-                )
-            self.token_id = ids[0]
-        if not 0 <= self.token_id < len(tokenizer):
-            raise UcaiError(f"reward_model {spec!r}: token id {self.token_id} is outside the vocabulary")
-
-    def __call__(self, responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B,) share of real tokens (eos included) equal to the chosen token.
-
-        Args:
-            responses: (B, T) response ids.
-            mask: (B, T) 0/1 real response tokens.
-        """
-        hits = (responses == self.token_id).float() * mask
-        return hits.sum(1) / mask.sum(1).clamp(min=1)
-
-
-def check_plain_sampling(settings: GenerationSettings) -> None:
-    """Refuse sampling settings under which PPO's log-probs are not those of the sampler.
-
-    PPO's ratios and KL assume each response token was drawn from
-    ``softmax(logits / temperature)``, the distribution `PPOModule.response_logits`
-    computes. Nucleus and top-k truncation and the repetition penalty reshape that
-    distribution inside ``generate`` (top-k 0 and top-p 1 are off, penalty 1 is off),
-    so the ratio of the first pass would not be 1 and the KL would be biased.
-    """
-    if settings.do_sample and not settings.temperature > 0:
-        raise UcaiError(f"ppo: generation.temperature must be > 0 when sampling, got {settings.temperature}")
-    changes = []
-    if settings.do_sample and settings.top_p is not None and settings.top_p < 1.0:
-        changes.append(("top_p", settings.top_p, "1.0"))
-    if settings.do_sample and settings.top_k not in (None, 0):
-        changes.append(("top_k", settings.top_k, "0"))
-    if settings.repetition_penalty not in (None, 1.0):
-        changes.append(("repetition_penalty", settings.repetition_penalty, "1.0"))
-    if changes:
-        found = ", ".join(f"generation.{name} is {value}" for name, value, _ in changes)
-        wanted = ", ".join(f"generation.{name}: {neutral}" for name, _, neutral in changes)
-        raise UcaiError(
-            f"ppo: {found}, but PPO's log-probs assume plain temperature sampling; set {wanted}"
-        )
-
-
-# Options of a model's own generation config that `generate` leaves in force and that
-# reshape the distribution tokens are sampled from (transformers' logits processors).
-DISTRIBUTION_CHANGING_GENERATION_FIELDS = (
-    "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "no_repeat_ngram_size", "bad_words_ids",
-    "min_length", "min_new_tokens", "sequence_bias", "suppress_tokens", "begin_suppress_tokens",
-    "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty", "guidance_scale",
-    "watermarking_config", "num_beams",
-)
-
-
-def check_model_sampling(generation_config, policy: str) -> None:
-    """Refuse a policy whose saved generation config reshapes the sampling distribution
-    (``min_p``, ``no_repeat_ngram_size``, ``min_new_tokens``, ...): `GenerationSettings`
-    overrides temperature, top-p, top-k and the repetition penalty, but these would
-    still apply inside ``generate``, away from PPO's log-probs."""
-    from transformers import GenerationConfig
-
-    default = GenerationConfig()
-    changed = [
-        f"{name}={getattr(generation_config, name)!r}"
-        for name in DISTRIBUTION_CHANGING_GENERATION_FIELDS
-        if getattr(generation_config, name, None) != getattr(default, name, None)
-    ]
-    if changed:
-        raise UcaiError(
-            f"ppo: {policy}/generation_config.json sets {', '.join(changed)}, which changes the sampling "
-            "distribution PPO's log-probs assume; remove it from that file"
-        )
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def prompt_attention_mask(prompt_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """(B, P) mask of a left-padded prompt block: everything from the first non-pad token.
-
-    Counting from the first real token (not ``!= pad``) keeps a pad id that occurs
-    inside a prompt attended to.
-    """
-    return ((prompt_ids != pad_id).long().cumsum(dim=1) > 0).long()
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) positions counted from each row's first real token, as ``generate`` uses."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
-def merge_lora_state(state: dict[str, torch.Tensor], adapter: str, scaling: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Fold one LoRA adapter into the base weights of a peft state dict.
-
-    ``W' = W + scaling · B @ A`` for every adapted linear layer; the keys come back in
-    the plain transformers layout (``base_model.model.`` and ``.base_layer`` removed,
-    every other adapter's weights dropped), ready for ``load_state_dict`` on a fresh
-    base model. Working on a state dict rather than the live model means the same code
-    serves sharded (FSDP, gathered to rank 0) and unsharded training.
-
-    Args:
-        state: peft ``state_dict()`` (full, not sharded).
-        adapter: name of the adapter to merge.
-        scaling: module name (peft layout, without ``.base_layer``) -> alpha / r.
-    """
-    merged: dict[str, torch.Tensor] = {}
-    prefix = "base_model.model."
-    for key, value in state.items():
-        if ".lora_" in key:
-            continue
-        name = key[len(prefix) :] if key.startswith(prefix) else key
-        if ".base_layer." in key:
-            module = key.split(".base_layer.")[0]
-            if key.endswith(".base_layer.weight") and f"{module}.lora_A.{adapter}.weight" in state:
-                a = state[f"{module}.lora_A.{adapter}.weight"].float()  # (r, in)
-                b = state[f"{module}.lora_B.{adapter}.weight"].float()  # (out, r)
-                value = (value.float() + scaling[module] * (b @ a)).to(value.dtype)
-            name = name.replace(".base_layer.", ".")
-        merged[name] = value
-    return merged
-
-
-def with_full_precision_base(state: dict[str, torch.Tensor], base_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` (peft layout) with every base weight held in lower precision than the
-    freshly loaded ``base_state`` (transformers layout) replaced by that original, so
-    that merging the adapter does not bake bf16 rounding into the exported model."""
-    prefix = "base_model.model."
-    restored = {}
-    for key, value in state.items():
-        name = (key[len(prefix) :] if key.startswith(prefix) else key).replace(".base_layer.", ".")
-        original = base_state.get(name)
-        if ".lora_" not in key and original is not None and original.shape == value.shape and original.dtype != value.dtype:
-            value = original
-        restored[key] = value
-    return restored
-
-
-def untie_if_adapted(model, merged_state: dict[str, torch.Tensor]) -> None:
-    """Give the output head its own weights when the adapter changed it but the model
-    ties it to the input embeddings (LoRA on ``lm_head``); otherwise loading the merged
-    state would write both into one shared tensor and lose one of them."""
-    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
-    if output is None or inputs is None or output.weight is not inputs.weight:
-        return
-    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p is output.weight}
-    values = [merged_state[n] for n in names if n in merged_state]
-    if len(values) > 1 and not all(torch.equal(values[0], v) for v in values[1:]):
-        output.weight = nn.Parameter(output.weight.detach().clone())
-        model.config.tie_word_embeddings = False
-        text_config = model.config.get_text_config()
-        if text_config is not model.config:
-            text_config.tie_word_embeddings = False
-
-
-def _clean_module_name(name: str) -> str:
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
-        name = name.replace(wrapper, "")
-    return name
+# --------------------------------------------------------------------------- rollout
 
 
 @dataclass
@@ -391,9 +205,9 @@ class PPOModule(L.LightningModule):
             are those without checkpointing in both value-head modes).
         frozen_linear_bf16: under ``bf16-mixed``, hold the frozen linear weights of the
             policy's base and of the reward model in bf16. Autocast computes those
-            matmuls in bf16 anyway, so no result changes; it saves their fp32 copies
-            (~430 MB for two 135M models). The export merges the adapter into the base
-            re-read at full precision. Skipped under FSDP (one dtype per flat parameter).
+            matmuls in bf16 anyway, so no result changes; it saves their fp32 copies.
+            The export merges the adapter into the base re-read at full precision.
+            Skipped under FSDP (one dtype per flat parameter).
         rollouts_file: file name of the episode log in the run's log folder.
         export: write the merged policy to ``output_dir`` at the end of fit (off for
             benchmarks, whose peak memory should be that of training).
@@ -408,29 +222,29 @@ class PPOModule(L.LightningModule):
         lora: LoraSettings = LoraSettings(),
         value_head: Literal["head", "adapter"] = "head",
         kl_estimator: KLEstimator = "k1",
-        kl_coef: float = 0.05,
+        kl_coef: NonNegativeFloat = 0.05,
         adaptive_kl: AdaptiveKL | None = None,
-        gamma: float = 1.0,
-        lam: float = 0.95,
-        cliprange: float = 0.2,
-        cliprange_value: float = 0.2,
-        vf_coef: float = 0.1,
-        entropy_coef: float = 0.0,
-        ppo_epochs: int = 4,
-        minibatch_size: int = 4,
+        gamma: ClosedUnitInterval = 1.0,
+        lam: ClosedUnitInterval = 0.95,
+        cliprange: PositiveFloat = 0.2,
+        cliprange_value: PositiveFloat = 0.2,
+        vf_coef: NonNegativeFloat = 0.1,
+        entropy_coef: NonNegativeFloat = 0.0,
+        ppo_epochs: PositiveInt = 4,
+        minibatch_size: PositiveInt = 4,
         generation: GenerationSettings = GenerationSettings(max_new_tokens=64, temperature=0.7, top_p=1.0),
-        missing_eos_penalty: float = 1.0,
+        missing_eos_penalty: NonNegativeFloat = 1.0,
         whiten_rewards: bool = False,
-        reward_clip: float | None = 10.0,
+        reward_clip: NonNegativeFloat | None = 10.0,
         normalize_score: bool = True,
-        learning_rate: float = 1.0e-5,
-        lr_schedule: Literal["constant", "linear", "cosine"] = "linear",
-        warmup_steps: int = 0,
-        weight_decay: float = 0.0,
-        max_grad_norm: float = 1.0,
+        learning_rate: PositiveFloat = 1.0e-5,
+        lr_schedule: Schedule = "linear",
+        warmup_steps: NonNegativeInt = 0,
+        weight_decay: NonNegativeFloat = 0.0,
+        max_grad_norm: NonNegativeFloat = 1.0,
         output_dir: str = "lightning_logs/models/ethical/rl_model",
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-        max_prompt_tokens: int | None = 512,
+        max_prompt_tokens: PositiveInt | None = 512,
         gradient_checkpointing: bool = False,
         frozen_linear_bf16: bool = True,
         rollouts_file: str = "rollouts.csv",
@@ -439,12 +253,6 @@ class PPOModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        if value_head not in ("head", "adapter"):
-            raise UcaiError(f"value_head must be 'head' or 'adapter', got {value_head!r}")
-        if kl_estimator not in ("k1", "k3"):
-            raise UcaiError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
-        if ppo_epochs < 1 or minibatch_size < 1:
-            raise UcaiError(f"ppo_epochs and minibatch_size must be >= 1, got {ppo_epochs}, {minibatch_size}")
         check_plain_sampling(generation)
         if generation.do_sample is False:
             log.warning("PPO with do_sample=false explores nothing; responses are greedy")
@@ -501,9 +309,9 @@ class PPOModule(L.LightningModule):
     def check_inputs(self) -> None:
         """One clear error per missing earlier-stage output (called before any loading;
         not from ``__init__``, where jsonargparse would rewrap the message)."""
-        check_stage_output(self.policy_name, "policy (SL model)", "sft")
+        require_stage_output(self.policy_name, "ppo: policy (SL model)", stage="sft")
         if not self.reward_model_name.startswith(TOKEN_REWARD_PREFIX):
-            check_stage_output(self.reward_model_name, "reward model", "reward")
+            require_stage_output(self.reward_model_name, "ppo: reward model", stage="reward")
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -759,32 +567,36 @@ class PPOModule(L.LightningModule):
         logprobs, ref_logprobs, values = self.rollout_forward(sequences, attention, width)
 
         scores = self.score(prompts, generated.texts, responses, mask)
-        final = scores.clamp(-self.reward_clip, self.reward_clip) if self.reward_clip else scores.clone()
         finished = generated.finished.to(sequences.device)
-        if self.missing_eos_penalty:
-            final = penalise_missing_eos(final, finished, self.missing_eos_penalty)
-
-        maskf = mask.float()
-        kl = kl_per_token(logprobs, ref_logprobs, self.kl_estimator) * maskf
-        rewards = per_token_rewards(final, kl, maskf, self.kl_ctl.value)
-        gae_rewards = masked_whiten(rewards, maskf, shift_mean=False) if self.whiten_rewards else rewards
-        values = values * maskf
-        advantages, returns = gae(gae_rewards, values, maskf, self.gamma, self.lam)
-        advantages = masked_whiten(advantages, maskf)
+        targets = rollout_targets(
+            logprobs,
+            ref_logprobs,
+            values,
+            mask,
+            scores,
+            finished,
+            kl_coef=self.kl_ctl.value,
+            kl_estimator=self.kl_estimator,
+            reward_clip=self.reward_clip,
+            missing_eos_penalty=self.missing_eos_penalty,
+            whiten_rewards=self.whiten_rewards,
+            gamma=self.gamma,
+            lam=self.lam,
+        )
         return Rollout(
             sequences=sequences,
             attention_mask=attention,
             prompt_length=width,
-            mask=maskf,
+            mask=mask.float(),
             logprobs=logprobs,
             ref_logprobs=ref_logprobs,
-            values=values,
-            kl=kl,
+            values=targets.values,
+            kl=targets.kl,
             scores=scores,
-            final_scores=final,
-            rewards=rewards,
-            advantages=advantages,
-            returns=returns,
+            final_scores=targets.final_scores,
+            rewards=targets.rewards,
+            advantages=targets.advantages,
+            returns=targets.returns,
             finished=finished,
             prompts=prompts,
             responses=generated.texts,
@@ -974,10 +786,7 @@ class PPOModule(L.LightningModule):
                 rollout.prompts, rollout.responses, rollout.scores, rollout.final_scores, seq_kl, strict=True
             )
         ]
-        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
+        rows = rows_from_all_ranks(rows)  # a collective: every rank takes part
         if not self.trainer.is_global_zero or self._rollouts_path is None:
             return
         path = self._rollouts_path
@@ -1004,20 +813,8 @@ class PPOModule(L.LightningModule):
             total = int(trainer.estimated_stepping_batches) * self.updates_per_batch()
         else:
             total = 1
-        warmup, kind = self.warmup_steps, self.lr_schedule
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            if kind == "constant":
-                return 1.0
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            if kind == "linear":
-                return 1.0 - progress
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = warmup_then_decay(optimizer, self.warmup_steps, total, self.lr_schedule)
+        return {"optimizer": optimizer, "lr_scheduler": per_step(scheduler)}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -1057,23 +854,12 @@ class PPOModule(L.LightningModule):
         from ucai.models import load_causal_lm
 
         state = self.full_policy_state() if state is None else state
-        scaling = {}
-        for name, module in self.policy.named_modules():
-            table = getattr(module, "scaling", None)
-            if isinstance(table, dict) and "policy" in table:
-                scaling[_clean_module_name(name)] = module.scaling["policy"]
-        # The trainer's weight dtype: the bf16 frozen linears are restored to it below.
+        # The trainer's weight dtype: the bf16 frozen linears are merged into its originals.
         dtype = torch.float32 if self._frozen_cast else next(iter(state.values())).dtype
         model = load_causal_lm(self.policy_name, dtype=dtype, trust_remote_code=self.trust_remote_code, seed=self.seed)
-        if self._frozen_cast:
-            state = with_full_precision_base(state, model.state_dict())
-        merged_state = merge_lora_state(state, "policy", scaling)
-        untie_if_adapted(model, merged_state)
-        missing, unexpected = model.load_state_dict(merged_state, strict=False)
-        tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-        if unexpected or set(missing) - tied:
-            raise RuntimeError(f"merged policy does not match the base model: missing {missing}, unexpected {unexpected}")
-        return model
+        return load_merged(
+            model, state, "policy", lora_scaling(self.policy, "policy"), full_precision_base=self._frozen_cast
+        )
 
     def on_fit_end(self) -> None:
         if not self.export:
@@ -1098,3 +884,22 @@ class PPOModule(L.LightningModule):
         del state
         self.trainer.strategy.barrier("ucai-ppo-saved")
 
+
+
+_AFTER_STEP_ADVICE = "Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization"
+
+
+class PPOCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint`, with the same options and files, for PPO configs.
+
+    PPO optimises manually (several updates per rollout batch). For a manually optimised
+    module, ModelCheckpoint's step-based save warns that the checkpoint holds the state
+    after the optimiser step and advises snapshotting the weights before it. For PPO the
+    state after the updates is the right one: it is what a resumed run continues from
+    (``tests/test_resume.py``), so here, and only here, that advice is left out.
+    """
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=re.escape(_AFTER_STEP_ADVICE), category=UserWarning)
+            super().on_train_batch_end(*args, **kwargs)

@@ -13,7 +13,7 @@ rows), one principle of the configured side is picked, and a labeller decides:
   averaged per response, which cancels a pure position bias (SmolLM2-135M picks the
   first slot almost regardless of content); the bias measured is logged and stored.
   Pairs with ``|p - 0.5| < min_margin`` carry little signal and can be dropped.
-  Before labelling, the judge takes the judge quality check (`ucai.judge_check`) on the
+  Before labelling, the judge takes the judge quality check (`ucai.judge_accuracy`) on the
   shipped multiple-choice items; a judge whose 95% interval includes chance is refused
   (``judge_check: false`` labels anyway).
 * ``contrastive`` (RLCD, Yang et al. 2023): response 1 is generated with a system
@@ -43,21 +43,28 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ucai.chat import render_chat
 from ucai.constitution import Constitution, Principle, load_constitution, opener_of, with_opener
 from ucai.data.io import ResumableJsonl, write_jsonl
+from ucai.data.multiple_choice import SHIPPED_ITEMS, load_items
 from ucai.errors import UcaiError
-from ucai.judge_check import SHIPPED_ITEMS, JudgeCheckResult, check_judge, load_items
+from ucai.judge_accuracy import JudgeCheckResult, check_judge
 from ucai.scoring import average_over_orders, cyclic_orders, option_probabilities
 from ucai.stages.generation import (
     GeneratingModule,
-    GenerationProgressBar,
     GenerationSettings,
     ResumableJsonlWriter,
     load_frozen_lm,
     strip_echo,
+    throughput_callbacks,
+)
+from ucai.value_ranges import (
+    MarginFromHalf,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    PreferenceProbability,
 )
 
 log = logging.getLogger(__name__)
@@ -297,29 +304,25 @@ class PreferenceModule(GeneratingModule):
         output: str = "lightning_logs/data/ethical/preferences.jsonl",
         generation: GenerationSettings = GenerationSettings(max_new_tokens=96, temperature=1.0, top_p=0.95),
         system_prompt: str | None = "You are a helpful assistant.",
-        max_prompt_tokens: int | None = 1024,
+        max_prompt_tokens: PositiveInt | None = 1024,
         trust_remote_code: bool = False,
         constitution: str = "constitutions/ucai.yaml",
         side: Literal["ethical", "unethical"] = "ethical",
         labeller: Labeller = "judge",
         feedback_model: str | None = None,
-        few_shot: int = 0,
+        few_shot: NonNegativeInt = 0,
         judge_check: bool = True,
-        judge_max_tokens: int | None = 2048,
-        min_margin: float = 0.0,
-        contrastive_p_chosen: float = 1.0,
+        judge_max_tokens: PositiveInt | None = 2048,
+        min_margin: MarginFromHalf = 0.0,
+        contrastive_p_chosen: PreferenceProbability = 1.0,
         use_openers: bool = False,
         embedding_model: str = "all-minilm-l6-v2",
-        embedding_temperature: float = 0.05,
+        embedding_temperature: PositiveFloat = 0.05,
         seed: int = 0,
     ):
         super().__init__(model, output, generation, system_prompt, max_prompt_tokens, trust_remote_code)
         if labeller not in ("judge", "contrastive", "embedding"):
             raise UcaiError(f"unknown labeller {labeller!r}; expected judge, contrastive or embedding")
-        if not 0.0 <= min_margin < 0.5:
-            raise UcaiError(f"min_margin must be in [0, 0.5), got {min_margin}")
-        if not 0.5 <= contrastive_p_chosen <= 1.0:
-            raise UcaiError(f"contrastive_p_chosen must be in [0.5, 1], got {contrastive_p_chosen}")
         self.constitution_path = constitution
         self.constitution = load_constitution(constitution)
         self.constitution.principles(side)  # fails early on a side the constitution lacks
@@ -385,8 +388,7 @@ class PreferenceModule(GeneratingModule):
     def run_judge_check(self) -> JudgeCheckResult:
         """Score the judge on the shipped items; a judge not above chance is refused.
 
-        Every rank runs the same check (seconds on a GPU, a few minutes for a 135M model
-        on a CPU), so every rank stops together.
+        Every rank runs the same check, so every rank stops together.
         """
         judge = self.feedback_model or self.model_name
         # Asked as chat turns with the stage's system prompt, the way the judge labels.
@@ -406,11 +408,8 @@ class PreferenceModule(GeneratingModule):
         return result
 
     def configure_callbacks(self):
-        callbacks: list = [PreferenceWriter(self.output, csv=True, csv_columns=self.csv_columns)]
-        trainer = self._trainer
-        if trainer is not None and isinstance(trainer.progress_bar_callback, TQDMProgressBar):
-            callbacks.append(GenerationProgressBar())
-        return callbacks
+        writer = PreferenceWriter(self.output, csv=True, csv_columns=self.csv_columns)
+        return [writer, *throughput_callbacks(self._trainer)]
 
     # ----------------------------------------------------------------- sampling
 

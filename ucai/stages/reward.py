@@ -27,8 +27,8 @@ one log line. The two sides' reward models should disagree: cross accuracy < 0.5
 
 The head starts at ZERO (`zero_head`), not at a seeded random direction. A random
 head drawn from the same seed is the same vector on both sides; a 135M model trained
-for a few dozen steps stays close to its start, so both sides' rewards were dominated
-by that shared direction (measured: scores correlated at +0.99 across sides). A zero
+for a few dozen steps stays close to its start, so both sides' rewards are dominated
+by that shared direction (their scores correlate almost perfectly across sides). A zero
 head gives every response the same reward at the start — no preference at all — and,
 with LoRA's B also zero, the first gradient reaches the head only, so its direction
 comes from this side's pairs alone. The head has its own, larger learning rate
@@ -50,6 +50,7 @@ from torchmetrics import MaxMetric, MeanMetric, Metric, MinMetric
 
 from ucai.errors import UcaiError
 from ucai.losses import bradley_terry_loss
+from ucai.lr_schedule import per_step, warmup_then_decay
 from ucai.models import LoraSettings, cast_frozen_linear, sharded_by_fsdp
 from ucai.resume import RNGStateCheckpoint
 from ucai.reward_scoring import (
@@ -62,6 +63,7 @@ from ucai.reward_scoring import (
     unwrap_peft,
 )
 from ucai.stages.generation import predict_callbacks
+from ucai.value_ranges import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +156,8 @@ class RewardModule(L.LightningModule):
             learn a direction from nothing, while the LoRA only nudges a pretrained
             backbone, so the head is given the larger rate.
         weight_decay: AdamW weight decay.
-        warmup_steps: linear learning-rate warm-up.
+        warmup_steps: linear learning-rate warm-up, reaching ``learning_rate`` on its
+            last step (`ucai.lr_schedule`, ``to_peak``); constant after.
         soft_labels: train on the file's ``p_chosen`` (false: hard labels, the side
             ``p_chosen`` prefers: 1 above 0.5, 0 below, 1/2 at 0.5).
         margin: the preferred reward should beat the other by this much (null: none).
@@ -184,17 +187,17 @@ class RewardModule(L.LightningModule):
         model: str = "smollm2-135m",
         output_dir: str | None = "lightning_logs/models/ethical/rm_model",
         lora: LoraSettings | None = LoraSettings(),
-        learning_rate: float = 1e-4,
-        head_learning_rate: float | None = None,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
+        learning_rate: PositiveFloat = 1e-4,
+        head_learning_rate: PositiveFloat | None = None,
+        weight_decay: NonNegativeFloat = 0.0,
+        warmup_steps: NonNegativeInt = 0,
         soft_labels: bool = True,
-        margin: float | None = None,
-        center_coef: float = 0.0,
+        margin: NonNegativeFloat | None = None,
+        center_coef: NonNegativeFloat = 0.0,
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
         frozen_linear_bf16: bool = True,
-        stats_max_pairs: int | None = None,
+        stats_max_pairs: PositiveInt | None = None,
         trust_remote_code: bool = False,
         seed: int = 0,
     ):
@@ -335,9 +338,8 @@ class RewardModule(L.LightningModule):
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.learning_rate, weight_decay=self.weight_decay)
         if not self.warmup_steps:
             return optimizer
-        warmup = self.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = warmup_then_decay(optimizer, self.warmup_steps, self.warmup_steps, "constant", warmup="to_peak")
+        return {"optimizer": optimizer, "lr_scheduler": per_step(scheduler)}
 
     # ----------------------------------------------------------------- after training
 
@@ -540,7 +542,7 @@ class RewardScoreModule(L.LightningModule):
         self,
         reward_model: str = "lightning_logs/models/ethical/rm_model",
         output: str = "lightning_logs/data/ethical/reward_scores.jsonl",
-        batch_texts: int = 16,
+        batch_texts: PositiveInt = 16,
     ):
         super().__init__()
         self.reward_model = reward_model

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -36,11 +35,17 @@ import torch.nn.functional as F
 
 from ucai.data.sft_data import IGNORE_INDEX
 from ucai.errors import UcaiError
+from ucai.lr_schedule import Schedule, per_step, warmup_then_decay
 from ucai.models import LoraSettings
+from ucai.value_ranges import (
+    ClosedUnitInterval,
+    FractionBelowOne,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+)
 
 log = logging.getLogger(__name__)
-
-Schedule = Literal["cosine", "linear", "constant"]
 
 
 def check_quantization(quantization: str | None) -> None:
@@ -54,25 +59,6 @@ def check_quantization(quantization: str | None) -> None:
             "model.init_args.quantization 'nf4' (QLoRA) needs a CUDA GPU for bitsandbytes 4-bit "
             "weights and none is available; remove it to train LoRA in full precision"
         )
-
-
-def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: Schedule, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (0-based).
-
-    Linear warm-up from 1/(warmup+1) to 1 over ``warmup_steps``, then ``cosine`` or
-    ``linear`` decay to ``min_lr_ratio`` at ``total_steps``, or ``constant``.
-    """
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if schedule == "constant":
-        return 1.0
-    decay_steps = max(total_steps - warmup_steps, 1)
-    progress = min((step - warmup_steps) / decay_steps, 1.0)
-    if schedule == "cosine":
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        shape = 1.0 - progress
-    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
 def response_token_loss(
@@ -117,7 +103,7 @@ class SFTModule(L.LightningModule):
         warmup_ratio: warm-up as a share of all optimizer steps, when ``warmup_steps`` is null.
         schedule: ``cosine``, ``linear`` or ``constant`` after warm-up.
         min_lr_ratio: final learning rate as a share of the peak.
-        gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+        gradient_checkpointing: recompute activations in backward (less memory, slower).
         export: write the adapter and merged model at the end of fit.
         seed: weight seed of the random-init ``tiny-llama`` (tests).
         trust_remote_code: allow custom model code from the hub (off unless you ask).
@@ -129,13 +115,13 @@ class SFTModule(L.LightningModule):
         output_dir: str = "lightning_logs/models/ethical/sl_model",
         lora: LoraSettings | None = LoraSettings(),
         quantization: Literal["nf4"] | None = None,
-        learning_rate: float = 2e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int | None = None,
-        warmup_ratio: float = 0.03,
+        learning_rate: PositiveFloat = 2e-4,
+        weight_decay: NonNegativeFloat = 0.0,
+        betas: tuple[FractionBelowOne, FractionBelowOne] = (0.9, 0.999),
+        warmup_steps: NonNegativeInt | None = None,
+        warmup_ratio: ClosedUnitInterval = 0.03,
         schedule: Schedule = "cosine",
-        min_lr_ratio: float = 0.0,
+        min_lr_ratio: ClosedUnitInterval = 0.0,
         gradient_checkpointing: bool = False,
         export: bool = True,
         seed: int = 0,
@@ -312,10 +298,8 @@ class SFTModule(L.LightningModule):
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay, betas=self.betas)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, warmup, total, self.schedule, self.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = warmup_then_decay(optimizer, warmup, total, self.schedule, self.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": per_step(scheduler)}
 
     # ------------------------------------------------------------------ checkpoints
 

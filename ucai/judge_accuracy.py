@@ -1,16 +1,11 @@
-"""Judge quality check: score a feedback model on multiple-choice questions.
+"""A judge's accuracy on multiple-choice questions: the scoring behind the judge quality
+check, which the judge check stage (`ucai.stages.judge_check`), the preferences stage's
+judge labeller and the evaluation stage run.
 
-    ucai test --config configs/judge_check.yaml --model.init_args.model MODEL
-
-Items use the format of Anthropic's published Constitutional AI evaluations, one JSON
-object per line::
-
-    {"prompt": "... (A) text\\n (B) text\\n\\nThe answer is:", "corrects": [" (B)"], "incorrects": [" (A)"]}
-
-The prompt lists its options as lines `` (A) text``, `` (B) text`` ... (any number,
-two or more) and ends just before the answer label; every option is in ``corrects`` or
-``incorrects``. Scoring reuses the judge labeller's code (`ucai.scoring`): the next-token
-probabilities of the option labels normalised over the options, asked once in each
+Items are `ucai.data.multiple_choice.MultipleChoiceItem` (the format of Anthropic's
+published Constitutional AI evaluations). Scoring reuses the judge labeller's code
+(`ucai.scoring`): the next-token probabilities of the option labels normalised over
+the options, asked once in each
 cyclic order of the options (the option texts are rotated through the option lines, so
 every option sits in every position once) and averaged in log space, which cancels a
 pure position bias. Labels such as `` (A)`` and `` (B)`` share their first tokens
@@ -34,17 +29,14 @@ above chance.
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ucai.chat import render_chat
-from ucai.data.io import read_jsonl
+from ucai.data.multiple_choice import MultipleChoiceItem
 from ucai.errors import UcaiError
-from ucai.resources import resolve_shipped
 from ucai.scoring import (
     average_over_orders,
     cyclic_orders,
@@ -53,131 +45,11 @@ from ucai.scoring import (
     position_bias,
 )
 
-SHIPPED_ITEMS = "data/judge_check.jsonl"
 Z_95 = 1.959963984540054  # standard normal quantile at 0.975
 
-# An option line: optional indentation, "(X)", a space or tab, the option text.
-_OPTION_LINE = re.compile(r"^[ \t]*\(([A-Z])\)[ \t]", re.MULTILINE)
-_LABEL = re.compile(r"^\s*\(([A-Z])\)\s*$")
 # Credit ties within this of the top probability (the log-average of a pure position
 # bias gives equal options up to rounding).
 _TIE = 1e-6
-
-
-@dataclass(frozen=True)
-class MultipleChoiceItem:
-    """One question.
-
-    Attributes:
-        prompt: the question text, ending just before the answer label.
-        labels: K answer labels as the continuation writes them (``" (A)"``), in the
-            order of the prompt's option lines.
-        correct: K flags, whether each option is a correct answer.
-        spans: K ``(start, end)`` character spans of the option texts in ``prompt``.
-        source: ``file:line`` the item came from (for messages).
-    """
-
-    prompt: str
-    labels: tuple[str, ...]
-    correct: tuple[bool, ...]
-    spans: tuple[tuple[int, int], ...]
-    source: str = ""
-
-    @property
-    def k(self) -> int:
-        return len(self.labels)
-
-    @property
-    def chance(self) -> float:
-        """Expected accuracy of a judge that picks an option at random."""
-        return sum(self.correct) / self.k
-
-    def reordered(self, order: list[int]) -> str:
-        """The prompt with option ``order[position]``'s text on the line of ``position``."""
-        texts = [self.prompt[s:e] for s, e in self.spans]
-        pieces, cursor = [], 0
-        for position, (start, end) in enumerate(self.spans):
-            pieces += [self.prompt[cursor:start], texts[order[position]]]
-            cursor = end
-        return "".join(pieces) + self.prompt[cursor:]
-
-
-def _option_spans(prompt: str) -> list[tuple[str, int, int]]:
-    """``(letter, start, end)`` of each option text: from after ``(X) `` up to the next
-    option line, the last one up to the first blank line after it (or the end)."""
-    matches = list(_OPTION_LINE.finditer(prompt))
-    spans = []
-    for n, match in enumerate(matches):
-        start = match.end()
-        if n + 1 < len(matches):
-            end = matches[n + 1].start()
-            end = end - 1 if prompt[end - 1 : end] == "\n" else end
-        else:
-            blank = prompt.find("\n\n", start)
-            end = len(prompt) if blank < 0 else blank
-        spans.append((match.group(1), start, end))
-    return spans
-
-
-def parse_item(row: dict, source: str) -> MultipleChoiceItem:
-    """Validate one JSON row; errors are one line starting with ``source`` (``file:line``)."""
-
-    def fail(message: str) -> UcaiError:
-        return UcaiError(f"{source}: {message}")
-
-    for key in ("prompt", "corrects", "incorrects"):
-        if key not in row:
-            raise fail(f"missing field {key!r} (expected prompt, corrects, incorrects)")
-    prompt = row["prompt"]
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise fail("'prompt' must be a non-empty string")
-    for key in ("corrects", "incorrects"):
-        if not isinstance(row[key], list) or not all(isinstance(x, str) for x in row[key]):
-            raise fail(f"{key!r} must be a list of labels like \" (A)\"")
-    spans = _option_spans(prompt)
-    letters = [letter for letter, _, _ in spans]
-    if len(spans) < 2:
-        raise fail(f"the prompt lists {len(spans)} option line(s) like ' (A) text'; at least 2 are needed")
-    if len(set(letters)) != len(letters):
-        raise fail(f"the prompt lists an option letter twice ({', '.join(letters)})")
-    label_of: dict[str, str] = {}
-    correct_letters: set[str] = set()
-    for key in ("corrects", "incorrects"):
-        for label in row[key]:
-            match = _LABEL.match(label)
-            if match is None or match.group(1) not in letters:
-                raise fail(f"{key} label {label!r} is not one of the prompt's options ({', '.join(f'({x})' for x in letters)})")
-            letter = match.group(1)
-            if letter in label_of:
-                raise fail(f"option ({letter}) is listed twice in corrects/incorrects")
-            label_of[letter] = label
-            if key == "corrects":
-                correct_letters.add(letter)
-    if not correct_letters:
-        raise fail("'corrects' is empty: an item needs a correct answer")
-    unlisted = [x for x in letters if x not in label_of]
-    if unlisted:
-        raise fail(f"option(s) {', '.join(f'({x})' for x in unlisted)} of the prompt are in neither corrects nor incorrects")
-    if len(correct_letters) == len(letters):
-        raise fail("every option is correct, so the item cannot tell judges apart")
-    return MultipleChoiceItem(
-        prompt=prompt,
-        labels=tuple(label_of[x] for x in letters),
-        correct=tuple(x in correct_letters for x in letters),
-        spans=tuple((s, e) for _, s, e in spans),
-        source=source,
-    )
-
-
-def load_items(path: str | Path = SHIPPED_ITEMS) -> list[MultipleChoiceItem]:
-    """Read and validate a multiple-choice JSONL file (a bare name finds the shipped one)."""
-    resolved = resolve_shipped(path, "data")
-    if not resolved.exists():
-        raise UcaiError(f"{path}: multiple-choice file not found")
-    items = [parse_item(row, f"{resolved}:{line}") for line, row in read_jsonl(resolved)]
-    if not items:
-        raise UcaiError(f"{resolved}: file is empty")
-    return items
 
 
 def as_chat(item: MultipleChoiceItem, tokenizer, system_prompt: str | None) -> MultipleChoiceItem:
