@@ -102,6 +102,10 @@ def test_an_out_of_range_optional_setting_is_one_line_naming_it(subcommand, conf
         ("predict", CONF / "preferences_tiny.yaml", "--model.init_args.output"),
         ("test", ROOT / "configs" / "judge_check.yaml", "--model.init_args.output"),
         ("test", CONF / "eval_tiny.yaml", "--model.init_args.output_dir"),
+        ("fit", CONF / "sft_tiny.yaml", "--model.init_args.output_dir"),
+        ("fit", CONF / "reward_tiny.yaml", "--model.init_args.output_dir"),
+        ("fit", CONF / "ppo_tiny.yaml", "--model.init_args.output_dir"),
+        ("predict", CONF / "reward_score_tiny.yaml", "--model.init_args.output"),
     ],
     ids=lambda v: str(v).rsplit("/", 1)[-1],
 )

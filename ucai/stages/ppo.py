@@ -53,6 +53,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from ucai.chat import DEFAULT_SYSTEM_PROMPT, render_chat
+from ucai.data.io import require_writable
 from ucai.errors import UcaiError
 from ucai.gather import rows_from_all_ranks
 from ucai.losses import entropy_bonus, ppo_policy_loss, ppo_value_loss
@@ -283,6 +284,7 @@ class PPOModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.weight_decay = weight_decay
         self.max_grad_norm = max_grad_norm
+        require_writable(output_dir, "--model.init_args.output_dir", folder=True)
         self.output_dir = output_dir
         self.system_prompt = system_prompt
         self.max_prompt_tokens = max_prompt_tokens

@@ -48,6 +48,7 @@ import lightning as L
 import torch
 from torchmetrics import MaxMetric, MeanMetric, Metric, MinMetric
 
+from ucai.data.io import require_writable
 from ucai.errors import UcaiError
 from ucai.losses import bradley_terry_loss
 from ucai.lr_schedule import per_step, warmup_then_decay
@@ -204,6 +205,8 @@ class RewardModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model_name = model
+        if output_dir is not None:  # None: the model is not exported
+            require_writable(output_dir, "--model.init_args.output_dir", folder=True)
         self.output_dir = output_dir
         self.lora = lora
         self.learning_rate = learning_rate
@@ -545,6 +548,7 @@ class RewardScoreModule(L.LightningModule):
         batch_texts: PositiveInt = 16,
     ):
         super().__init__()
+        require_writable(output, "--model.init_args.output")
         self.reward_model = reward_model
         self.output = output
         self.batch_texts = batch_texts

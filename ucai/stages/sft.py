@@ -33,6 +33,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from ucai.data.io import atomic_output, require_writable
 from ucai.data.sft_data import IGNORE_INDEX
 from ucai.errors import UcaiError
 from ucai.lr_schedule import Schedule, per_step, warmup_then_decay
@@ -133,6 +134,7 @@ class SFTModule(L.LightningModule):
         self.save_hyperparameters(ignore=["lora"])
         self.hparams["lora"] = None if lora is None else dataclasses.asdict(lora)
         self.model_name = model
+        require_writable(output_dir, "--model.init_args.output_dir", folder=True)
         self.output_dir = output_dir
         self.lora = lora
         self.quantization = quantization
@@ -367,8 +369,6 @@ class SFTModule(L.LightningModule):
             export_full_model(self._causal_lm(), self.tokenizer, output_dir, extra_files=extra, state_dict=state)
         log.info("SFT model written to %s (adapter in %s/adapter)", output_dir, output_dir)
         if log_dir:
-            from ucai.data.io import atomic_output
-
             with atomic_output(Path(log_dir) / "exported_model.json") as handle:
                 handle.write(json.dumps({**info, "output_dir": str(output_dir.resolve())}, indent=2) + "\n")
         return output_dir
