@@ -17,7 +17,7 @@ CONF = ROOT / "tests" / "conf"
 # (subcommand, config, override): a sample of fields per stage and data module.
 OUT_OF_RANGE = [
     ("predict", CONF / "critique_revision_tiny.yaml", "--model.init_args.rounds=0"),
-    ("predict", CONF / "critique_revision_tiny.yaml", "--model.init_args.generation.temperature=0"),
+    ("predict", CONF / "critique_revision_tiny.yaml", "--model.init_args.generation.temperature=-1"),
     ("predict", CONF / "critique_revision_tiny.yaml", "--model.init_args.generation.top_p=1.5"),
     ("predict", CONF / "critique_revision_tiny.yaml", "--model.init_args.generation.top_k=-1"),
     ("predict", CONF / "answer_tiny.yaml", "--model.init_args.generation.max_new_tokens=0"),

@@ -398,3 +398,17 @@ def test_a_bad_override_of_a_late_stage_fails_before_any_stage_runs(tmp_path, fa
     with pytest.raises(UcaiError, match=r"^ppo \(ethical\): --model.init_args.kl_coef: .*lots"):
         pipeline.main(["--config", str(path)])
     assert fake.ran == []
+
+
+def test_a_saved_run_config_and_a_resume_override_plan_like_the_stage_accepts_them(tmp_path, run_cli, capsys):
+    # A config written by --print_config (or saved beside a run) holds the subcommand's
+    # own keys (return_predictions, ckpt_path); `ucai predict` accepts it, so must the plan.
+    assert run_cli("predict", "--config", CONF / TINY_CONFIGS["categorise"], "--print_config") == 0
+    saved = tmp_path / "saved_categorise.yaml"
+    saved.write_text(capsys.readouterr().out)
+    assert "return_predictions" in saved.read_text()
+    stages = _tiny_stages()
+    stages["categorise"]["config"] = str(saved)
+    stages["ppo"]["overrides"] = {"ckpt_path": "last"}
+    runs = {r.label: r for r in pipeline.plan(pipeline.load_pipeline_config(_config(tmp_path, sides=["ethical"], stages=stages)))}
+    assert "--ckpt_path=last" in runs["ppo (ethical)"].args

@@ -223,12 +223,17 @@ def test_bare_config_name_resolves_to_the_shipped_config(tmp_path, monkeypatch, 
         (GenerationSettings(max_new_tokens=4), r"generation\.top_p is 0\.9.*set generation\.top_p: 1\.0"),
         (GenerationSettings(top_p=1.0, top_k=50), r"generation\.top_k is 50.*set generation\.top_k: 0"),
         (GenerationSettings(top_p=1.0, repetition_penalty=1.2), r"generation\.repetition_penalty is 1\.2.*: 1\.0"),
-        (GenerationSettings(top_p=1.0, temperature=0.0), r"temperature must be > 0"),
     ],
 )
 def test_sampling_that_changes_the_distribution_is_refused(settings, message, tiny_ppo):
     with pytest.raises(UcaiError, match=message):
         tiny_ppo(generation=settings)
+
+
+def test_sampling_at_temperature_zero_is_refused_and_greedy_at_zero_is_accepted():
+    with pytest.raises(UcaiError, match=r"generation.temperature: must be > 0 when sampling"):
+        GenerationSettings(top_p=1.0, temperature=0.0)
+    assert GenerationSettings(do_sample=False, temperature=0.0).to_kwargs()["do_sample"] is False
 
 
 def test_shipped_and_test_configs_use_plain_sampling():

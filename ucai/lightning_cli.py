@@ -132,10 +132,16 @@ class _ParserOnly(UcaiCLI):
     def _set_seed(self) -> None:  # parsing must not touch the global RNGs
         pass
 
+    def _parse_ckpt_path(self) -> None:  # would read the checkpoint named by ckpt_path
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
 
 class StageArgumentParser:
-    """Parses a stage's arguments (``--config X.yaml --model.init_args.k=v ...``, without
-    the subcommand) exactly as ``ucai fit`` will, and returns the effective settings.
+    """Parses a stage's arguments (``fit --config X.yaml --model.init_args.k=v ...``)
+    exactly as ``ucai fit`` will, and returns the effective settings.
 
     The pipeline parses every stage before the first one runs, so a bad value in a late
     stage's override fails at once. One parser serves every stage (building it is the
@@ -145,15 +151,16 @@ class StageArgumentParser:
     def __init__(self):
         self._parser = None
 
-    def parse(self, args: Sequence[str]):
+    def parse(self, subcommand: str, args: Sequence[str]):
         """The stage's effective settings (a jsonargparse Namespace: ``settings.trainer.precision``,
         ``settings.model.init_args``); a bad value raises a one-line `UcaiError`."""
+        command = [subcommand, *args]
         try:
             if self._parser is None:
                 with warnings.catch_warnings():
                     # The arguments are a stage's, not this process's sys.argv, on purpose.
                     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-                    self._parser = _ParserOnly(args=list(args), run=False).parser
-            return self._parser.parse_args(list(args))
+                    self._parser = _ParserOnly(args=command).parser
+            return self._parser.parse_args(command)[subcommand]
         except ArgumentError as error:
             raise one_line(error) from None

@@ -81,7 +81,7 @@ def override_args(overrides: dict[str, Any]) -> list[str]:
 _parser = None
 
 
-def parse_stage(run_label: str, configs: list[Path], overrides: dict[str, Any]):
+def parse_stage(run_label: str, mode: str, configs: list[Path], overrides: dict[str, Any]):
     """A stage's effective settings (jsonargparse Namespace), as ``ucai <mode>`` parses them."""
     global _parser
     if _parser is None:
@@ -92,7 +92,7 @@ def parse_stage(run_label: str, configs: list[Path], overrides: dict[str, Any]):
         _parser = StageArgumentParser()
     stacked = [part for config in configs for part in ("--config", str(config))]
     try:
-        return _parser.parse([*stacked, *override_args(overrides)])
+        return _parser.parse(mode, [*stacked, *override_args(overrides)])
     except UcaiError as error:
         raise UcaiError(f"{run_label}: {error}") from None
 
@@ -139,7 +139,8 @@ class _Planner:
             wired["data.init_args.heldout_fraction"] = cfg.heldout_fraction
         wired.update(wiring)
         wired.update(settings.overrides)  # the user's per-stage settings win
-        effective = parse_stage(label, configs, {**cfg.common_overrides, **wired})
+        mode = STAGES[stage].mode
+        effective = parse_stage(label, mode, configs, {**cfg.common_overrides, **wired})
         overrides = dict(cfg.common_overrides)
         if _tensorboard_logged(effective):
             # One TensorBoard folder per stage and side under the root, named as the
@@ -152,7 +153,7 @@ class _Planner:
             fallback = precision_fallback(effective.trainer.get("precision"), effective.trainer.get("accelerator"))
             if fallback is not None:
                 overrides["trainer.precision"] = fallback
-        parse_stage(label, configs, overrides)  # the command as it will run
+        parse_stage(label, mode, configs, overrides)  # the command as it will run
         # The constitution is an input like any other: editing a principle's text or its
         # response opener changes what the stage generates, so it must rerun the stage.
         constitution = (effective.model.get("init_args") or {}).get("constitution")

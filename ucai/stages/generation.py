@@ -30,8 +30,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, RichProgressBar, TQDMProgressBar
 
 from ucai.data.io import ResumableJsonl, require_writable, write_csv, write_jsonl
+from ucai.errors import UcaiError
 from ucai.padding import tokenizer_sides
-from ucai.value_ranges import NonNegativeInt, NucleusMass, PositiveFloat, PositiveInt
+from ucai.value_ranges import NonNegativeFloat, NonNegativeInt, NucleusMass, PositiveFloat, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,18 @@ class GenerationSettings:
 
     max_new_tokens: PositiveInt = 128
     do_sample: bool = True
-    temperature: PositiveFloat = 0.7
+    temperature: NonNegativeFloat = 0.7  # may be 0 only with do_sample: false (greedy)
     top_p: NucleusMass = 0.9
     top_k: NonNegativeInt = 0
     repetition_penalty: PositiveFloat = 1.0
     engine: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.do_sample and self.temperature == 0:
+            raise UcaiError(
+                "--model.init_args.generation.temperature: must be > 0 when sampling "
+                f"(do_sample: true), got {self.temperature}"
+            )
 
     def to_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
