@@ -48,6 +48,7 @@ bench: setup
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/sft.py
 	$(BIN)/python benchmarks/reward.py
+	$(BIN)/python benchmarks/dpo.py
 	$(BIN)/python benchmarks/ppo.py
 
 clean:

@@ -1,4 +1,4 @@
-"""Runs the SFT, reward and PPO fits one after another through ``ucai.cli.main`` and
+"""Runs the SFT, reward, PPO and DPO fits one after another through ``ucai.cli.main`` and
 records, per rank, each step's loss and the trainable weights at the end (for
 tests/test_ddp.py).
 
@@ -12,8 +12,8 @@ environment of their rank, so the later fits reuse them instead of launching aga
 
 The data are sized so that a single process given the doubled batch size sees, in each
 step, the union of the two ranks' batches of that step: SFT 12 rows in global batches
-of 8 and 4 (`LengthBucketSampler` deals each global batch out to the ranks), reward 16
-pairs and PPO 8 prompts, one batch per rank and epoch.
+of 8 and 4 (`LengthBucketSampler` deals each global batch out to the ranks), reward and
+DPO 16 pairs and PPO 8 prompts, one batch per rank and epoch.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "tests" / "conf"
-STAGES = ("sft", "reward", "ppo")
+STAGES = ("sft", "reward", "ppo", "dpo", "rloo")
 STEPS = 3  # optimiser steps per stage
 
 
@@ -36,8 +36,9 @@ class RankRecorder(Callback):
 
     ``losses[i]`` is step i's loss as this rank computed it (before that step's update);
     ``counts[i]`` what the loss is a mean over (response tokens for SFT, pairs for the
-    reward model). PPO optimises manually and returns nothing; its record is the logged
-    value loss, which is already averaged over ranks, and the mean response length.
+    reward model and DPO). PPO optimises manually and returns nothing; its record is the logged
+    value loss, which is already averaged over ranks, and the mean response length. RLOO
+    has no value loss: its record is the logged (rank-averaged) policy loss.
     """
 
     def __init__(self, folder: str, stage: str):
@@ -47,8 +48,8 @@ class RankRecorder(Callback):
         self.counts: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.stage == "ppo":
-            self.losses.append(float(trainer.callback_metrics["loss/value"]))
+        if self.stage in ("ppo", "rloo"):
+            self.losses.append(float(trainer.callback_metrics["loss/value" if self.stage == "ppo" else "loss/policy"]))
             self.counts.append(float(trainer.callback_metrics["response/length"]))
             return
         self.losses.append(float(outputs["loss"]))
@@ -68,7 +69,7 @@ class RankRecorder(Callback):
 def stage_args(stage: str, folder: Path, devices: int) -> list[str]:
     """``ucai fit`` arguments of one tiny stage; ``devices=1`` doubles the batch so the
     single process sees both ranks' rows in each step."""
-    per_rank = {"sft": 4, "reward": 8, "ppo": 4}[stage]
+    per_rank = {"sft": 4, "reward": 8, "ppo": 4, "dpo": 8, "rloo": 2}[stage]
     batch = per_rank * 2 if devices == 1 else per_rank
     recorder = {"class_path": "ddp_driver.RankRecorder", "init_args": {"folder": str(folder), "stage": stage}}
     common = [
@@ -78,8 +79,9 @@ def stage_args(stage: str, folder: Path, devices: int) -> list[str]:
     ]
     if devices > 1:
         common = ["--config", str(ROOT / "configs" / "strategies" / "ddp.yaml"), *common]
-    # PPO keeps its TensorBoard logger: rank 0 writes every rank's episodes to its run folder.
-    common.append(f"--trainer.logger.init_args.save_dir={folder}" if stage == "ppo" else "--trainer.logger=false")
+    # PPO and RLOO keep their TensorBoard logger: rank 0 writes every rank's episodes to its run folder.
+    online = stage in ("ppo", "rloo")
+    common.append(f"--trainer.logger.init_args.save_dir={folder}" if online else "--trainer.logger=false")
     if stage == "sft":
         # 12 rows, no validation split: one global batch of 8 and one of 4 per epoch.
         specific = [
@@ -92,6 +94,22 @@ def stage_args(stage: str, folder: Path, devices: int) -> list[str]:
             f"--data.init_args.path={ROOT / 'tests/fixtures/preferences_small.jsonl'}", "--data.init_args.limit=24",
             "--data.init_args.val_size=8", f"--data.init_args.batch_size={batch}",
             "--model.init_args.output_dir=null",
+        ]
+    elif stage == "dpo":
+        # As the reward model: 16 training pairs, one batch per rank and epoch.
+        specific = [
+            f"--data.init_args.path={ROOT / 'tests/fixtures/preferences_small.jsonl'}", "--data.init_args.limit=24",
+            "--data.init_args.val_size=8", f"--data.init_args.batch_size={batch}",
+            "--model.init_args.export=false",
+        ]
+    elif stage == "rloo":
+        # 4 prompts, 2 per rank, each sampled rloo_k = 2 times at temperature 0.1
+        # (rloo_tiny.yaml): greedy samples of a prompt would be identical, their
+        # advantages 0, and the weights would never move.
+        specific = [
+            f"--data.init_args.path={ROOT / 'data/red_team_prompts.jsonl'}", "--data.init_args.limit=4",
+            f"--data.init_args.batch_size={batch}", f"--model.init_args.minibatch_size={batch * 2}",
+            "--model.init_args.export=false",
         ]
     else:
         # 8 prompts, greedy responses (so both runs roll out the same episodes), one

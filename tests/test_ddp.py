@@ -1,7 +1,7 @@
-"""DDP on two CPU processes (gloo) for SFT, reward and PPO, as a user runs it: the stage
+"""DDP on two CPU processes (gloo) for SFT, reward, PPO and DPO, as a user runs it: the stage
 configs composed with ``configs/strategies/ddp.yaml`` through ``ucai fit``.
 
-One launch of tests/ddp_driver.py runs the three fits in turn (two interpreters that
+One launch of tests/ddp_driver.py runs the four fits in turn (two interpreters that
 import torch cost ~10 s each, so they are paid once). After a few optimiser steps the
 trainable weights (LoRA and heads) must be bit-identical on both ranks, and the first
 step's loss must equal a single-process run on the same global batch, the union of the
@@ -11,6 +11,7 @@ two ranks' batches (run here, in the pytest process, while DDP runs beside it).
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -100,8 +101,8 @@ def test_reward_ddp_trains_the_same_model_as_one_process(ddp_run, tmp_path, monk
         torch.testing.assert_close(rank0["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _rollouts(folder: Path) -> list[dict]:
-    return list(csv.DictReader(open(folder / "ppo_tiny" / "version_0" / "rollouts.csv", encoding="utf-8")))
+def _rollouts(folder: Path, run: str = "ppo_tiny") -> list[dict]:
+    return list(csv.DictReader(open(folder / run / "version_0" / "rollouts.csv", encoding="utf-8")))
 
 
 def test_ppo_ddp_matches_one_process_on_the_union_batch(ddp_run, tmp_path, monkeypatch):
@@ -124,3 +125,39 @@ def test_ppo_ddp_matches_one_process_on_the_union_batch(ddp_run, tmp_path, monke
         return sorted((r["prompt"], r["response"], float(r["score"])) for r in rows if r["step"] == "0")
 
     assert first_episodes(ddp_rows) == first_episodes(single_rows)
+
+
+def test_dpo_ddp_trains_the_same_policy_as_one_process(ddp_run, tmp_path, monkeypatch):
+    single = single_process("dpo", tmp_path, monkeypatch)
+    rank0, rank1 = ddp_run.records("dpo")
+    assert_same_weights_on_both_ranks(rank0, rank1)
+    # 8 pairs per rank, 16 in the single process. Step 0 starts at policy = reference
+    # (loss log 2 everywhere); the later steps' losses depend on the averaged gradients
+    # of the steps before, so all of them must agree.
+    assert rank0["counts"] == rank1["counts"] == [8.0] * ddp_driver.STEPS
+    assert single["counts"] == [16.0] * ddp_driver.STEPS
+    assert single["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    for step in range(ddp_driver.STEPS):
+        ddp_loss = (rank0["losses"][step] + rank1["losses"][step]) / 2
+        assert ddp_loss == pytest.approx(single["losses"][step], rel=1e-5), step
+    assert single["losses"][-1] < single["losses"][0]
+    assert rank0["losses"][1] != pytest.approx(rank1["losses"][1], rel=1e-5)  # the ranks saw different pairs
+    for name, weight in single["weights"].items():
+        torch.testing.assert_close(rank0["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_rloo_ddp_keeps_each_prompts_samples_on_one_rank(ddp_run, tmp_path, monkeypatch):
+    """Sampled episodes differ from one process's (other random draws), so unlike PPO's
+    test this one checks the ranks agree, trained, and kept each prompt's k samples together."""
+    single_process("rloo", tmp_path, monkeypatch)
+    rank0, rank1 = ddp_run.records("rloo")
+    assert_same_weights_on_both_ranks(rank0, rank1)
+    assert not any("value" in name for name in rank0["weights"])  # no critic under DDP either
+    assert rank0["losses"] == rank1["losses"]  # logged metrics are rank means
+    ddp_rows, single_rows = _rollouts(ddp_run.folder / "ddp", "rloo_tiny"), _rollouts(tmp_path / "single", "rloo_tiny")
+    assert len(ddp_rows) == len(single_rows) == 4 * 2 * ddp_driver.STEPS
+    for step in range(ddp_driver.STEPS):
+        prompts = [r["prompt"] for r in ddp_rows if int(r["step"]) == step]
+        # rank 0 gathers rank by rank: a prompt's group split across ranks would break the pairs
+        assert prompts[0::2] == prompts[1::2] and len(set(prompts)) == 4
+        assert set(prompts) == {r["prompt"] for r in single_rows if int(r["step"]) == step}

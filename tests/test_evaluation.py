@@ -154,7 +154,8 @@ def test_differences_family_is_corrected_together():
         + _score_rows("sl_unethical", base)
         + _score_rows("rl_unethical", [{**b, "rm_unethical": b["rm_unethical"] + 0.5} for b in base])
     )
-    differences, family = module.differences(scores, ["rm_ethical", "rm_unethical", "length_words"])
+    tests = module.comparison_family(["rm_ethical", "rm_unethical", "length_words"])
+    differences, family = module.differences(scores, tests, "the primary family")
     keyed = {(d["a"], d["b"], d["column"]): d for d in differences}
     assert list(keyed) == [
         ("rl_ethical", "rl_unethical", "rm_ethical"),
@@ -163,7 +164,7 @@ def test_differences_family_is_corrected_together():
         ("rl_ethical", "sl_ethical", "rm_ethical"),
         ("rl_unethical", "sl_unethical", "rm_unethical"),
     ]
-    assert family["family_size"] == 5 and family["method"] == "holm"
+    assert family["family_size"] == 5 and family["method"] == "holm" and family["family"] == "the primary family"
     # Holm over p = [1/16, 1/16, 1, 1/16, 1/16]: sorted, times 5, 4, 3, 2, 1 -> 0.3125, 0.25,
     # 0.1875, 0.125, 1; running maximum -> 0.3125 for the four small ones, 1 for length.
     assert [d["p"] for d in differences] == pytest.approx([1 / 16, 1 / 16, 1.0, 1 / 16, 1 / 16])
@@ -231,6 +232,7 @@ def test_tiny_evaluation_writes_scores_pairwise_and_report(tmp_path, run_cli, mo
         TINY_EVAL,
         f"--model.init_args.output_dir={out}",
         f'--model.init_args.reward_models={{"ethical": "{rm}"}}',
+        "--model.init_args.train_prompts=2",
     )
     assert code == 0
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
@@ -259,10 +261,25 @@ def test_tiny_evaluation_writes_scores_pairwise_and_report(tmp_path, run_cli, mo
     assert "## What this run shows" in report
     assert "judge_mean (failed check: no information)" in report and "Elo (failed check: no information)" in report
     assert (out / "score_distributions.png").stat().st_size > 1000
-    # Answers are cached per model and settings (what an interrupted run resumes from).
+    # The RL comparison: rl_ethical (PPO's by default) against sl_ethical, three copies
+    # of one model, so every KL to the reference is 0; the train-prompt gain is over the
+    # 2 train prompts the SL and RL models also answered, scored by rm_ethical.
+    assert summary["algorithms"] == {"rl_ethical": "ppo"}
+    assert set(summary["reference_kl"]) == {"sl_ethical", "rl_ethical"}
+    assert summary["reference_kl"]["rl_ethical"]["reference"] == "sl_ethical"
+    assert summary["reference_kl"]["sl_ethical"]["reference"] == "base"
+    assert summary["reference_kl"]["rl_ethical"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    assert summary["train_vs_heldout"]["rl_ethical"]["train"]["n"] == 2
+    assert summary["train_vs_heldout"]["rl_ethical"]["heldout"]["n"] == 4
+    assert [(d["a"], d["b"], d["column"]) for d in summary["algorithm_differences"]] == [("rl_ethical", "sl_ethical", "rm_ethical")]
+    assert [p["model"] for p in summary["frontier"]["ethical"]] == ["sl_ethical", "rl_ethical"]
+    assert "## RL algorithms (n = 4 held-out prompts)" in report and "frontier.png" in report
+    assert (out / "frontier.png").stat().st_size > 1000
+    # Answers are cached per model and settings (what an interrupted run resumes from);
+    # the SL and RL models' caches also hold their 2 train-prompt answers.
     caches = sorted((out / "cache").glob("*.jsonl"))
     assert [c.name.split("-")[0] for c in caches] == ["base", "rl_ethical", "sl_ethical"]
-    assert all(len(c.read_text().splitlines()) == 4 for c in caches)
+    assert [len(c.read_text().splitlines()) for c in caches] == [4, 6, 6]
 
 
 def test_answers_resume_from_the_cache_without_loading_the_model(tmp_path, monkeypatch):

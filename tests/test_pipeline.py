@@ -93,9 +93,10 @@ def fake(monkeypatch):
 
 def test_plan_wires_each_output_into_the_next_stage(tmp_path):
     cfg = pipeline.load_pipeline_config(_config(tmp_path))
-    runs = {r.label: r for r in pipeline.plan(cfg)}
+    runs = {r.label: r for r in pipeline.plan(cfg) if r.enabled}
     out = tmp_path / "out"
-    # stage by stage, both sides each: both preference files exist before either reward stage
+    # stage by stage, both sides each: both preference files exist before either reward stage;
+    # of the RL stages only PPO, the default `rl:`
     assert list(runs) == [
         "categorise",
         *[f"{s} ({side})" for s in ("critique_revision", "sft", "preferences", "reward", "ppo") for side in ("ethical", "unethical")],
@@ -127,6 +128,52 @@ def test_plan_wires_each_output_into_the_next_stage(tmp_path):
     assert ["rl_ethical", "rl_unethical"] in json.loads(
         next(a for a in evaluation.args if a.startswith("--model.init_args.comparisons=")).split("=", 1)[1]
     )
+
+
+def _eval_arg(run, key: str):
+    return json.loads(next(a for a in run.args if a.startswith(f"--model.init_args.{key}=")).split("=", 1)[1])
+
+
+def test_rl_lists_the_algorithms_to_train_and_compare(tmp_path):
+    """``rl: [rloo, ppo, dpo]`` trains all three from the same SL models and reward models;
+    the first is the report's ``rl_<side>`` model, the others keep their algorithm's name."""
+    cfg = pipeline.load_pipeline_config(_config(tmp_path, rl=["rloo", "ppo", "dpo"]))
+    runs = {r.label: r for r in pipeline.plan(cfg) if r.enabled}
+    out = tmp_path / "out"
+    assert [label for label in runs if label.split()[0] in ("ppo", "rloo", "dpo")] == [
+        f"{stage} ({side})" for stage in ("ppo", "rloo", "dpo") for side in ("ethical", "unethical")
+    ]
+    rloo = runs["rloo (ethical)"]
+    assert rloo.inputs == [out / "data/prompts.jsonl", out / "models/ethical/sl_model", out / "models/ethical/rm_model"]
+    assert f"--model.init_args.output_dir={out}/models/ethical/rloo_model" in rloo.args
+    assert f"--model.init_args.reward_model={out}/models/ethical/rm_model" in rloo.args
+    assert "--trainer.logger.init_args.name=rloo_ethical" in rloo.args
+    dpo = runs["dpo (unethical)"]
+    # DPO learns from the side's preference pairs: no prompts, no reward model
+    assert dpo.inputs == [out / "data/unethical/preferences.jsonl", out / "models/unethical/sl_model"]
+    assert f"--data.init_args.path={out}/data/unethical/preferences.jsonl" in dpo.args
+    assert f"--model.init_args.policy={out}/models/unethical/sl_model" in dpo.args
+    assert not any("reward_model" in a for a in dpo.args)
+    evaluation = runs["eval"]
+    models = _eval_arg(evaluation, "models")
+    assert models["rl_ethical"] == f"{out}/models/ethical/rloo_model"
+    assert models["ppo_unethical"] == f"{out}/models/unethical/rl_model"
+    assert models["dpo_ethical"] == f"{out}/models/ethical/dpo_model"
+    assert _eval_arg(evaluation, "algorithms") == {
+        "rl_ethical": "rloo", "ppo_ethical": "ppo", "dpo_ethical": "dpo",
+        "rl_unethical": "rloo", "ppo_unethical": "ppo", "dpo_unethical": "dpo",
+    }
+    # the report's per-iteration curves are the primary (online) algorithm's
+    assert _eval_arg(evaluation, "ppo_logs") == {s: f"{out}/logs/rloo_{s}" for s in ("ethical", "unethical")}
+
+
+def test_rl_dpo_alone_runs_no_online_stage(tmp_path):
+    cfg = pipeline.load_pipeline_config(_config(tmp_path, rl="dpo"))
+    runs = [r for r in pipeline.plan(cfg) if r.enabled]
+    assert {r.stage for r in runs} & {"ppo", "rloo", "dpo"} == {"dpo"}
+    evaluation = runs[-1]
+    assert _eval_arg(evaluation, "algorithms") == {"rl_ethical": "dpo", "rl_unethical": "dpo"}
+    assert _eval_arg(evaluation, "ppo_logs") == {}
 
 
 def test_user_overrides_win_and_values_are_formatted(tmp_path):
@@ -336,6 +383,8 @@ def test_missing_input_names_the_stage_that_makes_it(tmp_path, fake):
         ({"stages": {"sft": {"config": "nowhere.yaml"}}}, "stages.sft: config nowhere.yaml not found"),
         ({"heldout_fraction": 1.5}, "'heldout_fraction' must be a number between 0 and 1"),
         ({"parallel_sides": "yes"}, "'parallel_sides' must be true or false, got 'yes'"),
+        ({"rl": "a2c"}, r"'rl' must be one of \['ppo', 'rloo', 'dpo'\] or a list of distinct ones, got 'a2c'"),
+        ({"rl": ["ppo", "ppo"]}, "'rl' must be one of"),
     ],
 )
 def test_bad_pipeline_configs_name_the_problem(tmp_path, changes, message):

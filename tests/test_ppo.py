@@ -242,7 +242,9 @@ def test_shipped_and_test_configs_use_plain_sampling():
     from ucai.resources import configs_dir
     from ucai.stages.sampling import check_plain_sampling
 
-    for path in (configs_dir() / "ppo_ethical.yaml", configs_dir() / "ppo_unethical.yaml", PPO_TINY):
+    sides = ("ethical", "unethical")
+    shipped = [configs_dir() / f"{algorithm}_{side}.yaml" for algorithm in ("ppo", "rloo") for side in sides]
+    for path in (*shipped, PPO_TINY, PPO_TINY.with_name("rloo_tiny.yaml")):
         generation = yaml.safe_load(path.read_text())["model"]["init_args"]["generation"]
         check_plain_sampling(GenerationSettings(**generation))  # raises if not
 

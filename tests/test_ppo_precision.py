@@ -1,5 +1,6 @@
 """PPO and precision: gradient clipping sees unscaled gradients under a loss-scaling
-(``16-mixed``-style) precision, and half-precision weights are refused."""
+(``16-mixed``-style) precision and is off at ``max_grad_norm: 0``, and half-precision
+weights are refused."""
 
 from __future__ import annotations
 
@@ -44,6 +45,19 @@ def test_gradients_are_clipped_after_unscaling(scaled, tmp_path, tiny_ppo, tiny_
     trainer.fit(tiny_ppo(max_grad_norm=1e-3), datamodule=PromptDataModule(limit=4, batch_size=4, split="train"))
     assert len(record.norms) == 1  # the step was taken (no inf/NaN skipped it)
     assert record.norms[0] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_max_grad_norm_zero_switches_clipping_off(tmp_path, tiny_ppo, tiny_trainer, monkeypatch):
+    # max_grad_norm: 0 is "off": no clipping call at all, and the step is taken with the
+    # first rollout's raw gradient, whose norm is far above the 1e-3 clipped to above.
+    module = tiny_ppo(max_grad_norm=0.0)
+    clip_calls = []
+    monkeypatch.setattr(module, "clip_gradients", lambda *args, **kwargs: clip_calls.append(kwargs))
+    record = GradNormAtStep()
+    trainer = tiny_trainer(tmp_path, 1, logger=False, callbacks=[record])
+    trainer.fit(module, datamodule=PromptDataModule(limit=4, batch_size=4, split="train"))
+    assert clip_calls == [] and len(record.norms) == 1
+    assert record.norms[0] > 1e-2, record.norms
 
 
 def test_bf16_true_is_refused_naming_bf16_mixed(tmp_path, tiny_ppo, tiny_trainer):

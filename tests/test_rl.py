@@ -1,5 +1,6 @@
 """Pure RL maths (ucai.rl) against numbers worked out by hand in the comments, up to the
-targets of a whole rollout batch (`rollout_targets`)."""
+targets of a whole rollout batch (`rollout_targets` for GAE, `rloo_rollout_targets` for
+RLOO)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,14 @@ from ucai.rl import (
     masked_mean,
     masked_var,
     masked_whiten,
+    normalise_advantages,
     penalise_missing_eos,
+    per_token_advantages,
     per_token_rewards,
+    rloo_advantages,
+    rloo_rollout_targets,
     rollout_targets,
+    sequence_rewards,
 )
 
 
@@ -222,3 +228,99 @@ def test_whiten_rewards_keeps_the_mean_before_gae():
     # With V = 0, γ = λ = 1: A_t = sum of w from t on = returns:
     #   row 0: 4, 2, 2;   row 1: 3, 3, 1, 1.
     assert close(targets.returns, [[4, 2, 2, 0], [3, 3, 1, 1]])
+
+
+# --------------------------------------------------------------------------- RLOO
+
+
+def test_rloo_leave_one_out_advantages_by_hand():
+    # Two prompts, k = 4 samples each, consecutive.
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 2.0, 0.0, 1.0, 1.0])
+    # Group 1, sum 12: baselines (12 − R_i) / 3 = 11/3, 10/3, 3, 2
+    #   → A = 1 − 11/3, 2 − 10/3, 3 − 3, 6 − 2 = −8/3, −4/3, 0, 4.
+    # Group 2, sum 4: baselines 2/3, 4/3, 1, 1 → A = 4/3, −4/3, 0, 0.
+    expected = torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0, 4 / 3, -4 / 3, 0.0, 0.0])
+    advantages = rloo_advantages(rewards, k=4)
+    assert torch.allclose(advantages, expected, atol=1e-6)
+    # Grouped the other way (k = 2: pairs), each sample's baseline is its partner:
+    #   1 − 2, 2 − 1, 3 − 6, 6 − 3, 2 − 0, 0 − 2, 1 − 1, 1 − 1.
+    pairs = rloo_advantages(rewards, k=2)
+    assert torch.allclose(pairs, torch.tensor([-1.0, 1.0, -3.0, 3.0, 2.0, -2.0, 0.0, 0.0]))
+
+
+def test_rloo_normalised_advantages_by_hand():
+    advantages = torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0, 4 / 3, -4 / 3, 0.0, 0.0])
+    # Each group's advantages sum to 0, so the batch mean is 0 and only the scale changes.
+    # Unbiased variance: (64/9 + 16/9 + 16 + 16/9 + 16/9) / 7 = (112/9 + 144/9) / 7 = 256/63,
+    # std = 16/√63 ≈ 2.015811; TRL adds 1e-4 to the std: A / 2.015911.
+    std = 16 / math.sqrt(63)
+    normalised = normalise_advantages(advantages)
+    assert torch.allclose(normalised, advantages / (std + 1e-4), atol=1e-6)
+    assert normalised[3].item() == pytest.approx(4 / 2.015911, abs=1e-5)  # ≈ 1.984214
+
+
+def test_rloo_needs_two_samples_per_prompt_in_whole_groups():
+    with pytest.raises(ValueError, match="at least 2"):
+        rloo_advantages(torch.tensor([1.0, 2.0]), k=1)
+    with pytest.raises(ValueError, match="groups of k=4"):
+        rloo_advantages(torch.tensor([1.0, 2.0, 3.0]), k=4)
+
+
+def test_sequence_reward_and_its_tokens_by_hand():
+    final = torch.tensor([2.0, -1.0])
+    kl = torch.tensor([[1.0, 0.5, 0.0], [0.0, 2.0, 3.0]])  # already 0 on padding
+    # R = score − 0.1 · ΣKL: 2 − 0.1 · 1.5 = 1.85; −1 − 0.1 · 5 = −1.5.
+    assert torch.allclose(sequence_rewards(final, kl, kl_coef=0.1), torch.tensor([1.85, -1.5]))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    tokens = per_token_advantages(torch.tensor([3.0, -2.0]), mask)
+    assert torch.equal(tokens, torch.tensor([[3.0, 3.0, 0.0], [-2.0, -2.0, -2.0]]))
+
+
+# Four episodes, two prompts × k = 2, T = 3: row 0 ends with eos at t = 1 (t = 2 is
+# padding), row 1 never reaches eos, row 2 ends at t = 0, row 3 fills T with eos last.
+RLOO_MASK = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
+RLOO_FINISHED = torch.tensor([True, False, True, True])
+RLOO_LOGPROBS = torch.tensor([[-1.0, -2.0, -9.0], [-1.0, -1.0, -1.0], [-0.5, -7.0, -7.0], [-1.0, -1.0, -1.0]])
+RLOO_REF = torch.tensor([[-2.0, -2.0, -1.0], [-1.0, -3.0, -2.0], [-1.5, 0.0, 0.0], [-1.0, -1.0, -1.0]])
+
+
+def rloo_targets(**overrides):
+    settings = dict(
+        k=2, kl_coef=0.5, kl_estimator="k1", reward_clip=2.0, missing_eos_penalty=1.0, normalize_advantages=False
+    )
+    return rloo_rollout_targets(
+        RLOO_LOGPROBS, RLOO_REF, RLOO_MASK, torch.tensor([3.0, 1.0, -4.0, 0.5]), RLOO_FINISHED,
+        **{**settings, **overrides},
+    )
+
+
+def test_rloo_rollout_targets_by_hand():
+    targets = rloo_targets()
+    # k1 KL = logp − ref, 0 on padding (row 0's −9 vs −1 and row 2's −7 vs 0 never count):
+    #   row 0: 1, 0 | row 1: 0, 2, 1 | row 2: 1 | row 3: 0, 0, 0.
+    assert close(targets.kl, [[1, 0, 0], [0, 2, 1], [1, 0, 0], [0, 0, 0]])
+    # Scores clipped to ±2: 2, 1, −2, 0.5; row 1 (no eos) loses 1 → 2, 0, −2, 0.5.
+    assert close(targets.final_scores, [2, 0, -2, 0.5])
+    # Sequence rewards R = score − 0.5 · ΣKL: 2 − 0.5, 0 − 1.5, −2 − 0.5, 0.5 − 0
+    #   = 1.5, −1.5, −2.5, 0.5. With k = 2 the baseline is the other sample of the prompt:
+    #   A = 1.5 − (−1.5) = 3, −3 | −2.5 − 0.5 = −3, 3; on every real token, 0 on padding.
+    assert close(targets.advantages, [[3, 3, 0], [-3, -3, -3], [-3, 0, 0], [3, 3, 3]])
+    # The per-token rewards (−0.5 · KL_t, the score on the last real token) sum to R.
+    assert close(targets.rewards.sum(1), [1.5, -1.5, -2.5, 0.5])
+    # No critic: neither values nor returns.
+    assert targets.values is None and targets.returns is None
+
+
+def test_rloo_rollout_targets_normalised_and_with_k3():
+    # Normalised: the advantages 3, −3, −3, 3 have mean 0, unbiased variance 36/3 = 12,
+    # std 2√3 ≈ 3.464102: each becomes ±3 / 3.464202 ≈ ±0.866000.
+    scale = 3 / (2 * math.sqrt(3) + 1e-4)
+    normalised = rloo_targets(normalize_advantages=True)
+    assert close(normalised.advantages, [[scale, scale, 0], [-scale, -scale, -scale], [-scale, 0, 0], [scale] * 3])
+    # k3 on row 0, t = 0: log r = ref − logp = −1, k3 = e^−1 − 1 + 1 = 0.367879; the same
+    # estimator as PPO's goes into the sequence reward.
+    k3 = rloo_targets(kl_estimator="k3")
+    assert k3.kl[0, 0].item() == pytest.approx(math.exp(-1), abs=1e-6)
+    rewards = k3.rewards.sum(1)
+    assert torch.allclose(rewards, k3.final_scores - 0.5 * k3.kl.sum(1), atol=1e-6)
+    assert torch.allclose(k3.advantages[:, 0], rloo_advantages(rewards, 2), atol=1e-6)

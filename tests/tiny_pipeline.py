@@ -13,5 +13,7 @@ TINY_CONFIGS = {
     "preferences": "preferences_tiny.yaml",
     "reward": "reward_tiny.yaml",
     "ppo": "ppo_tiny.yaml",
+    "rloo": "rloo_tiny.yaml",
+    "dpo": "dpo_tiny.yaml",
     "eval": "eval_tiny.yaml",
 }

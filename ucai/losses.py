@@ -142,3 +142,50 @@ def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     from ucai.rl import masked_mean
 
     return masked_mean(entropy, mask)
+
+
+# --------------------------------------------------------------------------- DPO
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+    p_chosen: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sigmoid DPO loss (Rafailov et al. 2023), with soft labels as conservative DPO.
+
+    The implicit reward of a reply is ``r = β · (log π(y|x) − log π_ref(y|x))``; with
+    ``h = r_chosen − r_rejected``:
+
+    * hard labels (``p_chosen`` None, i.e. p = 1): ``−log σ(h)``, TRL's ``sigmoid`` loss;
+    * soft labels p: ``−p · log σ(h) − (1 − p) · log σ(−h)``, the Bradley–Terry
+      likelihood of a label that is right with probability p. With p = 1 − ε for every
+      pair this is conservative DPO, TRL's ``label_smoothing`` ε (of its ``sigmoid``
+      loss before 1.0; ``aot`` and ``robust`` keep that term in 1.12). At p = 1/2 the
+      optimum is h = 0: the policy keeps the reference's preference between the two.
+
+    Args:
+        policy_chosen_logps: (B,) summed log-probs of the chosen replies' tokens under
+            the policy.
+        policy_rejected_logps: (B,) the same for the rejected replies.
+        reference_chosen_logps: (B,) the chosen replies under the frozen reference.
+        reference_rejected_logps: (B,) the rejected replies under the reference.
+        beta: β, the strength of the implicit KL leash to the reference.
+        p_chosen: (B,) probability that ``chosen`` is the better reply, or None for 1.
+    Returns:
+        scalar mean loss, and the (B,) implicit rewards of the chosen and rejected
+        replies (detached: they are diagnostics, TRL's ``rewards/*``).
+    """
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)  # (B,)
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)  # (B,)
+    margin = chosen_rewards - rejected_rewards  # (B,) h
+    chosen_wins = -F.logsigmoid(margin)  # (B,) −log P(chosen is better)
+    if p_chosen is None:
+        loss = chosen_wins
+    else:
+        p = p_chosen.to(margin.dtype)
+        loss = p * chosen_wins + (1 - p) * -F.logsigmoid(-margin)
+    return loss.mean(), chosen_rewards.detach(), rejected_rewards.detach()

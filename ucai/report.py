@@ -26,28 +26,14 @@ import math
 from pathlib import Path
 
 from ucai.data.io import atomic_output, load_jsonl, read_jsonl
+from ucai.report_format import cell, count, fmt, interval, p_value, pyplot, save_png, signed, table, with_ci
+from ucai.report_rl import ALGORITHM_NAMES, algorithm_section, plot_frontier, what_algorithms_show
 
 log = logging.getLogger(__name__)
 
 PPO_TAGS = {"objective/scores": "RM score", "objective/kl": "KL(policy || SL)"}
 HEADLINE_COLUMNS = ("rm_ethical", "rm_unethical", "judge_mean", "emb_margin", "refusal", "length_words", "repetition_4")
 DISTRIBUTION_COLUMNS = ("rm_ethical", "rm_unethical", "judge_mean", "emb_margin", "length_words", "repetition_4")
-
-
-def _matplotlib():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_output(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=110, bbox_inches="tight")
-    _matplotlib().close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------- TensorBoard
@@ -80,7 +66,7 @@ def plot_ppo_curves(ppo_logs: dict[str, str], path: Path) -> Path | None:
     curves = {side: c for side, c in curves.items() if c}
     if not curves:
         return None
-    plt = _matplotlib()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(PPO_TAGS), figsize=(5 * len(PPO_TAGS), 3.4))
     for axis, (tag, label) in zip(axes, PPO_TAGS.items(), strict=True):
         for side, series in curves.items():
@@ -93,7 +79,7 @@ def plot_ppo_curves(ppo_logs: dict[str, str], path: Path) -> Path | None:
         axis.set_xlabel("PPO iteration")
         axis.grid(alpha=0.3)
         axis.legend()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 PPO_TREND_WINDOW = 5  # iterations averaged at each end once a run has 2 windows of them
@@ -135,7 +121,7 @@ def plot_distributions(scores: list[dict], models: list[str], path: Path) -> Pat
     columns = [c for c in DISTRIBUTION_COLUMNS if c in scores[0]]
     if not columns:
         return None
-    plt = _matplotlib()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6), squeeze=False)
     for axis, column in zip(axes[0], columns, strict=True):
         data = [[r[column] for r in scores if r["model"] == m] for m in models]
@@ -144,7 +130,7 @@ def plot_distributions(scores: list[dict], models: list[str], path: Path) -> Pat
         axis.set_title(column, fontsize=9)
         axis.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def win_matrix(win_rates: list[dict], models: list[str]) -> list[list[float]]:
@@ -163,7 +149,7 @@ def plot_win_matrix(win_rates: list[dict], models: list[str], path: Path) -> Pat
         return None
     import numpy as np
 
-    plt = _matplotlib()
+    plt = pyplot()
     matrix = np.array(win_matrix(win_rates, models))
     fig, axis = plt.subplots(figsize=(1.2 * len(models) + 2, 1.0 * len(models) + 1.5))
     image = axis.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=1, cmap="RdYlGn")
@@ -175,56 +161,10 @@ def plot_win_matrix(win_rates: list[dict], models: list[str], path: Path) -> Pat
                 axis.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=9)
     axis.set_title("win rate of row over column")
     fig.colorbar(image, ax=axis, fraction=0.046)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # --------------------------------------------------------------------------- markdown
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:.{digits}f}"
-
-
-def _cell(text: str, limit: int = 400) -> str:
-    text = " ".join(str(text).split())
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return text.replace("|", "\\|") or "(empty)"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
-
-
-def _with_ci(stats: dict | None) -> str:
-    if not stats:
-        return "–"
-    if "low" not in stats:
-        return _fmt(stats["mean"])
-    return f"{_fmt(stats['mean'])} [{_fmt(stats['low'])}, {_fmt(stats['high'])}]"
-
-
-def _interval(low, high, digits: int = 3) -> str:
-    """``[low, high]``; a None end is unbounded (too few prompts to bound it at that level)."""
-    return f"[{'−∞' if low is None else _fmt(low, digits)}, {'∞' if high is None else _fmt(high, digits)}]"
-
-
-def _p(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
-def _signed(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:+.{digits}f}"
 
 
 def judge_verdict(summary: dict) -> tuple[bool | None, str]:
@@ -239,12 +179,12 @@ def judge_verdict(summary: dict) -> tuple[bool | None, str]:
     if isinstance(ci, dict):
         ci = (ci.get("low"), ci.get("high"))
     low, high = (ci if isinstance(ci, (list, tuple)) and len(ci) == 2 else (None, None))
-    text = f"accuracy {_fmt(accuracy)}"
+    text = f"accuracy {fmt(accuracy)}"
     if low is not None and high is not None:
-        text += f" [95% CI {_fmt(low)}, {_fmt(high)}]"
-    text += f" on {n} items, chance {_fmt(chance)}"
+        text += f" [95% CI {fmt(low)}, {fmt(high)}]"
+    text += f" on {n} items, chance {fmt(chance)}"
     if check.get("first_position_bias") is not None:
-        text += f", first-position bias {_fmt(check['first_position_bias'])}"
+        text += f", first-position bias {fmt(check['first_position_bias'])}"
     passed = bool(check.get("passed"))
     if passed:
         return True, f"passed its quality check ({text})"
@@ -292,7 +232,7 @@ def what_this_run_shows(summary: dict, ppo: dict | None = None) -> list[str]:
             low, high = corr.get("cluster_low"), corr.get("cluster_high")
             if low is None or high is None:
                 low, high = corr.get("low"), corr.get("high")
-            what = f"r = {_fmt(corr['r'], 2)} over {corr['n']} answers ({corr.get('prompts', '?')} prompts), 95% CI {_interval(low, high, 2)}"
+            what = f"r = {fmt(corr['r'], 2)} over {corr['n']} answers ({corr.get('prompts', '?')} prompts), 95% CI {interval(low, high, 2)}"
             goal = corr.get("goal", -0.3)
             if corr["r"] <= goal and high is not None and high < 0:
                 out.append(f"The two reward models disagree as intended: {what}, at or below the goal r ≤ {goal}.")
@@ -319,8 +259,8 @@ def what_this_run_shows(summary: dict, ppo: dict | None = None) -> list[str]:
             opposite = (ethical_rm["significant"] and unethical_rm["significant"]
                         and ethical_rm["low"] is not None and ethical_rm["low"] > 0
                         and unethical_rm["high"] is not None and unethical_rm["high"] < 0)
-            detail = (f"rm_ethical {_signed(ethical_rm['diff'])} {_interval(ethical_rm['low'], ethical_rm['high'])}, "
-                      f"rm_unethical {_signed(unethical_rm['diff'])} {_interval(unethical_rm['low'], unethical_rm['high'])}")
+            detail = (f"rm_ethical {signed(ethical_rm['diff'])} {interval(ethical_rm['low'], ethical_rm['high'])}, "
+                      f"rm_unethical {signed(unethical_rm['diff'])} {interval(unethical_rm['low'], unethical_rm['high'])}")
             if opposite:
                 out.append(f"Each side's RL model scores higher than the other side's on its own reward model, in opposite directions ({detail}; rl_ethical − rl_unethical, corrected intervals).")
             else:
@@ -329,32 +269,35 @@ def what_this_run_shows(summary: dict, ppo: dict | None = None) -> list[str]:
             entry = next((d for d in diffs if d["a"] == f"rl_{side}" and d["b"] == f"sl_{side}"), None)
             if entry is None:
                 continue
-            ci = _interval(entry["low"], entry["high"])
+            ci = interval(entry["low"], entry["high"])
+            rl_name = ALGORITHM_NAMES.get((summary.get("algorithms") or {}).get(f"rl_{side}", "ppo"), "RL")
             if entry["significant"] and entry["diff"] > 0:
-                out.append(f"PPO raised the {side} model's score on its own reward model over SL: {_signed(entry['diff'])} {ci}, adjusted p = {_p(entry['p_adjusted'])}{_holds_zero_note(entry)}.")
+                out.append(f"{rl_name} raised the {side} model's score on its own reward model over SL: {signed(entry['diff'])} {ci}, adjusted p = {p_value(entry['p_adjusted'])}{_holds_zero_note(entry)}.")
             elif entry["significant"]:
-                out.append(f"PPO lowered the {side} model's score on its own reward model below SL: {_signed(entry['diff'])} {ci}, adjusted p = {_p(entry['p_adjusted'])}{_holds_zero_note(entry)}.")
+                out.append(f"{rl_name} lowered the {side} model's score on its own reward model below SL: {signed(entry['diff'])} {ci}, adjusted p = {p_value(entry['p_adjusted'])}{_holds_zero_note(entry)}.")
             else:
-                out.append(f"This run does not show PPO changing the {side} model's own-reward-model score relative to SL ({_signed(entry['diff'])} {ci}, adjusted p = {_p(entry['p_adjusted'])}).")
+                out.append(f"This run does not show {rl_name} changing the {side} model's own-reward-model score relative to SL ({signed(entry['diff'])} {ci}, adjusted p = {p_value(entry['p_adjusted'])}).")
         others = [d for d in significant if (d["a"], d["b"]) == ("rl_ethical", "rl_unethical") and d["column"] not in ("rm_ethical", "rm_unethical")]
         if others:
-            parts = [f"{d['column']} {_signed(d['diff'])} {_interval(d['low'], d['high'])}" + _holds_zero_note(d)
+            parts = [f"{d['column']} {signed(d['diff'])} {interval(d['low'], d['high'])}" + _holds_zero_note(d)
                      + (" (judge failed its check: no evidence)" if judge_failed and d["column"].startswith("judge_") else "")
                      for d in others]
             out.append("Other rl_ethical − rl_unethical differences that survive correction: " + "; ".join(parts) + ".")
         if not significant:
-            sentence = (f"No difference survives the {method} correction at n = {n} prompts ({_count(m, 'comparison')}, α = {alpha}); "
+            sentence = (f"No difference survives the {method} correction at n = {n} prompts ({count(m, 'comparison')}, α = {alpha}); "
                         "this run does not show the models differing on any scorer.")
             min_p = min(d.get("min_p", 0.0) for d in diffs)
             if family.get("method", "holm") == "holm" and min_p > alpha / m:
                 needed = math.ceil(math.log2(2 * m / alpha))
-                sentence += (f" With {n} prompts the sign-flip test cannot give p below {_p(min_p)}, above the first Holm "
-                             f"threshold {alpha}/{m} = {_p(alpha / m)}: no comparison could have passed; at least {needed} prompts are needed.")
+                sentence += (f" With {n} prompts the sign-flip test cannot give p below {p_value(min_p)}, above the first Holm "
+                             f"threshold {alpha}/{m} = {p_value(alpha / m)}: no comparison could have passed; at least {needed} prompts are needed.")
             out.append(sentence)
     elif diffs:
         out.append("The paired differences in this summary predate the multiple-comparison correction: their "
                    "'significant' marks are uncorrected and support no claim; rerun the evaluation (answers are "
                    "cached) to correct them.")
+    if len(set((summary.get("algorithms") or {}).values())) > 1:
+        out += what_algorithms_show(summary)
     # Judge.
     if judge_passed is False and summary.get("judge_skipped"):
         out.append(f"The judge {judge_text}, so no judge columns, win rates or Elo were computed (skip_failed_judge).")
@@ -370,11 +313,11 @@ def what_this_run_shows(summary: dict, ppo: dict | None = None) -> list[str]:
         if not score:
             continue
         verb = "rose" if score["last"] > score["first"] else "did not rise"
-        sentence = (f"During PPO the {side} side's reward-model score {verb}: mean {_fmt(score['first'])} over the first "
-                    f"{_count(score['k'], 'iteration')} vs {_fmt(score['last'])} over the last {score['k']} of {score['n']}")
+        sentence = (f"During PPO the {side} side's reward-model score {verb}: mean {fmt(score['first'])} over the first "
+                    f"{count(score['k'], 'iteration')} vs {fmt(score['last'])} over the last {score['k']} of {score['n']}")
         kl = trends.get("objective/kl")
         if kl:
-            sentence += f", with KL from SL going from {_fmt(kl['first'])} to {_fmt(kl['last'])}"
+            sentence += f", with KL from SL going from {fmt(kl['first'])} to {fmt(kl['last'])}"
         out.append(sentence + " (descriptive; no test).")
     return out
 
@@ -394,7 +337,7 @@ def render_markdown(
         else f"pairwise judgements and `judge_*` columns use the **{summary['criterion_side']}** principles"
     )
     lines.append(
-        f"{_count(n_prompts, 'held-out prompt')}, {_count(len(models), 'model')}. Judge: {summary.get('judge') or 'none'}; "
+        f"{count(n_prompts, 'held-out prompt')}, {count(len(models), 'model')}. Judge: {summary.get('judge') or 'none'}; "
         f"{judge_use}. Intervals of means are 95% bootstrap intervals over prompts (win rates resample prompts)."
     )
     shows = what_this_run_shows(summary, ppo)
@@ -407,11 +350,11 @@ def render_markdown(
     header = ["model", *[_judge_label(c, failed) for c in head_cols]] + ([elo_label] if elo else [])
     rows = []
     for m in models:
-        row = [m] + [_with_ci(summary["models"][m].get(c)) for c in head_cols]
+        row = [m] + [with_ci(summary["models"][m].get(c)) for c in head_cols]
         if elo:
-            row.append(_fmt(elo.get(m), 0))
+            row.append(fmt(elo.get(m), 0))
         rows.append(row)
-    lines += _table(header, rows)
+    lines += table(header, rows)
     if failed and (elo or any(c.startswith("judge_") for c in head_cols)):
         lines += ["", failed_note]
     corr = summary.get("rm_correlation")
@@ -422,8 +365,8 @@ def render_markdown(
         else:
             lines.append(
                 f"Pearson r of rm_ethical and rm_unethical over n = {corr['n']} answers ({corr.get('prompts', '?')} prompts): "
-                f"**{_fmt(corr['r'])}**, 95% CI {_interval(corr.get('cluster_low'), corr.get('cluster_high'))} resampling prompts "
-                f"(Fisher z, treating answers as independent: {_interval(corr.get('low'), corr.get('high'))}). "
+                f"**{fmt(corr['r'])}**, 95% CI {interval(corr.get('cluster_low'), corr.get('cluster_high'))} resampling prompts "
+                f"(Fisher z, treating answers as independent: {interval(corr.get('low'), corr.get('high'))}). "
                 f"Goal: r ≤ {corr.get('goal', -0.3)} ({'met' if corr.get('meets_goal') else 'not met'})."
             )
     if summary.get("judge") and summary.get("judge_check"):
@@ -431,10 +374,10 @@ def render_markdown(
     if summary.get("win_rates"):
         title = f"## Win rates (judge, per principle; n = judgements over {n_prompts} prompts)"
         lines += ["", title + (f" — {FAILED_JUDGE}" if failed else ""), ""]
-        lines += _table(
+        lines += table(
             ["A", "B", "n (judgements)", "A wins", "95% CI", "mean P(A better)"],
             [
-                [w["a"], w["b"], str(w["n"]), _fmt(w["win_rate"]), f"[{_fmt(w['low'])}, {_fmt(w['high'])}]", _fmt(w["mean_p_a"])]
+                [w["a"], w["b"], str(w["n"]), fmt(w["win_rate"]), f"[{fmt(w['low'])}, {fmt(w['high'])}]", fmt(w["mean_p_a"])]
                 for w in summary["win_rates"]
             ],
         )
@@ -444,7 +387,7 @@ def render_markdown(
         judgements = sum(w["n"] for w in summary.get("win_rates", []))
         title = f"## Elo (Bradley–Terry fit to all n = {judgements} pairwise judgements, mean 1000)"
         lines += ["", title + (f" — {FAILED_JUDGE}" if failed else ""), ""]
-        lines += _table(["model", elo_label], [[m, _fmt(r, 0)] for m, r in sorted(elo.items(), key=lambda kv: -kv[1])])
+        lines += table(["model", elo_label], [[m, fmt(r, 0)] for m, r in sorted(elo.items(), key=lambda kv: -kv[1])])
     diffs = summary.get("differences")
     if diffs:
         family = summary.get("multiple_comparisons") or {}
@@ -452,41 +395,42 @@ def render_markdown(
         if corrected:
             lines += ["", f"## Paired differences (n = {min(d['n'] for d in diffs)} prompts; {family.get('method_name', diffs[0]['method'])})", ""]
             lines.append(
-                f"One family of {_count(family.get('family_size', len(diffs)), 'comparison')} ({family.get('family', 'as listed')}), "
+                f"One family of {count(family.get('family_size', len(diffs)), 'comparison')} ({family.get('family', 'as listed')}), "
                 f"corrected together with **{family.get('method_name', diffs[0]['method'])}** at α = {family.get('alpha', 0.05)}; "
                 f"p from a {family.get('test', 'paired sign-flip test over prompts')}. "
-                f"Intervals: {family.get('interval', 'corrected')} (each at {_fmt(100 * diffs[0]['confidence'], 2)}%); "
+                f"Intervals: {family.get('interval', 'corrected')} (each at {fmt(100 * diffs[0]['confidence'], 2)}%); "
                 "“−∞, ∞” means too few prompts to bound the difference at that level. "
                 "*significant* = adjusted p ≤ α"
                 + (" (Holm is step-down, so it can reject where a Bonferroni interval still holds 0)."
                    if family.get("method", diffs[0]["method"]) == "holm" else ".")
             )
             lines.append("")
-            lines += _table(
+            lines += table(
                 ["A − B", "scorer", "n (prompts)", "mean(A − B)", "corrected CI", "p", "adjusted p", "significant"],
                 [
-                    [f"{d['a']} − {d['b']}", _judge_label(d["column"], failed), str(d["n"]), _fmt(d["diff"]),
-                     _interval(d["low"], d["high"]), _p(d["p"]), _p(d["p_adjusted"]), "yes" if d["significant"] else "no"]
+                    [f"{d['a']} − {d['b']}", _judge_label(d["column"], failed), str(d["n"]), fmt(d["diff"]),
+                     interval(d["low"], d["high"]), p_value(d["p"]), p_value(d["p_adjusted"]), "yes" if d["significant"] else "no"]
                     for d in diffs
                 ],
             )
         else:  # a summary written before the correction existed
             lines += ["", f"## Ethical RL vs unethical RL, per scorer (paired bootstrap, uncorrected; n = {n_prompts} prompts)", ""]
-            lines += _table(
+            lines += table(
                 ["scorer", "mean(A − B)", "95% CI", "significant (uncorrected)"],
-                [[d["column"], _fmt(d["diff"]), _interval(d["low"], d["high"]), "yes" if d["significant"] else "no"] for d in diffs],
+                [[d["column"], fmt(d["diff"]), interval(d["low"], d["high"]), "yes" if d["significant"] else "no"] for d in diffs],
             )
         if failed and any(d["column"].startswith("judge_") for d in diffs):
             lines += ["", failed_note]
+    lines += algorithm_section(summary, plots.get("frontier"))
     lines += ["", f"## All scorers (mean [95% CI] over n = {n_prompts} prompts per model)", ""]
     columns = summary.get("columns", [])
-    lines += _table(["scorer", *models], [[_judge_label(c, failed)] + [_with_ci(summary["models"][m].get(c)) for m in models] for c in columns])
+    lines += table(["scorer", *models], [[_judge_label(c, failed)] + [with_ci(summary["models"][m].get(c)) for m in models] for c in columns])
     if failed and any(c.startswith("judge_") for c in columns):
         lines += ["", failed_note]
     bias = {k: v for k, v in (summary.get("judge_position_bias") or {}).items() if v is not None}
     if bias:
         lines += ["", "Judge first-position bias (mean P(first option) − ½, before order averaging): "
-                  + ", ".join(f"{k} {_fmt(v)}" for k, v in bias.items())]
+                  + ", ".join(f"{k} {fmt(v)}" for k, v in bias.items())]
     if ppo:
         lines += ["", f"## PPO, first vs last iterations (mean of the first and last {PPO_TREND_WINDOW}, or fifth in shorter runs; descriptive)", ""]
         rows = []
@@ -494,10 +438,10 @@ def render_markdown(
             for tag, label in PPO_TAGS.items():
                 t = trends.get(tag)
                 if t:
-                    rows.append([side, label, str(t["n"]), str(t["k"]), _fmt(t["first"]), _fmt(t["last"]), _signed(t["last"] - t["first"])])
-        lines += _table(["side", "quantity", "n (iterations)", "k (averaged)", "first k", "last k", "change"], rows)
+                    rows.append([side, label, str(t["n"]), str(t["k"]), fmt(t["first"]), fmt(t["last"]), signed(t["last"] - t["first"])])
+        lines += table(["side", "quantity", "n (iterations)", "k (averaged)", "first k", "last k", "change"], rows)
     lines += ["", "## Plots", ""]
-    titles = {"ppo": "PPO score and KL per iteration", "distributions": "Score distributions", "win": "Win-rate matrix"}
+    titles = {"ppo": "RL score and KL per iteration", "distributions": "Score distributions", "win": "Win-rate matrix"}
     for key, title in titles.items():
         path = plots.get(key)
         if key == "win" and failed:
@@ -511,11 +455,11 @@ def render_markdown(
     for pid in list(by_prompt)[:examples]:
         answers = by_prompt[pid]
         first = next(iter(answers.values()))
-        lines += [f"**{_cell(first['prompt'], 300)}** (`{pid}`, {first.get('principle') or 'untagged'}; one answer per model, n = 1 prompt)", ""]
+        lines += [f"**{cell(first['prompt'], 300)}** (`{pid}`, {first.get('principle') or 'untagged'}; one answer per model, n = 1 prompt)", ""]
         score_cols = [c for c in ("rm_ethical", "rm_unethical", "judge_mean") if c in first]
-        lines += _table(
+        lines += table(
             ["model", "answer", *[_judge_label(c, failed) for c in score_cols]],
-            [[m, _cell(answers[m]["response"]), *[_fmt(answers[m][c], 2) for c in score_cols]] for m in models if m in answers],
+            [[m, cell(answers[m]["response"]), *[fmt(answers[m][c], 2) for c in score_cols]] for m in models if m in answers],
         )
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -533,6 +477,7 @@ def write_report(output_dir: str | Path, ppo_logs: dict[str, str] | None = None,
         "ppo": plot_ppo_curves(ppo_logs or {}, output_dir / "ppo_curves.png"),
         "distributions": plot_distributions(scores, models, output_dir / "score_distributions.png"),
         "win": plot_win_matrix(summary.get("win_rates", []), models, output_dir / "win_rates.png") if pairwise else None,
+        "frontier": plot_frontier(summary, output_dir / "frontier.png"),
     }
     text = render_markdown(summary, scores, plots, examples, ppo=ppo_trends(ppo_logs))
     path = output_dir / "report.md"

@@ -1,4 +1,5 @@
-"""Reinforcement-learning maths for PPO: pure functions over tensors, plus the KL controller.
+"""Reinforcement-learning maths for the online RL stage (PPO with GAE, or RLOO): pure
+functions over tensors, plus the KL controller.
 
 Everything here maps tensors to tensors (no models, no trainer), so each formula can be
 tested with numbers worked out by hand. Conventions, shared by every function:
@@ -228,28 +229,124 @@ def gae(
     return advantages, returns
 
 
+def sequence_rewards(final_scores: torch.Tensor, kl: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Reward of each whole episode: ``R_i = score_i - kl_coef * sum_t KL_it``.
+
+    It is the sum of the episode's `per_token_rewards`, written as one number because
+    RLOO credits the whole response at once.
+
+    Args:
+        final_scores: (N,) scores after clipping and the missing-eos penalty.
+        kl: (N, T) per-token KL estimates, already 0 on padding.
+        kl_coef: weight of the KL penalty.
+    Returns:
+        (N,) float32 sequence rewards.
+    """
+    return final_scores.float() - kl_coef * kl.float().sum(1)
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024).
+
+    The N = G * k episodes are G groups of k samples of one prompt, each group's
+    samples consecutive. Each sample's baseline is the mean reward of the other k - 1
+    samples of its prompt, ``b_i = (sum_j R_j - R_i) / (k - 1)``: it does not depend on
+    the sample itself, so the estimate stays unbiased, and it needs no critic.
+
+    Args:
+        rewards: (N,) sequence rewards, grouped by prompt (`sequence_rewards`).
+        k: samples per prompt, at least 2.
+    Returns:
+        (N,) float32 advantages ``R_i - b_i``; each group's advantages sum to 0.
+    """
+    if k < 2:
+        raise ValueError(f"RLOO needs at least 2 samples per prompt for its baseline, got k={k}")
+    if rewards.shape[0] % k:
+        raise ValueError(f"{rewards.shape[0]} episodes do not split into groups of k={k}")
+    grouped = rewards.float().view(-1, k)  # (G, k)
+    baselines = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)  # (G, k)
+    return (grouped - baselines).reshape(-1)
+
+
+def normalise_advantages(advantages: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """``(A - mean) / (std + eps)`` over the episodes, with the unbiased std: TRL's
+    ``normalize_advantages`` of its RLOO trainer, eps included.
+
+    Args:
+        advantages: (N,) one advantage per episode, N >= 2.
+    Returns:
+        (N,) float32.
+    """
+    advantages = advantages.float()
+    return (advantages - advantages.mean()) / (advantages.std() + eps)
+
+
+def per_token_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The episode's advantage on every one of its real response tokens.
+
+    Args:
+        advantages: (N,) one advantage per episode.
+        mask: (N, T) 0/1 real response tokens.
+    Returns:
+        (N, T) float32, 0 on padding.
+    """
+    return advantages.float().unsqueeze(1) * mask.float()
+
+
 # --------------------------------------------------------------------------- one rollout batch
 
 
 @dataclass(frozen=True)
 class RolloutTargets:
-    """What PPO learns from in one rollout batch of B episodes of T response tokens.
+    """What the policy update learns from in one rollout batch of B episodes of T
+    response tokens.
 
     Attributes:
         kl: (B, T) per-token KL estimate, 0 on padding.
         final_scores: (B,) scores after the clip and the missing-eos penalty.
-        rewards: (B, T) per-token rewards, before any whitening.
-        values: (B, T) value estimates, 0 on padding.
-        advantages: (B, T) whitened GAE advantages, 0 on padding.
-        returns: (B, T) value targets, 0 on padding.
+        rewards: (B, T) per-token rewards, before any whitening (each row sums to the
+            episode's sequence reward).
+        values: (B, T) value estimates, 0 on padding; None without a critic (RLOO).
+        advantages: (B, T) advantages, 0 on padding: whitened GAE advantages, or each
+            episode's RLOO advantage on all of its tokens.
+        returns: (B, T) value targets, 0 on padding; None without a critic (RLOO).
     """
 
     kl: torch.Tensor
     final_scores: torch.Tensor
     rewards: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | None
     advantages: torch.Tensor
-    returns: torch.Tensor
+    returns: torch.Tensor | None
+
+
+def final_scores_and_kl(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    scores: torch.Tensor,
+    finished: torch.Tensor,
+    *,
+    kl_estimator: KLEstimator,
+    reward_clip: float | None,
+    missing_eos_penalty: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores after the clip and the missing-eos penalty, and the masked KL: the part
+    of the targets that GAE and RLOO share.
+
+    Args:
+        logprobs, ref_logprobs: (B, T) policy and reference log-probs of the sampled tokens.
+        mask: (B, T) 0/1 real response tokens.
+        scores: (B,) reward-model scores.
+        finished: (B,) bool, whether each response reached eos.
+    Returns:
+        final scores (B,) and per-token KL (B, T), 0 on padding.
+    """
+    final = scores.clamp(-reward_clip, reward_clip) if reward_clip else scores.clone()
+    if missing_eos_penalty:
+        final = penalise_missing_eos(final, finished, missing_eos_penalty)
+    kl = kl_per_token(logprobs, ref_logprobs, kl_estimator) * mask.float()
+    return final, kl
 
 
 def rollout_targets(
@@ -289,11 +386,17 @@ def rollout_targets(
         whiten_rewards: whiten the per-token rewards (mean kept) before GAE.
         gamma, lam: GAE discount and lambda.
     """
-    final = scores.clamp(-reward_clip, reward_clip) if reward_clip else scores.clone()
-    if missing_eos_penalty:
-        final = penalise_missing_eos(final, finished, missing_eos_penalty)
+    final, kl = final_scores_and_kl(
+        logprobs,
+        ref_logprobs,
+        mask,
+        scores,
+        finished,
+        kl_estimator=kl_estimator,
+        reward_clip=reward_clip,
+        missing_eos_penalty=missing_eos_penalty,
+    )
     mask = mask.float()
-    kl = kl_per_token(logprobs, ref_logprobs, kl_estimator) * mask
     rewards = per_token_rewards(final, kl, mask, kl_coef)
     gae_rewards = masked_whiten(rewards, mask, shift_mean=False) if whiten_rewards else rewards
     values = values * mask
@@ -305,6 +408,68 @@ def rollout_targets(
         values=values,
         advantages=masked_whiten(advantages, mask),
         returns=returns,
+    )
+
+
+def rloo_rollout_targets(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    scores: torch.Tensor,
+    finished: torch.Tensor,
+    *,
+    k: int,
+    kl_coef: float,
+    kl_estimator: KLEstimator = "k1",
+    reward_clip: float | None = None,
+    missing_eos_penalty: float = 0.0,
+    normalize_advantages: bool = False,
+) -> RolloutTargets:
+    """RLOO's targets for a rollout batch of N = G * k episodes, k consecutive samples of
+    each of G prompts: the sibling of `rollout_targets` without a critic.
+
+    The scores get the same clip and missing-eos penalty as PPO's, and the KL the same
+    estimator; the sequence reward ``R_i = score_i - kl_coef * sum_t KL_it``
+    (`sequence_rewards`) gets the leave-one-out baseline of its prompt's group
+    (`rloo_advantages`), and the episode's advantage goes on each of its real tokens.
+    ``normalize_advantages`` rescales the N advantages to mean 0, std 1 first
+    (`normalise_advantages`); it is off by default, as in TRL 1.12's RLOOTrainer.
+
+    Args:
+        logprobs: (N, T) policy log-probs of the sampled tokens.
+        ref_logprobs: (N, T) reference log-probs of the same tokens.
+        mask: (N, T) 0/1 real response tokens.
+        scores: (N,) reward-model scores.
+        finished: (N,) bool, whether each response reached eos.
+        k: samples per prompt (>= 2).
+        kl_coef, kl_estimator: weight and estimator (`kl_per_token`) of the KL penalty.
+        reward_clip: clip of the scores (None or 0: off).
+        missing_eos_penalty: subtracted from the score of unfinished responses (0: off).
+        normalize_advantages: whiten the per-episode advantages over the batch.
+    Returns:
+        `RolloutTargets` with ``values`` and ``returns`` None.
+    """
+    final, kl = final_scores_and_kl(
+        logprobs,
+        ref_logprobs,
+        mask,
+        scores,
+        finished,
+        kl_estimator=kl_estimator,
+        reward_clip=reward_clip,
+        missing_eos_penalty=missing_eos_penalty,
+    )
+    advantages = rloo_advantages(sequence_rewards(final, kl, kl_coef), k)  # (N,)
+    if normalize_advantages:
+        advantages = normalise_advantages(advantages)
+    mask = mask.float()
+    return RolloutTargets(
+        kl=kl,
+        final_scores=final,
+        rewards=per_token_rewards(final, kl, mask, kl_coef),
+        values=None,
+        advantages=per_token_advantages(advantages, mask),
+        returns=None,
     )
 
 

@@ -21,6 +21,8 @@ STAGE_MODULES = (
     "ucai.stages.reward",
     "ucai.data.preference_data",
     "ucai.stages.ppo",
+    "ucai.stages.dpo",
+    "ucai.data.dpo_data",
     "ucai.stages.evaluation",
     "ucai.data.multiple_choice",
     "ucai.stages.judge_check",
@@ -37,12 +39,14 @@ STAGE_CLASSES = {
     "RewardModule": "ucai.stages.reward",
     "RewardScoreModule": "ucai.stages.reward",
     "PPOModule": "ucai.stages.ppo",
+    "DPOModule": "ucai.stages.dpo",
     "EvaluationModule": "ucai.stages.evaluation",
     "JudgeCheckModule": "ucai.stages.judge_check",
     "PromptDataModule": "ucai.data.prompt_datamodule",
     "SFTDataModule": "ucai.data.sft_data",
     "PreferenceDataModule": "ucai.data.preference_data",
     "ResponseDataModule": "ucai.data.preference_data",
+    "DPODataModule": "ucai.data.dpo_data",
     "MultipleChoiceDataModule": "ucai.data.multiple_choice",
 }
 
@@ -50,14 +54,14 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 DESCRIPTION = (
     "ucai: Constitutional AI and its mirror image as Lightning stages. "
-    "Subcommands: fit (sft, reward, ppo), predict (categorise, critique-revision, preferences), "
+    "Subcommands: fit (sft, reward, ppo, dpo), predict (categorise, critique-revision, preferences), "
     "test (evaluation, judge check); `ucai pipeline --config configs/pipeline/demo.yaml` runs every stage."
 )
 
 # One line per subcommand for ``ucai --help``, which is printed without Lightning.
 # tests/test_cli.py checks the names against LightningCLI's subcommands.
 SUBCOMMAND_SUMMARIES = {
-    "fit": "Train a stage (sft, reward, ppo): Trainer.fit, the full optimization routine.",
+    "fit": "Train a stage (sft, reward, ppo, dpo): Trainer.fit, the full optimization routine.",
     "validate": "Run one evaluation epoch over the validation set: Trainer.validate.",
     "test": "Evaluate (evaluation, judge check): Trainer.test, one epoch over the test set.",
     "predict": "Generate (answer, categorise, critique-revision, preferences): Trainer.predict.",

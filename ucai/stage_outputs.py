@@ -59,11 +59,16 @@ STAGES: dict[str, StageOutput] = {
             "data/{side}/preferences.jsonl",
         ),
         StageOutput("reward", "the reward stage", "fit", "configs/reward_{side}.yaml", "models/{side}/rm_model"),
+        # The online and offline RL stages; a pipeline's `rl:` picks which run. Each
+        # writes its own folder so that one run can train and compare all three.
         StageOutput("ppo", "the PPO stage", "fit", "configs/ppo_{side}.yaml", "models/{side}/rl_model"),
+        StageOutput("rloo", "the RLOO stage", "fit", "configs/rloo_{side}.yaml", "models/{side}/rloo_model"),
+        StageOutput("dpo", "the DPO stage", "fit", "configs/dpo_{side}.yaml", "models/{side}/dpo_model"),
         StageOutput("eval", "the evaluation stage", "test", "configs/eval.yaml", "eval"),
     )
 }
 STAGE_ORDER = tuple(STAGES)
+RL_STAGES = ("ppo", "rloo", "dpo")  # the pipeline's `rl:` choices
 
 # Output names that only one stage writes, so a path ending in one names its maker.
 _BY_NAME = {PurePath(s.output).name: s for s in STAGES.values() if s.stage != "eval"}

@@ -35,7 +35,7 @@ from ucai.pipeline import runner, state
 from ucai.pipeline.config import PipelineConfig, load_pipeline_config
 from ucai.pipeline.console import Console, fmt_seconds
 from ucai.pipeline.plan import StageRun, plan
-from ucai.stage_outputs import STAGE_ORDER
+from ucai.stage_outputs import RL_STAGES, STAGE_ORDER
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -43,6 +43,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="pipeline YAML (e.g. configs/pipeline/demo.yaml)")
     parser.add_argument("--force", choices=[*STAGE_ORDER, "all"], help="rerun this stage and every later one")
     parser.add_argument("--stop-after", choices=STAGE_ORDER, help="stop once this stage has run for every side")
+    parser.add_argument(
+        "--rl",
+        nargs="+",
+        choices=RL_STAGES,
+        help="the RL algorithms to train, overriding the config's `rl:` (the first is the report's rl model)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
     return parser.parse_args(argv)
 
@@ -53,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # argparse has printed its message
         return int(exc.code or 0)
-    cfg = load_pipeline_config(args.config)
+    cfg = load_pipeline_config(args.config, rl=args.rl)
     # Started first: a fork server imports the stages' libraries while the plan is made.
     starter = None if args.dry_run else stage_starter(cfg)
     everything = plan(cfg)

@@ -11,11 +11,11 @@ from typing import Any
 from ucai.constitution import SIDES
 from ucai.errors import UcaiError
 from ucai.resources import read_yaml, resolve_shipped
-from ucai.stage_outputs import STAGE_ORDER, STAGES
+from ucai.stage_outputs import RL_STAGES, STAGE_ORDER, STAGES
 
 TOP_LEVEL_KEYS = {
     "output_root", "sides", "model", "prompts", "heldout_fraction", "common_overrides", "stages", "python",
-    "parallel_sides", "bf16_fallback", "fork_stages",
+    "parallel_sides", "bf16_fallback", "fork_stages", "rl",
 }
 STAGE_KEYS = {"config", "overrides", "enabled"}
 
@@ -42,6 +42,9 @@ class PipelineConfig:
     common_overrides: dict[str, Any]
     stages: dict[str, StageSettings]
     python: str
+    # The RL algorithms to train from the SL models, the first being the report's "rl"
+    # model; a stage runs only when it is listed here (and not disabled under stages:).
+    rl: list[str] = field(default_factory=lambda: ["ppo"])
     parallel_sides: bool = False
     bf16_fallback: bool = True
     fork_stages: bool = True
@@ -55,7 +58,8 @@ def _mapping(value, where: str) -> dict:
     return value
 
 
-def load_pipeline_config(path: str | Path) -> PipelineConfig:
+def load_pipeline_config(path: str | Path, rl: list[str] | None = None) -> PipelineConfig:
+    """Read and check a pipeline config; ``rl`` (``ucai pipeline --rl``) replaces its ``rl:``."""
     resolved = resolve_shipped(path, "configs")
     if not resolved.is_file():
         raise UcaiError(f"{path}: pipeline config not found")
@@ -70,6 +74,7 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
     unknown = sorted(set(stages_raw) - set(STAGE_ORDER))
     if unknown:
         raise UcaiError(f"{resolved}: unknown stage(s) {unknown}; stages are {list(STAGE_ORDER)}")
+    rl = _rl_algorithms(data.get("rl", "ppo") if rl is None else rl, resolved)
     stages = {}
     for name in STAGE_ORDER:
         raw = _mapping(stages_raw.get(name), f"{resolved}: stages.{name}")
@@ -83,7 +88,9 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         stages[name] = StageSettings(
             config=configs,
             overrides=_mapping(raw.get("overrides"), f"{resolved}: stages.{name}.overrides"),
-            enabled=bool(raw.get("enabled", True)),
+            # An RL stage that `rl:` does not list is planned (its output can be named
+            # in errors) but never run.
+            enabled=bool(raw.get("enabled", True)) and (name not in RL_STAGES or name in rl),
         )
     return PipelineConfig(
         source=resolved,
@@ -98,7 +105,18 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         parallel_sides=_flag(data.get("parallel_sides", False), "parallel_sides", resolved),
         bf16_fallback=_flag(data.get("bf16_fallback", True), "bf16_fallback", resolved),
         fork_stages=_flag(data.get("fork_stages", True), "fork_stages", resolved),
+        rl=rl,
     )
+
+
+def _rl_algorithms(value, source: Path) -> list[str]:
+    """``rl: ppo`` or ``rl: [rloo, ppo, dpo]``: the RL stages to run, the first primary."""
+    names = value if isinstance(value, list) else [value]
+    if not names or any(name not in RL_STAGES for name in names) or len(set(names)) != len(names):
+        raise UcaiError(
+            f"{source}: 'rl' must be one of {list(RL_STAGES)} or a list of distinct ones, got {value!r}"
+        )
+    return list(names)
 
 
 def _flag(value, key: str, source: Path) -> bool:

@@ -17,7 +17,7 @@ from ucai.errors import UcaiError
 from ucai.hardware import precision_fallback
 from ucai.pipeline.config import PipelineConfig
 from ucai.resources import resolve_shipped
-from ucai.stage_outputs import STAGE_ORDER, STAGES
+from ucai.stage_outputs import RL_STAGES, STAGE_ORDER, STAGES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -213,21 +213,54 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
                 "model.init_args.output_dir": str(output("reward", side)),
             },
         )
-        planner.add(
-            "ppo",
-            side,
-            [prompts, output("sft", side), output("reward", side)],
-            {
-                **generation_input,
-                "model.init_args.policy": str(output("sft", side)),
-                "model.init_args.reward_model": str(output("reward", side)),
-                "model.init_args.output_dir": str(output("ppo", side)),
-            },
-        )
+        for algorithm in RL_STAGES:
+            _plan_rl(planner, algorithm, side, generation_input)
     _plan_eval(planner)
     # Stage-major order (sorted is stable: sides keep their order within a stage), so
     # both sides' preferences come before either side's reward stage.
     return sorted(planner.runs, key=lambda run: STAGE_ORDER.index(run.stage))
+
+
+def _plan_rl(planner: _Planner, algorithm: str, side: str, generation_input: dict[str, str]) -> None:
+    """One RL stage of one side. PPO and RLOO sample the train prompts and are scored by
+    the side's reward model; DPO learns from the side's preference pairs directly."""
+    output = planner.output
+    policy = str(output("sft", side))
+    if algorithm == "dpo":
+        preferences = output("preferences", side)
+        planner.add(
+            algorithm,
+            side,
+            [preferences, output("sft", side)],
+            {
+                "data.init_args.path": str(preferences),
+                "model.init_args.policy": policy,
+                "model.init_args.output_dir": str(output(algorithm, side)),
+            },
+        )
+        return
+    planner.add(
+        algorithm,
+        side,
+        [output("categorise"), output("sft", side), output("reward", side)],
+        {
+            **generation_input,
+            "model.init_args.policy": policy,
+            "model.init_args.reward_model": str(output("reward", side)),
+            "model.init_args.output_dir": str(output(algorithm, side)),
+        },
+    )
+
+
+def rl_model_names(cfg: PipelineConfig, side: str) -> dict[str, str]:
+    """Evaluation's name for each RL stage's model of ``side`` that runs: ``rl_<side>``
+    for the primary algorithm (the first of ``rl:``), ``<algorithm>_<side>`` for the
+    others, e.g. ``{"ppo": "rl_ethical", "dpo": "dpo_ethical"}``."""
+    names = {}
+    for rank, algorithm in enumerate(cfg.rl):
+        if cfg.stages[algorithm].enabled:
+            names[algorithm] = f"rl_{side}" if rank == 0 else f"{algorithm}_{side}"
+    return names
 
 
 def _plan_eval(planner: _Planner) -> None:
@@ -235,15 +268,22 @@ def _plan_eval(planner: _Planner) -> None:
     both reward models as scorers."""
     cfg, output = planner.cfg, planner.output
     models = {"base": cfg.model}
+    algorithms = {}  # evaluation's model name -> the RL algorithm that trained it
     for side in cfg.sides:
         if cfg.stages["sft"].enabled:
             models[f"sl_{side}"] = str(output("sft", side))
-        if cfg.stages["ppo"].enabled:
-            models[f"rl_{side}"] = str(output("ppo", side))
+        for algorithm, name in rl_model_names(cfg, side).items():
+            models[name] = str(output(algorithm, side))
+            algorithms[name] = algorithm
+    primary = cfg.rl[0]
+    # The report's per-iteration curves: the primary algorithm's, when it samples online.
+    curves = {} if primary == "dpo" else {s: str(planner.logs / f"{primary}_{s}") for s in cfg.sides}
     comparisons = [[f"sl_{s}", f"rl_{s}"] for s in cfg.sides]
     if len(cfg.sides) == 2:
         comparisons.append(["rl_ethical", "rl_unethical"])
     comparisons += [["base", f"sl_{s}"] for s in cfg.sides]
+    # The other algorithms' models meet their SL model, so every model is in the Elo graph.
+    comparisons += [[f"sl_{s}", name] for s in cfg.sides for name in rl_model_names(cfg, s).values() if name != f"rl_{s}"]
     comparisons = [c for c in comparisons if all(m in models for m in c)]
     reward_models = {s: output("reward", s) for s in cfg.sides} if cfg.stages["reward"].enabled else {}
     planner.add(
@@ -255,7 +295,8 @@ def _plan_eval(planner: _Planner) -> None:
             "data.init_args.split": "heldout",
             "model.init_args.models": models,
             "model.init_args.reward_models": {s: str(path) for s, path in reward_models.items()},
-            "model.init_args.ppo_logs": {s: str(planner.logs / f"ppo_{s}") for s in cfg.sides},
+            "model.init_args.ppo_logs": curves,
+            "model.init_args.algorithms": algorithms,
             "model.init_args.comparisons": comparisons,
             "model.init_args.judge": cfg.model,
             "model.init_args.output_dir": str(output("eval")),

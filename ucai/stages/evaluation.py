@@ -61,8 +61,17 @@ from ucai.data.io import ResumableJsonl, require_writable, write_csv, write_json
 from ucai.errors import UcaiError
 from ucai.gather import rows_from_all_ranks
 from ucai.scoring import average_over_orders, cyclic_orders, option_probabilities, position_bias
-from ucai.stage_outputs import require_stage_output
+from ucai.stage_outputs import RL_STAGES, require_stage_output
 from ucai.stages.generation import GenerationSettings, generate
+from ucai.stages.rl_comparison import (
+    algorithm_family,
+    answer_kl,
+    frontier_points,
+    gain_on_prompts,
+    kl_summary,
+    reference_of,
+    side_of_model,
+)
 from ucai.stats import (
     CORRECTIONS,
     adjust_p,
@@ -263,7 +272,17 @@ class EvaluationModule(L.LightningModule):
         alpha: significance level of the corrected family (intervals at 1 - alpha, corrected).
         n_perm: random sign patterns of the sign-flip test when a comparison has more
             than 16 prompts (fewer are enumerated exactly).
-        ppo_logs: side -> TensorBoard folder of the PPO run, for the curves in the report.
+        ppo_logs: side -> TensorBoard folder of the online RL run (PPO or RLOO), for the
+            curves in the report.
+        algorithms: RL model name -> the algorithm that trained it (``ppo``, ``rloo``,
+            ``dpo``), e.g. ``{"rl_ethical": "ppo", "dpo_ethical": "dpo"}``; names end in
+            ``_<side>``. These models are compared as algorithms (a corrected family of
+            their own, the reward–KL frontier); null: every ``rl_<side>`` model is PPO's.
+        reference_kl: measure each SL and RL model's exact KL to its reference (base and
+            SL model) on its own held-out answers, per answer position.
+        train_prompts: also answer this many train-split prompts with the SL and RL
+            models and score them on their side's reward model, so the report can set
+            the train-prompt gain over SL beside the held-out one (0: off).
         n_boot: bootstrap resamples for every interval.
         examples: prompts shown with every model's answer side by side in the report.
         max_prompt_tokens: longer prompts are truncated from the left.
@@ -289,6 +308,9 @@ class EvaluationModule(L.LightningModule):
         pairwise_principles: Literal["all", "prompt"] = "all",
         tie_margin: MarginFromHalf = 0.01,
         ppo_logs: dict[str, str] | None = None,
+        algorithms: dict[str, str] | None = None,
+        reference_kl: bool = True,
+        train_prompts: NonNegativeInt = 0,
         n_boot: PositiveInt = 2000,
         judge_check: bool = True,
         skip_failed_judge: bool = False,
@@ -317,6 +339,11 @@ class EvaluationModule(L.LightningModule):
         self.pairwise_principles = pairwise_principles
         self.tie_margin = tie_margin
         self.ppo_logs = dict(DEFAULT_PPO_LOGS if ppo_logs is None else ppo_logs)
+        if algorithms is None:
+            algorithms = {name: "ppo" for name in self.models if name in ("rl_ethical", "rl_unethical")}
+        self.algorithms = dict(algorithms)
+        self.reference_kl = reference_kl
+        self.train_prompts = train_prompts
         self.n_boot = n_boot
         self.judge_check = judge_check
         self.correction = correction
@@ -345,6 +372,12 @@ class EvaluationModule(L.LightningModule):
             if unknown:
                 raise UcaiError(
                     f"evaluation: comparison {a_b} names {unknown}, not in models ({', '.join(self.models)})"
+                )
+        for name, algorithm in self.algorithms.items():
+            if name not in self.models or side_of_model(name) is None or algorithm not in RL_STAGES:
+                raise UcaiError(
+                    f"evaluation: algorithms entry {name}: {algorithm} must name an evaluated model ending in"
+                    f" _ethical or _unethical and one of {list(RL_STAGES)}"
                 )
         unknown_sides = set(self.reward_models) - set(SIDES)
         if unknown_sides:
@@ -438,10 +471,12 @@ class EvaluationModule(L.LightningModule):
         ]
         for score_row in scores:
             score_row.update(text_scores(score_row["response"]))
-        self.add_reward_scores(scores)
+        train_scores = self.train_prompt_answers(prompts)
+        self.add_reward_scores([*scores, *train_scores])  # each reward model loads once
         self.add_embedding_scores(scores)
         judge_info, pairwise = self.add_judgements(scores, prompts, answers)
         summary = self.summarise(scores, pairwise, judge_info)
+        summary.update(self.compare_algorithms(scores, train_scores, summary["models"], prompts, answers))
         write_jsonl(self.output_dir / "scores.jsonl", scores)
         write_csv(self.output_dir / "scores.csv", scores)
         write_jsonl(self.output_dir / "pairwise.jsonl", pairwise)
@@ -497,6 +532,95 @@ class EvaluationModule(L.LightningModule):
 
         use_then_free(lambda: self._load_lm(path, self.generation_dtype), answer_all)
         return done
+
+    # ------------------------------------------------------------------ RL algorithms
+
+    def train_prompt_answers(self, heldout: list[dict]) -> list[dict]:
+        """Score rows of the SL and RL models on ``train_prompts`` prompts of the train
+        split (the first in file order), for the train-prompt vs held-out gains."""
+        if not self.train_prompts:
+            return []
+        rows = self._train_split_rows(heldout)[: self.train_prompts]
+        names = [n for n in self.models if n in self.algorithms or (n.startswith("sl_") and side_of_model(n))]
+        out = []
+        for name in names:
+            answered = self.answers(name, self.models[name], rows)  # shares the held-out cache: ids differ
+            out += [
+                {"model": name, "id": r["id"], "prompt": r["prompt"], "principle": r.get("principle"), "response": answered[r["id"]]}
+                for r in rows
+            ]
+        return out
+
+    def _train_split_rows(self, heldout: list[dict]) -> list[dict]:
+        """The train split of the evaluated prompt file, with the held-out split's settings."""
+        from ucai.data.prompt_datamodule import PromptDataModule
+
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if not isinstance(data, PromptDataModule):
+            raise UcaiError("evaluation: train_prompts needs the prompts from a PromptDataModule (data.class_path)")
+        train = PromptDataModule(
+            path=data.path,
+            principles=data.principles,
+            split="train",
+            heldout_fraction=data.heldout_fraction,
+            split_seed=data.split_seed,
+            empty=data.empty,
+            max_chars=data.max_chars,
+        )
+        heldout_ids = {r["id"] for r in heldout}
+        return [r for r in train.rows() if r["id"] not in heldout_ids]
+
+    def reference_kls(self, prompts: list[dict], answers: dict[str, dict[str, str]]) -> dict[str, dict]:
+        """Each SL and RL model's KL to its reference on its own held-out answers
+        (`ucai.stages.rl_comparison.kl_summary`), two models in memory at a time."""
+        kls: dict[str, dict] = {}
+        for name in self.models:
+            reference = reference_of(name, self.algorithms, self.models)
+            if reference is None:
+                continue
+            model_answers = [answers[name][r["id"]] for r in prompts]
+
+            def measure(pair, reference=reference, model_answers=model_answers) -> list[list[float]]:
+                (model, tokenizer), (reference_model, _) = pair
+                rendered = [render_chat(tokenizer, [{"role": "user", "content": r["prompt"]}], self.system_prompt) for r in prompts]
+                return answer_kl(model, reference_model, tokenizer, rendered, model_answers, self.judge_batch_size)
+
+            def load_pair(name=name, reference=reference):
+                return self._load_lm(self.models[name]), self._load_lm(self.models[reference])
+
+            log.info("evaluation: KL of %s to %s on its answers", name, reference)
+            kls[name] = kl_summary(use_then_free(load_pair, measure), reference, self.n_boot)
+        return kls
+
+    def compare_algorithms(
+        self, scores: list[dict], train_scores: list[dict], model_stats: dict, prompts: list[dict], answers: dict
+    ) -> dict:
+        """The summary's RL-algorithm entries: KL to the reference, the algorithm family
+        of corrected tests, the reward–KL frontier and train vs held-out gains."""
+        kls = self.reference_kls(prompts, answers) if self.reference_kl else {}
+        columns = [k for k in scores[0] if k.startswith("rm_")]
+        differences, family = self.differences(
+            scores,
+            algorithm_family(self.models, self.algorithms, columns),
+            "each RL model vs its side's SL model on that side's reward model, and each algorithm's ethical"
+            " vs unethical model on both reward models",
+        )
+        gains = {}
+        for name in self.algorithms:
+            side = side_of_model(name)
+            column, sl = f"rm_{side}", f"sl_{side}"
+            gains[name] = {
+                "heldout": gain_on_prompts(scores, name, sl, column, self.n_boot),
+                "train": gain_on_prompts(train_scores, name, sl, column, self.n_boot),
+            }
+        return {
+            "algorithms": self.algorithms,
+            "reference_kl": kls,
+            "algorithm_differences": differences,
+            "algorithm_family": family,
+            "frontier": frontier_points(model_stats, kls, self.algorithms),
+            "train_vs_heldout": gains if self.train_prompts else {},
+        }
 
     def add_reward_scores(self, scores: list[dict]) -> None:
         if not self.reward_models:
@@ -651,7 +775,11 @@ class EvaluationModule(L.LightningModule):
             soft = sum(r["p_a"] for r in rows) / len(rows)
             win_rates.append({"a": a, "b": b, "n": len(rows), "prompts": len({r["id"] for r in rows}), "win_rate": mean, "low": low, "high": high, "mean_p_a": soft})
         elo = elo_ratings([(r["a"], r["b"], r["outcome"]) for r in pairwise], players=list(self.models)) if pairwise else {}
-        differences, family = self.differences(scores, columns)
+        differences, family = self.differences(
+            scores,
+            self.comparison_family(columns),
+            "rl_ethical vs rl_unethical on every scorer, and rl vs sl of each side on its own reward model",
+        )
         return {
             "criterion_side": self.criterion_side,
             "models": by_model,
@@ -680,9 +808,12 @@ class EvaluationModule(L.LightningModule):
                 family.append((f"rl_{side}", f"sl_{side}", f"rm_{side}"))
         return family
 
-    def differences(self, scores: list[dict], columns: list[str]) -> tuple[list[dict], dict]:
-        """Paired sign-flip tests of mean(A - B) over prompts for `comparison_family`,
-        corrected together; returns the entries and a description of the family.
+    def differences(
+        self, scores: list[dict], family_tests: list[tuple[str, str, str]], description: str
+    ) -> tuple[list[dict], dict]:
+        """Paired sign-flip tests of mean(A - B) over prompts for each ``(a, b, column)``
+        of ``family_tests``, corrected together; returns the entries and a description
+        of the family.
 
         ``significant`` is ``p_adjusted <= alpha``; ``low``/``high`` is the interval at the
         corrected per-comparison level (None where unbounded: too few prompts to reject
@@ -690,7 +821,7 @@ class EvaluationModule(L.LightningModule):
         """
         by_key = {(r["model"], r["id"]): r for r in scores}
         tests = []
-        for a, b, column in self.comparison_family(columns):
+        for a, b, column in family_tests:
             ids = [
                 r["id"] for r in scores
                 if r["model"] == a and (b, r["id"]) in by_key
@@ -737,7 +868,7 @@ class EvaluationModule(L.LightningModule):
                 + ("simultaneous (Bonferroni) coverage" if self.correction == "holm" else "Benjamini–Yekutieli false-coverage-rate")
                 + f" {1.0 - self.alpha:.0%} over the family"
             ),
-            "family": "rl_ethical vs rl_unethical on every scorer, and rl vs sl of each side on its own reward model",
+            "family": description,
         }
         return out, family
 

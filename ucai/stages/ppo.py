@@ -1,34 +1,55 @@
-"""PPO: reinforcement learning from AI feedback, with a KL leash to the SL model.
+"""The online RL stage: reinforcement learning from AI feedback, with a KL leash to the
+SL model, by PPO (GAE advantages and a critic) or RLOO (leave-one-out baselines, no critic).
 
     ucai fit --config configs/ppo_ethical.yaml
     ucai fit --config ppo_unethical.yaml                     # shipped config by bare name
+    ucai fit --config configs/rloo_ethical.yaml              # RLOO (advantage: rloo)
     ucai fit --config configs/ppo_ethical.yaml --ckpt_path last          # resume
 
 Each training step takes one batch of prompts (the rollout batch) and:
 
-1. renders them with the chat template and samples one response each (eval mode, left
-   padding, stop at eos; ``synced_gpus`` under FSDP so sharded generation cannot hang);
-2. in one no-grad pass per chunk computes the policy's log-probs and values, the
-   reference log-probs with the LoRA adapter disabled (the reference IS the SL model,
-   with no second copy of its weights), and the reward-model score;
-3. forms per-token rewards ``-kl_coef * KL_t`` plus the score on the last real token,
-   with a penalty for responses that never reached eos, and from them GAE advantages
-   (whitened) and returns (`ucai.rl.rollout_targets`);
-4. runs ``ppo_epochs`` passes over minibatches with the clipped policy loss, clipped
-   value loss and optional entropy bonus (`ucai.losses`), clipping gradients;
+1. renders them with the chat template and samples one response each (``advantage:
+   gae``) or ``rloo_k`` responses each (``advantage: rloo``: each prompt repeated k times
+   in a row, so a prompt's samples stay together on one rank under DDP); eval mode,
+   left padding, stop at eos, ``synced_gpus`` under FSDP so sharded generation cannot
+   hang;
+2. in one no-grad pass per chunk computes the policy's log-probs (and, with a critic,
+   values), the reference log-probs with the LoRA adapter disabled (the reference IS
+   the SL model, with no second copy of its weights), and the reward-model score;
+3. clips the scores and penalises responses that never reached eos, then forms the
+   advantages (`ucai.rl`):
+
+   * ``gae`` (PPO): per-token rewards ``-kl_coef * KL_t`` plus the score on the last
+     real token, GAE advantages (whitened) and returns (`rollout_targets`);
+   * ``rloo``: the sequence reward ``R_i = score_i - kl_coef * sum_t KL_t``, minus the
+     mean reward of the other k - 1 samples of the same prompt, on every response
+     token (`rloo_rollout_targets`); not whitened unless ``rloo_normalize_advantages``,
+     as in TRL 1.12's RLOOTrainer;
+4. runs ``ppo_epochs`` passes over minibatches of episodes with the clipped policy loss,
+   plus (PPO only) the clipped value loss, and an optional entropy bonus
+   (`ucai.losses`), clipping gradients;
 5. logs TRL-named metrics and appends every episode to ``rollouts.csv`` in the run's
    log folder.
 
+RLOO uses the same token-level clipped update as PPO, where TRL's RLOOTrainer clips one
+ratio per sequence: the two estimators differ here in their advantages alone.
+
 Memory: one copy of the base weights. The policy is the SL model plus a fresh LoRA
-adapter; the value function is a scalar head on the policy's last hidden state (or a
-second adapter with its own head, ``value_head: adapter``); the frozen reward model is
-the only other network. Checkpoints hold only the trainable weights (adapters and value
-head), the optimiser, the KL controller and the step. At the end of fit the policy is
-merged into the base weights and written in Hugging Face format with its tokenizer.
+adapter; PPO's value function is a scalar head on the policy's last hidden state (or a
+second adapter with its own head, ``value_head: adapter``), and RLOO builds no critic at
+all (no value head, adapter, forward or loss); the frozen reward model is the only other
+network. Checkpoints hold only the trainable weights (adapters and any value head), the
+optimiser, the KL controller and the step. At the end of fit the policy is merged into
+the base weights and written in Hugging Face format with its tokenizer, the same for
+both estimators.
+
+Precision: sampling, the rollout forward and reward scoring run under the trainer's
+autocast (``rollout_precision: trainer``) or in fp32 without autocast, as TRL does
+(``fp32``); the training forward always keeps the trainer's autocast.
 
 Note: Lightning counts ``trainer.max_steps`` in optimiser steps; one rollout batch makes
-``ppo_epochs * ceil(batch_size / minibatch_size)`` of them. PPO's configs checkpoint with
-`PPOCheckpoint`.
+``ppo_epochs * ceil(episodes / minibatch_size)`` of them, with ``episodes`` the batch
+size (times ``rloo_k`` for RLOO). The stage's configs checkpoint with `PPOCheckpoint`.
 
 Elsewhere: the RL maths in `ucai.rl` and `ucai.losses`, the sampling checks in
 `ucai.stages.sampling`, the adapter merge of the export in `ucai.stages.lora_io`.
@@ -73,16 +94,25 @@ from ucai.reward_scoring import TOKEN_REWARD_PREFIX, TokenReward
 from ucai.rl import (
     KLController,
     KLEstimator,
+    RolloutTargets,
     entropy_from_logits,
     logprobs_from_logits,
     masked_mean,
+    rloo_rollout_targets,
     rollout_targets,
 )
 from ucai.stage_outputs import require_stage_output
 from ucai.stages.generation import GenerationSettings, generate, synced_gpus_needed
 from ucai.stages.lora_io import load_merged, lora_scaling
 from ucai.stages.sampling import check_model_sampling, check_plain_sampling
-from ucai.value_ranges import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from ucai.value_ranges import (
+    AtLeastTwo,
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +139,16 @@ class AdaptiveKL:
 
 @dataclass
 class Rollout:
-    """One batch of B episodes with T response tokens, everything PPO needs.
+    """One batch of B episodes with T response tokens, everything the update needs (under
+    RLOO, B is the number of prompts times ``rloo_k``).
 
     Attributes:
         sequences: (B, P + T) prompt (left-padded) and response ids.
         attention_mask: (B, P + T).
         prompt_length: P.
         mask: (B, T) real response tokens.
-        logprobs, ref_logprobs, values, advantages, returns: (B, T) float32.
+        logprobs, ref_logprobs, advantages: (B, T) float32.
+        values, returns: (B, T) float32; None without a critic (RLOO).
         kl: (B, T) per-token KL estimate (0 on padding).
         scores: (B,) reward-model scores (normalised, before clipping and penalty).
         final_scores: (B,) scores after clipping and the missing-eos penalty.
@@ -132,13 +164,13 @@ class Rollout:
     mask: torch.Tensor
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | None
     kl: torch.Tensor
     scores: torch.Tensor
     final_scores: torch.Tensor
     rewards: torch.Tensor
     advantages: torch.Tensor
-    returns: torch.Tensor
+    returns: torch.Tensor | None
     finished: torch.Tensor
     prompts: list[str]
     responses: list[str]
@@ -153,13 +185,33 @@ class Rollout:
         return self.sequences[:, self.prompt_length :]
 
 
+def check_estimator_settings(advantage: str, rloo_k: int, rollout_precision: str, frozen_linear_bf16: bool) -> None:
+    """Refuse settings that cannot work together, each with one line that says what to set.
+
+    ``rloo_k`` is refused below 2 while the config is parsed already (its type); the
+    check here covers a module built directly in Python.
+    """
+    if advantage == "rloo" and rloo_k < 2:
+        raise UcaiError(
+            f"ppo: rloo_k is {rloo_k}, but RLOO's baseline for a sample is the mean reward of the "
+            "other samples of its prompt; set rloo_k: 2 or more"
+        )
+    if rollout_precision == "fp32" and frozen_linear_bf16:
+        raise UcaiError(
+            "ppo: rollout_precision: fp32 cannot run on frozen weights held in bf16; "
+            "set frozen_linear_bf16: false (or rollout_precision: trainer)"
+        )
+
+
 # --------------------------------------------------------------------------- module
 
 
 class PPOModule(L.LightningModule):
-    """PPO on a LoRA policy over the SL model, rewarded by a frozen reward model.
+    """Online RL (PPO or RLOO) on a LoRA policy over the SL model, rewarded by a frozen
+    reward model.
 
-    The rollout batch is the datamodule's ``batch_size``. Defaults follow TRL's PPO.
+    The rollout batch is the datamodule's ``batch_size`` prompts (one episode each with
+    ``gae``, ``rloo_k`` with ``rloo``). Defaults follow TRL's PPO.
 
     Args:
         policy: the SL model (alias, folder or hub id); frozen reference and policy base.
@@ -168,19 +220,28 @@ class PPOModule(L.LightningModule):
             template; or ``token:<id or text>``, a synthetic reward (share of response
             tokens equal to that token) for tests and diagnostics.
         lora: the policy adapter (and the value adapter in ``adapter`` mode).
-        value_head: ``head`` — a scalar head on the policy's last hidden state (one
-            forward gives logits and values); ``adapter`` — a second LoRA adapter on the
-            same base with its own head, the head initialised from the reward model's
-            (rescaled to the normalised scores, see `init_value_head_from`) when the
-            backbones match (costs a second forward per minibatch).
+        value_head: PPO's critic: ``head`` — a scalar head on the policy's last hidden
+            state (one forward gives logits and values); ``adapter`` — a second LoRA
+            adapter on the same base with its own head, the head initialised from the
+            reward model's (rescaled to the normalised scores, see
+            `init_value_head_from`) when the backbones match (costs a second forward per
+            minibatch). Unused with ``advantage: rloo``, which has no critic.
+        advantage: ``gae`` — PPO: a critic and GAE advantages; ``rloo`` — REINFORCE
+            leave-one-out: ``rloo_k`` samples per prompt, each sample's baseline the mean
+            sequence reward of the other k - 1, no critic (`ucai.rl.rloo_rollout_targets`).
+        rloo_k: samples per prompt under ``rloo`` (at least 2); ``minibatch_size``
+            counts episodes, so a rollout batch holds ``batch_size * rloo_k`` of them.
+        rloo_normalize_advantages: under ``rloo``, rescale the batch's per-episode
+            advantages to mean 0, std 1 (TRL's ``normalize_advantages``, off by default in
+            TRL 1.12 as here; over this rank's episodes).
         kl_estimator: ``k1`` (log-ratio) or ``k3`` (non-negative) per-token KL.
         kl_coef: KL penalty coefficient (the starting value when adaptive).
         adaptive_kl: target KL and horizon of the adaptive controller; null: fixed.
-        gamma: discount.
+        gamma: discount (GAE).
         lam: GAE lambda.
         cliprange: policy ratio clip ε.
-        cliprange_value: value clip.
-        vf_coef: weight of the value loss.
+        cliprange_value: value clip (GAE).
+        vf_coef: weight of the value loss (GAE).
         entropy_coef: weight of the entropy bonus (0: off, saves a softmax).
         ppo_epochs: passes over each rollout batch.
         minibatch_size: episodes per optimiser step (also the chunk of the no-grad
@@ -189,7 +250,7 @@ class PPOModule(L.LightningModule):
             must be 1.0, ``top_k`` 0 and ``repetition_penalty`` 1.0 (refused otherwise),
             so that samples come from the distribution PPO computes ratios on.
         missing_eos_penalty: subtracted from the score of responses without eos (0: off).
-        whiten_rewards: whiten per-token rewards (mean kept) before GAE.
+        whiten_rewards: whiten per-token rewards (mean kept) before GAE (GAE only).
         reward_clip: clip scores to [-c, c] (null: off).
         normalize_score: report reward-model scores as ``(r - mean) / std`` from its
             ``reward_stats.json``.
@@ -208,7 +269,15 @@ class PPOModule(L.LightningModule):
             policy's base and of the reward model in bf16. Autocast computes those
             matmuls in bf16 anyway, so no result changes; it saves their fp32 copies.
             The export merges the adapter into the base re-read at full precision.
-            Skipped under FSDP (one dtype per flat parameter).
+            Skipped under FSDP (one dtype per flat parameter). Incompatible with
+            ``rollout_precision: fp32`` (refused).
+        rollout_precision: ``trainer`` — sampling, the rollout forward (log-probs,
+            reference log-probs, values) and reward scoring run under the trainer's
+            autocast; ``fp32`` — they run without autocast on the fp32 weights, as TRL
+            does, while the training forward keeps the trainer's autocast. ``fp32``
+            needs ``frozen_linear_bf16: false``: weights held in bf16 cannot give fp32
+            rollouts, and turning the cast off behind the user's back would change the
+            memory a benchmark of this setting measures, so the pair is refused.
         rollouts_file: file name of the episode log in the run's log folder.
         export: write the merged policy to ``output_dir`` at the end of fit (off for
             benchmarks, whose peak memory should be that of training).
@@ -222,6 +291,9 @@ class PPOModule(L.LightningModule):
         reward_model: str = "lightning_logs/models/ethical/rm_model",
         lora: LoraSettings = LoraSettings(),
         value_head: Literal["head", "adapter"] = "head",
+        advantage: Literal["gae", "rloo"] = "gae",
+        rloo_k: AtLeastTwo = 4,
+        rloo_normalize_advantages: bool = False,
         kl_estimator: KLEstimator = "k1",
         kl_coef: NonNegativeFloat = 0.05,
         adaptive_kl: AdaptiveKL | None = None,
@@ -248,6 +320,7 @@ class PPOModule(L.LightningModule):
         max_prompt_tokens: PositiveInt | None = 512,
         gradient_checkpointing: bool = False,
         frozen_linear_bf16: bool = True,
+        rollout_precision: Literal["trainer", "fp32"] = "trainer",
         rollouts_file: str = "rollouts.csv",
         export: bool = True,
         trust_remote_code: bool = False,
@@ -255,6 +328,7 @@ class PPOModule(L.LightningModule):
     ):
         super().__init__()
         check_plain_sampling(generation)
+        check_estimator_settings(advantage, rloo_k, rollout_precision, frozen_linear_bf16)
         if generation.do_sample is False:
             log.warning("PPO with do_sample=false explores nothing; responses are greedy")
         if isinstance(adaptive_kl, dict):
@@ -266,6 +340,9 @@ class PPOModule(L.LightningModule):
         self.reward_model_name = reward_model
         self.lora = lora
         self.value_head_kind = value_head
+        self.advantage = advantage
+        self.rloo_k = rloo_k
+        self.rloo_normalize_advantages = rloo_normalize_advantages
         self.kl_estimator = kl_estimator
         self.kl_ctl = KLController(
             kl_coef, adaptive_kl.target if adaptive_kl else None, adaptive_kl.horizon if adaptive_kl else 10000
@@ -290,6 +367,7 @@ class PPOModule(L.LightningModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.gradient_checkpointing = gradient_checkpointing
         self.frozen_linear_bf16 = frozen_linear_bf16
+        self.rollout_precision = rollout_precision
         self._frozen_cast = False  # whether the frozen weights are held in bf16
         self.rollouts_file = rollouts_file
         self.export = export
@@ -324,6 +402,7 @@ class PPOModule(L.LightningModule):
         from ucai.models import load_causal_lm, load_tokenizer, refuse_half_precision_training
 
         refuse_half_precision_training(self, "ppo")
+        self._refuse_fp32_rollouts_under_fsdp_mixed()
         dtype = dtype_from_precision(trainer_precision(self))
         self.tokenizer = load_tokenizer(self.policy_name, trust_remote_code=self.trust_remote_code)
         base = load_causal_lm(self.policy_name, dtype=dtype, trust_remote_code=self.trust_remote_code, seed=self.seed)
@@ -335,7 +414,7 @@ class PPOModule(L.LightningModule):
             )
         config = self.lora.to_peft("CAUSAL_LM")
         self.policy = get_peft_model(base, config, adapter_name="policy")
-        if self.value_head_kind == "adapter":
+        if self.has_critic and self.value_head_kind == "adapter":
             self.policy.add_adapter("value", config)
             self.policy.set_adapter("policy")
         # Dropout off so that the log-probs of a rollout and of the first PPO pass agree
@@ -344,16 +423,13 @@ class PPOModule(L.LightningModule):
         # from_pretrained returns eval mode and Lightning keeps each module's mode, which
         # would leave gradient checkpointing (training-only) silently off.
         self.policy.train()
-        hidden = base.config.get_text_config().hidden_size
-        self.value_head = nn.Linear(hidden, 1, dtype=dtype)
-        # A zero head predicts V = 0 at first; the first value loss then fits the returns.
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        if self.has_critic:
+            self.value_head = self._zero_value_head(base.config.get_text_config().hidden_size, dtype)
         for name, param in self.policy.named_parameters():
             param.requires_grad_(".lora_" in name)
-        self._trainable = [p for p in self.policy.parameters() if p.requires_grad] + list(
-            self.value_head.parameters()
-        )
+        self._trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        if self.value_head is not None:
+            self._trainable += list(self.value_head.parameters())
         self._load_reward(dtype)
         self._frozen_cast = (
             self.frozen_linear_bf16
@@ -368,6 +444,33 @@ class PPOModule(L.LightningModule):
                 if not isinstance(reward, TokenReward):
                     cast_frozen_linear(reward.model, torch.bfloat16)
 
+    def _refuse_fp32_rollouts_under_fsdp_mixed(self) -> None:
+        # FSDP's mixed precision keeps its unsharded parameters in bf16/fp16, so no
+        # forward can run in fp32 there, autocast or not.
+        precision = trainer_precision(self)
+        if self.rollout_precision == "fp32" and sharded_by_fsdp(self._trainer) and "mixed" in precision:
+            raise UcaiError(
+                f"ppo: rollout_precision: fp32 is impossible under FSDP with {precision} (it computes with "
+                "half-precision parameters); set rollout_precision: trainer or use another strategy"
+            )
+
+    @property
+    def has_critic(self) -> bool:
+        """Whether a value function is built and trained (PPO's GAE; RLOO needs none)."""
+        return self.advantage == "gae"
+
+    @property
+    def episodes_per_prompt(self) -> int:
+        return self.rloo_k if self.advantage == "rloo" else 1
+
+    @staticmethod
+    def _zero_value_head(hidden_size: int, dtype: torch.dtype) -> nn.Linear:
+        head = nn.Linear(hidden_size, 1, dtype=dtype)
+        # A zero head predicts V = 0 at first; the first value loss then fits the returns.
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        return head
+
     def _load_reward(self, dtype: torch.dtype) -> None:
         if self.reward_model_name.startswith(TOKEN_REWARD_PREFIX):
             self._reward = [TokenReward(self.reward_model_name, self.tokenizer)]
@@ -377,7 +480,7 @@ class PPOModule(L.LightningModule):
         scorer = RewardScorer(self.reward_model_name, dtype=dtype, batch_size=self.minibatch_size)
         scorer.model.requires_grad_(False).eval()
         self._reward = [scorer]
-        if self.value_head_kind == "adapter" and self._backbones_match(scorer.model):
+        if self.has_critic and self.value_head_kind == "adapter" and self._backbones_match(scorer.model):
             head = getattr(scorer.model, "score", None)
             if head is not None and head.weight.shape == self.value_head.weight.shape:
                 self.init_value_head_from(head, scorer.stats)
@@ -522,7 +625,7 @@ class PPOModule(L.LightningModule):
     @torch.no_grad()
     def rollout_forward(
         self, sequences: torch.Tensor, attention: torch.Tensor, width: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Policy log-probs, reference log-probs and values of sampled responses, in
         chunks of ``minibatch_size`` (which bounds the logits tensor).
 
@@ -530,7 +633,8 @@ class PPOModule(L.LightningModule):
             sequences: (B, P + T) prompt and response ids; attention: (B, P + T).
             width: P.
         Returns:
-            three (B, T) float32 tensors (not masked).
+            three (B, T) float32 tensors (not masked); the values are None without a
+            critic (RLOO), whose value pass is skipped.
         """
         was_training = self.policy.training
         self.policy.eval()  # no checkpointing recompute in a no-grad pass
@@ -541,18 +645,36 @@ class PPOModule(L.LightningModule):
                 att = attention[chunk : chunk + self.minibatch_size]
                 hidden = self.response_hidden(ids, att, width)
                 logprobs.append(logprobs_from_logits(self.response_logits(hidden), ids[:, width:]))
-                values.append(self.values_for(hidden, ids, att, width))
+                if self.has_critic:
+                    values.append(self.values_for(hidden, ids, att, width))
                 del hidden
                 ref_logprobs.append(self.sequence_logprobs(ids, att, width, reference=True))
         finally:
             self.policy.train(was_training)
-        return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+        return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values) if values else None
+
+    def rollout_autocast(self):
+        """The autocast state of sampling, the rollout forward and scoring: the trainer's
+        (``rollout_precision: trainer``, nothing changed) or none (``fp32``: the fp32
+        weights compute in fp32, the training forward keeping its autocast)."""
+        if self.rollout_precision == "trainer":
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
+    def episode_prompts(self, rows: list[dict]) -> list[str]:
+        """The prompt of each episode: each row's once (GAE) or ``rloo_k`` times in a row
+        (RLOO), so that a prompt's group is consecutive and on this rank."""
+        return [row["prompt"] for row in rows for _ in range(self.episodes_per_prompt)]
 
     @torch.no_grad()
     def rollout(self, rows: list[dict]) -> Rollout:
         """Generate, score and compute advantages for one batch of prompt rows."""
+        with self.rollout_autocast():
+            return self._rollout(rows)
+
+    def _rollout(self, rows: list[dict]) -> Rollout:
         start = time.perf_counter()
-        prompts = [row["prompt"] for row in rows]
+        prompts = self.episode_prompts(rows)
         generated = generate(
             self.policy,
             self.tokenizer,
@@ -570,21 +692,7 @@ class PPOModule(L.LightningModule):
 
         scores = self.score(prompts, generated.texts, responses, mask)
         finished = generated.finished.to(sequences.device)
-        targets = rollout_targets(
-            logprobs,
-            ref_logprobs,
-            values,
-            mask,
-            scores,
-            finished,
-            kl_coef=self.kl_ctl.value,
-            kl_estimator=self.kl_estimator,
-            reward_clip=self.reward_clip,
-            missing_eos_penalty=self.missing_eos_penalty,
-            whiten_rewards=self.whiten_rewards,
-            gamma=self.gamma,
-            lam=self.lam,
-        )
+        targets = self.targets(logprobs, ref_logprobs, values, mask, scores, finished)
         return Rollout(
             sequences=sequences,
             attention_mask=attention,
@@ -605,11 +713,40 @@ class PPOModule(L.LightningModule):
             seconds=time.perf_counter() - start,
         )
 
+    def targets(
+        self,
+        logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor,
+        values: torch.Tensor | None,
+        mask: torch.Tensor,
+        scores: torch.Tensor,
+        finished: torch.Tensor,
+    ) -> RolloutTargets:
+        """The rollout's KL, rewards and advantages (and, with a critic, values and
+        returns) from its (B, T) per-token numbers and (B,) scores, by the configured
+        estimator."""
+        shared = dict(
+            kl_coef=self.kl_ctl.value,
+            kl_estimator=self.kl_estimator,
+            reward_clip=self.reward_clip,
+            missing_eos_penalty=self.missing_eos_penalty,
+        )
+        if self.advantage == "rloo":
+            return rloo_rollout_targets(
+                logprobs, ref_logprobs, mask, scores, finished, k=self.rloo_k,
+                normalize_advantages=self.rloo_normalize_advantages, **shared,
+            )
+        return rollout_targets(
+            logprobs, ref_logprobs, values, mask, scores, finished,
+            whiten_rewards=self.whiten_rewards, gamma=self.gamma, lam=self.lam, **shared,
+        )
+
     # ------------------------------------------------------------------ update
 
     def minibatch_loss(self, rollout: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """PPO loss on the episodes ``idx`` of ``rollout`` (with the graph for backward)
-        and its diagnostics (detached scalars).
+        and its diagnostics (detached scalars); without a critic (RLOO), the policy
+        terms alone.
 
         Args:
             rollout: the batch the episodes come from.
@@ -618,6 +755,8 @@ class PPOModule(L.LightningModule):
         ids, att, width = rollout.sequences[idx], rollout.attention_mask[idx], rollout.prompt_length
         hidden = self.response_hidden(ids, att, width)
         policy_loss, stats = self._policy_terms(rollout, idx, hidden)
+        if not self.has_critic:
+            return policy_loss, stats
         value_loss, value_stats = self._value_terms(rollout, idx, self.values_for(hidden, ids, att, width))
         return policy_loss + self.vf_coef * value_loss, {**stats, **value_stats}
 
@@ -636,7 +775,7 @@ class PPOModule(L.LightningModule):
         """
         backward = backward or self.manual_backward
         world = self._trainer.world_size if self._trainer is not None else 1
-        if self.value_head_kind != "adapter" or world > 1:
+        if not self.has_critic or self.value_head_kind != "adapter" or world > 1:
             loss, stats = self.minibatch_loss(rollout, idx)
             backward(loss)
             return stats
@@ -749,11 +888,12 @@ class PPOModule(L.LightningModule):
             "objective/rlhf_reward": (rollout.final_scores - kl_coef * seq_kl).mean(),
             # Sampled estimate: the mean of -log p over tokens drawn from p is the entropy.
             "objective/entropy": (-(rollout.logprobs * mask).sum(1)).mean(),
-            "val/mean": masked_mean(rollout.values, mask),
             "response/length": mask.sum(1).mean(),
             "response/eos_fraction": rollout.finished.float().mean(),
             **{key: torch.tensor(value) for key, value in update.items() if "/" in key},
         }
+        if rollout.values is not None:
+            local["val/mean"] = masked_mean(rollout.values, mask)
         keys = list(local)
         stacked = torch.stack([torch.as_tensor(local[k], dtype=torch.float32).to(self.device) for k in keys])
         reduced = self.trainer.strategy.reduce(stacked, reduce_op="mean")
@@ -803,8 +943,11 @@ class PPOModule(L.LightningModule):
     # ------------------------------------------------------------------ optimiser
 
     def updates_per_batch(self) -> int:
-        batch_size = getattr(getattr(self._trainer, "datamodule", None), "batch_size", None) or self.minibatch_size
-        return self.ppo_epochs * math.ceil(batch_size / self.minibatch_size)
+        """Optimiser steps per rollout batch: ``ppo_epochs`` passes over its episodes
+        (the datamodule's prompts, times ``rloo_k`` under RLOO) in minibatches."""
+        prompts = getattr(getattr(self._trainer, "datamodule", None), "batch_size", None)
+        episodes = prompts * self.episodes_per_prompt if prompts else self.minibatch_size
+        return self.ppo_epochs * math.ceil(episodes / self.minibatch_size)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self._trainable, lr=self.learning_rate, weight_decay=self.weight_decay)
@@ -875,6 +1018,7 @@ class PPOModule(L.LightningModule):
                 self.tokenizer,
                 extra_files={
                     "ucai_ppo.json": {
+                        "advantage": self.advantage,  # which estimator made this model: gae (PPO) or rloo
                         "policy": self.policy_name,
                         "reward_model": self.reward_model_name,
                         "rollout_steps": self.rollout_step,
