@@ -89,7 +89,7 @@ def _pipeline_config(tmp_path, stage_trainer: dict, **changes):
     data.update(changes)
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(data))
-    return pipeline.plan(pipeline.load_pipeline_config(path))
+    return [run for run in pipeline.plan(pipeline.load_pipeline_config(path)) if run.enabled]
 
 
 def test_pipeline_runs_bf16_stages_in_32_true_only_where_bf16_is_slow(tmp_path, native):

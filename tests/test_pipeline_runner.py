@@ -100,6 +100,17 @@ def _session_processes(session: int) -> list[int]:
 
 
 @cpu_torch_only
+def _describe(pids) -> list[str]:
+    """Each process's command line, for a failure message."""
+    out = []
+    for pid in pids:
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+        except OSError:
+            out.append(str(pid))
+    return out
+
+
 def test_killing_the_pipeline_kills_its_forked_stage(tmp_path):
     # Slow generation (one prompt per batch, long answers) keeps the stage running.
     folder, config = _folder(
@@ -118,7 +129,7 @@ def test_killing_the_pipeline_kills_its_forked_stage(tmp_path):
     process.wait()
     deadline = time.monotonic() + 30
     while _session_processes(process.pid):
-        assert time.monotonic() < deadline, "the stage outlived the pipeline"
+        assert time.monotonic() < deadline, f"outlived the pipeline: {_describe(_session_processes(process.pid))}"
         time.sleep(0.05)
 
 
