@@ -289,24 +289,28 @@ def adapter_weights(module: DPOModule) -> dict[str, torch.Tensor]:
 
 
 def test_resumed_fit_ends_with_the_weights_of_the_uninterrupted_one(tmp_path, tiny_lora, tiny_trainer):
-    # 32 training pairs in batches of 8: 4 steps an epoch, then validation; 6 steps cross
-    # the epoch, the crash comes after 3. LoRA dropout on: its masks come from the global
-    # RNG, which the checkpoint carries.
+    # 32 training pairs in batches of 8: 4 steps an epoch, then validation (8 pairs); 5
+    # steps cross the epoch, the crash comes after 3. LoRA dropout on: its masks come from
+    # the global RNG, which the checkpoint carries.
     lora = dataclasses.replace(tiny_lora, dropout=0.1)
 
     def module() -> DPOModule:
         return tiny_dpo(lora, disable_dropout=False, lr_schedule="linear", warmup_steps=2)
 
+    def data() -> DPODataModule:
+        return preference_data(val_size=8, limit=40)
+
     full = module()
-    fit(full, preference_data(), tmp_path / "full", 6, tiny_trainer=tiny_trainer)
+    fit(full, data(), tmp_path / "full", 5, tiny_trainer=tiny_trainer)
     with pytest.raises(Crash):
-        fit(module(), preference_data(), tmp_path / "crashed", 6, CrashAt(3), tiny_trainer=tiny_trainer)
+        fit(module(), data(), tmp_path / "crashed", 5, CrashAt(3), tiny_trainer=tiny_trainer)
     checkpoint = torch.load(tmp_path / "crashed" / "ckpt" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3
     assert checkpoint["state_dict"] and all(".lora_" in key for key in checkpoint["state_dict"])  # no frozen base
     resumed = module()
-    trainer = fit(resumed, preference_data(), tmp_path / "resumed", 6, ckpt_path=str(tmp_path / "crashed" / "ckpt" / "last.ckpt"), tiny_trainer=tiny_trainer)
-    assert trainer.global_step == 6
+    last = tmp_path / "crashed" / "ckpt" / "last.ckpt"
+    trainer = fit(resumed, data(), tmp_path / "resumed", 5, ckpt_path=str(last), tiny_trainer=tiny_trainer)
+    assert trainer.global_step == 5
     expected, got = adapter_weights(full), adapter_weights(resumed)
     assert expected.keys() == got.keys() and any(w.abs().sum() > 0 for n, w in expected.items() if "lora_B" in n)
     for name, weight in expected.items():
