@@ -13,19 +13,57 @@ with the std from the RM folder's ``reward_stats.json`` (the spread of the RM's 
 on its training responses; ucai refuses an RM folder without it, so no fallback is
 needed). With fewer than 10 iterations the windows shrink to ``iterations // 2``.
 
-Run (from the repository root; at the defaults roughly half an hour on 2 CPU cores,
-estimated from benchmarks/ppo.py's lighter iteration: ~17 s for ucai, ~42 s for TRL):
+At a fixed KL coefficient that gain mixes how fast a side moves with how good its
+direction is, so the benchmark also reads each run on the reward–KL frontier: its
+score gain at 1, 2 and 3 nats of KL to the reference (``--kl-levels``), defined in
+`ucai.frontier` and applied alike to both sides:
 
-    nice -n 19 .venv/bin/python benchmarks/ppo_learning.py \\
-        --reward-model lightning_logs/experiment_cpu/models/ethical/rm_model
+* per run: smooth the per-iteration KL and score curves with the same centred moving
+  average (``--smooth``, 5 iterations, truncated at the ends), follow the smoothed
+  (KL, score) points in iteration order joined by straight lines, and take the score
+  where that path first reaches the level, minus the run's starting score (the mean of
+  its first ``min(5, iterations // 2)`` iterations, the plain gain's baseline), in RM
+  std units. Why smoothing: one iteration's 8 responses put a noise of about a third of
+  an RM std on its mean score and the k1 KL jumps from batch to batch, so on the raw
+  curve a single batch would decide where a level is first crossed; smoothing both
+  coordinates with the same window keeps every point a (KL, score) pair of the same
+  rollouts. Why the first crossing: KL need not grow monotonically, and the score when
+  a run had first spent that much KL is what the frontier asks. A running maximum
+  (biased upwards by the noise) and a fitted curve (an imposed shape) were rejected.
+  A run whose smoothed KL never reaches a level gives no value there;
+* per configuration (side, learning rate): the median over seeds of the runs that
+  reached the level, printed as n/a unless more than half of them did (the median of
+  the few fastest seeds would be a biased pick); the table says how many reached it;
+* per side: when a side runs several learning rates (``--ucai-learning-rates``,
+  ``--trl-learning-rates``; e.g. a higher one for the slower side until the sides' KL
+  ranges overlap), its value at each level is that of its best learning rate there,
+  the "peer's best" rule of shared/BENCHMARKS.md applied to both sides (give both the
+  same number of learning rates: a best-of-n pick gains from noise).
 
-The last line is ``ppo_learning: ucai_gain=X trl_gain=Y``. A single run's gain swings
-widely with the sampling seed (ucai at seeds 0, 1, 2: 0.18, 0.73, 0.33), so ``--seeds 0 1
-2`` runs both sides once per seed (alternating which goes first; the prompt order is
-the same for all) and the last line gives the median gains. The per-iteration tables
-are printed above it, and all curves (with the settings) go to ``--out``
-(default benchmarks/results/ppo_learning.json); run logs, ucai's rollouts.csv and
-TensorBoard files stay in ``--work`` (a fresh temporary folder by default).
+Run (from the repository root; at the defaults about 20 minutes per seed on an idle
+2-core CPU: ~6 min for a ucai run with bf16 rollouts, ~14 min for a TRL run; ucai's
+fp32 rollouts, the matched default, are slower: one head run took 55 min on a shared
+machine at load 5-10 under ``nice -n 10``, no idle figure yet):
+
+    nice -n 10 .venv/bin/python benchmarks/ppo_learning.py \\
+        --reward-model lightning_logs/experiment_cpu/models/ethical/rm_model --seeds 0 1 2
+
+The last two lines are ``ppo_learning: ucai_gain=X trl_gain=Y`` (median plain gains,
+each side's first learning rate) and, last,
+``ppo_frontier: ucai_at_1=… ucai_at_2=… ucai_at_3=… trl_at_1=… trl_at_2=… trl_at_3=…
+ratio_at_2=…`` (the ratio ucai/TRL at 2 nats, n/a unless both gains are positive). A
+single run's gain swings widely with the sampling seed, so ``--seeds 0 1 2`` runs every
+configuration once per seed (alternating the order A B, B A, ...; the prompt order is
+the same for all) and the summaries are medians over seeds. Each run's per-iteration
+table and gains are printed when it ends, and it is written to ``--out`` (default
+benchmarks/results/ppo_learning.json) at once, so partial results survive;
+``--reuse`` takes the runs of ``--out`` (or of the files named) made with the same
+inputs and settings instead of rerunning them (a cut-short benchmark resumes; TRL's
+curves serve every ucai variant), and with ``--summary-only`` prints the summaries of
+those runs without training anything (safe beside a benchmark still writing them). Each run records its wall time and the machine's
+load averages before and after. Run logs, ucai's rollouts.csv and TensorBoard files
+stay in ``--work`` (a fresh temporary folder by default). `benchmarks/ppo_ablation.py`
+runs ucai variants (critic, precision scope, clipping) with the same code.
 
 Inputs, by default mirroring what `ucai.pipeline` gives the PPO stage for the RM's side
 (``<root>/models/<side>/rm_model``):
@@ -42,10 +80,19 @@ temperature are also flags): rollout batch 8, responses of at most 48 new tokens
 at eos, no missing-eos penalty), temperature 0.7, 2 PPO epochs over one minibatch of
 8, KL coefficient 0.05 (fixed, k1), constant learning rate 2e-4, LoRA r=8 alpha=16 on
 q/k/v/o projections, gamma 1, lambda 0.95, clip 0.2 (policy and value), value-loss
-weight 0.1, gradient norm clip 1; 20 iterations. These are configs/ppo_ethical.yaml
+weight 0.1, no gradient clipping (below); 20 iterations. These are configs/ppo_ethical.yaml
 with configs/pipeline/experiment_cpu.yaml's PPO overrides, except that its adaptive
 KL coefficient is held at its starting value: TRL 1.12's PPOTrainer has no adaptive
 controller.
+
+Both sides run with TRL 1.12's precision scope and clipping: sampling, the rollout
+forward (log-probs, reference log-probs, values) and RM scoring in fp32, the PPO update
+(loss forward and backward) under bf16 autocast, and no gradient clipping. TRL 1.12
+never clips (its ``max_grad_norm`` is ignored) and autocasts only its loss forward; ucai
+matches it with ``rollout_precision: fp32`` (which needs ``frozen_linear_bf16:
+false``) and ``max_grad_norm: 0`` under ``bf16-mixed`` (``--ucai-variant head``, the
+MATCHED arguments below). ucai's shipped defaults (bf16 rollouts, clipping at 1) are
+variants of `benchmarks/ppo_ablation.py`.
 
 * ucai runs through its CLI as the pipeline does,
   ``python -m ucai.cli fit --config configs/ppo_<side>.yaml`` plus overrides, in
@@ -74,10 +121,11 @@ still scores the ids it sampled where ucai re-tokenises decoded text; the two ag
 for responses that start or end with whitespace, hold special tokens, or were sampled
 in a tokenisation the tokenizer would not produce from their text.
 
-Precision differs on the RM: ucai scores it under ``bf16-mixed`` autocast, while TRL's
-reward model runs in fp32 whatever ``--trl-precision`` says (accelerate autocasts only
-the models it prepares, and PPOTrainer does not prepare the RM). Raw scores differ by
-about 1e-2 from this alone, small beside the RM's score std.
+TRL's reward model runs in fp32 whatever ``--trl-precision`` says (accelerate autocasts
+only the models it prepares, and PPOTrainer does not prepare the RM); with ucai's fp32
+rollouts the RM runs in fp32 on both sides. (Under ``bf16-rollout`` ucai scores it
+under bf16 autocast; raw scores differ by about 1e-2 from this alone, small beside the
+RM's score std.)
 
 Both curves are converted back to raw RM units (``score * std + mean``) before the
 gains are taken, so the gain is in units of the RM's score std either way.
@@ -95,6 +143,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -130,7 +179,7 @@ SETTINGS = {
     "cliprange": 0.2,
     "cliprange_value": 0.2,
     "vf_coef": 0.1,
-    "max_grad_norm": 1.0,
+    "max_grad_norm": 0.0,  # TRL 1.12 never clips (it ignores max_grad_norm); ucai's 0 is off
     "system_prompt": "You are a helpful assistant.",
     "seed": 0,
     # Not shared with TRL as such:
@@ -221,9 +270,13 @@ def read_score_stats(rm: Path) -> tuple[float, float]:
 # --------------------------------------------------------------------------- ucai side
 
 
-def ucai_overrides(args, settings: PPOSettings, prompt_file: Path, rows: int, work: Path) -> dict:
-    """Overrides of the PPO stage config, as `ucai.pipeline` passes them (plus ours)."""
+def ucai_overrides(
+    args, settings: PPOSettings, prompt_file: Path, rows: int, work: Path, variant_args: dict
+) -> dict:
+    """Overrides of the PPO stage config, as `ucai.pipeline` passes them (plus ours);
+    ``variant_args`` (PPOModule arguments, see UCAI_VARIANTS) come last and win."""
     batches_per_epoch = rows // settings.batch
+    variant = {f"model.init_args.{name}": value for name, value in variant_args.items()}
     return {
         "seed_everything": settings.seed,
         "trainer.accelerator": "cpu",
@@ -273,6 +326,7 @@ def ucai_overrides(args, settings: PPOSettings, prompt_file: Path, rows: int, wo
         "model.init_args.generation.max_new_tokens": settings.response_length,
         "model.init_args.generation.do_sample": True,
         "model.init_args.generation.temperature": settings.temperature,
+        **variant,
     }
 
 
@@ -296,7 +350,7 @@ def newest_rollouts(logs: Path) -> Path:
     return max(found, key=lambda path: path.stat().st_mtime)
 
 
-def run_ucai(args, settings: PPOSettings, rows: list[dict], work: Path) -> dict:
+def run_ucai(args, settings: PPOSettings, rows: list[dict], work: Path, variant_args: dict) -> dict:
     """Train with ``ucai fit`` and return its curves (scores as PPO saw them)."""
     from ucai.data.io import write_jsonl
     from ucai.pipeline.plan import override_args
@@ -304,7 +358,7 @@ def run_ucai(args, settings: PPOSettings, rows: list[dict], work: Path) -> dict:
 
     prompt_file = work / "prompts.jsonl"
     write_jsonl(prompt_file, rows)
-    overrides = ucai_overrides(args, settings, prompt_file, len(rows), work)
+    overrides = ucai_overrides(args, settings, prompt_file, len(rows), work, variant_args)
     command = [
         sys.executable,
         "-m",
@@ -470,6 +524,73 @@ def run_trl(
     return run_child("trl", [sys.executable, __file__, "--child-spec", str(spec_path)], env)
 
 
+# --------------------------------------------------------------------------- variants and arms
+
+# TRL 1.12's precision scope and clipping, which every ucai variant keeps unless it
+# names the factor it changes: sampling, the rollout forward and RM scoring in fp32
+# (TRL's accelerate autocast covers only its loss forward, and it never prepares the
+# RM), the PPO update under bf16 autocast (ucai's bf16-mixed, TRL's
+# ACCELERATE_MIXED_PRECISION=bf16), no gradient clipping.
+MATCHED = {
+    "value_head": "head",
+    "rollout_precision": "fp32",
+    "frozen_linear_bf16": False,  # fp32 rollouts need fp32 frozen weights (ucai refuses the pair)
+    "max_grad_norm": 0.0,
+}
+# ucai configurations (PPOModule arguments), one factor at a time from MATCHED.
+UCAI_VARIANTS = {
+    "head": MATCHED,  # ucai's default critic: a zero-initialised scalar head on the policy
+    "adapter": {**MATCHED, "value_head": "adapter"},  # 2nd LoRA + a head copied from the RM's
+    "bf16-rollout": {**MATCHED, "rollout_precision": "trainer", "frozen_linear_bf16": True},
+    "clip-1": {**MATCHED, "max_grad_norm": 1.0},
+    # ucai as shipped (trainer-precision rollouts and clipping at 1): two factors off TRL's.
+    "shipped": {
+        "value_head": "head",
+        "rollout_precision": "trainer",
+        "frozen_linear_bf16": True,
+        "max_grad_norm": 1.0,
+    },
+}
+TRL = "trl"
+PRECISION_SCOPE = {
+    "fp32": "sampling, rollout forward and RM scoring in fp32; PPO update under bf16 autocast",
+    "trainer": "sampling, rollout forward, RM scoring and PPO update under bf16 autocast",
+}
+
+
+def describe_variant(name: str, trl_precision: str) -> str:
+    """Critic, precision scope and clipping of a ucai variant or of TRL, in words."""
+    if name == TRL:
+        update = "bf16 autocast" if trl_precision == "bf16" else "fp32"
+        return (
+            f"TRL: critic a full trainable copy of the RM; sampling, rollout forward and RM scoring in fp32, "
+            f"PPO update in {update}; no gradient clipping (TRL 1.12 ignores max_grad_norm)"
+        )
+    variant = UCAI_VARIANTS[name]
+    critic = {
+        "head": "zero-initialised scalar head on the policy",
+        "adapter": "second LoRA adapter, head from the RM's",
+    }[variant["value_head"]]
+    clip = (
+        f"gradient norm clipped to {variant['max_grad_norm']:g}"
+        if variant["max_grad_norm"]
+        else "no clipping"
+    )
+    return f"ucai {name}: critic {critic}; {PRECISION_SCOPE[variant['rollout_precision']]}; {clip}"
+
+
+def arm_label(variant: str, learning_rate: float) -> str:
+    return f"{variant} lr={learning_rate:g}"
+
+
+def planned_arms(
+    variants: list[str], ucai_lrs: list[float], trl_lrs: list[float], with_trl: bool
+) -> list[tuple[str, float]]:
+    """(variant, learning rate) of every configuration to run, ucai's first."""
+    arms = [(variant, lr) for variant in variants for lr in ucai_lrs]
+    return arms + ([(TRL, lr) for lr in trl_lrs] if with_trl else [])
+
+
 # --------------------------------------------------------------------------- curves
 
 
@@ -477,32 +598,105 @@ def to_raw(scores: list[float], normalised: bool, mean: float, std: float) -> li
     return [s * std + mean for s in scores] if normalised else list(scores)
 
 
+def gain_window(iterations: int) -> int:
+    return min(GAIN_WINDOW, iterations // 2)
+
+
 def gain(scores: list[float], std: float) -> float:
     """(mean of the last w - mean of the first w) / std, w = min(5, len // 2)."""
-    window = min(GAIN_WINDOW, len(scores) // 2)
+    window = gain_window(len(scores))
     if window < 1:
         raise SystemExit("need at least 2 iterations for a gain")
     return (statistics.mean(scores[-window:]) - statistics.mean(scores[:window])) / std
 
 
-def print_table(ucai: dict, trl: dict) -> None:
-    print(f"{'iter':>4} | {'ucai score':>10} {'KL':>7} {'eos':>5} | {'trl score':>10} {'KL':>7} {'eos':>5}")
-    for i in range(max(len(ucai["score"]), len(trl["score"]))):
-        cells = []
-        for side in (ucai, trl):
-            values = [
-                side[key][i] if i < len(side[key]) else float("nan")
-                for key in ("score", "kl", "eos_fraction")
-            ]
-            cells.append(f"{values[0]:10.4f} {values[1]:7.3f} {values[2]:5.2f}")
-        print(f"{i:>4} | {cells[0]} | {cells[1]}")
+def run_frontier(run: dict, std: float, levels: list[float], smooth: int) -> dict[float, float | None]:
+    """A run's score gain (RM std units) at each KL level (`ucai.frontier.gain_at_kl`),
+    with the plain gain's starting window as its baseline."""
+    from ucai.frontier import gain_at_kl
+
+    scores = [s / std for s in run["score"]]
+    window = min(smooth, len(scores) // 2 * 2 - 1) if len(scores) > 1 else 1  # odd, within the run
+    return gain_at_kl(run["kl"], scores, levels, window=window, baseline_window=gain_window(len(scores)))
+
+
+def smoothed_kl(run: dict, smooth: int) -> list[float]:
+    from ucai.frontier import moving_average
+
+    window = min(smooth, len(run["kl"]) // 2 * 2 - 1) if len(run["kl"]) > 1 else 1
+    return moving_average(run["kl"], window)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def print_run_table(label: str, run: dict) -> None:
+    print(
+        f"{label}, seed {run['seed']}: mean RM score (raw units, before the missing-eos penalty), "
+        "KL per sequence, eos fraction per iteration"
+    )
+    print(f"{'iter':>4} | {'score':>8} {'KL':>7} {'eos':>5}")
+    for i, (score, kl) in enumerate(zip(run["score"], run["kl"])):
+        eos = run["eos_fraction"][i] if i < len(run["eos_fraction"]) else float("nan")
+        print(f"{i:>4} | {score:8.4f} {kl:7.3f} {eos:5.2f}")
+
+
+# --------------------------------------------------------------------------- records
+
+
+def fingerprint(args, settings: PPOSettings, rows: int, heldout: float) -> dict:
+    """What every run of one results file shares; a run is reused only under the same one.
+    The learning rate, seed and clipping belong to the run (its arm), not here."""
+    shared = {
+        k: v for k, v in settings.to_json().items() if k not in ("learning_rate", "seed", "max_grad_norm")
+    }
+    fields = {
+        "reward_model": str(Path(args.reward_model).resolve()),
+        "policy": args.policy,
+        "prompts": args.prompts,
+        "heldout_fraction": heldout,
+        "train_prompts": rows,
+        "prompt_order_seed": args.seeds[0],
+        "iterations": args.iterations,
+        "settings": shared,
+        "normalize_score": SETTINGS["normalize_score"],
+        "precision": SETTINGS["precision"],
+        "trl_precision": args.trl_precision,
+    }
+    return json.loads(json.dumps(fields))  # as a results file holds it (tuples as lists)
+
+
+def run_key(variant: str, learning_rate: float, seed: int, variant_args: dict | None) -> str:
+    return json.dumps([variant, learning_rate, seed, variant_args], sort_keys=True)
+
+
+def reusable_runs(paths: list[Path], expected: dict) -> dict[str, dict]:
+    """Runs of earlier results files made under the same fingerprint, by `run_key`."""
+    found = {}
+    for path in paths:
+        if not path.is_file():
+            print(f"reuse: {path} does not exist; nothing reused from it")
+            continue
+        data = json.loads(path.read_text())
+        if data.get("fingerprint") != expected:
+            print(f"reuse: {path} was made with other inputs or settings; nothing reused from it")
+            continue
+        for run in data.get("runs", []):
+            found[run_key(run["variant"], run["learning_rate"], run["seed"], run.get("variant_args"))] = run
+    return found
+
+
+def load_now() -> list[float]:
+    """The machine's 1-, 5- and 15-minute load averages (2 cores: 2 is full)."""
+    return [round(value, 2) for value in os.getloadavg()]
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--reward-model", type=Path, help="a reward-stage output folder (<root>/models/<side>/rm_model)"
     )
@@ -523,12 +717,20 @@ def parse_args() -> argparse.Namespace:
         type=int,
         nargs="+",
         default=[SETTINGS["seed"]],
-        help="training seeds (sampling, initialisation); each runs both sides, the prompt order stays "
-        "that of the first; the last line gives the median gain over seeds",
+        help="training seeds (sampling, initialisation); each runs every configuration, the prompt order "
+        "stays that of the first; summaries are medians over seeds",
     )
     parser.add_argument("--batch", type=int, default=8, help="prompts per PPO iteration (rollout batch)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="response length")
-    parser.add_argument("--lr", type=float, default=SETTINGS["learning_rate"])
+    parser.add_argument(
+        "--lr", type=float, default=SETTINGS["learning_rate"], help="both sides' learning rate"
+    )
+    parser.add_argument(
+        "--ucai-learning-rates", type=float, nargs="+", help="ucai's learning rates (default: --lr)"
+    )
+    parser.add_argument(
+        "--trl-learning-rates", type=float, nargs="+", help="TRL's learning rates (default: --lr)"
+    )
     parser.add_argument("--kl-coef", type=float, default=SETTINGS["kl_coef"])
     parser.add_argument("--ppo-epochs", type=int, default=SETTINGS["ppo_epochs"])
     parser.add_argument("--minibatch", type=int, default=SETTINGS["minibatch_size"])
@@ -537,27 +739,60 @@ def parse_args() -> argparse.Namespace:
         "--trl-precision",
         choices=["bf16", "fp32"],
         default="bf16",
-        help="bf16: autocast, as ucai's bf16-mixed; fp32: TRL's CPU default",
+        help="TRL's PPO update: bf16 autocast (ucai's bf16-mixed) or fp32 (its CPU default)",
+    )
+    parser.add_argument(
+        "--kl-levels", type=float, nargs="+", default=[1.0, 2.0, 3.0], help="KL levels of the frontier, nats"
+    )
+    parser.add_argument(
+        "--smooth",
+        type=int,
+        default=GAIN_WINDOW,
+        help="moving-average window (odd, iterations) of the frontier",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ppo_learning.json")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        nargs="*",
+        help="reuse the runs of these results files (none named: --out) that were made with the same "
+        "inputs and settings, e.g. TRL's curves for a new ucai variant, or a run cut short",
+    )
+    parser.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="run nothing: summarise the runs of the --reuse files (e.g. while a benchmark still runs)",
+    )
     parser.add_argument(
         "--work", type=Path, help="run folder (logs, rollouts); default: a new temporary folder"
     )
     parser.add_argument("--child-spec", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def checked_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args()
     if args.child_spec is None and args.reward_model is None:
         parser.error("--reward-model is required")
+    if args.smooth < 1 or args.smooth % 2 == 0:
+        parser.error("--smooth must be a positive odd number")
+    args.ucai_learning_rates = args.ucai_learning_rates or [args.lr]
+    args.trl_learning_rates = args.trl_learning_rates or [args.lr]
+    if args.reuse is not None and not args.reuse:
+        args.reuse = [args.out]
+    if args.summary_only and not args.reuse:
+        parser.error("--summary-only needs --reuse")
     return args
 
 
-def settings_from(args, seed: int | None = None) -> PPOSettings:
+def settings_from(args, seed: int | None = None, learning_rate: float | None = None) -> PPOSettings:
     shared = {k: v for k, v in SETTINGS.items() if k in PPOSettings.__dataclass_fields__}
     return PPOSettings(
         **{
             **shared,
             "batch": args.batch,
             "response_length": args.max_new_tokens,
-            "learning_rate": args.lr,
+            "learning_rate": args.lr if learning_rate is None else learning_rate,
             "kl_coef": args.kl_coef,
             "ppo_epochs": args.ppo_epochs,
             "minibatch_size": min(args.minibatch, args.batch),  # tiny test batches
@@ -567,98 +802,264 @@ def settings_from(args, seed: int | None = None) -> PPOSettings:
     )
 
 
+class Bench:
+    """Inputs, settings and results of one invocation; runs arms and records each run
+    to ``--out`` as soon as it ends, so partial results survive."""
+
+    def __init__(self, args, title: str):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.args, self.title = args, title
+        rm = args.reward_model
+        args.policy = args.policy or default_policy(rm)
+        args.prompts = args.prompts or default_prompt_file(rm)
+        args.stage_config = args.stage_config or REPO / "configs" / f"ppo_{side_of(rm)}.yaml"
+        heldout = args.heldout_fraction
+        if heldout is None:
+            heldout = pipeline_heldout_fraction(rm)
+            heldout = SETTINGS["heldout_fraction"] if heldout is None else heldout
+        self.heldout = heldout
+        self.work = args.work or Path(tempfile.mkdtemp(prefix="ppo-learning-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.mean, self.std = read_score_stats(rm)
+        self.settings = settings_from(args)
+        self.rows = ordered_train_rows(
+            args.prompts,
+            config_principles(args.stage_config),
+            heldout,
+            self.settings.batch,
+            self.settings.seed,
+        )
+        self.fingerprint = fingerprint(args, self.settings, len(self.rows), heldout)
+        self.reusable = reusable_runs(args.reuse or [], self.fingerprint)
+        self.runs: list[dict] = []
+
+    def announce(self, arms: list[tuple[str, float]]) -> None:
+        args = self.args
+        print(
+            f"{self.title}: {args.iterations} iterations; policy {args.policy}; RM {args.reward_model} "
+            f"(score mean {self.mean:.4f}, std {self.std:.4f} from reward_stats.json); {len(self.rows)} train "
+            f"prompts of {args.prompts} (held-out fraction {self.heldout}); work {self.work}",
+            flush=True,
+        )
+        print(f"settings (both sides): {self.settings.describe()}", flush=True)
+        for variant in dict.fromkeys(variant for variant, _ in arms):
+            print(f"  {describe_variant(variant, args.trl_precision)}", flush=True)
+        print(f"seeds {args.seeds}; load averages now {load_now()} (1/5/15 min, 2 cores)", flush=True)
+
+    def run_all(self, arms: list[tuple[str, float]]) -> None:
+        """Every arm once per seed, alternating the order (A B C, C B A, ...)."""
+        for index, seed in enumerate(self.args.seeds):
+            for variant, lr in arms if index % 2 == 0 else list(reversed(arms)):
+                run = self.run_arm(variant, lr, seed)
+                if run is not None:
+                    self.runs.append(run)
+                    if not self.args.summary_only:  # a running benchmark may be writing --out
+                        self.save()
+
+    def run_arm(self, variant: str, learning_rate: float, seed: int) -> dict | None:
+        """One run: reused when a reused file holds it, else trained (None under
+        ``--summary-only``)."""
+        args = self.args
+        variant_args = None if variant == TRL else UCAI_VARIANTS[variant]
+        label = arm_label(variant, learning_rate)
+        reused = self.reusable.get(run_key(variant, learning_rate, seed, variant_args))
+        if reused is not None:
+            print(f"{label}, seed {seed}: reused from an earlier results file", flush=True)
+            return reused
+        if args.summary_only:
+            print(f"{label}, seed {seed}: not in the reused files (--summary-only: not run)", flush=True)
+            return None
+        settings = settings_from(args, seed, learning_rate)
+        work = self.work / f"seed-{seed}" / label.replace(" ", "_")
+        work.mkdir(parents=True, exist_ok=True)
+        load_before, started = load_now(), time.monotonic()
+        if variant == TRL:
+            curve = run_trl(args, settings, self.rows, (self.mean, self.std), work)
+        else:
+            curve = run_ucai(args, settings, self.rows, work, variant_args)
+        curve["score"] = to_raw(curve["score"], SETTINGS["normalize_score"], self.mean, self.std)
+        if len(curve["score"]) != args.iterations or len(curve["kl"]) != args.iterations:
+            raise SystemExit(
+                f"{label} ran {len(curve['score'])} iterations ({len(curve['kl'])} KL values), "
+                f"expected {args.iterations}: the sides would not have done the same work"
+            )
+        run = {
+            "variant": variant,
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "variant_args": variant_args,
+            **curve,
+            "wall_s": round(time.monotonic() - started, 1),
+            "load_before": load_before,
+            "load_after": load_now(),
+        }
+        print_run_table(label, run)
+        at = run_frontier(run, self.std, args.kl_levels, args.smooth)
+        print(
+            f"{label}, seed {seed}: gain={gain(run['score'], self.std):.3f} "
+            + " ".join(f"at_{level:g}={fmt(value)}" for level, value in at.items())
+            + f" (smoothed KL max {max(smoothed_kl(run, args.smooth)):.2f}; {run['wall_s']:.0f} s, "
+            f"load {run['load_before']} -> {run['load_after']})",
+            flush=True,
+        )
+        return run
+
+    def save(self) -> None:
+        args = self.args
+        result = {
+            "benchmark": self.title,
+            "fingerprint": self.fingerprint,
+            "settings": {
+                **self.settings.to_json(),
+                **{k: SETTINGS[k] for k in ("normalize_score", "precision")},
+            },
+            "variants": {name: describe_variant(name, args.trl_precision) for name in (*UCAI_VARIANTS, TRL)},
+            "score_mean": self.mean,
+            "score_std": self.std,
+            "score_std_source": "reward_stats.json",
+            "gain_window": gain_window(args.iterations),
+            "frontier": {
+                "kl_levels": args.kl_levels,
+                "smooth_window": args.smooth,
+                "definition": FRONTIER_DEFINITION,
+            },
+            "curves": {
+                "score": "mean raw RM score per iteration (before the missing-eos penalty)",
+                "kl": "mean per-sequence KL(policy || reference), k1, nats",
+                "objective_scores": "mean PPO score (normalised if normalize_score, after the eos penalty)",
+            },
+            "seeds": args.seeds,
+            "runs": self.runs + self.unused_reusable(),
+            "work": str(self.work),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    def unused_reusable(self) -> list[dict]:
+        """Reusable runs this invocation has not taken: kept in ``--out`` so that
+        rewriting a file reused from loses none of its runs."""
+        taken = {
+            run_key(r["variant"], r["learning_rate"], r["seed"], r.get("variant_args")) for r in self.runs
+        }
+        return [run for key, run in self.reusable.items() if key not in taken]
+
+    # ----------------------------------------------------------------- summaries
+
+    def runs_of(self, variant: str, learning_rate: float) -> list[dict]:
+        return [r for r in self.runs if r["variant"] == variant and r["learning_rate"] == learning_rate]
+
+    def arm_summary(self, variant: str, learning_rate: float) -> dict:
+        """Median plain gain and, per KL level, the median gain over seeds with the
+        number of seeds that reached it."""
+        from ucai.frontier import median_over_runs, reached_count
+
+        runs = self.runs_of(variant, learning_rate)
+        per_run = [run_frontier(run, self.std, self.args.kl_levels, self.args.smooth) for run in runs]
+        levels = {}
+        for level in self.args.kl_levels:
+            values = [at[level] for at in per_run]
+            levels[level] = {
+                "median": median_over_runs(values),
+                "reached": reached_count(values),
+                "runs": len(runs),
+            }
+        gains = [gain(run["score"], self.std) for run in runs]
+        return {"gains": gains, "median_gain": statistics.median(gains) if gains else None, "levels": levels}
+
+    def side_frontier(
+        self, variant: str, learning_rates: list[float]
+    ) -> dict[float, tuple[float | None, float | None]]:
+        """Per KL level, (best learning rate, its median gain) over the variant's runs."""
+        from ucai.frontier import best_setting
+
+        summaries = {lr: self.arm_summary(variant, lr) for lr in learning_rates}
+        return {
+            level: best_setting({lr: s["levels"][level]["median"] for lr, s in summaries.items()})
+            for level in self.args.kl_levels
+        }
+
+    def print_arm_table(self, arms: list[tuple[str, float]]) -> None:
+        """One row per arm: frontier values (median over seeds, seeds reached) and plain gain."""
+        levels = self.args.kl_levels
+        head = "".join(f" {f'gain@{level:g} nats':>17}" for level in levels)
+        print(f"{'configuration':<24}{head} {'plain gain':>11}  seeds")
+        for variant, lr in arms:
+            summary = self.arm_summary(variant, lr)
+            cells = "".join(
+                f" {fmt(c['median']):>11} ({c['reached']}/{c['runs']})" for c in summary["levels"].values()
+            )
+            gains = ", ".join(f"{g:.3f}" for g in summary["gains"])
+            print(f"{arm_label(variant, lr):<24}{cells} {fmt(summary['median_gain']):>11}  [{gains}]")
+
+
+FRONTIER_DEFINITION = (
+    "gain at KL level k = (score at the first crossing of k by the piecewise-linear path through the "
+    "per-iteration (KL, score) points, both smoothed by the same centred moving average) - (mean score of "
+    "the first gain_window iterations), in RM std units; per configuration the median over the seeds that "
+    "reached k, n/a unless more than half did; per side the best learning rate's median at each level"
+)
+
+
+def frontier_line(bench: Bench, ucai_variant: str) -> str:
+    """``ppo_frontier: ucai_at_1=… trl_at_1=… ratio_at_2=…``: each side's best learning
+    rate at each level; the ratio ucai/TRL at 2 nats (n/a unless both are > 0)."""
+    args = bench.args
+    sides = {
+        "ucai": bench.side_frontier(ucai_variant, args.ucai_learning_rates),
+        "trl": bench.side_frontier(TRL, args.trl_learning_rates),
+    }
+    cells = [
+        f"{side}_at_{level:g}={fmt(value)}" for side, at in sides.items() for level, (_, value) in at.items()
+    ]
+    middle = 2.0 if 2.0 in args.kl_levels else args.kl_levels[len(args.kl_levels) // 2]
+    mine, theirs = sides["ucai"][middle][1], sides["trl"][middle][1]
+    ratio = mine / theirs if mine is not None and theirs is not None and mine > 0 and theirs > 0 else None
+    return "ppo_frontier: " + " ".join(cells) + f" ratio_at_{middle:g}={fmt(ratio)}"
+
+
+def print_best_learning_rates(bench: Bench, ucai_variant: str) -> None:
+    args = bench.args
+    for variant, lrs in ((ucai_variant, args.ucai_learning_rates), (TRL, args.trl_learning_rates)):
+        if len(lrs) > 1:
+            best = bench.side_frontier(variant, lrs)
+            print(
+                f"{variant}: best learning rate per KL level: "
+                + ", ".join(
+                    f"{level:g} nats: {lr if lr is None else f'{lr:g}'}" for level, (lr, _) in best.items()
+                )
+            )
+
+
 def main() -> None:
-    args = parse_args()
+    parser = build_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--ucai-variant",
+        choices=sorted(UCAI_VARIANTS),
+        default="head",
+        help="ucai's configuration (default head: its default critic, with TRL's precision scope and clipping)",
+    )
+    args = checked_args(parser)
     if args.child_spec is not None:
         trl_child(args.child_spec)
         return
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    settings = settings_from(args)
-    rm = args.reward_model
-    args.policy = args.policy or default_policy(rm)
-    args.prompts = args.prompts or default_prompt_file(rm)
-    args.stage_config = args.stage_config or REPO / "configs" / f"ppo_{side_of(rm)}.yaml"
-    heldout = args.heldout_fraction
-    if heldout is None:
-        heldout = pipeline_heldout_fraction(rm)
-        heldout = SETTINGS["heldout_fraction"] if heldout is None else heldout
-    work = args.work or Path(tempfile.mkdtemp(prefix="ppo-learning-"))
-    work.mkdir(parents=True, exist_ok=True)
-    mean, std = read_score_stats(rm)
-    rows = ordered_train_rows(
-        args.prompts, config_principles(args.stage_config), heldout, settings.batch, settings.seed
-    )
-    print(
-        f"PPO learning: {args.iterations} iterations; policy {args.policy}; RM {rm} (score mean {mean:.4f}, "
-        f"std {std:.4f} from reward_stats.json); {len(rows)} train prompts of {args.prompts} "
-        f"(held-out fraction {heldout}); work {work}",
-        flush=True,
-    )
-    print(f"settings: {settings.describe()}", flush=True)
-
-    normalised = SETTINGS["normalize_score"]
-    runs = []  # one {"seed", "ucai", "trl"} per seed; ucai and trl alternate which goes first
-    for index, seed in enumerate(args.seeds):
-        seed_settings = settings_from(args, seed)
-        seed_work = work / f"seed-{seed}" if len(args.seeds) > 1 else work
-        seed_work.mkdir(parents=True, exist_ok=True)
-        order = ("ucai", "trl") if index % 2 == 0 else ("trl", "ucai")
-        curves = {}
-        for side in order:
-            if side == "ucai":
-                curves["ucai"] = run_ucai(args, seed_settings, rows, seed_work)
-            else:
-                curves["trl"] = run_trl(args, seed_settings, rows, (mean, std), seed_work)
-        for name, curve in curves.items():
-            curve["score"] = to_raw(curve["score"], normalised, mean, std)
-            if len(curve["score"]) != args.iterations:
-                raise SystemExit(f"{name} ran {len(curve['score'])} iterations, expected {args.iterations}")
-            curve["gain"] = gain(curve["score"], std)
-        print(
-            f"seed {seed}: mean RM score (raw units, before the missing-eos penalty), KL per sequence, "
-            "eos fraction per iteration"
+    bench = Bench(args, "ppo_learning")
+    arms = planned_arms([args.ucai_variant], args.ucai_learning_rates, args.trl_learning_rates, with_trl=True)
+    bench.announce(arms)
+    bench.run_all(arms)
+    if not args.summary_only:
+        print(f"curves written to {args.out}")
+    print(f"frontier: {FRONTIER_DEFINITION}; smoothing window {args.smooth}")
+    bench.print_arm_table(arms)
+    print_best_learning_rates(bench, args.ucai_variant)
+    first = {
+        side: bench.arm_summary(variant, lrs[0])["median_gain"]
+        for side, variant, lrs in (
+            ("ucai", args.ucai_variant, args.ucai_learning_rates),
+            ("trl", TRL, args.trl_learning_rates),
         )
-        print_table(curves["ucai"], curves["trl"])
-        print(f"seed {seed}: ucai_gain={curves['ucai']['gain']:.3f} trl_gain={curves['trl']['gain']:.3f}", flush=True)
-        runs.append({"seed": seed, "ucai": curves["ucai"], "trl": curves["trl"]})
-    gains = {side: [run[side]["gain"] for run in runs] for side in ("ucai", "trl")}
-    medians = {side: statistics.median(values) for side, values in gains.items()}
-
-    result = {
-        "benchmark": "ppo_learning",
-        "reward_model": str(rm),
-        "policy": args.policy,
-        "prompts": args.prompts,
-        "heldout_fraction": heldout,
-        "train_prompts": len(rows),
-        "iterations": args.iterations,
-        "settings": {
-            **settings.to_json(),
-            **{k: SETTINGS[k] for k in ("normalize_score", "precision")},
-            "trl_precision": args.trl_precision,
-        },
-        "score_mean": mean,
-        "score_std": std,
-        "score_std_source": "reward_stats.json",
-        "gain_window": min(GAIN_WINDOW, args.iterations // 2),
-        "curves": {
-            "score": "mean raw RM score per iteration (before the missing-eos penalty)",
-            "kl": "mean per-sequence KL(policy || reference), k1",
-            "objective_scores": "mean PPO score (normalised if normalize_score, after the eos penalty)",
-        },
-        "seeds": args.seeds,
-        "gains": gains,
-        "median_gain": medians,
-        "runs": runs,
-        "work": str(work),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"curves written to {args.out}")
-    if len(args.seeds) > 1:
-        for side in ("ucai", "trl"):
-            print(f"{side} gains over seeds {args.seeds}: {', '.join(f'{g:.3f}' for g in gains[side])}")
-    print(f"ppo_learning: ucai_gain={medians['ucai']:.3f} trl_gain={medians['trl']:.3f}")
+    print(f"ppo_learning: ucai_gain={fmt(first['ucai'])} trl_gain={fmt(first['trl'])}")
+    print(frontier_line(bench, args.ucai_variant))
 
 
 if __name__ == "__main__":
