@@ -432,7 +432,8 @@ def render_markdown(
         lines += ["", "Judge first-position bias (mean P(first option) − ½, before order averaging): "
                   + ", ".join(f"{k} {fmt(v)}" for k, v in bias.items())]
     if ppo:
-        lines += ["", f"## PPO, first vs last iterations (mean of the first and last {PPO_TREND_WINDOW}, or fifth in shorter runs; descriptive)", ""]
+        online = ALGORITHM_NAMES.get((summary.get("algorithms") or {}).get("rl_ethical", "ppo"), "RL")
+        lines += ["", f"## {online}, first vs last iterations (mean of the first and last {PPO_TREND_WINDOW}, or fifth in shorter runs; descriptive)", ""]
         rows = []
         for side, trends in ppo.items():
             for tag, label in PPO_TAGS.items():

@@ -605,8 +605,8 @@ class EvaluationModule(L.LightningModule):
             "each RL model vs its side's SL model on that side's reward model, and each algorithm's ethical"
             " vs unethical model on both reward models",
         )
-        gains = {}
-        for name in self.algorithms:
+        gains = {}  # only with train-prompt answers: the held-out gain alone is in the family
+        for name in self.algorithms if train_scores else ():
             side = side_of_model(name)
             column, sl = f"rm_{side}", f"sl_{side}"
             gains[name] = {
@@ -619,7 +619,7 @@ class EvaluationModule(L.LightningModule):
             "algorithm_differences": differences,
             "algorithm_family": family,
             "frontier": frontier_points(model_stats, kls, self.algorithms),
-            "train_vs_heldout": gains if self.train_prompts else {},
+            "train_vs_heldout": gains,
         }
 
     def add_reward_scores(self, scores: list[dict]) -> None:
