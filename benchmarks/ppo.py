@@ -14,10 +14,11 @@ The value function is where the two designs differ:
 
 * TRL trains a separate critic: a full copy of the reward model (135M trainable
   parameters with their own forwards, backward and AdamW state), as in its examples;
-* ucai's default (``value_head: head``) is a scalar head on the policy's hidden state;
-  ``value_head: adapter`` gives the value function its own LoRA adapter on the policy's
-  backbone (its own forward and backward through the model) and a head started from
-  the reward model's head, which is the same job as TRL's critic.
+* ucai's default (``value_head: adapter``) gives the value function its own LoRA
+  adapter on the policy's backbone (its own forward and backward through the model) and
+  a head started from the reward model's head, which is the same job as TRL's critic;
+  ``value_head: head`` is a scalar head on the policy's hidden state (no second pass,
+  but it gains less per nat of KL: `benchmarks/ppo_ablation.py`).
 
 And so is precision: ucai's ``bf16-mixed`` autocasts generation and the reference, value
 and reward forwards; TRL 1.12 on CPU runs fp32 at its defaults and gets bf16 autocast
@@ -30,7 +31,7 @@ The response lengths of both sides are recorded (TRL's through its
 ``truncate_response``), and the script stops if a configuration's mean response length
 differs from ucai's default by more than 5%. Lines:
 
-* ucai default vs TRL default: the designs as shipped;
+* ucai ``value_head: head`` vs TRL default: the cheapest critic against TRL as shipped;
 * ucai ``value_head: adapter`` under ``32-true`` vs TRL in fp32: no autocast anywhere;
 * ucai ``value_head: adapter`` (bf16-mixed) vs TRL with bf16 autocast;
 * last, ``ppo: speed_ratio=X memory_ratio=Y``: ucai ``value_head: adapter`` (bf16-mixed)
@@ -78,7 +79,7 @@ SETTINGS = PPOSettings(
 
 # name -> (side, ucai value head, ucai precision, extra environment)
 CONFIGS = {
-    "ucai default (head, bf16-mixed)": ("ucai", "head", "bf16-mixed", {}),
+    "ucai value head (bf16-mixed)": ("ucai", "head", "bf16-mixed", {}),
     "ucai value adapter (bf16-mixed)": ("ucai", "adapter", "bf16-mixed", {}),
     "ucai value adapter (32-true)": ("ucai", "adapter", "32-true", {}),
     "trl defaults (fp32)": ("trl", None, None, {}),
@@ -257,8 +258,8 @@ def main() -> None:
         )
     trl_fp32, trl_bf16 = summary["trl defaults (fp32)"], summary["trl bf16 autocast"]
     best_name = max(("trl defaults (fp32)", "trl bf16 autocast"), key=lambda n: summary[n]["episodes_per_s"])
-    print(f"ucai default (value head) vs TRL defaults (critic, fp32), different designs: "
-          f"{ratios(summary['ucai default (head, bf16-mixed)'], trl_fp32)}")
+    print(f"ucai value_head: head vs TRL defaults (critic, fp32), different designs: "
+          f"{ratios(summary['ucai value head (bf16-mixed)'], trl_fp32)}")
     print(f"ucai value adapter 32-true vs TRL fp32, no autocast on either side: "
           f"{ratios(summary['ucai value adapter (32-true)'], trl_fp32)}")
     print(f"ucai value adapter bf16-mixed vs TRL bf16 autocast: "

@@ -2,19 +2,18 @@
 
 The runs are `benchmarks/ppo_learning.py`'s (same RM, policy, prompts in the same
 order, settings, curves and frontier definition; see its docstring). The starting point
-is ucai's default critic under TRL 1.12's precision scope and clipping (``head``:
-sampling, rollout forward and RM scoring in fp32, the PPO update under bf16 autocast, no
-gradient clipping), and each variant changes one factor:
+is ucai's default critic under TRL 1.12's precision scope and clipping (``adapter``: the
+critic a second LoRA adapter on the policy's base with a head initialised from the RM's,
+rescaled to the normalised scores; sampling, rollout forward and RM scoring in fp32,
+the PPO update under bf16 autocast, no gradient clipping), and each variant changes one
+factor:
 
-* ``adapter`` — the critic is a second LoRA adapter on the policy's base with a head
-  initialised from the RM's (rescaled to the normalised scores) instead of a
-  zero-initialised head on the policy's hidden state; still one copy of the base
-  weights plus the RM;
+* ``head`` — the critic is a zero-initialised scalar head on the policy's last hidden
+  state (ucai's default before issue 22) instead of the RM-initialised adapter;
 * ``bf16-rollout`` — ``rollout_precision: trainer``: sampling, the rollout forward and
-  RM scoring under bf16 autocast too (frozen linears held in bf16, ucai's default);
-* ``clip-1`` — ``max_grad_norm: 1`` (ucai's default) instead of no clipping;
-* ``shipped`` (not run unless named) — ucai's shipped defaults, bf16 rollouts and
-  clipping at 1 together.
+  RM scoring under bf16 autocast too (frozen linears held in bf16);
+* ``clip-1`` — ``max_grad_norm: 1`` instead of no clipping: ucai's shipped stage
+  configs (`configs/ppo_<side>.yaml`).
 
 TRL runs alongside as the reference, or its curves are reused from an earlier results
 file made with the same inputs and settings (``--reuse``, reading ``--out`` or the
@@ -22,8 +21,7 @@ files named), so it need not be rerun for every ucai variant; ``--no-trl`` leave
 out. Any run already in a reused file is taken from it, so an interrupted ablation
 resumes where it stopped.
 
-Run (from the repository root; ~6 min per ucai run and ~14 min per TRL run on an idle
-2-core CPU):
+Run (from the repository root; about 7 minutes a run on one core of an idle 2-core CPU):
 
     nice -n 10 .venv/bin/python benchmarks/ppo_ablation.py \\
         --reward-model lightning_logs/experiment_cpu/models/ethical/rm_model --seeds 0 1 2
@@ -32,7 +30,7 @@ It prints each run's curve, then a table of every configuration's frontier value
 score gain in RM std units at each KL level, median over the seeds that reached it,
 with how many did) and plain gain (median over seeds, each seed's in brackets); every
 figure comes from a run. The last line is
-``ppo_ablation: head_at_2=… adapter_at_2=… … trl_at_2=…`` (gain at 2 nats, the best
+``ppo_ablation: adapter_at_2=… head_at_2=… … trl_at_2=…`` (gain at 2 nats, the best
 learning rate of each configuration).
 """
 
@@ -56,7 +54,7 @@ from ppo_learning import (  # noqa: E402
     trl_child,
 )
 
-ABLATION = ["head", "adapter", "bf16-rollout", "clip-1"]
+ABLATION = ["adapter", "head", "bf16-rollout", "clip-1"]
 
 
 def parse_args():
@@ -64,10 +62,11 @@ def parse_args():
     parser.set_defaults(out=Path(__file__).resolve().parent / "results" / "ppo_ablation.json")
     parser.add_argument(
         "--variants",
-        nargs="+",
+        nargs="*",
         choices=sorted(UCAI_VARIANTS),
         default=ABLATION,
-        help="ucai configurations to run (the first is the ppo_frontier line's ucai)",
+        help="ucai configurations to run (the first is the ppo_frontier line's ucai; none: TRL alone, "
+        "e.g. in a second process beside the ucai runs, merged later with --reuse)",
     )
     parser.add_argument("--no-trl", action="store_true", help="run no TRL reference")
     return checked_args(parser)
@@ -94,6 +93,8 @@ def main() -> None:
         trl_child(args.child_spec)
         return
     with_trl = not args.no_trl
+    if not args.variants and not with_trl:
+        raise SystemExit("ppo_ablation: nothing to run (no --variants and --no-trl)")
     bench = Bench(args, "ppo_ablation")
     arms = planned_arms(args.variants, args.ucai_learning_rates, args.trl_learning_rates, with_trl)
     bench.announce(arms)
@@ -102,7 +103,7 @@ def main() -> None:
         print(f"curves written to {args.out}")
     print(f"frontier: {FRONTIER_DEFINITION}; smoothing window {args.smooth}")
     bench.print_arm_table(arms)
-    if with_trl:
+    if with_trl and args.variants:
         print(frontier_line(bench, args.variants[0]))
     print(ablation_line(bench, args.variants, with_trl))
 

@@ -40,10 +40,10 @@ score gain at 1, 2 and 3 nats of KL to the reference (``--kl-levels``), defined 
   the "peer's best" rule of shared/BENCHMARKS.md applied to both sides (give both the
   same number of learning rates: a best-of-n pick gains from noise).
 
-Run (from the repository root; at the defaults about 20 minutes per seed on an idle
-2-core CPU: ~6 min for a ucai run with bf16 rollouts, ~14 min for a TRL run; ucai's
-fp32 rollouts, the matched default, are slower: one head run took 55 min on a shared
-machine at load 5-10 under ``nice -n 10``, no idle figure yet):
+Run (from the repository root; at the defaults a run takes about 7 minutes on one
+core of an otherwise idle 2-core CPU, for ucai and TRL alike, and 10-15 minutes when
+two runs and other work share the machine; ``OMP_NUM_THREADS=1`` lets the ucai runs and
+the TRL runs go in two processes at once, ``--reuse`` then merging their files):
 
     nice -n 10 .venv/bin/python benchmarks/ppo_learning.py \\
         --reward-model lightning_logs/experiment_cpu/models/ethical/rm_model --seeds 0 1 2
@@ -90,9 +90,9 @@ forward (log-probs, reference log-probs, values) and RM scoring in fp32, the PPO
 (loss forward and backward) under bf16 autocast, and no gradient clipping. TRL 1.12
 never clips (its ``max_grad_norm`` is ignored) and autocasts only its loss forward; ucai
 matches it with ``rollout_precision: fp32`` (which needs ``frozen_linear_bf16:
-false``) and ``max_grad_norm: 0`` under ``bf16-mixed`` (``--ucai-variant head``, the
-MATCHED arguments below). ucai's shipped defaults (bf16 rollouts, clipping at 1) are
-variants of `benchmarks/ppo_ablation.py`.
+false``) and ``max_grad_norm: 0`` under ``bf16-mixed`` (``--ucai-variant adapter``, the
+MATCHED arguments below). ucai's shipped stage config (fp32 rollouts too, clipping at
+1) is the ``clip-1`` variant of `benchmarks/ppo_ablation.py`.
 
 * ucai runs through its CLI as the pipeline does,
   ``python -m ucai.cli fit --config configs/ppo_<side>.yaml`` plus overrides, in
@@ -104,7 +104,7 @@ variants of `benchmarks/ppo_ablation.py`.
   the score head rescaled to ``(r - mean) / std`` (see
   `ppo_common.normalise_score_head`), so it optimises the same reward on the same
   scale; the value model is a full trainable copy of the RM, as in TRL's examples
-  (ucai: a zero-initialised head on the policy). Its per-iteration RM scores are
+  (ucai: a second LoRA adapter with a head copied from the RM's). Its per-iteration RM scores are
   recorded where TRL computes them (its ``get_reward``), KL from its log history.
 
 Where the RM reads a response, both sides agree: at the end-of-turn token. ucai
@@ -532,24 +532,17 @@ def run_trl(
 # RM), the PPO update under bf16 autocast (ucai's bf16-mixed, TRL's
 # ACCELERATE_MIXED_PRECISION=bf16), no gradient clipping.
 MATCHED = {
-    "value_head": "head",
+    "value_head": "adapter",  # ucai's default critic: a 2nd LoRA + a head copied from the RM's
     "rollout_precision": "fp32",
     "frozen_linear_bf16": False,  # fp32 rollouts need fp32 frozen weights (ucai refuses the pair)
     "max_grad_norm": 0.0,
 }
 # ucai configurations (PPOModule arguments), one factor at a time from MATCHED.
 UCAI_VARIANTS = {
-    "head": MATCHED,  # ucai's default critic: a zero-initialised scalar head on the policy
-    "adapter": {**MATCHED, "value_head": "adapter"},  # 2nd LoRA + a head copied from the RM's
+    "adapter": MATCHED,
+    "head": {**MATCHED, "value_head": "head"},  # a zero-initialised scalar head on the policy
     "bf16-rollout": {**MATCHED, "rollout_precision": "trainer", "frozen_linear_bf16": True},
-    "clip-1": {**MATCHED, "max_grad_norm": 1.0},
-    # ucai as shipped (trainer-precision rollouts and clipping at 1): two factors off TRL's.
-    "shipped": {
-        "value_head": "head",
-        "rollout_precision": "trainer",
-        "frozen_linear_bf16": True,
-        "max_grad_norm": 1.0,
-    },
+    "clip-1": {**MATCHED, "max_grad_norm": 1.0},  # ucai's shipped stage configs
 }
 TRL = "trl"
 PRECISION_SCOPE = {
@@ -1035,8 +1028,8 @@ def main() -> None:
     parser.add_argument(
         "--ucai-variant",
         choices=sorted(UCAI_VARIANTS),
-        default="head",
-        help="ucai's configuration (default head: its default critic, with TRL's precision scope and clipping)",
+        default="adapter",
+        help="ucai's configuration (default adapter: its default critic, with TRL's precision scope and clipping)",
     )
     args = checked_args(parser)
     if args.child_spec is not None:

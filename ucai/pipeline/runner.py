@@ -128,10 +128,34 @@ class ForkedStage:
             os.kill(self.process.pid, signal.SIGINT)
 
 
+def release_fork_server_alive_pipe() -> None:  # pragma: no cover - runs in the child
+    """Close this forked process's copy of the fork server's "alive" pipe.
+
+    multiprocessing hands every process forked by the fork server the write end of a
+    pipe, and the fork server exits only once every holder has closed it. The stage's
+    parent is the fork server, so its parent-death signal fires only when the fork
+    server exits. Holding the pipe, a stage would keep the fork server alive after the
+    pipeline was killed, and the fork server would keep the stage running: each waiting
+    on the other. Closed here, the pipeline is the pipe's last holder, its death ends the
+    fork server, and that ends the stage. (A stage starts no forkserver children itself;
+    one that did would start a fresh fork server.)
+    """
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    server._forkserver_alive_fd = None
+
+
 def _stage_child(argv: list[str], threads: int | None, log: Path | None, argv0: str, pipeline: int) -> None:  # pragma: no cover - child
     """The forked stage: the console, threads and exit status that a fresh ``python -m
     ucai.cli`` with ``PYTHONUNBUFFERED=1`` and ``OMP_NUM_THREADS`` would have."""
     die_with_parent()
+    release_fork_server_alive_pipe()
     try:
         os.kill(pipeline, 0)  # died before the signal was armed: nothing would kill this stage
     except ProcessLookupError:

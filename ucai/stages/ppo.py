@@ -35,10 +35,10 @@ RLOO uses the same token-level clipped update as PPO, where TRL's RLOOTrainer cl
 ratio per sequence: the two estimators differ here in their advantages alone.
 
 Memory: one copy of the base weights. The policy is the SL model plus a fresh LoRA
-adapter; PPO's value function is a scalar head on the policy's last hidden state (or a
-second adapter with its own head, ``value_head: adapter``), and RLOO builds no critic at
-all (no value head, adapter, forward or loss); the frozen reward model is the only other
-network. Checkpoints hold only the trainable weights (adapters and any value head), the
+adapter; PPO's value function is a second adapter on the same base with a head started
+from the reward model's (``value_head: adapter``, or a scalar head on the policy's last
+hidden state, ``value_head: head``), and RLOO builds no critic at all (no value head,
+adapter, forward or loss); the frozen reward model is the only other network. Checkpoints hold only the trainable weights (adapters and any value head), the
 optimiser, the KL controller and the step. At the end of fit the policy is merged into
 the base weights and written in Hugging Face format with its tokenizer, the same for
 both estimators.
@@ -51,13 +51,13 @@ Note: Lightning counts ``trainer.max_steps`` in optimiser steps; one rollout bat
 ``ppo_epochs * ceil(episodes / minibatch_size)`` of them, with ``episodes`` the batch
 size (times ``rloo_k`` for RLOO). The stage's configs checkpoint with `PPOCheckpoint`.
 
-Elsewhere: the RL maths in `ucai.rl` and `ucai.losses`, the sampling checks in
-`ucai.stages.sampling`, the adapter merge of the export in `ucai.stages.lora_io`.
+Elsewhere: the RL maths in `ucai.rl` and `ucai.losses`, the rollout batch and its
+episode log in `ucai.stages.rollouts`, the sampling checks in `ucai.stages.sampling`, the
+adapter merge of the export in `ucai.stages.lora_io`.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import re
@@ -104,6 +104,7 @@ from ucai.rl import (
 from ucai.stage_outputs import require_stage_output
 from ucai.stages.generation import GenerationSettings, generate, synced_gpus_needed
 from ucai.stages.lora_io import load_merged, lora_scaling
+from ucai.stages.rollouts import Rollout, append_rollout_rows, rollout_rows
 from ucai.stages.sampling import check_model_sampling, check_plain_sampling
 from ucai.value_ranges import (
     AtLeastTwo,
@@ -117,7 +118,6 @@ from ucai.value_ranges import (
 log = logging.getLogger(__name__)
 
 
-ROLLOUT_COLUMNS = ["step", "prompt", "response", "score", "kl", "reward"]
 PPO_STATE_KEY = "ucai_ppo"
 
 
@@ -132,57 +132,6 @@ class AdaptiveKL:
 
     target: PositiveFloat = 6.0
     horizon: PositiveInt = 10000
-
-
-# --------------------------------------------------------------------------- rollout
-
-
-@dataclass
-class Rollout:
-    """One batch of B episodes with T response tokens, everything the update needs (under
-    RLOO, B is the number of prompts times ``rloo_k``).
-
-    Attributes:
-        sequences: (B, P + T) prompt (left-padded) and response ids.
-        attention_mask: (B, P + T).
-        prompt_length: P.
-        mask: (B, T) real response tokens.
-        logprobs, ref_logprobs, advantages: (B, T) float32.
-        values, returns: (B, T) float32; None without a critic (RLOO).
-        kl: (B, T) per-token KL estimate (0 on padding).
-        scores: (B,) reward-model scores (normalised, before clipping and penalty).
-        final_scores: (B,) scores after clipping and the missing-eos penalty.
-        rewards: (B, T) per-token rewards (before whitening).
-        finished: (B,) whether each response reached eos.
-        prompts, responses: B texts.
-        seconds: generation and scoring time.
-    """
-
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    prompt_length: int
-    mask: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor | None
-    kl: torch.Tensor
-    scores: torch.Tensor
-    final_scores: torch.Tensor
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor | None
-    finished: torch.Tensor
-    prompts: list[str]
-    responses: list[str]
-    seconds: float
-
-    @property
-    def size(self) -> int:
-        return self.sequences.shape[0]
-
-    @property
-    def response_ids(self) -> torch.Tensor:
-        return self.sequences[:, self.prompt_length :]
 
 
 def check_estimator_settings(advantage: str, rloo_k: int, rollout_precision: str, frozen_linear_bf16: bool) -> None:
@@ -220,12 +169,16 @@ class PPOModule(L.LightningModule):
             template; or ``token:<id or text>``, a synthetic reward (share of response
             tokens equal to that token) for tests and diagnostics.
         lora: the policy adapter (and the value adapter in ``adapter`` mode).
-        value_head: PPO's critic: ``head`` — a scalar head on the policy's last hidden
-            state (one forward gives logits and values); ``adapter`` — a second LoRA
-            adapter on the same base with its own head, the head initialised from the
-            reward model's (rescaled to the normalised scores, see
-            `init_value_head_from`) when the backbones match (costs a second forward per
-            minibatch). Unused with ``advantage: rloo``, which has no critic.
+        value_head: PPO's critic: ``adapter`` (default) — a second LoRA adapter on the
+            same base with its own head, the head initialised from the reward model's
+            (rescaled to the normalised scores, see `init_value_head_from`) when the
+            backbones match (costs a second forward per minibatch); ``head`` — a
+            zero-initialised scalar head on the policy's last hidden state (one forward
+            gives logits and values, but the values start at 0 and the score reaches
+            the first tokens only through the decayed return until the head has
+            learned: on the reward-KL frontier it gains less per nat of KL, see
+            `benchmarks/ppo_ablation.py`). Unused with ``advantage: rloo``, which has
+            no critic.
         advantage: ``gae`` — PPO: a critic and GAE advantages; ``rloo`` — REINFORCE
             leave-one-out: ``rloo_k`` samples per prompt, each sample's baseline the mean
             sequence reward of the other k - 1, no critic (`ucai.rl.rloo_rollout_targets`).
@@ -290,7 +243,7 @@ class PPOModule(L.LightningModule):
         policy: str = "lightning_logs/models/ethical/sl_model",
         reward_model: str = "lightning_logs/models/ethical/rm_model",
         lora: LoraSettings = LoraSettings(),
-        value_head: Literal["head", "adapter"] = "head",
+        value_head: Literal["head", "adapter"] = "adapter",
         advantage: Literal["gae", "rloo"] = "gae",
         rloo_k: AtLeastTwo = 4,
         rloo_normalize_advantages: bool = False,
@@ -915,30 +868,10 @@ class PPOModule(L.LightningModule):
         self.rollout_step += 1
 
     def _write_rollouts(self, rollout: Rollout, seq_kl: torch.Tensor, kl_coef: float) -> None:
-        rows = [
-            {
-                "step": self.rollout_step,
-                "prompt": prompt,
-                "response": response,
-                "score": round(float(score), 6),
-                "kl": round(float(kl), 6),
-                "reward": round(float(final - kl_coef * kl), 6),
-            }
-            for prompt, response, score, final, kl in zip(
-                rollout.prompts, rollout.responses, rollout.scores, rollout.final_scores, seq_kl, strict=True
-            )
-        ]
+        rows = rollout_rows(rollout, self.rollout_step, seq_kl, kl_coef)
         rows = rows_from_all_ranks(rows)  # a collective: every rank takes part
-        if not self.trainer.is_global_zero or self._rollouts_path is None:
-            return
-        path = self._rollouts_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists() or path.stat().st_size == 0
-        with open(path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=ROLLOUT_COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        if self.trainer.is_global_zero and self._rollouts_path is not None:
+            append_rollout_rows(self._rollouts_path, rows)
 
     # ------------------------------------------------------------------ optimiser
 

@@ -1,0 +1,101 @@
+"""The online RL stage's rollout batch and its episode log.
+
+`Rollout` is everything one PPO/RLOO update needs from a batch of sampled episodes;
+`rollout_rows` and `append_rollout_rows` write each episode to ``rollouts.csv`` in the
+run's log folder (the file the evaluation's per-iteration section and the benchmarks
+read), one row per episode, appended step by step so that a resumed run continues it.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROLLOUT_COLUMNS = ["step", "prompt", "response", "score", "kl", "reward"]
+
+
+@dataclass
+class Rollout:
+    """One batch of B episodes with T response tokens, everything the update needs (under
+    RLOO, B is the number of prompts times ``rloo_k``).
+
+    Attributes:
+        sequences: (B, P + T) prompt (left-padded) and response ids.
+        attention_mask: (B, P + T).
+        prompt_length: P.
+        mask: (B, T) real response tokens.
+        logprobs, ref_logprobs, advantages: (B, T) float32.
+        values, returns: (B, T) float32; None without a critic (RLOO).
+        kl: (B, T) per-token KL estimate (0 on padding).
+        scores: (B,) reward-model scores (normalised, before clipping and penalty).
+        final_scores: (B,) scores after clipping and the missing-eos penalty.
+        rewards: (B, T) per-token rewards (before whitening).
+        finished: (B,) whether each response reached eos.
+        prompts, responses: B texts.
+        seconds: generation and scoring time.
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_length: int
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor | None
+    kl: torch.Tensor
+    scores: torch.Tensor
+    final_scores: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+    finished: torch.Tensor
+    prompts: list[str]
+    responses: list[str]
+    seconds: float
+
+    @property
+    def size(self) -> int:
+        return self.sequences.shape[0]
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length :]
+
+
+def rollout_rows(rollout: Rollout, step: int, seq_kl: torch.Tensor, kl_coef: float) -> list[dict]:
+    """One ``rollouts.csv`` row per episode of ``rollout``.
+
+    Args:
+        step: the rollout step (iteration) the batch belongs to.
+        seq_kl: (B,) KL per sequence (the per-token estimate summed over the response).
+        kl_coef: the KL coefficient the rewards were formed with.
+    Returns:
+        rows with the raw score, the KL and the reward ``final_score - kl_coef * kl``.
+    """
+    return [
+        {
+            "step": step,
+            "prompt": prompt,
+            "response": response,
+            "score": round(float(score), 6),
+            "kl": round(float(kl), 6),
+            "reward": round(float(final - kl_coef * kl), 6),
+        }
+        for prompt, response, score, final, kl in zip(
+            rollout.prompts, rollout.responses, rollout.scores, rollout.final_scores, seq_kl, strict=True
+        )
+    ]
+
+
+def append_rollout_rows(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path``, with the header when the file is new or empty."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=ROLLOUT_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
