@@ -148,6 +148,11 @@ def test_paragraph_for_a_run_with_an_effect():
     assert "No difference survives" not in text
     assert "The judge passed its quality check (accuracy 0.800 [95% CI 0.670, 0.890] on 48 items, chance 0.360" in text
     assert "reward-model score rose: mean 0.200 over the first 2 iterations vs 0.700 over the last 2 of 10" in text
+    assert "During PPO the ethical side's reward-model score rose" in text
+    # The per-iteration sentence names the side's online algorithm (RLOO here), not always PPO.
+    summary["algorithms"] = {"rl_ethical": "rloo", "rl_unethical": "rloo"}
+    text = " ".join(what_this_run_shows(summary, {"ethical": {"objective/scores": {"n": 10, "k": 2, "first": 0.2, "last": 0.7}}}))
+    assert "During RLOO the ethical side's reward-model score rose" in text and "During PPO" not in text
 
 
 def test_paragraph_for_a_run_without_an_effect_and_a_judge_at_chance():

@@ -313,7 +313,8 @@ def what_this_run_shows(summary: dict, ppo: dict | None = None) -> list[str]:
         if not score:
             continue
         verb = "rose" if score["last"] > score["first"] else "did not rise"
-        sentence = (f"During PPO the {side} side's reward-model score {verb}: mean {fmt(score['first'])} over the first "
+        online = ALGORITHM_NAMES.get((summary.get("algorithms") or {}).get(f"rl_{side}", "ppo"), "RL")
+        sentence = (f"During {online} the {side} side's reward-model score {verb}: mean {fmt(score['first'])} over the first "
                     f"{count(score['k'], 'iteration')} vs {fmt(score['last'])} over the last {score['k']} of {score['n']}")
         kl = trends.get("objective/kl")
         if kl:
