@@ -137,8 +137,8 @@ def release_fork_server_alive_pipe() -> None:  # pragma: no cover - runs in the 
     server exits. Holding the pipe, a stage would keep the fork server alive after the
     pipeline was killed, and the fork server would keep the stage running: each waiting
     on the other. Closed here, the pipeline is the pipe's last holder, its death ends the
-    fork server, and that ends the stage. (A stage starts no forkserver children itself;
-    one that did would start a fresh fork server.)
+    fork server, and that ends the stage. (Stages fork no processes of their own
+    through the fork server, so nothing in the stage needs the pipe.)
     """
     from multiprocessing import forkserver
 
