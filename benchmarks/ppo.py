@@ -33,9 +33,15 @@ differs from ucai's default by more than 5%. Lines:
 
 * ucai ``value_head: head`` vs TRL default: the cheapest critic against TRL as shipped;
 * ucai ``value_head: adapter`` under ``32-true`` vs TRL in fp32: no autocast anywhere;
-* ucai ``value_head: adapter`` (bf16-mixed) vs TRL with bf16 autocast;
-* last, ``ppo: speed_ratio=X memory_ratio=Y``: ucai ``value_head: adapter`` (bf16-mixed)
-  against TRL with its critic at TRL's faster precision, the like-for-like comparison.
+* ucai ``value_head: adapter`` (bf16-mixed, bf16 rollouts) vs TRL with bf16 autocast:
+  ucai autocasts its rollouts too, TRL only its update;
+* ucai ``value_head: adapter`` with ``rollout_precision: fp32`` (ucai's shipped PPO
+  configs: fp32 sampling, rollout forward and scoring, bf16 autocast update) vs TRL with
+  bf16 autocast: the same precision scope;
+* last, ``ppo: speed_ratio=X memory_ratio=Y``: that fp32-rollout configuration against
+  TRL with its critic at TRL's faster precision, the like-for-like comparison.
+  ``--configs`` runs a subset (the last line needs that ucai configuration and both TRL
+  ones).
 """
 
 from __future__ import annotations
@@ -77,20 +83,25 @@ SETTINGS = PPOSettings(
 )
 
 
-# name -> (side, ucai value head, ucai precision, extra environment)
+# name -> (side, ucai value head, ucai precision, ucai rollout precision, extra environment)
 CONFIGS = {
-    "ucai value head (bf16-mixed)": ("ucai", "head", "bf16-mixed", {}),
-    "ucai value adapter (bf16-mixed)": ("ucai", "adapter", "bf16-mixed", {}),
-    "ucai value adapter (32-true)": ("ucai", "adapter", "32-true", {}),
-    "trl defaults (fp32)": ("trl", None, None, {}),
-    "trl bf16 autocast": ("trl", None, None, {"ACCELERATE_MIXED_PRECISION": "bf16"}),
+    "ucai value head (bf16-mixed)": ("ucai", "head", "bf16-mixed", "trainer", {}),
+    "ucai value adapter (bf16-mixed)": ("ucai", "adapter", "bf16-mixed", "trainer", {}),
+    "ucai value adapter (fp32 rollouts)": ("ucai", "adapter", "bf16-mixed", "fp32", {}),
+    "ucai value adapter (32-true)": ("ucai", "adapter", "32-true", "trainer", {}),
+    "trl defaults (fp32)": ("trl", None, None, None, {}),
+    "trl bf16 autocast": ("trl", None, None, None, {"ACCELERATE_MIXED_PRECISION": "bf16"}),
 }
+TRL_CONFIGS = ("trl defaults (fp32)", "trl bf16 autocast")
+# The last line: ucai's shipped PPO settings (fp32 rollouts, bf16 autocast update), the
+# same precision scope as TRL with ACCELERATE_MIXED_PRECISION=bf16.
+LIKE_FOR_LIKE = "ucai value adapter (fp32 rollouts)"
 
 
 # --------------------------------------------------------------------------- ucai side
 
 
-def run_ucai(rm: Path, n_iter: int, work: Path, value_head: str, precision: str) -> dict:
+def run_ucai(rm: Path, n_iter: int, work: Path, value_head: str, precision: str, rollout_precision: str) -> dict:
     import lightning as L
 
     from ucai.data.io import write_jsonl
@@ -106,6 +117,8 @@ def run_ucai(rm: Path, n_iter: int, work: Path, value_head: str, precision: str)
         reward_model=str(rm),
         lora=SETTINGS.lora_settings(),
         value_head=value_head,
+        rollout_precision=rollout_precision,
+        frozen_linear_bf16=rollout_precision == "trainer",  # fp32 rollouts need fp32 frozen weights
         ppo_epochs=SETTINGS.ppo_epochs,
         minibatch_size=SETTINGS.minibatch_size,
         kl_coef=SETTINGS.kl_coef,
@@ -185,11 +198,11 @@ def run_trl(rm: Path, n_iter: int, work: Path) -> dict:
 
 def child(args) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    side, value_head, precision, _ = CONFIGS[args.child]
+    side, value_head, precision, rollout_precision, _ = CONFIGS[args.child]
     work = Path(tempfile.mkdtemp(prefix=f"ppo-bench-{side}-"))
     n_iter = args.warmup + args.iterations
     if side == "ucai":
-        result = run_ucai(Path(args.rm), n_iter, work, value_head, precision)
+        result = run_ucai(Path(args.rm), n_iter, work, value_head, precision, rollout_precision)
     else:
         result = run_trl(Path(args.rm), n_iter, work)
     if len(result["iteration_s"]) != n_iter or len(result["response_length"]) != n_iter:
@@ -204,7 +217,7 @@ def spawn(name: str, repeat: int, rm: Path, args) -> dict:
         sys.executable, __file__, "--child", name, "--rm", str(rm),
         "--iterations", str(args.iterations), "--warmup", str(args.warmup),
     ]
-    result = run_child(name, command, CONFIGS[name][3])
+    result = run_child(name, command, CONFIGS[name][4])
     print(
         f"[{repeat + 1}/{args.repeats}] {name:34s} {SETTINGS.batch / statistics.median(result['iteration_s']):6.3f} "
         f"episodes/s (s/iteration: {', '.join(f'{t:.2f}' for t in result['iteration_s'])})  peak RSS "
@@ -237,6 +250,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, in alternating order")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(CONFIGS),
+        default=list(CONFIGS),
+        help="configurations to run (default all; the last line needs its ucai one and both TRL ones)",
+    )
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--rm", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -248,7 +268,7 @@ def main() -> None:
         rm.mkdir()
         build_reward_model(rm)
         print(f"PPO iteration: {POLICY}, {SETTINGS.describe()}, prompts in the same order on both sides", flush=True)
-        trials = run_alternating(list(CONFIGS), args.repeats, lambda name, r: spawn(name, r, rm, args))
+        trials = run_alternating(args.configs, args.repeats, lambda name, r: spawn(name, r, rm, args))
     summary = {name: summarise(runs) for name, runs in trials.items()}
     check_same_work({name: s["response_length"] for name, s in summary.items()}, "tokens of mean response length")
     for name, s in summary.items():
@@ -256,16 +276,22 @@ def main() -> None:
             f"{name:34s} median {s['episodes_per_s']:6.3f} episodes/s  peak RSS {s['peak_rss_mb']:6.0f} MB  "
             f"mean response {s['response_length']:.1f} tokens"
         )
-    trl_fp32, trl_bf16 = summary["trl defaults (fp32)"], summary["trl bf16 autocast"]
-    best_name = max(("trl defaults (fp32)", "trl bf16 autocast"), key=lambda n: summary[n]["episodes_per_s"])
-    print(f"ucai value_head: head vs TRL defaults (critic, fp32), different designs: "
-          f"{ratios(summary['ucai value head (bf16-mixed)'], trl_fp32)}")
-    print(f"ucai value adapter 32-true vs TRL fp32, no autocast on either side: "
-          f"{ratios(summary['ucai value adapter (32-true)'], trl_fp32)}")
-    print(f"ucai value adapter bf16-mixed vs TRL bf16 autocast: "
-          f"{ratios(summary['ucai value adapter (bf16-mixed)'], trl_bf16)}")
+    lines = [
+        ("ucai value head (bf16-mixed)", "trl defaults (fp32)", "ucai value_head: head vs TRL defaults (critic, fp32), different designs"),
+        ("ucai value adapter (32-true)", "trl defaults (fp32)", "ucai value adapter 32-true vs TRL fp32, no autocast on either side"),
+        ("ucai value adapter (bf16-mixed)", "trl bf16 autocast",
+         "ucai value adapter with bf16 rollouts vs TRL bf16 autocast (ucai autocasts its rollouts too, TRL does not)"),
+        (LIKE_FOR_LIKE, "trl bf16 autocast", "ucai value adapter with fp32 rollouts vs TRL bf16 autocast, the same scope"),
+    ]
+    for mine, theirs, text in lines:
+        if mine in summary and theirs in summary:
+            print(f"{text}: {ratios(summary[mine], summary[theirs])}")
+    if LIKE_FOR_LIKE not in summary or not all(name in summary for name in TRL_CONFIGS):
+        print(f"no ppo: line: it needs {LIKE_FOR_LIKE!r} and both TRL configurations")
+        return
+    best_name = max(TRL_CONFIGS, key=lambda n: summary[n]["episodes_per_s"])
     print(f"peer's best: {best_name}")
-    print(f"ppo: {ratios(summary['ucai value adapter (bf16-mixed)'], summary[best_name])}")
+    print(f"ppo: {ratios(summary[LIKE_FOR_LIKE], summary[best_name])}")
 
 
 if __name__ == "__main__":
