@@ -277,9 +277,29 @@ def test_tiny_evaluation_writes_scores_pairwise_and_report(tmp_path, run_cli, mo
     assert (out / "frontier.png").stat().st_size > 1000
     # Answers are cached per model and settings (what an interrupted run resumes from);
     # the SL and RL models' caches also hold their 2 train-prompt answers.
+    # The prefill swap's continuations are cached apart (4 tagged prompts each).
     caches = sorted((out / "cache").glob("*.jsonl"))
-    assert [c.name.split("-")[0] for c in caches] == ["base", "rl_ethical", "sl_ethical"]
-    assert [len(c.read_text().splitlines()) for c in caches] == [4, 6, 6]
+    assert [c.name.rsplit("-", 1)[0] for c in caches] == [
+        "base", "rl_ethical", "rl_ethical-prefilled", "sl_ethical", "sl_ethical-prefilled"
+    ]
+    assert [len(c.read_text().splitlines()) for c in caches] == [4, 6, 4, 6, 4]
+    # The depth analysis: every answer without its opener, each SL/RL model's swap
+    # continuations, the KL of each to the base model (and RL to SL; all 0 here: one
+    # model three times, so no share to speak of), and its own family of tests.
+    depth_rows = [json.loads(line) for line in (out / "depth_scores.jsonl").read_text().splitlines()]
+    assert len(depth_rows) == 12 + 2 * 4 and all("rm_ethical" in r and "emb_margin" in r for r in depth_rows)
+    depth = summary["depth"]
+    assert [(k["model"], k["reference"]) for k in depth["kl"]] == [
+        ("sl_ethical", "base"), ("rl_ethical", "base"), ("rl_ethical", "sl_ethical")
+    ]
+    assert all(k["share_first"] is None for k in depth["kl"])
+    assert [(d["a"], d["b"], d["column"]) for d in depth["differences"]] == [
+        ("rl_ethical|no_opener", "sl_ethical|no_opener", "rm_ethical"),
+        ("sl_ethical|no_opener", "sl_ethical|swap", "rm_ethical"),
+        ("rl_ethical|no_opener", "rl_ethical|swap", "rm_ethical"),
+    ]
+    assert depth["family"]["family_size"] == 3 and depth["prefill_swap"] == []  # no SL gap without sl_unethical
+    assert "## How deep is the inversion?" in report
 
 
 def test_answers_resume_from_the_cache_without_loading_the_model(tmp_path, monkeypatch):

@@ -9,10 +9,12 @@ event files, and writes into ``output_dir``:
   with tensorboard's ``EventAccumulator``);
 * ``score_distributions.png`` — box plots of the main scorers per model;
 * ``win_rates.png`` — the win-rate matrix as a heatmap (row model beats column model);
+* ``frontier.png``, ``depth_kl.png``, ``prefill_swap.png`` — the RL algorithms'
+  reward–KL frontier (`ucai.report_rl`) and the depth analysis (`ucai.report_depth`);
 * ``report.md`` — a generated "What this run shows" paragraph, headline table, all
   scorer means with 95% intervals, win rates, Elo, the corrected paired differences,
-  the reward models' correlation, the judge check, PPO first-vs-last iterations, the
-  plots, and example answers side by side. Every table states its n; figures from a
+  the reward models' correlation, the judge check, the RL algorithms, how deep the
+  inversion goes, PPO first-vs-last iterations, the plots, and example answers side by side. Every table states its n; figures from a
   judge that failed its quality check are marked as carrying no information.
 
 It is a separate module so a report can be rebuilt without rerunning any model.
@@ -26,6 +28,7 @@ import math
 from pathlib import Path
 
 from ucai.data.io import atomic_output, load_jsonl, read_jsonl
+from ucai.report_depth import depth_section, plot_depth_kl, plot_prefill_swap, what_depth_shows
 from ucai.report_format import cell, count, fmt, interval, p_value, pyplot, save_png, signed, table, with_ci
 from ucai.report_rl import ALGORITHM_NAMES, algorithm_section, plot_frontier, what_algorithms_show
 
@@ -298,6 +301,7 @@ def what_this_run_shows(summary: dict, ppo: dict | None = None) -> list[str]:
                    "cached) to correct them.")
     if len(set((summary.get("algorithms") or {}).values())) > 1:
         out += what_algorithms_show(summary)
+    out += what_depth_shows(summary)
     # Judge.
     if judge_passed is False and summary.get("judge_skipped"):
         out.append(f"The judge {judge_text}, so no judge columns, win rates or Elo were computed (skip_failed_judge).")
@@ -423,6 +427,7 @@ def render_markdown(
         if failed and any(d["column"].startswith("judge_") for d in diffs):
             lines += ["", failed_note]
     lines += algorithm_section(summary, plots.get("frontier"))
+    lines += depth_section(summary, plots)
     lines += ["", f"## All scorers (mean [95% CI] over n = {n_prompts} prompts per model)", ""]
     columns = summary.get("columns", [])
     lines += table(["scorer", *models], [[_judge_label(c, failed)] + [with_ci(summary["models"][m].get(c)) for m in models] for c in columns])
@@ -480,6 +485,8 @@ def write_report(output_dir: str | Path, ppo_logs: dict[str, str] | None = None,
         "distributions": plot_distributions(scores, models, output_dir / "score_distributions.png"),
         "win": plot_win_matrix(summary.get("win_rates", []), models, output_dir / "win_rates.png") if pairwise else None,
         "frontier": plot_frontier(summary, output_dir / "frontier.png"),
+        "depth_kl": plot_depth_kl(summary, output_dir / "depth_kl.png"),
+        "prefill_swap": plot_prefill_swap(summary, output_dir / "prefill_swap.png"),
     }
     text = render_markdown(summary, scores, plots, examples, ppo=ppo_trends(ppo_logs))
     path = output_dir / "report.md"

@@ -63,6 +63,17 @@ from ucai.gather import rows_from_all_ranks
 from ucai.scoring import average_over_orders, cyclic_orders, option_probabilities, position_bias
 from ucai.stage_outputs import RL_STAGES, require_stage_output
 from ucai.stages.generation import GenerationSettings, generate
+from ucai.stages.inversion_depth import (
+    SWAP,
+    depth_family,
+    depth_models,
+    kl_depth,
+    kl_pairs,
+    opener_removed_rows,
+    swap_fractions,
+    swap_prefills,
+    swap_rows,
+)
 from ucai.stages.rl_comparison import (
     algorithm_family,
     answer_kl,
@@ -280,6 +291,13 @@ class EvaluationModule(L.LightningModule):
             their own, the reward–KL frontier); null: every ``rl_<side>`` model is PPO's.
         reference_kl: measure each SL and RL model's exact KL to its reference (base and
             SL model) on its own held-out answers, per answer position.
+        depth: the report's "How deep is the inversion?" analysis
+            (`ucai.stages.inversion_depth`): every content scorer also on each answer
+            without its opener; each SL and RL model continuing every tagged prompt
+            after the other side's opener (the prefill swap), scored without it; and
+            per-position KL of each SL and RL model to the base model (and of each RL
+            model to its SL model) with the share in the first answer tokens. Its
+            tests are a corrected family of their own; rows go to ``depth_scores.jsonl``.
         train_prompts: also answer this many train-split prompts with the SL and RL
             models and score them on their side's reward model, so the report can set
             the train-prompt gain over SL beside the held-out one (0: off).
@@ -310,6 +328,7 @@ class EvaluationModule(L.LightningModule):
         ppo_logs: dict[str, str] | None = None,
         algorithms: dict[str, str] | None = None,
         reference_kl: bool = True,
+        depth: bool = True,
         train_prompts: NonNegativeInt = 0,
         n_boot: PositiveInt = 2000,
         judge_check: bool = True,
@@ -343,6 +362,7 @@ class EvaluationModule(L.LightningModule):
             algorithms = {name: "ppo" for name in self.models if name in ("rl_ethical", "rl_unethical")}
         self.algorithms = dict(algorithms)
         self.reference_kl = reference_kl
+        self.depth = depth
         self.train_prompts = train_prompts
         self.n_boot = n_boot
         self.judge_check = judge_check
@@ -472,14 +492,20 @@ class EvaluationModule(L.LightningModule):
         for score_row in scores:
             score_row.update(text_scores(score_row["response"]))
         train_scores = self.train_prompt_answers(prompts)
-        self.add_reward_scores([*scores, *train_scores])  # each reward model loads once
-        self.add_embedding_scores(scores)
+        depth_rows = self.depth_rows(scores, prompts) if self.depth else []
+        self.add_reward_scores([*scores, *train_scores, *depth_rows])  # each reward model loads once
+        self.add_embedding_scores([*scores, *depth_rows])
         judge_info, pairwise = self.add_judgements(scores, prompts, answers)
         summary = self.summarise(scores, pairwise, judge_info)
-        summary.update(self.compare_algorithms(scores, train_scores, summary["models"], prompts, answers))
+        kls = self.kls_to_references(prompts, answers)
+        summary.update(self.compare_algorithms(scores, train_scores, summary["models"], kls))
+        if self.depth:
+            summary["depth"] = self.summarise_depth(depth_rows, kls)
         write_jsonl(self.output_dir / "scores.jsonl", scores)
         write_csv(self.output_dir / "scores.csv", scores)
         write_jsonl(self.output_dir / "pairwise.jsonl", pairwise)
+        if self.depth:
+            write_jsonl(self.output_dir / "depth_scores.jsonl", depth_rows)
         with open(self.output_dir / "summary.json.tmp", "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2)
         Path(self.output_dir / "summary.json.tmp").replace(self.output_dir / "summary.json")
@@ -505,15 +531,24 @@ class EvaluationModule(L.LightningModule):
         model = load_causal_lm(name, dtype=dtype or self.weight_dtype, trust_remote_code=self.trust_remote_code)
         return model.to(self.run_device).eval(), tokenizer
 
-    def answers(self, name: str, path: str, prompts: list[dict]) -> dict[str, str]:
-        """id -> answer of one model; cached per (model, settings) and resumable."""
-        key = fingerprint(path, model_version(path), asdict(self.generation), self.system_prompt, self.max_prompt_tokens, self.generation_dtype)
-        cache = ResumableJsonl(self.output_dir / "cache" / f"{name}-{key}.jsonl")
+    def answers(self, name: str, path: str, prompts: list[dict], prefills: dict[str, str] | None = None) -> dict[str, str]:
+        """id -> answer of one model; cached per (model, settings) and resumable.
+
+        ``prefills`` (id -> text): force that text as the start of the answer to that
+        prompt; the model continues it and the value returned is the continuation alone.
+        Prompts without a prefill are skipped then.
+        """
+        key_parts = [path, model_version(path), asdict(self.generation), self.system_prompt, self.max_prompt_tokens, self.generation_dtype]
+        if prefills is not None:
+            prompts = [row for row in prompts if row["id"] in prefills]
+            key_parts.append(sorted(prefills.items()))
+        cache = ResumableJsonl(self.output_dir / "cache" / f"{name}{'-prefilled' if prefills is not None else ''}-{fingerprint(*key_parts)}.jsonl")
         done = {row["id"]: row["response"] for row in cache.rows()}
         todo = [row for row in prompts if row["id"] not in done]
         if not todo:
             return done
-        log.info("evaluation: %s (%s) answers %d prompts", name, path, len(todo))
+        what = "continues the other side's opener on" if prefills is not None else "answers"
+        log.info("evaluation: %s (%s) %s %d prompts", name, path, what, len(todo))
 
         def answer_all(lm) -> None:
             model, tokenizer = lm
@@ -524,11 +559,13 @@ class EvaluationModule(L.LightningModule):
                 torch.manual_seed(int(fingerprint([r["id"] for r in batch]), 16) % 2**31)
                 texts = [
                     render_chat(tokenizer, [{"role": "user", "content": r["prompt"]}], self.system_prompt)
+                    + (prefills or {}).get(r["id"], "")
                     for r in batch
                 ]
                 result = generate(model, tokenizer, texts, self.generation, max_prompt_tokens=self.max_prompt_tokens)
-                cache.append([{"id": r["id"], "response": t} for r, t in zip(batch, result.texts, strict=True)])
-                done.update({r["id"]: t for r, t in zip(batch, result.texts, strict=True)})
+                continuations = [t.strip() if prefills is not None else t for t in result.texts]
+                cache.append([{"id": r["id"], "response": t} for r, t in zip(batch, continuations, strict=True)])
+                done.update({r["id"]: t for r, t in zip(batch, continuations, strict=True)})
 
         use_then_free(lambda: self._load_lm(path, self.generation_dtype), answer_all)
         return done
@@ -551,6 +588,50 @@ class EvaluationModule(L.LightningModule):
             ]
         return out
 
+    # ------------------------------------------------------------------ depth of the inversion
+
+    def depth_rows(self, scores: list[dict], prompts: list[dict]) -> list[dict]:
+        """The depth analysis's rows, scored later with the answers: every answer
+        without its opener, then each SL and RL model's continuations after the other
+        side's opener (generated here, cached like the answers)."""
+        assert self.constitution is not None
+        rows = opener_removed_rows(scores, self.constitution)
+        for name in depth_models(self.models, self.algorithms):
+            prefills = swap_prefills(prompts, self.constitution, side_of_model(name))
+            if prefills:
+                rows += swap_rows(name, prompts, self.answers(name, self.models[name], prompts, prefills))
+        for row in rows:
+            row.update(text_scores(row["response"]))
+        return rows
+
+    def summarise_depth(self, depth_rows: list[dict], kls: dict[tuple[str, str], dict]) -> dict:
+        """The summary's ``depth`` entry: per-model means of every scorer without the
+        opener, the depth family of corrected tests, the prefill-swap fractions and the
+        per-position KL with its share in the first tokens."""
+        models = depth_models(self.models, self.algorithms)
+        columns = [k for k in depth_rows[0] if k not in ("model", "id", "prompt", "principle", "response", "had_opener")] if depth_rows else []
+        means = {}
+        for name in dict.fromkeys(r["model"] for r in depth_rows):
+            rows = [r for r in depth_rows if r["model"] == name]
+            means[name] = {"n": len(rows), "empty": sum(not r["response"] for r in rows), "had_opener": sum(bool(r.get("had_opener")) for r in rows)}
+            for column in columns:
+                mean, low, high = bootstrap_ci([r[column] for r in rows if r.get(column) is not None], n_boot=self.n_boot)
+                means[name][column] = {"mean": mean, "low": low, "high": high}
+        differences, family = self.differences(
+            depth_rows,
+            depth_family(models, columns),
+            "on answers without their opener: ethical vs unethical RL and SL models on the content scorers,"
+            " RL vs SL on each side's reward model, and each model's own answer vs its prefill-swap continuation",
+        )
+        swapped = [m for m in models if any(r["model"] == f"{m}|{SWAP}" for r in depth_rows)]
+        return {
+            "models": means,
+            "differences": differences,
+            "family": family,
+            "prefill_swap": swap_fractions(depth_rows, swapped, self.alpha, self.n_boot),
+            "kl": kl_depth({pair: kls[pair] for pair in kl_pairs(self.models, self.algorithms) if pair in kls}),
+        }
+
     def _train_split_rows(self, heldout: list[dict]) -> list[dict]:
         """The train split of the evaluated prompt file, with the held-out split's settings."""
         from ucai.data.prompt_datamodule import PromptDataModule
@@ -570,14 +651,18 @@ class EvaluationModule(L.LightningModule):
         heldout_ids = {r["id"] for r in heldout}
         return [r for r in train.rows() if r["id"] not in heldout_ids]
 
-    def reference_kls(self, prompts: list[dict], answers: dict[str, dict[str, str]]) -> dict[str, dict]:
-        """Each SL and RL model's KL to its reference on its own held-out answers
-        (`ucai.stages.rl_comparison.kl_summary`), two models in memory at a time."""
-        kls: dict[str, dict] = {}
-        for name in self.models:
-            reference = reference_of(name, self.algorithms, self.models)
-            if reference is None:
-                continue
+    def kls_to_references(self, prompts: list[dict], answers: dict[str, dict[str, str]]) -> dict[tuple[str, str], dict]:
+        """(model, reference) -> the model's KL to that reference on its own held-out
+        answers (`ucai.stages.rl_comparison.kl_summary`), two models in memory at a
+        time: each SL and RL model to its reference (``reference_kl``) and, for the
+        depth analysis, each to the base model and each RL model to its SL model."""
+        pairs = []
+        if self.reference_kl:
+            pairs += [(n, r) for n in self.models if (r := reference_of(n, self.algorithms, self.models)) is not None]
+        if self.depth:
+            pairs += [pair for pair in kl_pairs(self.models, self.algorithms) if pair not in pairs]
+        kls: dict[tuple[str, str], dict] = {}
+        for name, reference in pairs:
             model_answers = [answers[name][r["id"]] for r in prompts]
 
             def measure(pair, reference=reference, model_answers=model_answers) -> list[list[float]]:
@@ -589,15 +674,20 @@ class EvaluationModule(L.LightningModule):
                 return self._load_lm(self.models[name]), self._load_lm(self.models[reference])
 
             log.info("evaluation: KL of %s to %s on its answers", name, reference)
-            kls[name] = kl_summary(use_then_free(load_pair, measure), reference, self.n_boot)
+            kls[(name, reference)] = kl_summary(use_then_free(load_pair, measure), reference, self.n_boot)
         return kls
 
     def compare_algorithms(
-        self, scores: list[dict], train_scores: list[dict], model_stats: dict, prompts: list[dict], answers: dict
+        self, scores: list[dict], train_scores: list[dict], model_stats: dict, all_kls: dict[tuple[str, str], dict]
     ) -> dict:
         """The summary's RL-algorithm entries: KL to the reference, the algorithm family
         of corrected tests, the reward–KL frontier and train vs held-out gains."""
-        kls = self.reference_kls(prompts, answers) if self.reference_kl else {}
+        kls = {}
+        if self.reference_kl:
+            for name in self.models:
+                reference = reference_of(name, self.algorithms, self.models)
+                if (name, reference) in all_kls:
+                    kls[name] = all_kls[(name, reference)]
         columns = [k for k in scores[0] if k.startswith("rm_")]
         differences, family = self.differences(
             scores,
