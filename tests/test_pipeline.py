@@ -461,3 +461,109 @@ def test_a_saved_run_config_and_a_resume_override_plan_like_the_stage_accepts_th
     stages["ppo"]["overrides"] = {"ckpt_path": "last"}
     runs = {r.label: r for r in pipeline.plan(pipeline.load_pipeline_config(_config(tmp_path, sides=["ethical"], stages=stages)))}
     assert "--ckpt_path=last" in runs["ppo (ethical)"].args
+
+
+# --------------------------------------------------------------------------- preference-model pre-training
+
+PMP_FILE = ROOT / "tests" / "fixtures" / "preferences_small.jsonl"  # any preference file plans
+
+
+def test_without_pretraining_the_plan_has_no_reward_pretrain_and_rms_start_from_the_base(tmp_path):
+    runs = {r.label: r for r in pipeline.plan(pipeline.load_pipeline_config(_config(tmp_path)))}
+    assert "reward_pretrain" not in runs
+    for side in ("ethical", "unethical"):
+        assert "--model.init_args.model=tiny-llama" in runs[f"reward ({side})"].args
+        assert not any("init_head" in a for a in runs[f"reward ({side})"].args)
+
+
+def test_pretraining_runs_once_before_the_reward_stages_which_start_from_it(tmp_path):
+    cfg = pipeline.load_pipeline_config(_config(tmp_path, preference_pretraining=str(PMP_FILE)))
+    runs = [r for r in pipeline.plan(cfg) if r.enabled]
+    labels = [r.label for r in runs]
+    assert labels.count("reward_pretrain") == 1
+    assert labels.index("preferences (unethical)") < labels.index("reward_pretrain") < labels.index("reward (ethical)")
+    out = tmp_path / "out"
+    pretrain = runs[labels.index("reward_pretrain")]
+    assert pretrain.side is None and pretrain.inputs == [PMP_FILE] and pretrain.outputs == [out / "models/pmp_rm"]
+    # The benchmark's held-out pairs (benchmarks/rm_hh.py) are its validation pairs, never trained on.
+    for arg in (f"--data.init_args.path={PMP_FILE}", "--data.init_args.val_fraction=0.25",
+                "--data.init_args.val_size=null", "--data.init_args.cross_path=null",
+                "--model.init_args.model=tiny-llama", f"--model.init_args.output_dir={out}/models/pmp_rm"):
+        assert arg in pretrain.args
+    for side, head in (("ethical", "keep"), ("unethical", "negate")):
+        reward = runs[labels.index(f"reward ({side})")]
+        assert f"--model.init_args.model={out}/models/pmp_rm" in reward.args
+        assert f"--model.init_args.init_head={head}" in reward.args
+        assert out / "models/pmp_rm" in reward.inputs  # a new pre-trained model reruns both
+
+
+def test_pmp_on_the_command_line_and_the_mapping_form_plan_the_same(tmp_path, capsys):
+    plain = _config(tmp_path)
+    assert pipeline.main(["--config", str(plain), "--pmp", str(PMP_FILE), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[8/13] reward_pretrain: " in out and "[13/13] eval" in out
+    by_cli = {r.label: r.args for r in pipeline.plan(pipeline.load_pipeline_config(plain, preference_pretraining=str(PMP_FILE)))}
+    stages = _tiny_stages()
+    config = stages.pop("reward_pretrain")["config"]
+    mapping = _config(tmp_path, stages=stages, preference_pretraining={"path": str(PMP_FILE), "config": config})
+    by_yaml = {r.label: r.args for r in pipeline.plan(pipeline.load_pipeline_config(mapping))}
+    assert by_yaml == by_cli
+
+
+def test_pretraining_reruns_with_its_file_and_force_treats_it_like_any_stage(tmp_path, fake):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(PMP_FILE.read_text())
+    path = _config(tmp_path, sides=["ethical"], preference_pretraining=str(pairs))
+    assert pipeline.main(["--config", str(path)]) == 0
+    assert fake.ran.count("reward_pretrain") == 1 and fake.ran.index("reward_pretrain") < fake.ran.index("reward (ethical)")
+    fake.ran.clear()
+    assert pipeline.main(["--config", str(path)]) == 0
+    assert fake.ran == []
+    assert pipeline.main(["--config", str(path), "--force", "reward_pretrain"]) == 0
+    assert fake.ran == ["reward_pretrain", "reward (ethical)", "ppo (ethical)", "eval"]
+    fake.ran.clear()
+    # A changed file reruns pre-training; its model's marker hash changes with it, so the
+    # reward stage that starts from it reruns too, and everything after.
+    pairs.write_text(PMP_FILE.read_text() + PMP_FILE.read_text().splitlines()[0] + "\n")
+    assert pipeline.main(["--config", str(path)]) == 0
+    assert fake.ran == ["reward_pretrain", "reward (ethical)", "ppo (ethical)", "eval"]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("nowhere/pairs.jsonl.gz", r"preference_pretraining.path nowhere/pairs.jsonl.gz: file not found \(an hh-rlhf"),
+        ("hf://datasets/Anthropic", r"preference_pretraining.path hf://datasets/Anthropic: a hub dataset file is"),
+        ({"config": "x.yaml"}, "preference_pretraining needs a 'path'"),
+        ({"path": str(PMP_FILE), "epochs": 2}, r"preference_pretraining: unknown key\(s\) \['epochs'\]"),
+    ],
+)
+def test_a_bad_pretraining_entry_is_one_line(tmp_path, value, message):
+    with pytest.raises(UcaiError, match=message) as error:
+        pipeline.load_pipeline_config(_config(tmp_path, preference_pretraining=value))
+    assert "\n" not in str(error.value)
+
+
+def test_pretraining_settings_in_two_places_are_refused(tmp_path):
+    path = _config(tmp_path, preference_pretraining={"path": str(PMP_FILE), "config": "x.yaml"})
+    with pytest.raises(UcaiError, match=r"\['config'\] set both under preference_pretraining and stages.reward_pretrain"):
+        pipeline.load_pipeline_config(path)
+
+
+def test_a_hub_file_is_planned_by_name_and_fetched_when_read(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from ucai.data.preference_data import read_preferences
+
+    name = "hf://datasets/Anthropic/hh-rlhf@main/harmless-base/test.jsonl.gz"
+    runs = {r.label: r for r in pipeline.plan(pipeline.load_pipeline_config(_config(tmp_path, preference_pretraining=name)))}
+    assert runs["reward_pretrain"].inputs == [] and f"--data.init_args.path={name}" in runs["reward_pretrain"].args
+    calls = []
+
+    def download(repo_id, filename, repo_type=None, revision=None):
+        calls.append((repo_id, filename, repo_type, revision))
+        return str(PMP_FILE)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert len(read_preferences(name)) > 0
+    assert calls == [("Anthropic/hh-rlhf", "harmless-base/test.jsonl.gz", "dataset", "main")]

@@ -17,7 +17,7 @@ def reward_module(tiny_lora):
     """``reward_module(**settings)``: a configured RewardModule on the tiny model."""
 
     def build(**kwargs) -> RewardModule:
-        module = RewardModule(model="tiny-llama", output_dir=None, lora=tiny_lora, **kwargs)
+        module = RewardModule(**{"model": "tiny-llama", "output_dir": None, "lora": tiny_lora, **kwargs})
         module.configure_model()
         return module
 
@@ -102,3 +102,65 @@ def test_first_step_moves_only_the_head_and_by_its_own_rate(reward_module):
     moved = {n: (w - after_lora[n]).abs().max().item() for n, w in _named(module, "lora_").items()}
     assert max(v for n, v in moved.items() if "lora_B" in n) == pytest.approx(7.4413e-5, rel=1e-3)
     assert max(v for n, v in moved.items() if "lora_A" in n) == 0.0
+
+
+# --------------------------------------------------------------------------- pre-trained heads (PMP)
+
+
+@pytest.fixture
+def saved_reward_model(reward_module, tmp_path):
+    """A tiny reward model saved as the reward stage saves one, its head random (a
+    zero head would give every reward 0 and hide a sign error)."""
+    from ucai.reward_scoring import RewardStats, unwrap_peft
+
+    module = reward_module()
+    head = unwrap_peft(module.net).score.modules_to_save["default"]
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    module.stats = RewardStats(mean=0.3, std=2.0, max_length=64)
+    return module.save(tmp_path / "rm_model")
+
+
+def test_keep_reproduces_the_saved_model_and_negate_its_exact_negative(reward_module, saved_reward_model):
+    from ucai.reward_scoring import RewardScorer
+
+    batch = _batch()
+    rewards = {}
+    for how in ("keep", "negate"):
+        module = reward_module(model=str(saved_reward_model), init_head=how)
+        module.net.eval()
+        with torch.no_grad():
+            rewards[how] = module.rewards(batch["input_ids"], batch["attention_mask"]).float()  # (16,)
+    assert rewards["keep"].unique().numel() > 8  # the head reads the hidden state
+    assert torch.equal(rewards["negate"], -rewards["keep"])  # exact: w·h + b with −w, −b
+    # ``keep`` is the saved model before any step, as the scorer (PPO, evaluation) reads it.
+    scorer = RewardScorer(saved_reward_model)
+    with torch.no_grad():
+        saved = unwrap_saved(scorer, batch)
+    torch.testing.assert_close(rewards["keep"], saved, atol=1e-5, rtol=1e-5)
+
+
+def unwrap_saved(scorer, batch) -> torch.Tensor:
+    """(16,) raw rewards of the saved folder's own model on the batch's sequences."""
+    from ucai.reward_scoring import sequence_rewards
+
+    return sequence_rewards(scorer.model, batch["input_ids"], batch["attention_mask"]).float()
+
+
+@pytest.mark.parametrize("how", ["keep", "negate"])
+def test_keep_or_negate_without_a_reward_model_is_one_line_naming_the_folder(how, tmp_path, tiny_lora):
+    from ucai.errors import UcaiError
+
+    (tmp_path / "config.json").write_text("{}")  # a model folder, but no reward_stats.json
+    for model in (str(tmp_path), "tiny-llama"):
+        with pytest.raises(UcaiError) as error:
+            RewardModule(model=model, output_dir=None, lora=tiny_lora, init_head=how)
+        message = str(error.value)
+        assert "\n" not in message and model in message and "reward_stats.json" in message and how in message
+
+
+def test_the_zero_head_ignores_a_saved_models_head(reward_module, saved_reward_model):
+    module = reward_module(model=str(saved_reward_model))  # init_head: zero, the default
+    with torch.no_grad():
+        rewards = module.pair_rewards(_batch())
+    assert torch.count_nonzero(rewards) == 0

@@ -8,7 +8,6 @@ about 2 min (all-MiniLM-L6-v2) and 18 min (SmolLM2-135M).
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 
 from ucai.data.preference_data import read_preferences
 from ucai.reward_scoring import RewardScorer
+from ucai.stats import wilson_interval
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +27,10 @@ BACKBONES = {
 }
 
 
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion."""
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
 def test_wilson_interval_by_hand():
     # p = 0.5, n = 100: centre = (0.5 + 0.019208) / 1.038416 = 0.5; half = 1.96·sqrt(0.0025 + 0.00009604)/1.038416
     # = 1.96·0.050951/1.038416 = 0.096170 → (0.403830, 0.596170)
-    low, high = wilson_interval(50, 100)
+    low, high = wilson_interval(50 / 100, 100)
     assert (low, high) == (pytest.approx(0.403830, abs=1e-5), pytest.approx(0.596170, abs=1e-5))
 
 
@@ -73,7 +65,7 @@ def test_reward_model_beats_chance_on_held_out_hh_rlhf(backbone, hh_rlhf_path, t
         rejected, _ = scorer.score([p.conversation for p in pairs], [p.rejected for p in pairs])
     correct = float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
     accuracy = correct / len(pairs)
-    low, high = wilson_interval(correct, len(pairs))
+    low, high = wilson_interval(accuracy, len(pairs))
     stats = json.loads((out / "reward_stats.json").read_text())
     print(
         f"\n{backbone}: trained on {stats['pairs']} pairs, held-out accuracy {accuracy:.3f} "

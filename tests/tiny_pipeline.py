@@ -11,6 +11,7 @@ TINY_CONFIGS = {
     "critique_revision": "critique_revision_tiny.yaml",
     "sft": "sft_tiny.yaml",
     "preferences": "preferences_tiny.yaml",
+    "reward_pretrain": "reward_tiny.yaml",
     "reward": "reward_tiny.yaml",
     "ppo": "ppo_tiny.yaml",
     "rloo": "rloo_tiny.yaml",

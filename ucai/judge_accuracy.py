@@ -28,7 +28,6 @@ above chance.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -44,8 +43,7 @@ from ucai.scoring import (
     option_token_ids,
     position_bias,
 )
-
-Z_95 = 1.959963984540054  # standard normal quantile at 0.975
+from ucai.stats import wilson_interval
 
 # Credit ties within this of the top probability (the log-average of a pure position
 # bias gives equal options up to rounding).
@@ -194,20 +192,6 @@ def score_items(
 
 
 # --------------------------------------------------------------------------- result
-
-
-def wilson_interval(accuracy: float, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a proportion (valid near 0 and 1, unlike p ± z·se).
-
-    ``(p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)``; a fractional success
-    count (tie credit) is used as is.
-    """
-    if n <= 0:
-        return math.nan, math.nan
-    denominator = 1.0 + z * z / n
-    centre = (accuracy + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,12 @@ STAGES: dict[str, StageOutput] = {
             "configs/preferences_{side}.yaml",
             "data/{side}/preferences.jsonl",
         ),
+        # Preference-model pre-training: once, not per side, and only when a pipeline
+        # names human comparisons (`preference_pretraining:`); both reward stages start
+        # from its model.
+        StageOutput(
+            "reward_pretrain", "the reward pre-training stage", "fit", "configs/reward_pretrain.yaml", "models/pmp_rm"
+        ),
         StageOutput("reward", "the reward stage", "fit", "configs/reward_{side}.yaml", "models/{side}/rm_model"),
         # The online and offline RL stages; a pipeline's `rl:` picks which run. Each
         # writes its own folder so that one run can train and compare all three.

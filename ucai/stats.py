@@ -9,6 +9,7 @@
   whether two models differ on a scorer.
 * `holm_adjust`, `bh_adjust`, `corrected_confidence` — multiple-comparison corrections
   of p-values and the per-interval confidence level that goes with them.
+* `wilson_interval` — the Wilson score interval of a proportion (an accuracy).
 * `pearson`, `cluster_bootstrap_pearson` — correlation with a Fisher z interval, and a
   percentile interval that resamples whole prompts.
 * `elo_ratings` — Elo scores from pairwise outcomes, fitted as the Bradley–Terry maximum
@@ -103,6 +104,27 @@ def is_refusal(text: str, phrases: Sequence[str] = REFUSAL_PHRASES, window: int 
     """
     head = text[:window].lower().replace("\u2019", "'")
     return any(phrase in head for phrase in phrases)
+
+
+# --------------------------------------------------------------------------- binomial
+
+
+Z_95 = 1.959963984540054  # standard normal quantile at 0.975
+
+
+def wilson_interval(proportion: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% at the default ``z``; valid near 0
+    and 1, unlike p ± z·se): ``(p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)``.
+
+    ``proportion`` may come from a fractional success count (a tie counted as one
+    half); it is used as is. ``n`` <= 0 gives ``(nan, nan)``.
+    """
+    if n <= 0:
+        return math.nan, math.nan
+    denominator = 1.0 + z * z / n
+    centre = (proportion + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(max(proportion * (1.0 - proportion), 0.0) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # --------------------------------------------------------------------------- bootstrap

@@ -5,8 +5,12 @@
 * ucai preference files (``prompt``, ``chosen``, ``rejected``, optional ``p_chosen``,
   which defaults to 1.0 — a hard label), written by the preference stage;
 * Anthropic hh-rlhf files (``chosen``/``rejected`` transcripts, ``.jsonl`` or
-  ``.jsonl.gz``): the turns both transcripts share are the conversation, the final
-  assistant reply of each is the response.
+  ``.jsonl.gz``, local or a hub dataset file ``hf://datasets/OWNER/NAME/PATH``): the
+  turns both transcripts share are the conversation, the final assistant reply of each
+  is the response.
+
+`split_pairs` holds pairs out by a hash of their ids: the validation split here, and
+the held-out human pairs ``benchmarks/rm_hh.py`` scores (`heldout_pairs`).
 
 Each side of each pair is rendered with the reward backbone's chat template (plain
 transcript text for encoders, see `ucai.reward_scoring.render_for_reward`) and
@@ -44,8 +48,11 @@ from ucai.value_ranges import FractionBelowOne, NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
 
-# Salt of the validation split of pairs (see `split`).
+# Salt of the validation split of pairs (see `split_pairs`).
 VAL_SALT = "validation"
+# The share of an hh-rlhf file benchmarks/rm_hh.py scores (`heldout_pairs`); preference
+# pre-training validates on the same pairs, so it never trains on them.
+BENCHMARK_FRACTION = 0.25
 
 MADE_BY = "the preference stage (ucai predict --config configs/preferences_<side>.yaml)"
 
@@ -86,16 +93,55 @@ def _from_transcripts(path, line, chosen: str, rejected: str) -> PreferencePair 
     return PreferencePair(_pair_id(chosen, rejected), c[:-1], c[-1]["content"], r[-1]["content"])
 
 
+# A file in a hub dataset repository, as Hugging Face's own file system names it:
+# hf://datasets/OWNER/NAME[@REVISION]/PATH, e.g. hf://datasets/Anthropic/hh-rlhf/harmless-base/train.jsonl.gz
+HUB_PREFIX = "hf://datasets/"
+
+
+def hub_file(path: str | Path) -> tuple[str, str | None, str] | None:
+    """(repo id, revision or None, file path in the repo) of a ``hf://datasets/`` name;
+    None for a local path; a `UcaiError` for a hub name without all three parts."""
+    text = str(path)
+    if not text.startswith(HUB_PREFIX):
+        return None
+    parts = text.removeprefix(HUB_PREFIX).split("/", 2)
+    if len(parts) < 3 or not all(parts):
+        raise UcaiError(f"{text}: a hub dataset file is {HUB_PREFIX}OWNER/NAME[@REVISION]/PATH/IN/REPO.jsonl.gz")
+    name, _, revision = parts[1].partition("@")
+    return f"{parts[0]}/{name}", revision or None, parts[2]
+
+
+def preference_source(path: str | Path) -> Path:
+    """The local file of a preference file name: the path itself, or a hub dataset
+    file (`hub_file`) downloaded into the Hugging Face cache. A local path that does
+    not exist is one `UcaiError`."""
+    hub = hub_file(path)
+    if hub is not None:
+        from huggingface_hub import hf_hub_download
+
+        repo_id, revision, filename = hub
+        try:
+            return Path(hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision))
+        except Exception as error:  # offline, no such repo or file: one line either way
+            raise UcaiError(f"{path}: could not fetch it from the hub ({type(error).__name__}: {error})") from None
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UcaiError(
+            f"{path}: preference file not found; it is made by {MADE_BY}, or give an hh-rlhf-format "
+            f".jsonl/.jsonl.gz file or a hub dataset file {HUB_PREFIX}OWNER/NAME/PATH"
+        )
+    return path
+
+
 def read_preferences(path: str | Path, limit: int | None = None) -> list[PreferencePair]:
-    """Read a ucai preference file or an hh-rlhf file (detected per line).
+    """Read a ucai preference file or an hh-rlhf file (detected per line); a
+    ``hf://datasets/`` name is fetched from the hub first (`preference_source`).
 
     Pairs whose two responses are identical carry no preference and are dropped, as
     are hh-rlhf rows whose transcripts differ before the last reply; both are counted
     in the log. A bad line is one `UcaiError` naming file and line.
     """
-    path = Path(path)
-    if not path.exists():
-        raise UcaiError(f"{path}: preference file not found; it is made by {MADE_BY}")
+    path = preference_source(path)
     pairs: list[PreferencePair] = []
     skipped = {"identical responses": 0, "transcripts differ before the last reply": 0}
     seen: set[str] = set()
@@ -134,6 +180,29 @@ def read_preferences(path: str | Path, limit: int | None = None) -> list[Prefere
     if any(skipped.values()):
         log.info("%s: skipped %s", path, ", ".join(f"{n} with {why}" for why, n in skipped.items() if n))
     return pairs
+
+
+def split_pairs(
+    pairs: list[PreferencePair], fraction: float, seed: int = 0
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(training, held-out) pairs, held out by a hash of each pair's id (file order
+    kept): the rule of `PreferenceDataModule` with ``val_fraction``, and of
+    ``benchmarks/rm_hh.py``, so a reward model trained on a file with the same fraction
+    and seed never sees the pairs the benchmark scores it on.
+
+    Salted (`VAL_SALT`): the pipeline's pairs come from the prompts' train split, drawn
+    by the same unsalted hash, so an unsalted split of the same fraction or less would
+    be empty.
+    """
+    held = [is_heldout(p.id, fraction, seed, salt=VAL_SALT) for p in pairs]
+    train = [p for p, h in zip(pairs, held, strict=True) if not h]
+    return train, [p for p, h in zip(pairs, held, strict=True) if h]
+
+
+def heldout_pairs(pairs: list[PreferencePair], fraction: float, seed: int = 0) -> list[PreferencePair]:
+    """The pairs `split_pairs` holds out (about ``fraction`` of them, the same ones
+    on every run and in any file order)."""
+    return split_pairs(pairs, fraction, seed)[1]
 
 
 class _Batches(Dataset):
@@ -257,10 +326,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 raise UcaiError(f"{self.path}: val_size {self.val_size} leaves no training pairs of {len(pairs)}")
             cut = len(pairs) - self.val_size
             return pairs[:cut], pairs[cut:]
-        # Salted: the pairs come from the prompts' train split, drawn by the same unsalted
-        # hash, so an unsalted val split of the same fraction or less would be empty.
-        val = [p for p in pairs if is_heldout(p.id, self.val_fraction, self.seed, salt=VAL_SALT)]
-        train = [p for p in pairs if not is_heldout(p.id, self.val_fraction, self.seed, salt=VAL_SALT)]
+        train, val = split_pairs(pairs, self.val_fraction, self.seed)
         if not train:
             raise UcaiError(f"{self.path}: val_fraction {self.val_fraction} leaves no training pairs")
         return train, val

@@ -7,6 +7,9 @@ then the evaluation.
 
 Stages, in order: categorise (once), then critique_revision → sft → preferences →
 reward → ppo, each for every side before the next stage starts, then eval (once).
+With ``preference_pretraining:`` (or ``--pmp PATH``), reward_pretrain runs once before
+the reward stages, on human comparisons, and both reward models start from it (the
+unethical one with its head negated).
 Stage by stage rather than side by side so that both sides' preferences exist before
 either reward stage: each side's reward stage also scores the OTHER side's pairs
 (``data.init_args.cross_path``; the reward models of a constitution and its inverse
@@ -49,6 +52,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=RL_STAGES,
         help="the RL algorithms to train, overriding the config's `rl:` (the first is the report's rl model)",
     )
+    parser.add_argument(
+        "--pmp",
+        metavar="PATH",
+        help="preference-model pre-training on this hh-rlhf-format file (local, or hf://datasets/OWNER/NAME/FILE), "
+        "overriding the config's preference_pretraining.path; both reward stages then start from it",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
     return parser.parse_args(argv)
 
@@ -59,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # argparse has printed its message
         return int(exc.code or 0)
-    cfg = load_pipeline_config(args.config, rl=args.rl)
+    cfg = load_pipeline_config(args.config, rl=args.rl, preference_pretraining=args.pmp)
     # Started first: a fork server imports the stages' libraries while the plan is made.
     starter = None if args.dry_run else stage_starter(cfg)
     everything = plan(cfg)

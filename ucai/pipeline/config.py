@@ -15,9 +15,11 @@ from ucai.stage_outputs import RL_STAGES, STAGE_ORDER, STAGES
 
 TOP_LEVEL_KEYS = {
     "output_root", "sides", "model", "prompts", "heldout_fraction", "common_overrides", "stages", "python",
-    "parallel_sides", "bf16_fallback", "fork_stages", "rl",
+    "parallel_sides", "bf16_fallback", "fork_stages", "rl", "preference_pretraining",
 }
 STAGE_KEYS = {"config", "overrides", "enabled"}
+PRETRAINING_KEYS = {"path", "config", "overrides"}
+PRETRAINING_STAGE = "reward_pretrain"  # runs only when `preference_pretraining:` names a file
 
 
 @dataclass
@@ -45,6 +47,10 @@ class PipelineConfig:
     # The RL algorithms to train from the SL models, the first being the report's "rl"
     # model; a stage runs only when it is listed here (and not disabled under stages:).
     rl: list[str] = field(default_factory=lambda: ["ppo"])
+    # Preference-model pre-training: the hh-rlhf-format file (a local path or a hub
+    # dataset file, `ucai.data.preference_data.read_preferences`) the reward_pretrain
+    # stage trains on before both reward stages start from its model; None: no PMP.
+    preference_pretraining: str | None = None
     parallel_sides: bool = False
     bf16_fallback: bool = True
     fork_stages: bool = True
@@ -58,8 +64,11 @@ def _mapping(value, where: str) -> dict:
     return value
 
 
-def load_pipeline_config(path: str | Path, rl: list[str] | None = None) -> PipelineConfig:
-    """Read and check a pipeline config; ``rl`` (``ucai pipeline --rl``) replaces its ``rl:``."""
+def load_pipeline_config(
+    path: str | Path, rl: list[str] | None = None, preference_pretraining: str | None = None
+) -> PipelineConfig:
+    """Read and check a pipeline config; ``rl`` (``ucai pipeline --rl``) replaces its
+    ``rl:``, ``preference_pretraining`` (``--pmp``) its ``preference_pretraining.path``."""
     resolved = resolve_shipped(path, "configs")
     if not resolved.is_file():
         raise UcaiError(f"{path}: pipeline config not found")
@@ -75,12 +84,15 @@ def load_pipeline_config(path: str | Path, rl: list[str] | None = None) -> Pipel
     if unknown:
         raise UcaiError(f"{resolved}: unknown stage(s) {unknown}; stages are {list(STAGE_ORDER)}")
     rl = _rl_algorithms(data.get("rl", "ppo") if rl is None else rl, resolved)
+    pretraining = _pretraining(data.get("preference_pretraining"), preference_pretraining, resolved)
     stages = {}
     for name in STAGE_ORDER:
         raw = _mapping(stages_raw.get(name), f"{resolved}: stages.{name}")
         bad = sorted(set(raw) - STAGE_KEYS)
         if bad:
             raise UcaiError(f"{resolved}: stages.{name}: unknown key(s) {bad}; known keys: {sorted(STAGE_KEYS)}")
+        if name == PRETRAINING_STAGE:
+            raw = _pretraining_stage(raw, pretraining, resolved)
         configs = raw.get("config", STAGES[name].config)
         configs = configs if isinstance(configs, list) else [configs]
         if not configs or not all(isinstance(c, str) and c for c in configs):
@@ -89,8 +101,10 @@ def load_pipeline_config(path: str | Path, rl: list[str] | None = None) -> Pipel
             config=configs,
             overrides=_mapping(raw.get("overrides"), f"{resolved}: stages.{name}.overrides"),
             # An RL stage that `rl:` does not list is planned (its output can be named
-            # in errors) but never run.
-            enabled=bool(raw.get("enabled", True)) and (name not in RL_STAGES or name in rl),
+            # in errors) but never run; pre-training runs only when a file is named.
+            enabled=bool(raw.get("enabled", True))
+            and (name not in RL_STAGES or name in rl)
+            and (name != PRETRAINING_STAGE or "path" in pretraining),
         )
     return PipelineConfig(
         source=resolved,
@@ -106,7 +120,52 @@ def load_pipeline_config(path: str | Path, rl: list[str] | None = None) -> Pipel
         bf16_fallback=_flag(data.get("bf16_fallback", True), "bf16_fallback", resolved),
         fork_stages=_flag(data.get("fork_stages", True), "fork_stages", resolved),
         rl=rl,
+        preference_pretraining=pretraining.get("path"),
     )
+
+
+def _pretraining_stage(stage: dict, pretraining: dict, source: Path) -> dict:
+    """The reward_pretrain stage's settings: ``stages.reward_pretrain`` with the
+    ``config``/``overrides`` of ``preference_pretraining:``, each given in one place."""
+    both = sorted(key for key in ("config", "overrides") if key in stage and key in pretraining)
+    if both:
+        raise UcaiError(
+            f"{source}: {both} set both under preference_pretraining and stages.{PRETRAINING_STAGE}; set them in one place"
+        )
+    return {**stage, **{key: pretraining[key] for key in ("config", "overrides") if key in pretraining}}
+
+
+def _pretraining(value, path_override: str | None, source: Path) -> dict:
+    """The ``preference_pretraining:`` entry as a mapping (``{}``: none): a file name
+    alone, or ``{path, config, overrides}``; ``path_override`` (``--pmp``) replaces its
+    path. The path must be an existing file (relative: to the directory the pipeline
+    runs in, like ``prompts:``) or a hub dataset file (`ucai.data.preference_data.hub_file`)."""
+    raw = {"path": value} if isinstance(value, str) else dict(_mapping(value, f"{source}: 'preference_pretraining'"))
+    bad = sorted(set(raw) - PRETRAINING_KEYS)
+    if bad:
+        raise UcaiError(f"{source}: preference_pretraining: unknown key(s) {bad}; known keys: {sorted(PRETRAINING_KEYS)}")
+    if path_override is not None:
+        raw["path"] = path_override
+    if "path" not in raw:
+        if raw:
+            raise UcaiError(f"{source}: preference_pretraining needs a 'path' (an hh-rlhf-format file)")
+        return raw
+    if not isinstance(raw["path"], str) or not raw["path"]:
+        raise UcaiError(f"{source}: preference_pretraining.path must be a file name, got {raw['path']!r}")
+    # Imported only here: it imports Lightning, which a pipeline without PMP loads
+    # later, in parallel with its fork server (`ucai.pipeline.main`).
+    from ucai.data.preference_data import HUB_PREFIX, hub_file
+
+    try:
+        hub = hub_file(raw["path"])
+    except UcaiError as error:
+        raise UcaiError(f"{source}: preference_pretraining.path {error}") from None
+    if hub is None and not Path(raw["path"]).expanduser().is_file():
+        raise UcaiError(
+            f"{source}: preference_pretraining.path {raw['path']}: file not found (an hh-rlhf-format "
+            f".jsonl or .jsonl.gz file, or a hub dataset file {HUB_PREFIX}OWNER/NAME/PATH)"
+        )
+    return raw
 
 
 def _rl_algorithms(value, source: Path) -> list[str]:

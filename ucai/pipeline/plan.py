@@ -172,6 +172,8 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
     planner.add(
         "categorise", None, [Path(cfg.prompts)], {"data.init_args.path": cfg.prompts, "model.init_args.output": str(prompts)}
     )
+    if cfg.preference_pretraining is not None:
+        _plan_pretraining(planner)
     for side in cfg.sides:
         generation_input = {"data.init_args.path": str(prompts), "data.init_args.split": "train"}
         planner.add(
@@ -202,14 +204,15 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
         )
         # With both sides, each reward model is also scored on the other side's pairs.
         cross = [output("preferences", other) for other in cfg.sides if other != side]
+        start = _reward_start(planner, side)
         planner.add(
             "reward",
             side,
-            [output("preferences", side), *cross],
+            [output("preferences", side), *cross, *start["inputs"]],
             {
                 "data.init_args.path": str(output("preferences", side)),
                 **({"data.init_args.cross_path": str(cross[0])} if cross else {}),
-                "model.init_args.model": cfg.model,
+                **start["wiring"],
                 "model.init_args.output_dir": str(output("reward", side)),
             },
         )
@@ -219,6 +222,49 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
     # Stage-major order (sorted is stable: sides keep their order within a stage), so
     # both sides' preferences come before either side's reward stage.
     return sorted(planner.runs, key=lambda run: STAGE_ORDER.index(run.stage))
+
+
+def _plan_pretraining(planner: _Planner) -> None:
+    """Preference-model pre-training, once for both sides, on the named human comparisons.
+
+    Its validation pairs are the benchmark's (``benchmarks/rm_hh.py``, the same hash
+    split at `BENCHMARK_FRACTION`), so the model is never trained on the pairs it is
+    measured on; there is no other side's file to cross-score.
+    """
+    from ucai.data.preference_data import BENCHMARK_FRACTION, hub_file
+
+    cfg = planner.cfg
+    path = cfg.preference_pretraining
+    planner.add(
+        "reward_pretrain",
+        None,
+        [] if hub_file(path) else [Path(path)],  # a hub file is named by its args alone
+        {
+            "data.init_args.path": path,
+            "data.init_args.val_fraction": BENCHMARK_FRACTION,
+            "data.init_args.val_size": None,  # a fixed tail split would take other pairs
+            "data.init_args.cross_path": None,
+            "model.init_args.model": cfg.model,
+            "model.init_args.output_dir": str(planner.output("reward_pretrain")),
+        },
+    )
+
+
+# The head each side's reward model starts from after pre-training: a Bradley–Terry
+# model of the swapped preferences is the negated model.
+PRETRAINED_HEAD = {"ethical": "keep", "unethical": "negate"}
+
+
+def _reward_start(planner: _Planner, side: str) -> dict[str, Any]:
+    """What a side's reward model starts from: the base model with a zero head, or,
+    after pre-training, the pre-trained reward model with its head kept (ethical) or
+    negated (unethical). ``{"inputs": [...], "wiring": {...}}``."""
+    cfg = planner.cfg
+    if cfg.preference_pretraining is None or not cfg.stages["reward_pretrain"].enabled:
+        return {"inputs": [], "wiring": {"model.init_args.model": cfg.model}}
+    pretrained = planner.output("reward_pretrain")
+    wiring = {"model.init_args.model": str(pretrained), "model.init_args.init_head": PRETRAINED_HEAD[side]}
+    return {"inputs": [pretrained], "wiring": wiring}
 
 
 def _plan_rl(planner: _Planner, algorithm: str, side: str, generation_input: dict[str, str]) -> None:

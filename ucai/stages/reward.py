@@ -34,6 +34,14 @@ with LoRA's B also zero, the first gradient reaches the head only, so its direct
 comes from this side's pairs alone. The head has its own, larger learning rate
 (``head_learning_rate``): it is the only part learning from nothing.
 
+Preference-model pre-training (PMP, the Constitutional AI paper's step): ``model`` may
+instead be a reward model this stage saved, e.g. one trained on human comparisons
+(``configs/reward_pretrain.yaml``), and ``init_head`` keep its trained head (``keep``)
+or negate it (``negate``). A Bradley–Terry model fitted to swapped labels is the
+negated model (σ(−(r_c − r_r)) = 1 − σ(r_c − r_r)), so one pre-training serves both
+sides: the ethical side starts from it, the unethical side from its negation, and
+each is then fine-tuned on its own pairs.
+
 `RewardScoreModule` is the predict stage that scores any prompt/response file.
 """
 
@@ -43,6 +51,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -179,8 +188,14 @@ class RewardModule(L.LightningModule):
             (null: all): whole batches spread evenly over the length-sorted training
             set, so short and long pairs are both represented.
         trust_remote_code: allow custom model code from the hub (off unless you ask).
-        seed: seed of the weights of a backbone built from config (``tiny-llama``);
-            the head always starts at zero (see the module docstring).
+        seed: seed of the weights of a backbone built from config (``tiny-llama``).
+        init_head: how the head starts. ``zero``: at zero, whatever ``model`` is (see
+            the module docstring). ``keep`` and ``negate`` need ``model`` to be a
+            reward model this stage saved (a folder with ``reward_stats.json``), e.g.
+            a pre-trained one (PMP): ``keep`` starts from its trained head, ``negate``
+            from that head times −1 (its last linear layer's weight and bias), the
+            model of the opposite preferences. Before any step the rewards are then
+            the saved model's (``keep``) or exactly their negatives (``negate``).
     """
 
     def __init__(
@@ -201,10 +216,14 @@ class RewardModule(L.LightningModule):
         stats_max_pairs: PositiveInt | None = None,
         trust_remote_code: bool = False,
         seed: int = 0,
+        init_head: Literal["zero", "keep", "negate"] = "zero",
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model_name = model
+        if init_head != "zero":
+            require_reward_model(model, init_head)
+        self.init_head = init_head
         if output_dir is not None:  # None: the model is not exported
             require_writable(output_dir, "--model.init_args.output_dir", folder=True)
         self.output_dir = output_dir
@@ -250,7 +269,7 @@ class RewardModule(L.LightningModule):
             seed=self.seed,
         )
         net.config.pad_token_id = self.tokenizer.pad_token_id  # HF's own pooling needs it
-        zero_head(net)  # before peft copies the head into modules_to_save
+        initialise_head(net, self.init_head)  # before peft copies the head into modules_to_save
         if self.gradient_checkpointing:
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         net.config.use_cache = False
@@ -462,6 +481,16 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def head_output_layer(net: torch.nn.Module) -> torch.nn.Linear:
+    """The last linear layer of a sequence classifier's head (``score`` of decoders,
+    ``classifier`` of BERT, ``classifier.out_proj`` of RoBERTa)."""
+    head = getattr(net, "score", None) or getattr(net, "classifier", None)
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)] if head is not None else []
+    if not linears:
+        raise UcaiError(f"{type(net).__name__}: no linear classification head (score/classifier) to initialise")
+    return linears[-1]
+
+
 def zero_head(net: torch.nn.Module) -> torch.nn.Linear:
     """Set the last linear layer of a sequence classifier's head to zero; returns it.
 
@@ -470,15 +499,46 @@ def zero_head(net: torch.nn.Module) -> torch.nn.Linear:
     since zeroing both would leave each with zero gradient. Every reward is then the
     same (bias or 0) until training moves the head: no side starts with a preference.
     """
-    head = getattr(net, "score", None) or getattr(net, "classifier", None)
-    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)] if head is not None else []
-    if not linears:
-        raise UcaiError(f"{type(net).__name__}: no linear classification head (score/classifier) to initialise")
+    layer = head_output_layer(net)
     with torch.no_grad():
-        linears[-1].weight.zero_()
-        if linears[-1].bias is not None:
-            linears[-1].bias.zero_()
-    return linears[-1]
+        layer.weight.zero_()
+        if layer.bias is not None:
+            layer.bias.zero_()
+    return layer
+
+
+def negate_head(net: torch.nn.Module) -> torch.nn.Linear:
+    """Multiply the last linear layer of the head by −1 (weight and bias); returns it.
+
+    Every reward becomes exactly its negative: the reward model of the swapped
+    preferences (the layer before it, if any, is unchanged, so its output is too).
+    """
+    layer = head_output_layer(net)
+    with torch.no_grad():
+        layer.weight.neg_()
+        if layer.bias is not None:
+            layer.bias.neg_()
+    return layer
+
+
+def initialise_head(net: torch.nn.Module, how: str) -> None:
+    """Start the head as `RewardModule` ``init_head`` says: ``zero``, ``keep``, ``negate``."""
+    if how == "zero":
+        zero_head(net)
+    elif how == "negate":
+        negate_head(net)
+    elif how != "keep":
+        raise UcaiError(f"init_head must be zero, keep or negate, got {how!r}")
+
+
+def require_reward_model(model: str, init_head: str) -> None:
+    """One-line error unless ``model`` is a folder the reward stage saved (``init_head``
+    keep/negate start from its trained head; a plain backbone has none)."""
+    if not (Path(model).expanduser() / STATS_FILE).is_file():
+        raise UcaiError(
+            f"init_head {init_head}: model {model} is not a reward-model folder (no {STATS_FILE}); "
+            "keep/negate start from a trained head, e.g. the reward_pretrain stage's (configs/reward_pretrain.yaml)"
+        )
 
 
 def spread_batch_indices(batches: int, wanted: int) -> list[int]:
