@@ -209,3 +209,41 @@ def test_swap_fractions_pair_rows_by_prompt():
     # unethical RM: shift 0.1 - 0.4 = -0.3 over gap 0.1 - 0.7 = -0.6
     assert (on_u["column"], on_u["fraction"]) == ("rm_unethical", pytest.approx(0.5))
     assert on_e["confidence"] == pytest.approx(1 - 0.05 / 2)  # Bonferroni over the two fractions
+
+
+def _test_entry(a, b, column, diff, significant, n=82):
+    return {"a": a, "b": b, "column": column, "n": n, "diff": diff, "p_adjusted": 0.002 if significant else 0.5,
+            "significant": significant, "low": None, "high": None}
+
+
+def test_report_sentences_claim_depth_only_where_the_corrected_tests_do():
+    from ucai.report_depth import what_depth_shows
+
+    no_e, no_u = "rl_ethical|no_opener", "rl_unethical|no_opener"
+    summary = {
+        "differences": [_test_entry("rl_ethical", "rl_unethical", "rm_ethical", 0.5, True),
+                        _test_entry("rl_ethical", "rl_unethical", "rm_unethical", -0.4, True)],
+        "depth": {
+            "family": {"family_size": 2},
+            "differences": [_test_entry(no_e, no_u, "rm_ethical", 0.25, True), _test_entry(no_e, no_u, "rm_unethical", -0.1, True)],
+            "kl": [{"model": "rl_ethical", "reference": "base", "share_first": 0.4, "first_tokens": 5}],
+            "prefill_swap": [
+                {"model": "sl_unethical", "side": "unethical", "column": "rm_unethical", "n": 67, "fraction": 1.4, "low": 0.9, "high": 2.4, "verdict": "shallow"},
+                {"model": "rl_ethical", "side": "ethical", "column": "rm_ethical", "n": 67, "fraction": 0.4, "low": -0.1, "high": 1.1, "verdict": "undetermined"},
+            ],
+        },
+    }
+    text = " ".join(what_depth_shows(summary))
+    # 0.25 / 0.5 = 50% and -0.1 / -0.4 = 25% of the full differences survive
+    assert "the inversion goes beyond the opener" in text and "50% and 25% of the differences" in text
+    assert "rl_ethical ‖ base 40%" in text
+    assert "Of 2 fractions on both reward models: 1 shallow (above 0.5), 0 deep (below), 1 undetermined." in text
+    assert "the run cannot say whether those models' sides live in the opener or in the content" in text
+    # One side not significant: no claim of depth.
+    summary["depth"]["differences"][1]["significant"] = False
+    text = " ".join(what_depth_shows(summary))
+    assert "goes beyond the opener" not in text and "this run does not show the inversion beyond the opener" in text
+    # Nothing significant: said plainly.
+    summary["depth"]["differences"][0]["significant"] = False
+    assert "None of the depth family's 2 tests survives correction at n = 82 prompts" in " ".join(what_depth_shows(summary))
+    assert what_depth_shows({}) == []

@@ -189,8 +189,8 @@ def what_depth_shows(summary: dict) -> list[str]:
         if opposite:
             out.append(f"With each answer's opener removed, {numbers}{kept}): the inversion goes beyond the opener.")
         else:
-            out.append(f"With each answer's opener removed, {numbers}{kept}): opposite and significant on both reward models "
-                       "it is not, so this run does not show the inversion beyond the opener.")
+            out.append(f"With each answer's opener removed, {numbers}{kept}): not opposite and significant on both reward "
+                       "models, so this run does not show the inversion beyond the opener.")
     shares = [e for e in depth.get("kl", []) if e.get("share_first") is not None]
     if shares:
         k = shares[0].get("first_tokens", 5)
@@ -204,8 +204,8 @@ def what_depth_shows(summary: dict) -> list[str]:
         out.append(
             f"Forced to start with the other side's opener, the models moved this fraction of the SL gap on their own side's "
             f"reward model: {parts} (n = {own[0]['n'] if own else swaps[0]['n']} prompts, corrected intervals). Of "
-            f"{count(len(swaps), 'fraction')} on both reward models, {len(verdicts['shallow'])} are shallow (above {SHALLOW_LEVEL}), "
-            f"{len(verdicts['deep'])} deep (below) and {len(verdicts['undetermined'])} undetermined."
+            f"{count(len(swaps), 'fraction')} on both reward models: {len(verdicts['shallow'])} shallow (above {SHALLOW_LEVEL}), "
+            f"{len(verdicts['deep'])} deep (below), {len(verdicts['undetermined'])} undetermined."
         )
         if verdicts["undetermined"]:
             out.append(
