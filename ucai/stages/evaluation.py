@@ -34,8 +34,10 @@ sign-flip test over prompts with the interval that inverts it at the corrected l
 two reward models' scores over every evaluated answer.
 
 Outputs in ``output_dir``: ``scores.jsonl`` (+ CSV; ``model, id, prompt, principle,
-response`` and one column per scorer), ``pairwise.jsonl``, ``summary.json`` and
-``report.md`` with PNG plots (`ucai.report`). Generated answers are cached in
+response`` and one column per scorer), ``pairwise.jsonl``, ``depth_scores.jsonl`` (the
+depth analysis's rows: answers without their opener, prefill-swap continuations; see
+`ucai.stages.inversion_depth`), ``summary.json`` and ``report.md`` with PNG plots
+(`ucai.report`). Generated answers are cached in
 ``output_dir/cache/`` keyed by model and generation settings, so an interrupted run
 resumes without regenerating finished answers.
 """
