@@ -20,6 +20,10 @@ evaluation, under bf16 autocast on CPU as the reward stage's own validation and 
 evaluation stage score (``--fp32``: without autocast). Accuracy: the share of pairs whose chosen reply gets the higher reward, a
 tie counting one half, with a 95% Wilson interval. An ethical reward model should be
 above 0.5, its inverted twin below. The last line reads ``rm_hh: NAME=ACC ... n=N``.
+
+This is an accuracy measurement, not a speed or memory benchmark against a peer: it
+prints no ratio (`../shared/BENCHMARKS.md` governs the peer comparisons), and the work
+recorded is the pair count and each model's scoring time.
 """
 
 from __future__ import annotations

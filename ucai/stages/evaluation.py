@@ -76,6 +76,7 @@ from ucai.stages.inversion_depth import (
     swap_prefills,
     swap_rows,
 )
+from ucai.stages.paired_tests import paired_differences
 from ucai.stages.rl_comparison import (
     algorithm_family,
     answer_kl,
@@ -86,17 +87,13 @@ from ucai.stages.rl_comparison import (
     side_of_model,
 )
 from ucai.stats import (
-    CORRECTIONS,
-    adjust_p,
     bootstrap_ci,
     cluster_bootstrap_pearson,
-    corrected_confidence,
     distinct_n,
     elo_ratings,
     is_refusal,
     pearson,
     repetition_rate,
-    sign_flip_test,
     win_outcome,
 )
 from ucai.value_ranges import MarginFromHalf, NonNegativeInt, OpenUnitInterval, PositiveInt
@@ -903,67 +900,9 @@ class EvaluationModule(L.LightningModule):
     def differences(
         self, scores: list[dict], family_tests: list[tuple[str, str, str]], description: str
     ) -> tuple[list[dict], dict]:
-        """Paired sign-flip tests of mean(A - B) over prompts for each ``(a, b, column)``
-        of ``family_tests``, corrected together; returns the entries and a description
-        of the family.
-
-        ``significant`` is ``p_adjusted <= alpha``; ``low``/``high`` is the interval at the
-        corrected per-comparison level (None where unbounded: too few prompts to reject
-        any shift at that level).
-        """
-        by_key = {(r["model"], r["id"]): r for r in scores}
-        tests = []
-        for a, b, column in family_tests:
-            ids = [
-                r["id"] for r in scores
-                if r["model"] == a and (b, r["id"]) in by_key
-                and r.get(column) is not None and by_key[(b, r["id"])].get(column) is not None
-            ]
-            if not ids:
-                continue
-            diffs = [by_key[(a, i)][column] - by_key[(b, i)][column] for i in ids]
-            tests.append((a, b, column, diffs))
-        first = [sign_flip_test(d, confidence=1.0 - self.alpha, n_perm=self.n_perm) for *_, d in tests]
-        adjusted = adjust_p([t.p for t in first], self.correction)
-        m = len(tests)
-        rejected = sum(q <= self.alpha for q in adjusted)
-        level = corrected_confidence(1.0 - self.alpha, m, self.correction, rejected)
-        out = []
-        for (a, b, column, diffs), test, q in zip(tests, first, adjusted, strict=True):
-            ci = sign_flip_test(diffs, confidence=level, n_perm=self.n_perm)
-            out.append(
-                {
-                    "a": a,
-                    "b": b,
-                    "column": column,
-                    "n": test.n,
-                    "diff": test.mean,
-                    "p": test.p,
-                    "p_adjusted": q,
-                    "method": self.correction,
-                    "confidence": level,
-                    "low": ci.low if math.isfinite(ci.low) else None,
-                    "high": ci.high if math.isfinite(ci.high) else None,
-                    "significant": bool(q <= self.alpha),
-                    "min_p": 2.0 / 2**test.n if test.exact else 1.0 / (self.n_perm + 1),
-                }
-            )
-        family = {
-            "method": self.correction,
-            "method_name": CORRECTIONS[self.correction],
-            "alpha": self.alpha,
-            "family_size": m,
-            "confidence": level,
-            "test": "paired sign-flip test over prompts (exact up to 16 prompts, else Monte Carlo)",
-            "interval": (
-                "sign-flip test inverted at the corrected level: "
-                + ("simultaneous (Bonferroni) coverage" if self.correction == "holm" else "Benjamini–Yekutieli false-coverage-rate")
-                + f" {1.0 - self.alpha:.0%} over the family"
-            ),
-            "family": description,
-        }
-        return out, family
-
+        """`ucai.stages.paired_tests.paired_differences` with this stage's correction,
+        alpha and permutation count."""
+        return paired_differences(scores, family_tests, description, self.correction, self.alpha, self.n_perm)
 
 def rm_correlation(scores: list[dict], n_boot: int = 2000) -> dict:
     """Pearson r of the two reward models' scores over every answer both scored.
