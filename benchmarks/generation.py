@@ -1,4 +1,5 @@
-"""Generation throughput: ucai's `generate` (decode-loop engine) vs batched HF ``generate``.
+"""Generation throughput: ucai's `generate` (fast decode engine) vs batched HF ``generate``,
+and the decode step against the machine's floor.
 
     .venv/bin/python benchmarks/generation.py [--model smollm2-135m] [--batch 16] [--new-tokens 128]
 
@@ -9,7 +10,8 @@ new tokens per row: no stop token ends a row early, so every side runs the same 
 of decoding steps over the same rows (HF's static cache changes the numerics enough
 that its greedy answers, and so their lengths, differ from the others' when rows stop
 at eos). The script stops if the completion tokens differ by more than 5%, and says
-whether the ids are identical (ucai's decode loop is token-identical to HF's default).
+whether the ids are identical (the ``decode_loop`` engine is token-identical to HF's
+default; the default ``fast`` engine is faithful instead, see below).
 
 Sides, each in its own subprocess (so that peak RSS, ``ru_maxrss``, is its own), each
 loading the model, warming up once and timing one run; the sides run ``--repeats``
@@ -23,7 +25,16 @@ times in alternating order (A B C A B C ...) and medians are reported:
   takes over a minute to compile; see ../shared/BENCHMARKS.md).
 
 Tokens/s counts the completion tokens over the wall time of the batch (prefill
-included). One line per side, then the last line
+included). ucai's decode step (the batch's time less a one-token run's, over the
+remaining steps) is compared with the floor this script measures in the same run,
+in its own subprocess at the same thread count: the larger of the weight bytes a step
+reads over the machine's streaming-read bandwidth (the best of several full reads of a
+1 GiB buffer) and the step's FLOPs (every matmul at this batch, attention at the mean
+cache length) over the peak bf16 matmul rate (large square matmuls):
+``floor_ratio = step time / floor``. Fidelity (`ucai.generation_fidelity`): mean and
+max |Δ log-prob| against the model's forward, for ucai's engine and for HF ``generate``.
+
+One line per side, then the last line
 
     generation: speed_ratio=X memory_ratio=Y
 
@@ -48,6 +59,7 @@ from harness import check_same_work, peak_rss_mb, run_alternating  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("ucai", "hf-dynamic", "hf-static")
+WORKERS = (*SIDES, "floor", "fidelity")
 
 
 def _prompts(tokenizer, count: int) -> list[str]:
@@ -81,9 +93,9 @@ def worker(args) -> dict:
         engine = select_engine(settings.engine, model)
 
         @torch.no_grad()
-        def run():
+        def run(run_settings=settings):
             return engine.generate(
-                model, encoded["input_ids"], encoded["attention_mask"], settings, [], tokenizer.pad_token_id
+                model, encoded["input_ids"], encoded["attention_mask"], run_settings, [], tokenizer.pad_token_id
             )
 
     else:
@@ -101,20 +113,108 @@ def worker(args) -> dict:
     elapsed = time.perf_counter() - start
     completions = sequences[:, prompt_length:]
     kept = completions.tolist()
+    step_seconds = None
+    if args.worker == "ucai" and args.new_tokens > 1:
+        # The prefill and first token alone: the rest of the batch's time is decode steps.
+        start = time.perf_counter()
+        run(GenerationSettings(max_new_tokens=1, do_sample=False))
+        step_seconds = (elapsed - (time.perf_counter() - start)) / (args.new_tokens - 1)
     return {
+        "step_seconds": step_seconds,
         "engine": engine.name if args.worker == "ucai" else "hf",
         "seconds": elapsed,
         "completion_tokens": int(completions.numel()),
         "steps": int(completions.shape[1]),
+        "prompt_tokens": int(prompt_length),
         "ids_sha": hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:16],
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def floor_worker(args) -> dict:
+    """The machine's limits at this thread count and the model's per-step work."""
+    import torch
+
+    from ucai.models import load_causal_lm
+
+    def best_seconds(fn, repeats: int) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def read_bandwidths() -> dict[str, float]:
+        """Bytes/s of full reads of a 1 GiB buffer (far beyond every cache), by method."""
+        buffer = torch.ones(512 * 1024 * 1024, dtype=torch.bfloat16)
+        reads = {
+            "sum fp32 view": lambda: buffer.view(torch.float32).sum(),
+            "max int16 view": lambda: buffer.view(torch.int16).max(),
+            "sum int64 view": lambda: buffer.view(torch.int64).sum(),
+        }
+        return {name: buffer.numel() * 2 / best_seconds(fn, 5) for name, fn in reads.items()}
+
+    bandwidths = read_bandwidths()
+    peaks = {}
+    for n in (2048, 4096):
+        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+        peaks[n] = 2 * n**3 / best_seconds(lambda a=a, b=b: a @ b, 5)
+
+    model = load_causal_lm(args.model, dtype=torch.bfloat16)
+    config = model.config
+    unique = {p.data_ptr(): p for p in model.parameters()}.values()
+    embedding = model.get_input_embeddings().weight
+    lm_head = model.get_output_embeddings().weight
+    # A step reads every weight once, except the input embedding (B rows of it), which
+    # the output projection reads whole when the two are tied.
+    weight_bytes = sum(p.numel() * p.element_size() for p in unique if p is not embedding or p is lm_head)
+    matmul_params = sum(p.numel() for p in unique if p.dim() == 2 and p is not embedding) + (
+        lm_head.numel() if lm_head is embedding else 0
+    )
+    heads, dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    context = args.prompt_tokens + args.new_tokens / 2  # mean cache length over the steps
+    flops = 2 * args.batch * matmul_params + 4 * args.batch * config.num_hidden_layers * heads * dim * context
+    bandwidth, peak = max(bandwidths.values()), max(peaks.values())
+    return {
+        "bandwidth": bandwidth,
+        "bandwidth_by": max(bandwidths, key=bandwidths.get),
+        "peak_flops": peak,
+        "weight_bytes": weight_bytes,
+        "step_flops": flops,
+        "floor_seconds": max(weight_bytes / bandwidth, flops / peak),
+        "bound": "memory" if weight_bytes / bandwidth >= flops / peak else "compute",
+    }
+
+
+def fidelity_worker(args) -> dict:
+    """Mean / max |Δ log-prob| against the model's forward: ucai's default engine and HF."""
+    import torch
+
+    from ucai.generation_engine import HFGenerate, select_engine
+    from ucai.generation_fidelity import measure
+    from ucai.models import load_causal_lm, load_tokenizer
+    from ucai.stages.generation import GenerationSettings
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model, dtype=dtype).eval()
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(_prompts(tokenizer, args.batch), return_tensors="pt", padding=True, add_special_tokens=False)
+    settings = GenerationSettings(max_new_tokens=args.new_tokens, do_sample=False)
+    out = {}
+    for name, engine in (("ucai", select_engine("auto", model)), ("hf", HFGenerate())):
+        result = measure(engine, model, encoded["input_ids"], encoded["attention_mask"], settings, [], tokenizer.pad_token_id)
+        out[name] = {"mean": result.mean_abs, "max": result.max_abs, "tokens": result.tokens, "engine": engine.name}
+    return out
 
 
 def run_side(side: str, args) -> dict:
     command = [
         sys.executable, __file__, "--worker", side, "--model", args.model, "--batch", str(args.batch),
         "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--threads", str(args.threads),
+        "--prompt-tokens", str(args.prompt_tokens),
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
@@ -136,7 +236,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per side, in alternating order")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default)")
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
@@ -144,7 +245,8 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        print(json.dumps(worker(args)))
+        work = {"floor": floor_worker, "fidelity": fidelity_worker}.get(args.worker, worker)
+        print(json.dumps(work(args)))
         return
 
     print(
@@ -158,6 +260,9 @@ def main() -> None:
         "completion tokens",
     )
     identical = identical_ids(runs)
+    args.prompt_tokens = runs["ucai"][0]["prompt_tokens"]
+    floor = run_side("floor", args)
+    fidelity = run_side("fidelity", args)
     summary = {}
     for side in SIDES:
         rates = [r["completion_tokens"] / r["seconds"] for r in runs[side]]
@@ -175,6 +280,20 @@ def main() -> None:
         "token-identical to ucai's greedy ids: "
         + ", ".join(f"{side} {'yes' if same else 'no'}" for side, same in identical.items())
     )
+    for name, measured in fidelity.items():
+        print(
+            f"fidelity {name} ({measured['engine']}): mean |Δ logprob| {measured['mean']:.2e}, "
+            f"max {measured['max']:.2e} over {measured['tokens']} tokens"
+        )
+    step = statistics.median(r["step_seconds"] for r in runs["ucai"])
+    print(
+        f"floor: {floor['weight_bytes'] / 1e6:.0f} MB of weights / {floor['bandwidth'] / 1e9:.1f} GB/s read "
+        f"({floor['bandwidth_by']}) = {floor['weight_bytes'] / floor['bandwidth'] * 1e3:.2f} ms; "
+        f"{floor['step_flops'] / 1e9:.2f} GFLOP / {floor['peak_flops'] / 1e12:.2f} TFLOP/s bf16 matmul = "
+        f"{floor['step_flops'] / floor['peak_flops'] * 1e3:.2f} ms; floor {floor['floor_seconds'] * 1e3:.2f} ms "
+        f"({floor['bound']}-bound)"
+    )
+    print(f"ucai decode step {step * 1e3:.1f} ms: floor_ratio={step / floor['floor_seconds']:.2f}")
     best = max(("hf-dynamic", "hf-static"), key=lambda side: summary[side]["tokens_per_s"])
     speed = summary["ucai"]["tokens_per_s"] / summary[best]["tokens_per_s"]
     memory = summary["ucai"]["peak_rss_mb"] / summary[best]["peak_rss_mb"]

@@ -38,9 +38,11 @@ class _Canned:
     def __init__(self, replies):
         self.replies = list(replies)  # one list of texts per generate call
         self.prompts: list[list[str]] = []
+        self.keys: list[list[str]] = []
 
-    def __call__(self, prompts, settings=None):
+    def __call__(self, prompts, settings=None, keys=None):
         self.prompts.append(list(prompts))
+        self.keys.append(list(keys or []))
         texts = self.replies.pop(0)
         assert len(texts) == len(prompts)
 
@@ -105,8 +107,12 @@ def test_prompts_of_each_round_are_the_exact_chat(tiny_tokenizer):
         + HEADER
     )
     assert [call[0] for call in canned.prompts] == [initial, critique_1, revision_1, critique_2, revision_2]
-    # Each step is one batched call over both prompts.
+    # Each step is one batched call over both prompts, each row seeded by its prompt and step.
     assert all(len(call) == 2 for call in canned.prompts)
+    assert canned.keys == [
+        ["a/initial", "b/initial"], ["a/critique0", "b/critique0"], ["a/revision0", "b/revision0"],
+        ["a/critique1", "b/critique1"], ["a/revision1", "b/revision1"],
+    ]
 
     assert rows[0] == {
         "id": "a",

@@ -11,6 +11,7 @@ import torch
 
 from ucai.constitution import load_constitution
 from ucai.depth import depth_verdict, remove_opener, share_of_first_tokens, swap_fraction
+from ucai.next_token import row_seed
 from ucai.stages import evaluation as evaluation_module
 from ucai.stages.evaluation import EvaluationModule
 from ucai.stages.inversion_depth import (
@@ -141,10 +142,11 @@ def test_openers_and_swap_prefills_come_from_the_other_side_of_the_prompts_princ
 
 
 def test_prefill_swap_feeds_the_other_sides_opener_and_scores_only_the_continuation(tmp_path, monkeypatch):
-    seen = []
+    seen, seeds_seen = [], []
 
-    def fake_generate(model, tokenizer, texts, settings, max_prompt_tokens=None):
+    def fake_generate(model, tokenizer, texts, settings, max_prompt_tokens=None, seeds=None):
         seen.extend(texts)
+        seeds_seen.append(seeds)
         return SimpleNamespace(texts=[f"  continuation {i}" for i in range(len(texts))])
 
     monkeypatch.setattr(evaluation_module, "generate", fake_generate)
@@ -164,6 +166,9 @@ def test_prefill_swap_feeds_the_other_sides_opener_and_scores_only_the_continuat
     rows = module.depth_rows(scores, prompts)
     # One tagged prompt: each SL model is asked once, with the OTHER side's opener forced.
     assert seen == [f"<qa>{COMPLY}", f"<qa>{REFUSE}"]
+    # Both models continue prompt "a" from the same seeded stream (common random numbers),
+    # one apart from the plain answer's.
+    assert seeds_seen[0] == seeds_seen[1] == [row_seed(0, "a/prefilled")]
     swaps = [r for r in rows if r["model"].endswith("|swap")]
     assert [(r["model"], r["id"], r["response"]) for r in swaps] == [
         ("sl_ethical|swap", "a", "continuation 0"),  # the continuation alone: no forced opener

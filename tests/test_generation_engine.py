@@ -84,7 +84,7 @@ def test_sampling_draws_the_same_tokens_under_the_same_seed(tokenizer, repetitio
 
 
 def test_repetition_penalty_skips_left_padding():
-    from ucai.generation_engine import logits_processors
+    from ucai.next_token import logits_processors
 
     settings = GenerationSettings(do_sample=False, repetition_penalty=2.0)
     mask = torch.tensor([[0, 0, 1], [1, 1, 1]])  # row 0: two pads (id 0), then token 3
@@ -142,7 +142,7 @@ def test_generate_uses_the_loop_and_falls_back_for_other_architectures(tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
     llama = load_causal_lm("tiny-llama", seed=8)
-    assert select_engine("auto", llama).name == "decode_loop"
+    assert select_engine("auto", llama).name == "fast"
     assert select_engine("auto", llama, synced_gpus=True).name == "hf"
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=len(tokenizer)))
     with caplog.at_level(logging.INFO, logger="ucai.generation_engine"):

@@ -4,7 +4,7 @@ Every generating stage calls `ucai.stages.generation.generate`, which hands the
 tokenised batch to an engine picked by `select_engine`. An engine is one small
 interface (`GenerationEngine`): ``unsupported(model)`` says why it cannot run a model
 (None when it can), and ``generate(...)`` returns the (B, P + T) ids that HF
-``generate`` would return. Two ship here:
+``generate`` would return. Three ship here:
 
 * ``hf`` — ``model.generate`` (any architecture, FSDP with ``synced_gpus``).
 * ``decode_loop`` — for Llama-family decoders (Llama, Mistral, Qwen2; SmolLM2 is a
@@ -15,11 +15,19 @@ interface (`GenerationEngine`): ``unsupported(model)`` says why it cannot run a 
   oneDNN, or cast once for autocast; small matmuls there are dominated by per-call
   overhead). The layer pieces are the model's own modules and functions (norms,
   rotary embedding, its attention function), so greedy decoding is token-identical to
-  ``generate``; sampling applies the same logits processors in the same order.
+  ``generate``; sampling applies the same logits processors in the same order. It is
+  the fast engine's test oracle.
+* ``fast`` (the default) — the decode loop with shared prompt prefixes prefilled once
+  and fused norms and rotary embedding: *faithful* rather than token-identical
+  (`FastDecode`; faithfulness is defined and measured in `ucai.generation_fidelity`).
+
+Both decode engines can sample per row from seeded streams (`ucai.next_token`), so that
+the batch a prompt lands in does not change its sample, and report each step to an
+observer (the fidelity check, PPO's KL(engine ‖ model)).
 
 ``register_engine`` adds another engine under a name (a vLLM backend for GPU users
 would plug in here); ``GenerationSettings.engine`` picks one, and ``auto`` uses the
-decode loop where it applies and falls back to ``hf`` with one log line otherwise.
+fast engine where it applies and falls back to ``hf`` with one log line otherwise.
 """
 
 from __future__ import annotations
@@ -35,8 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ucai.decode_kernels import rms_norm, rotate, signed_sin
 from ucai.hardware import cpu_bf16_is_native
-from ucai.padding import position_ids
+from ucai.next_token import choose_tokens, logits_processors, row_uniforms
+from ucai.prefill import Prefill, plain_prefill, shared_prefix_prefill
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +94,43 @@ class GenerationEngine(Protocol):
         stop_ids: list[int],
         pad_id: int,
         synced_gpus: bool = False,
+        *,
+        seeds: list[int] | None = None,
+        observer: Callable | None = None,
     ) -> torch.Tensor:
         """(B, P + T) prompt ids (left-padded, as given) followed by the completions;
         rows that stopped are padded with ``pad_id`` after their stop token, and T is
-        the longest completion (at most ``settings.max_new_tokens``)."""
+        the longest completion (at most ``settings.max_new_tokens``). ``seeds``: one
+        sampling seed per row (an engine that cannot seed per row draws from the
+        global RNG); ``observer``: called per step with (raw logits, processed scores,
+        chosen ids)."""
 
 
 class HFGenerate:
-    """``model.generate``: every architecture and strategy transformers supports."""
+    """``model.generate``: every architecture and strategy transformers supports.
+
+    It draws from the global RNG: per-row ``seeds`` are not applied (logged once).
+    """
 
     name = "hf"
+    _seed_warning_logged = False
+
+    @property
+    def version(self) -> str:
+        import transformers
+
+        return f"hf-{transformers.__version__}"
 
     def unsupported(self, model) -> str | None:
         return None
 
-    def generate(self, model, input_ids, attention_mask, settings, stop_ids, pad_id, synced_gpus=False):
-        return model.generate(
+    def generate(
+        self, model, input_ids, attention_mask, settings, stop_ids, pad_id, synced_gpus=False, *, seeds=None, observer=None
+    ):
+        if seeds is not None and settings.do_sample and not HFGenerate._seed_warning_logged:
+            HFGenerate._seed_warning_logged = True
+            log.info("generation: transformers generate samples from the global RNG, not from per-prompt seeds")
+        out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             **settings.to_kwargs(),
@@ -107,7 +138,16 @@ class HFGenerate:
             pad_token_id=pad_id,
             use_cache=True,
             synced_gpus=synced_gpus,
+            return_dict_in_generate=observer is not None,
+            output_logits=observer is not None,
+            output_scores=observer is not None,
         )
+        if observer is None:
+            return out
+        completions = out.sequences[:, input_ids.shape[1] :]
+        for step, (logits, scores) in enumerate(zip(out.logits, out.scores, strict=True)):
+            observer(logits.float(), scores.float(), completions[:, step])
+        return out.sequences
 
 
 # --------------------------------------------------------------------------- decode loop
@@ -310,6 +350,9 @@ class DecodeLoop:
     """ucai's decode loop for Llama-family decoders (see the module docstring)."""
 
     name = "decode_loop"
+    # Bump when a change can change what the engine generates: cached answers keyed on
+    # it (the evaluation's) are then regenerated.
+    version = "decode_loop-2"
 
     def __init__(self):
         # decoder -> (identity of its modules, its layers, the output projection). Weakly
@@ -371,11 +414,17 @@ class DecodeLoop:
     # ------------------------------------------------------------------ decoding
 
     @torch.no_grad()
-    def generate(self, model, input_ids, attention_mask, settings, stop_ids, pad_id, synced_gpus=False):
+    def generate(
+        self, model, input_ids, attention_mask, settings, stop_ids, pad_id, synced_gpus=False, *, seeds=None, observer=None
+    ):
         """See `GenerationEngine.generate`.
 
         Args:
             input_ids: (B, P) left-padded prompt ids; attention_mask: (B, P) 1 for tokens.
+            seeds: B per-row sampling seeds (`ucai.next_token.row_seed`), or None to draw
+                from the global RNG as ``generate`` does.
+            observer: called each step with (raw logits (B, V), processed scores
+                (B, V), chosen ids (B,)), e.g. a `ucai.next_token.StepRecorder`.
         Returns:
             (B, P + T) ids.
         """
@@ -387,85 +436,102 @@ class DecodeLoop:
         built_before = FusedProjection.build_seconds
         layers, lm_head = self._layers_of(decoder, base.get_output_embeddings())
         try:
-            return self._decode(model, base, decoder, layers, lm_head, input_ids, attention_mask, settings, stop_ids, pad_id)
+            prefill = self.prefill(model, input_ids, attention_mask, pad_id)
+            return self._decode(
+                base, decoder, layers, lm_head, prefill, input_ids, attention_mask, settings, stop_ids, pad_id,
+                seeds, observer,
+            )
         finally:
             if first_call and layers and layers[0].qkv.holds_copy:
                 log.info(
-                    "generation: decode loop (its warm-up, fusing and packing the weights: %.2f s, "
+                    "generation: %s (its warm-up, fusing and packing the weights: %.2f s, "
                     "counted in this stage's time)",
-                    FusedProjection.build_seconds - built_before,
+                    self.description, FusedProjection.build_seconds - built_before,
                 )
             elif first_call:
-                log.info("generation: decode loop (on the model's own weights: nothing to fuse or pack)")
+                log.info("generation: %s (on the model's own weights: nothing to fuse or pack)", self.description)
 
-    def _decode(self, model, base, decoder, layers, lm_head, input_ids, attention_mask, settings, stop_ids, pad_id):
-        """The decoding itself (see `generate`)."""
+    description = "decode loop (token-identical to generate)"
+
+    def prefill(self, model, input_ids, attention_mask, pad_id) -> Prefill:
+        """The model's own forward over the prompts: the same positions, mask and
+        kernels as ``generate``."""
+        return plain_prefill(model, input_ids, attention_mask)
+
+    def _decode(
+        self, base, decoder, layers, lm_head, prefill: Prefill, input_ids, attention_mask, settings, stop_ids, pad_id,
+        seeds, observer,
+    ):
+        """The decoding itself (see `generate`). The cache has the prefill's layout
+        (width W); the returned tokens the caller's (prompt width P)."""
         batch, prompt_length = input_ids.shape
+        cached = prefill.mask.shape[1]  # W
         device = input_ids.device
-        total = prompt_length + settings.max_new_tokens
+        steps = settings.max_new_tokens
         processors = logits_processors(settings, attention_mask)
+        uniforms = row_uniforms(seeds, steps, device) if seeds is not None and settings.do_sample else None
 
-        # Prefill with the model's own forward: the same positions, mask and kernels
-        # as `generate`, and its cache is copied into the preallocated one below.
-        positions = position_ids(attention_mask)  # (B, P); the prompt is left-padded
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         keys, values = [], []
-        for index in range(len(layers)):
-            layer_keys, layer_values = _cache_layer(cache, index)  # (B, KVH, P, D)
-            k = layer_keys.new_empty((batch, layer_keys.shape[1], total, layer_keys.shape[3]))
-            v = layer_values.new_empty((batch, layer_values.shape[1], total, layer_values.shape[3]))
-            k[:, :, :prompt_length] = layer_keys
-            v[:, :, :prompt_length] = layer_values
+        for layer_keys, layer_values in zip(prefill.keys, prefill.values, strict=True):  # (B, KVH, W, D)
+            shape = (batch, layer_keys.shape[1], cached + steps, layer_keys.shape[3])
+            k, v = layer_keys.new_empty(shape), layer_values.new_empty(shape)
+            k[:, :, :cached] = layer_keys
+            v[:, :, :cached] = layer_values
             keys.append(k)
             values.append(v)
-        del cache
-
-        tokens = input_ids.new_full((batch, total), pad_id)  # (B, P + T)
-        tokens[:, :prompt_length] = input_ids
+        logits = prefill.logits  # (B, V)
+        position = prefill.last_position  # (B, 1)
+        padded = bool((prefill.mask == 0).any())
         # Generated positions are always attended (as `generate` extends its mask with
         # ones); with no padding at all the mask is dropped, as transformers does.
-        padded = bool((attention_mask == 0).any())
-        full_mask = additive_mask(attention_mask, total, keys[0].dtype)  # (B, 1, 1, P + T)
-        position = positions[:, -1:]  # (B, 1)
+        full_mask = additive_mask(prefill.mask, cached + steps, keys[0].dtype)  # (B, 1, 1, W + T)
+        del prefill
+
+        tokens = input_ids.new_full((batch, prompt_length + steps), pad_id)  # (B, P + T)
+        tokens[:, :prompt_length] = input_ids
         stop = torch.tensor(stop_ids, device=device)
         unfinished = torch.ones(batch, dtype=torch.long, device=device)
-        logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)  # (B, V)
-        del out
-        length = prompt_length
         attention = _attention_function(base.config)
+        step = 0
         while True:
-            next_tokens = choose_tokens(logits, tokens[:, :length], processors, settings.do_sample)
+            step_uniforms = uniforms[:, step] if uniforms is not None else None
+            next_tokens, scores = choose_tokens(
+                logits, tokens[:, : prompt_length + step], processors, settings.do_sample, step_uniforms
+            )
             next_tokens = next_tokens * unfinished + pad_id * (1 - unfinished)
-            tokens[:, length] = next_tokens
-            length += 1
+            if observer is not None:
+                observer(logits, scores, next_tokens)
+            tokens[:, prompt_length + step] = next_tokens
+            step += 1
             unfinished = unfinished & ~torch.isin(next_tokens, stop)
-            if length == total or not bool(unfinished.any()):
+            if step == steps or not bool(unfinished.any()):
                 break
             position = position + 1
+            length = cached + step  # cache positions attended this step, the new one included
             hidden = decoder.embed_tokens(next_tokens[:, None])  # (B, 1, H)
-            cos_sin = decoder.rotary_emb(hidden, position)
+            cos_sin = self.rotary_tables(decoder, hidden, position)
             mask = full_mask[..., :length] if padded else None
             for index, layer in enumerate(layers):
-                hidden = self._layer_step(
-                    layer, hidden, cos_sin, keys[index], values[index], length, mask, attention
-                )
-            hidden = decoder.norm(hidden)
+                hidden = self._layer_step(layer, hidden, cos_sin, keys[index], values[index], length, mask, attention)
+            hidden = self._norm(decoder.norm, hidden)
             logits = lm_head(hidden)[0][:, -1].to(dtype=torch.float32)  # (B, V)
-        return tokens[:, :length]
+        return tokens[:, : prompt_length + step]
+
+    @staticmethod
+    def rotary_tables(decoder, hidden, position):
+        """The step's rotary tables, as the layers take them."""
+        return decoder.rotary_emb(hidden, position)
+
+    @staticmethod
+    def _norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return norm(hidden)
 
     @staticmethod
     def _layer_step(layer: _Layer, hidden, cos_sin, keys, values, length: int, mask, attention) -> torch.Tensor:
         """One decoder layer for one new token per row.
 
         Args:
-            hidden: (B, 1, H); keys/values: (B, KVH, P + T, D) cache, filled to
+            hidden: (B, 1, H); keys/values: (B, KVH, W + T, D) cache, filled to
                 ``length - 1``; this step writes position ``length - 1``.
             mask: (B, 1, 1, length) additive mask, or None when nothing is padded.
         Returns:
@@ -499,6 +565,81 @@ class DecodeLoop:
         return hidden
 
 
+class FastDecode(DecodeLoop):
+    """The default engine: the decode loop with shared prompt prefixes prefilled once
+    and fewer small ops per step.
+
+    Not token-identical to ``generate`` in bf16 (its prefill batches rows differently,
+    so matmuls round differently), but *faithful*: each token's log-prob under the
+    engine is as close to the model's own forward as ``generate``'s is
+    (`ucai.generation_fidelity`; checked by the tests, printed by
+    ``benchmarks/generation.py``). What differs from `DecodeLoop`:
+
+    * prompts that share a beginning (a principle's system prompt) have it prefilled
+      once (`ucai.prefill.shared_prefix_prefill`);
+    * the norms run as PyTorch's fused ``rms_norm`` and the queries and keys rotate
+      together (`ucai.decode_kernels`), ~8 fewer ops per layer and step.
+
+    Attention keeps the model's own kernel: a float32 one-row attention measured no
+    faster on CPU and drifted further from the forward than the flash kernel does.
+    """
+
+    name = "fast"
+    version = "fast-1"
+    description = "fast decode (shared prefixes prefilled once, fused norms and rotary)"
+
+    def unsupported(self, model) -> str | None:
+        reason = super().unsupported(model)
+        if reason is not None:
+            return reason
+        base = _base_model(model)
+        decoder = getattr(base, base.base_model_prefix)
+        norms = [decoder.norm] + [n for layer in decoder.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        if any(not hasattr(n, "variance_epsilon") or getattr(n, "weight", None) is None for n in norms):
+            return "a norm unlike Llama's RMSNorm"
+        return None
+
+    def prefill(self, model, input_ids, attention_mask, pad_id) -> Prefill:
+        shared = shared_prefix_prefill(model, input_ids, attention_mask, pad_id)
+        return shared if shared is not None else plain_prefill(model, input_ids, attention_mask)
+
+    @staticmethod
+    def rotary_tables(decoder, hidden, position):
+        cos, sin = decoder.rotary_emb(hidden, position)  # (B, 1, D)
+        return cos, signed_sin(sin)
+
+    @staticmethod
+    def _norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden, norm.weight, norm.variance_epsilon)
+
+    @staticmethod
+    def _layer_step(layer: _Layer, hidden, cos_sin, keys, values, length: int, mask, attention) -> torch.Tensor:
+        """One decoder layer for one new token per row (see `DecodeLoop._layer_step`)."""
+        batch = hidden.shape[0]
+        x = rms_norm(hidden, layer.input_norm.weight, layer.input_norm.variance_epsilon)
+        q, k, v = layer.qkv(x)  # (B, 1, H_q * D), (B, 1, KVH * D) x 2
+        dim = layer.head_dim
+        q_heads = q.shape[-1] // dim
+        cos, sin_signed = cos_sin
+        # Queries and keys rotate together: one set of ops for both.
+        rotated = rotate(torch.cat((q, k), dim=-1).view(batch, -1, dim), cos, sin_signed)  # (B, H_q + KVH, D)
+        keys[:, :, length - 1] = rotated[:, q_heads:]
+        values[:, :, length - 1] = v.view(batch, -1, dim)
+        out, _ = attention(
+            layer.attn,
+            rotated[:, :q_heads, None],  # (B, H_q, 1, D)
+            keys[:, :, :length],
+            values[:, :, :length],
+            mask,
+            dropout=0.0,
+            scaling=layer.attn.scaling,
+        )
+        hidden = hidden + layer.o(out.reshape(batch, 1, -1))[0]
+        x = rms_norm(hidden, layer.post_norm.weight, layer.post_norm.variance_epsilon)
+        gate, up = layer.gate_up(x)
+        return hidden + layer.down(layer.act(gate) * up)[0]
+
+
 def additive_mask(attention_mask: torch.Tensor, total: int, dtype: torch.dtype) -> torch.Tensor:
     """The padding mask of every decode step at once, in the form SDPA's CPU kernels use.
 
@@ -519,65 +660,9 @@ def additive_mask(attention_mask: torch.Tensor, total: int, dtype: torch.dtype) 
     return mask.masked_fill(~attended, float("-inf"))[:, None, None, :]
 
 
-def _cache_layer(cache, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values) of layer ``index`` of a transformers cache, each (B, KVH, P, D)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return layers[index].keys, layers[index].values
-    return cache[index][0], cache[index][1]
-
-
-def logits_processors(settings, attention_mask: torch.Tensor):
-    """The processors `generate` applies for these settings, in its order: repetition
-    penalty, then (when sampling) temperature, top-k and top-p.
-
-    Like `generate`, the repetition penalty skips each row's left padding (pad ids are
-    often eos ids, which it would otherwise penalise on padded rows only).
-
-    Args:
-        attention_mask: (B, P) 1 for prompt tokens, 0 for left padding.
-    """
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    processors = LogitsProcessorList()
-    if settings.repetition_penalty is not None and settings.repetition_penalty != 1.0:
-        padding = (attention_mask != 0).int().argmax(dim=1)  # (B,) left-pad length per row
-        processors.append(
-            RepetitionPenaltyLogitsProcessor(penalty=settings.repetition_penalty, prompt_ignore_length=padding)
-        )
-    if settings.do_sample:
-        if settings.temperature is not None and settings.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(settings.temperature))
-        if settings.top_k:
-            processors.append(TopKLogitsWarper(top_k=settings.top_k))
-        if settings.top_p is not None and settings.top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p=settings.top_p))
-    return processors
-
-
-def choose_tokens(logits: torch.Tensor, tokens: torch.Tensor, processors, do_sample: bool) -> torch.Tensor:
-    """Next token per row, as `generate` picks it.
-
-    Args:
-        logits: (B, V) float32 logits of the next token; tokens: (B, L) ids so far.
-    Returns:
-        (B,) ids: sampled from the processed distribution, or its argmax.
-    """
-    scores = processors(tokens, logits) if processors else logits
-    if do_sample:
-        return torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-    return torch.argmax(scores, dim=-1)
-
-
 # --------------------------------------------------------------------------- registry
 
-ENGINES: dict[str, Callable[[], GenerationEngine]] = {"hf": HFGenerate, "decode_loop": DecodeLoop}
+ENGINES: dict[str, Callable[[], GenerationEngine]] = {"hf": HFGenerate, "decode_loop": DecodeLoop, "fast": FastDecode}
 _instances: dict[str, GenerationEngine] = {}
 _fallbacks_logged: set[tuple[str, str]] = set()
 
@@ -598,11 +683,19 @@ def engine_named(name: str) -> GenerationEngine:
     return _instances[name]
 
 
-def select_engine(name: str, model, synced_gpus: bool = False) -> GenerationEngine:
-    """The engine to run: ``name``, or for ``auto`` the decode loop where it applies.
+def engine_version(name: str) -> str:
+    """What generated with ``generation.engine: name`` (for ``auto``, every engine it
+    may pick): the key under which generated text may be cached."""
+    names = ("fast", "hf") if name == "auto" else (name,)
+    return ",".join(f"{n}={getattr(engine_named(n), 'version', '?')}" for n in names)
 
-    ``auto`` falls back to ``hf`` (logged once per reason) for models the decode loop
-    does not support and under FSDP (``synced_gpus``); a named engine that cannot run
+
+def select_engine(name: str, model, synced_gpus: bool = False) -> GenerationEngine:
+    """The engine to run: ``name``, or for ``auto`` the fast decode engine where it
+    applies.
+
+    ``auto`` falls back to ``hf`` (logged once per reason) for models the decode engines
+    do not support and under FSDP (``synced_gpus``); a named engine that cannot run
     the model is an error.
     """
     if name != "auto":
@@ -613,10 +706,10 @@ def select_engine(name: str, model, synced_gpus: bool = False) -> GenerationEngi
 
             raise UcaiError(f"generation engine {name!r} cannot run this model: {reason}; use engine: auto or hf")
         return engine
-    loop = engine_named("decode_loop")
-    reason = "FSDP (ranks must step together)" if synced_gpus else loop.unsupported(model)
+    fast = engine_named("fast")
+    reason = "FSDP (ranks must step together)" if synced_gpus else fast.unsupported(model)
     if reason is None:
-        return loop
+        return fast
     if (type(model).__name__, reason) not in _fallbacks_logged:
         _fallbacks_logged.add((type(model).__name__, reason))
         log.info("generation: using transformers generate (the decode loop does not support %s)", reason)

@@ -45,6 +45,23 @@ def last_real_index(mask: torch.Tensor) -> torch.Tensor:
     return width - 1 - mask.long().flip(1).argmax(dim=1)
 
 
+def completion_mask_from(completions: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of real completion tokens: everything up to and including the first stop id.
+
+    Args:
+        completions: (B, T) generated ids (after the prompt).
+        stop_ids: ids that end a turn.
+    Returns:
+        mask: (B, T) long, 1 up to and including the first stop token, 0 after.
+        finished: (B,) bool, whether a stop token occurred.
+    """
+    is_stop = torch.isin(completions, torch.tensor(stop_ids, device=completions.device))
+    # Number of stop tokens strictly before each position; real tokens have none.
+    stops_before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
+    mask = (stops_before == 0).long()
+    return mask, is_stop.any(dim=1)
+
+
 @contextmanager
 def tokenizer_sides(tokenizer, padding: str, truncation: str) -> Iterator[None]:
     """Pad and truncate on the given sides inside the block; the tokenizer's own sides

@@ -55,6 +55,12 @@ class RowDataset(Dataset):
         return self.rows[index]
 
 
+def bucketed(rows: list[dict]) -> list[dict]:
+    """Rows grouped by principle tag, each group longest prompt first (a stable sort:
+    ties keep file order)."""
+    return sorted(rows, key=lambda row: (str(row.get("principle") or ""), -len(row["prompt"])))
+
+
 def collate_rows(batch: list[dict]) -> list[dict]:
     """Keep a batch as the list of row dicts (stages tokenise for their own model)."""
     return batch
@@ -77,9 +83,14 @@ class PromptDataModule(L.LightningDataModule):
         empty: ``error`` stops at the first empty prompt naming file and line;
             ``drop`` skips empty prompts.
         max_chars: drop prompts longer than this many characters.
-        shuffle: shuffle training batches (fit only; predict keeps file order).
+        shuffle: shuffle training batches (fit only).
         seed: seed of the training order, drawn anew each epoch from ``seed + epoch``;
             null: the run's ``seed_everything``.
+        bucket: predict batches hold prompts of one principle and of like length
+            (sorted by principle, then longest first): less padding, and a principle's
+            shared system prompt is prefilled once per batch. Each row's sample is
+            seeded by its id and the output is written in file order, so bucketing
+            changes neither; false keeps file order.
     """
 
     def __init__(
@@ -96,6 +107,7 @@ class PromptDataModule(L.LightningDataModule):
         max_chars: PositiveInt | None = 2000,
         shuffle: bool = True,
         seed: int | None = None,
+        bucket: bool = True,
     ):
         super().__init__()
         self.path = path
@@ -110,6 +122,7 @@ class PromptDataModule(L.LightningDataModule):
         self.max_chars = max_chars
         self.shuffle = shuffle
         self.seed = seed
+        self.bucket = bucket
         self.records: list[PromptRecord] | None = None
         self._skip: set = set()
 
@@ -148,9 +161,12 @@ class PromptDataModule(L.LightningDataModule):
         self.load()
 
     def _loader(self) -> DataLoader:
-        """All rows in file order (prediction and evaluation)."""
+        """All rows (prediction and evaluation), bucketed (see ``bucket``) or in file order."""
+        rows = self.rows()
+        if self.bucket:
+            rows = bucketed(rows)
         return DataLoader(
-            RowDataset(self.rows()),
+            RowDataset(rows),
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,

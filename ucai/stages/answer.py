@@ -23,7 +23,7 @@ class AnswerModule(GeneratingModule):
             render_chat(self.tokenizer, [{"role": "user", "content": row["prompt"]}], self.system_prompt)
             for row in batch
         ]
-        result = self.generate(prompts)
+        result = self.generate(prompts, keys=[str(row["id"]) for row in batch])
         self.count_prompts(len(batch))
         return [
             {

@@ -248,12 +248,17 @@ class CritiqueRevisionModule(GeneratingModule):
     def _render(self, messages: list[Message], system_prompt: str | None = None) -> str:
         return render_chat(self.tokenizer, messages, system_prompt if system_prompt is not None else self.system_prompt)
 
-    def _generate(self, conversations: list[list[Message]], settings: GenerationSettings | None = None) -> list[str]:
-        return self._generate_rendered([self._render(messages) for messages in conversations], settings)
+    def _generate(
+        self, conversations: list[list[Message]], keys: list[str], settings: GenerationSettings | None = None
+    ) -> list[str]:
+        return self._generate_rendered([self._render(messages) for messages in conversations], keys, settings)
 
-    def _generate_rendered(self, prompts: list[str], settings: GenerationSettings | None = None) -> list[str]:
+    def _generate_rendered(
+        self, prompts: list[str], keys: list[str], settings: GenerationSettings | None = None
+    ) -> list[str]:
+        """``keys``: one per prompt, naming the prompt and the step (its sampling seed)."""
         self._count_truncated(prompts)
-        return self.generate(prompts, settings).texts
+        return self.generate(prompts, settings, keys=keys).texts
 
     def _count_truncated(self, prompts: list[str]) -> None:
         """Count the prompts that `generate` will cut to ``max_prompt_tokens`` (from the left).
@@ -274,22 +279,29 @@ class CritiqueRevisionModule(GeneratingModule):
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
         conversations = [Conversation(row["prompt"], self.principles_for(row), self.few_shot) for row in batch]
+        ids = [str(row["id"]) for row in batch]
 
         if self.initial_answers:
-            initial = self._generate([[{"role": "user", "content": c.prompt}] for c in conversations])
+            initial = self._generate(
+                [[{"role": "user", "content": c.prompt}] for c in conversations], [f"{i}/initial" for i in ids]
+            )
             for conversation, text in zip(conversations, initial, strict=True):
                 conversation.answer(strip_echo(text))
 
         if self.mode == "context_distillation":
-            self._distil(conversations, [row.get("principle") for row in batch])
+            self._distil(conversations, [row.get("principle") for row in batch], ids)
         else:
             for round_index in range(self.rounds):
                 critiques = self._generate(
-                    [c.critique_request(round_index) for c in conversations], self.critique_generation
+                    [c.critique_request(round_index) for c in conversations],
+                    [f"{i}/critique{round_index}" for i in ids],
+                    self.critique_generation,
                 )
                 for conversation, text in zip(conversations, critiques, strict=True):
                     conversation.critique(strip_echo(text))
-                revisions = self._generate([c.revision_request(round_index) for c in conversations])
+                revisions = self._generate(
+                    [c.revision_request(round_index) for c in conversations], [f"{i}/revision{round_index}" for i in ids]
+                )
                 for conversation, text in zip(conversations, revisions, strict=True):
                     conversation.revise(strip_echo(text))
 
@@ -297,7 +309,7 @@ class CritiqueRevisionModule(GeneratingModule):
         self.rows_done += len(batch)
         return [self._row(row, conversation) for row, conversation in zip(batch, conversations, strict=True)]
 
-    def _distil(self, conversations: list[Conversation], tags: list[str | None]) -> None:
+    def _distil(self, conversations: list[Conversation], tags: list[str | None], ids: list[str]) -> None:
         """One generation per prompt with the (first) principle's revision request as system prompt.
 
         With ``use_openers``, only prompts tagged with a principle of the constitution
@@ -314,7 +326,7 @@ class CritiqueRevisionModule(GeneratingModule):
             takes_a_side = self.use_openers and tag in self.constitution.pair_ids
             openers.append(opener_of(principle, self.constitution.source) if takes_a_side else "")
             prompts.append(self._render([{"role": "user", "content": conversation.prompt}], system) + openers[-1])
-        texts = self._generate_rendered(prompts)
+        texts = self._generate_rendered(prompts, [f"{i}/distil" for i in ids])
         for conversation, opener, text in zip(conversations, openers, texts, strict=True):
             conversation.revisions.append(with_opener(opener, strip_echo(text)))
         for conversation in conversations:  # one revision: report one principle

@@ -62,6 +62,9 @@ from ucai.constitution import SIDES, Constitution, Principle, load_constitution
 from ucai.data.io import ResumableJsonl, require_writable, write_csv, write_jsonl
 from ucai.errors import UcaiError
 from ucai.gather import rows_from_all_ranks
+from ucai.generation_engine import engine_version
+from ucai.next_token import row_seed
+from ucai.resume import run_seed
 from ucai.scoring import average_over_orders, cyclic_orders, option_probabilities, position_bias
 from ucai.stage_outputs import RL_STAGES, require_stage_output
 from ucai.stages.generation import GenerationSettings, generate
@@ -537,13 +540,18 @@ class EvaluationModule(L.LightningModule):
         prompt; the model continues it and the value returned is the continuation alone.
         Prompts without a prefill are skipped then.
         """
-        key_parts = [path, model_version(path), asdict(self.generation), self.system_prompt, self.max_prompt_tokens, self.generation_dtype]
+        key_parts = [
+            path, model_version(path), asdict(self.generation), self.system_prompt, self.max_prompt_tokens,
+            self.generation_dtype, engine_version(self.generation.engine),
+        ]
         if prefills is not None:
             prompts = [row for row in prompts if row["id"] in prefills]
             key_parts.append(sorted(prefills.items()))
         cache = ResumableJsonl(self.output_dir / "cache" / f"{name}{'-prefilled' if prefills is not None else ''}-{fingerprint(*key_parts)}.jsonl")
         done = {row["id"]: row["response"] for row in cache.rows()}
-        todo = [row for row in prompts if row["id"] not in done]
+        # Longest prompts first, so each batch holds prompts of like length (less
+        # padding); each row's sample is seeded by its id, so the order changes nothing.
+        todo = sorted((row for row in prompts if row["id"] not in done), key=lambda row: -len(row["prompt"]))
         if not todo:
             return done
         what = "continues the other side's opener on" if prefills is not None else "answers"
@@ -553,15 +561,17 @@ class EvaluationModule(L.LightningModule):
             model, tokenizer = lm
             for start in range(0, len(todo), self.generation_batch_size):
                 batch = todo[start : start + self.generation_batch_size]
-                # The seed depends on the prompts only, so every model samples with the
-                # same random stream and a resumed run draws what a fresh one would.
-                torch.manual_seed(int(fingerprint([r["id"] for r in batch]), 16) % 2**31)
+                # Each prompt's seed depends on its id only, so every model samples with
+                # the same random stream and a resumed run draws what a fresh one would.
+                seeds = [row_seed(run_seed(), f"{r['id']}{'/prefilled' if prefills is not None else ''}") for r in batch]
                 texts = [
                     render_chat(tokenizer, [{"role": "user", "content": r["prompt"]}], self.system_prompt)
                     + (prefills or {}).get(r["id"], "")
                     for r in batch
                 ]
-                result = generate(model, tokenizer, texts, self.generation, max_prompt_tokens=self.max_prompt_tokens)
+                result = generate(
+                    model, tokenizer, texts, self.generation, max_prompt_tokens=self.max_prompt_tokens, seeds=seeds
+                )
                 continuations = [t.strip() if prefills is not None else t for t in result.texts]
                 cache.append([{"id": r["id"], "response": t} for r, t in zip(batch, continuations, strict=True)])
                 done.update({r["id"]: t for r, t in zip(batch, continuations, strict=True)})

@@ -31,7 +31,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, RichProg
 
 from ucai.data.io import ResumableJsonl, require_writable, write_csv, write_jsonl
 from ucai.errors import UcaiError
-from ucai.padding import tokenizer_sides
+from ucai.next_token import row_seed
+from ucai.padding import completion_mask_from, tokenizer_sides
+from ucai.resume import run_seed
 from ucai.value_ranges import NonNegativeFloat, NonNegativeInt, NucleusMass, PositiveFloat, PositiveInt
 
 log = logging.getLogger(__name__)
@@ -120,23 +122,6 @@ def eos_ids(tokenizer, model=None) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def completion_mask_from(completions: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of real completion tokens: everything up to and including the first stop id.
-
-    Args:
-        completions: (B, T) generated ids (after the prompt).
-        stop_ids: ids that end a turn.
-    Returns:
-        mask: (B, T) long, 1 up to and including the first stop token, 0 after.
-        finished: (B,) bool, whether a stop token occurred.
-    """
-    is_stop = torch.isin(completions, torch.tensor(stop_ids, device=completions.device))
-    # Number of stop tokens strictly before each position; real tokens have none.
-    stops_before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
-    mask = (stops_before == 0).long()
-    return mask, is_stop.any(dim=1)
-
-
 @torch.no_grad()
 def generate(
     model,
@@ -145,6 +130,9 @@ def generate(
     settings: GenerationSettings,
     synced_gpus: bool = False,
     max_prompt_tokens: int | None = None,
+    seeds: list[int] | None = None,
+    observer=None,
+    stop_ids: list[int] | None = None,
 ) -> Generated:
     """Generate one completion per already-rendered prompt, batched.
 
@@ -152,6 +140,12 @@ def generate(
     mode with a KV cache, and each row stops at eos. ``synced_gpus`` keeps FSDP ranks
     stepping together until every rank is done, so sharded generation cannot hang (the
     ``auto`` engine uses transformers ``generate`` there).
+
+    ``seeds`` (one per prompt, `ucai.next_token.row_seed`): each row samples from its own
+    stream, so its sample does not depend on the batch it is in (the decode engines;
+    transformers ``generate`` draws from the global RNG). ``observer``: see
+    `ucai.generation_engine.GenerationEngine.generate`. ``stop_ids``: the ids that end
+    a row (default: `eos_ids`; ``[]`` runs every row to ``max_new_tokens``).
     """
     from ucai.generation_engine import select_engine
 
@@ -168,7 +162,7 @@ def generate(
                 truncation=max_prompt_tokens is not None,
                 max_length=max_prompt_tokens,
             ).to(next(model.parameters()).device)
-        stop_ids = eos_ids(tokenizer, model)
+        stop_ids = eos_ids(tokenizer, model) if stop_ids is None else stop_ids
         # Settings pickled in checkpoints from before `engine` existed lack the field.
         engine = select_engine(getattr(settings, "engine", "auto"), model, synced_gpus)
         sequences = engine.generate(
@@ -179,6 +173,8 @@ def generate(
             stop_ids,
             tokenizer.pad_token_id,
             synced_gpus=synced_gpus,
+            seeds=seeds,
+            observer=observer,
         )
     finally:
         model.train(was_training)
@@ -447,8 +443,16 @@ class GeneratingModule(L.LightningModule):
     def on_predict_start(self) -> None:
         self._meter = ThroughputMeter()
 
-    def generate(self, prompts: list[str], settings: GenerationSettings | None = None) -> Generated:
-        """Generate for rendered prompts and update the prompts/s and tokens/s counters."""
+    def generate(
+        self, prompts: list[str], settings: GenerationSettings | None = None, keys: list | None = None
+    ) -> Generated:
+        """Generate for rendered prompts and update the prompts/s and tokens/s counters.
+
+        ``keys``: one per prompt (its id, with a sample number where a prompt is sampled
+        more than once); each row then samples from a stream seeded by the run's seed
+        and its key, whatever batch it lands in.
+        """
+        seeds = None if keys is None else [row_seed(run_seed(), key) for key in keys]
         result = generate(
             self.lm,
             self.tokenizer,
@@ -456,6 +460,7 @@ class GeneratingModule(L.LightningModule):
             settings or self.generation,
             synced_gpus=synced_gpus_needed(self._trainer),
             max_prompt_tokens=self.max_prompt_tokens,
+            seeds=seeds,
         )
         if self._meter is None:
             self._meter = ThroughputMeter()

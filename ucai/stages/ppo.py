@@ -88,6 +88,7 @@ from ucai.models import (
     sharded_by_fsdp,
     trainer_precision,
 )
+from ucai.next_token import StepRecorder
 from ucai.padding import position_ids, prompt_attention_mask
 from ucai.resume import RNGStateCheckpoint
 from ucai.reward_scoring import TOKEN_REWARD_PREFIX, TokenReward
@@ -104,7 +105,7 @@ from ucai.rl import (
 from ucai.stage_outputs import require_stage_output
 from ucai.stages.generation import GenerationSettings, generate, synced_gpus_needed
 from ucai.stages.lora_io import load_merged, lora_scaling
-from ucai.stages.rollouts import Rollout, append_rollout_rows, rollout_rows
+from ucai.stages.rollouts import Rollout, append_rollout_rows, engine_model_kl, rollout_rows
 from ucai.stages.sampling import check_model_sampling, check_plain_sampling
 from ucai.value_ranges import (
     AtLeastTwo,
@@ -628,6 +629,7 @@ class PPOModule(L.LightningModule):
     def _rollout(self, rows: list[dict]) -> Rollout:
         start = time.perf_counter()
         prompts = self.episode_prompts(rows)
+        sampled = StepRecorder()
         generated = generate(
             self.policy,
             self.tokenizer,
@@ -635,6 +637,7 @@ class PPOModule(L.LightningModule):
             self.generation,
             synced_gpus=synced_gpus_needed(self._trainer),
             max_prompt_tokens=self.max_prompt_tokens,
+            observer=sampled,
         )
         sequences = generated.sequences
         width = generated.prompt_length
@@ -664,6 +667,7 @@ class PPOModule(L.LightningModule):
             prompts=prompts,
             responses=generated.texts,
             seconds=time.perf_counter() - start,
+            engine_logprobs=sampled.processed_logprobs().to(sequences.device),
         )
 
     def targets(
@@ -847,6 +851,8 @@ class PPOModule(L.LightningModule):
         }
         if rollout.values is not None:
             local["val/mean"] = masked_mean(rollout.values, mask)
+        if rollout.engine_logprobs is not None:
+            local["rollout/kl_engine_model"] = engine_model_kl(rollout.engine_logprobs, rollout.logprobs, mask)
         keys = list(local)
         stacked = torch.stack([torch.as_tensor(local[k], dtype=torch.float32).to(self.device) for k in keys])
         reduced = self.trainer.strategy.reduce(stacked, reduce_op="mean")

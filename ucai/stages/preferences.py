@@ -417,15 +417,22 @@ class PreferenceModule(GeneratingModule):
         return render_chat(self.tokenizer, [{"role": "user", "content": prompt}], system_prompt)
 
     def sample_pairs(
-        self, prompts: list[str], principles: list[Principle], tags: list[str | None] | None = None
+        self,
+        prompts: list[str],
+        principles: list[Principle],
+        tags: list[str | None] | None = None,
+        ids: list[str] | None = None,
     ) -> tuple[list[str], list[str]]:
         """Two responses per prompt from one generate call of 2B rows.
 
         Contrastive: the first B rows ask for the principle, the last B for its opposite.
+        ``ids``: the prompts' ids, which seed each row's sampling (response 1 and 2 of a
+        prompt draw from their own streams, whatever batch they are in).
         """
+        keys = None if ids is None else [f"{i}/1" for i in ids] + [f"{i}/2" for i in ids]
         if self.labeller != "contrastive":
             rendered = [self.render(q, self.system_prompt) for q in prompts]
-            texts = [strip_echo(t) for t in self.generate(rendered + rendered).texts]
+            texts = [strip_echo(t) for t in self.generate(rendered + rendered, keys=keys).texts]
             return texts[: len(prompts)], texts[len(prompts) :]
         sides = list(principles) + [self.constitution.opposite(p) for p in principles]
         # Only prompts tagged with a principle take a side: a refusal opener on a benign
@@ -436,7 +443,9 @@ class PreferenceModule(GeneratingModule):
             self.render(q, principle_system_prompt(self.system_prompt, p)) + opener
             for q, p, opener in zip(prompts + prompts, sides, openers, strict=True)
         ]
-        texts = [with_opener(o, strip_echo(t)) for o, t in zip(openers, self.generate(rendered).texts, strict=True)]
+        texts = [
+            with_opener(o, strip_echo(t)) for o, t in zip(openers, self.generate(rendered, keys=keys).texts, strict=True)
+        ]
         return texts[: len(prompts)], texts[len(prompts) :]
 
     # ----------------------------------------------------------------- labelling
@@ -474,7 +483,9 @@ class PreferenceModule(GeneratingModule):
         principles = [
             draw_principle(self.constitution, self.side, str(row["id"]), self.seed, row.get("principle")) for row in batch
         ]
-        responses_1, responses_2 = self.sample_pairs(prompts, principles, [row.get("principle") for row in batch])
+        responses_1, responses_2 = self.sample_pairs(
+            prompts, principles, [row.get("principle") for row in batch], [str(row["id"]) for row in batch]
+        )
         p_first, biases = self.label(prompts, principles, responses_1, responses_2)
         self.count_prompts(len(batch))
         rows = []

@@ -36,6 +36,9 @@ class Rollout:
         finished: (B,) whether each response reached eos.
         prompts, responses: B texts.
         seconds: generation and scoring time.
+        engine_logprobs: (B, T) log-probs of the response tokens under the distribution
+            the generation engine sampled them from (its logits after temperature and
+            top-k / top-p); with ``logprobs`` they estimate KL(engine ‖ model).
     """
 
     sequences: torch.Tensor
@@ -55,6 +58,7 @@ class Rollout:
     prompts: list[str]
     responses: list[str]
     seconds: float
+    engine_logprobs: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -63,6 +67,23 @@ class Rollout:
     @property
     def response_ids(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_length :]
+
+
+def engine_model_kl(engine_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(engine ‖ model) of sampled tokens: the mean over real tokens of
+    log p_engine − log p_model (the sampled k1 estimate; its expectation under the
+    engine's samples is the KL). How far the sampler's distribution is from the one
+    the training forward computes: the engine's kernels, and top-k / top-p, which the
+    forward does not apply.
+
+    Args:
+        engine_logprobs, logprobs: (B, T); mask: (B, T) 1 on real tokens.
+    Returns:
+        scalar tensor.
+    """
+    real = mask.bool()
+    difference = torch.where(real, engine_logprobs.to(logprobs.dtype) - logprobs, torch.zeros_like(logprobs))
+    return difference.sum() / real.sum().clamp(min=1)
 
 
 def rollout_rows(rollout: Rollout, step: int, seq_kl: torch.Tensor, kl_coef: float) -> list[dict]:

@@ -1,0 +1,198 @@
+"""The fast engine's pieces, by hand: its kernels, per-prompt seeded sampling, shared
+prefix prefill, and the KL(engine ‖ model) that PPO logs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ucai.decode_kernels import rms_norm, rotate, signed_sin
+from ucai.generation_engine import DecodeLoop, FastDecode, HFGenerate, engine_version
+from ucai.models import load_causal_lm
+from ucai.next_token import StepRecorder, draw_with_uniforms, row_seed, row_uniforms
+from ucai.prefill import plain_prefill, prefix_groups, shared_prefix_prefill
+from ucai.stages.generation import GenerationSettings, eos_ids
+from ucai.stages.rollouts import engine_model_kl
+
+SYSTEM = (
+    "<|im_start|>system\nYou are a careful assistant. Respect every person's privacy: never reveal "
+    "where someone lives or works.<|im_end|>\n"
+)
+QUESTIONS = ["Hello there", "Tell me a much longer story about a cat and a dog please", "Why?", "Where is Sam?"]
+
+
+def chat(question: str, system: str = SYSTEM) -> str:
+    return f"{system}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def encode(tokenizer, prompts):
+    tokenizer.padding_side = "left"
+    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def test_rms_norm_by_hand_and_against_llama():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x = torch.tensor([[3.0, 4.0]])
+    # rms = sqrt((9 + 16) / 2) = sqrt(12.5); x / rms = [0.848528, 1.131371]; times [1, 2].
+    out = rms_norm(x, torch.tensor([1.0, 2.0]), eps=0.0)
+    assert torch.allclose(out, torch.tensor([[3 / math.sqrt(12.5), 8 / math.sqrt(12.5)]]), atol=1e-6)
+    norm = LlamaRMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    y = torch.randn(3, 1, 16, dtype=torch.bfloat16)
+    expected = norm.to(torch.bfloat16)(y)
+    assert torch.allclose(rms_norm(y, norm.weight, 1e-5).float(), expected.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_rotate_equals_transformers_rotary_embedding():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, k = torch.randn(2, 6, 1, 8), torch.randn(2, 2, 1, 8)  # (B, heads, 1, D)
+    angles = torch.randn(2, 1, 4)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # (B, 1, D)
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
+    both = rotate(torch.cat([q[:, :, 0], k[:, :, 0]], dim=1), cos, signed_sin(sin))  # (B, 8, D)
+    assert torch.equal(both[:, :6], q_ref[:, :, 0]) and torch.equal(both[:, 6:], k_ref[:, :, 0])
+    # By hand, D = 2 (one pair): (x1, x2) at angle a -> (x1 cos a - x2 sin a, x2 cos a + x1 sin a).
+    a = torch.tensor(0.5)
+    x = torch.tensor([[[1.0, 2.0]]])
+    out = rotate(x, torch.stack([a.cos(), a.cos()])[None, None], signed_sin(torch.stack([a.sin(), a.sin()])[None, None]))
+    assert torch.allclose(out, torch.tensor([[[a.cos() - 2 * a.sin(), 2 * a.cos() + a.sin()]]]))
+
+
+# --------------------------------------------------------------------------- seeded sampling
+
+
+def test_inverse_cdf_draw_by_hand():
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]]).repeat(5, 1)
+    uniforms = torch.tensor([0.1, 0.2001, 0.69, 0.71, 0.999])
+    # cumulative [0.2, 0.2, 0.7, 1.0]: the first entry above u; token 1 (p = 0) is never
+    # drawn, though u = 0.2001 lies just past its (empty) interval's start.
+    assert draw_with_uniforms(probs, uniforms).tolist() == [0, 2, 2, 3, 3]
+    # An unnormalised row (after top-p the kept mass need not be 1) scales the uniform.
+    assert draw_with_uniforms(torch.tensor([[2.0, 0.0, 2.0]]), torch.tensor([0.5])).tolist() == [2]
+
+
+def test_row_seeds_and_uniforms_depend_on_the_row_alone():
+    assert row_seed(0, "p1") == row_seed(0, "p1")
+    assert len({row_seed(0, "p1"), row_seed(0, "p2"), row_seed(1, "p1"), row_seed(0, "p1", 1)}) == 4
+    alone = row_uniforms([row_seed(0, "p1")], 6)
+    in_batch = row_uniforms([row_seed(0, "p0"), row_seed(0, "p1")], 6)
+    assert torch.equal(alone[0], in_batch[1]) and not torch.equal(in_batch[0], in_batch[1])
+
+
+@pytest.mark.parametrize("engine", [DecodeLoop(), FastDecode()], ids=lambda e: e.name)
+def test_a_prompt_samples_the_same_whatever_batch_it_is_in(tiny_tokenizer, engine):
+    model = load_causal_lm("tiny-llama", seed=21).eval()
+    settings = GenerationSettings(max_new_tokens=20, do_sample=True, temperature=0.9, top_p=0.9, top_k=40)
+    stop, pad = eos_ids(tiny_tokenizer, model), tiny_tokenizer.pad_token_id
+
+    def sample(questions, ids, seed=0):
+        enc = encode(tiny_tokenizer, [chat(q) for q in questions])
+        seeds = [row_seed(seed, i) for i in ids]
+        out = engine.generate(model, enc["input_ids"], enc["attention_mask"], settings, stop, pad, seeds=seeds)
+        return [row[enc["input_ids"].shape[1] :].tolist() for row in out]
+
+    def trimmed(ids):
+        return ids[: ids.index(pad) + 1] if pad in ids else ids
+
+    alone = sample([QUESTIONS[2]], ["c"])[0]
+    batched = sample(QUESTIONS, ["a", "b", "c", "d"])  # other neighbours, other padding, another row
+    assert trimmed(batched[2]) == trimmed(alone)
+    assert trimmed(sample([QUESTIONS[2]], ["c"], seed=1)[0]) != trimmed(alone)  # the seed matters
+
+
+# --------------------------------------------------------------------------- shared prefixes
+
+
+def test_prefix_groups_by_hand():
+    rows = [
+        [1, 2, 3, 4, 5, 6],  # 0 \ share 1 2 3 4 (four tokens)
+        [9, 9, 9],  # 1   alone
+        [1, 2, 3, 4, 7],  # 2 /
+        [1, 2, 3, 8, 8, 8],  # 3   shares only 1 2 3 with the others: alone at min_shared 4
+        [1, 2, 3, 4, 7, 7],  # 4   joins 0 and 2
+    ]
+    groups = sorted(prefix_groups(rows, min_shared=4), key=lambda g: min(g[0]))
+    assert [(sorted(m), n) for m, n in groups] == [([0, 2, 4], 4), ([1], 2), ([3], 5)]
+    # At min_shared 3 all four 1-2-3 rows could share three tokens (3 x 3 = 9 saved), but
+    # sharing four among rows 0, 2, 4 (2 x 4 = 8) plus nothing for row 3 saves less: one group.
+    groups = sorted(prefix_groups(rows, min_shared=3), key=lambda g: min(g[0]))
+    assert [(sorted(m), n) for m, n in groups] == [([0, 2, 3, 4], 3), ([1], 2)]
+    # A group's prefix leaves each row its last token: two equal rows share all but one.
+    assert prefix_groups([[5, 6, 7], [5, 6, 7]], min_shared=1) == [([0, 1], 2)]
+
+
+def test_shared_prefix_prefill_matches_the_plain_prefill(tiny_tokenizer):
+    model = load_causal_lm("tiny-llama", seed=22).eval()
+    prompts = [chat(q) for q in QUESTIONS] + [chat("Why?", system="<|im_start|>system\nBe brief.<|im_end|>\n")]
+    enc = encode(tiny_tokenizer, prompts)
+    with torch.no_grad():
+        plain = plain_prefill(model, enc["input_ids"], enc["attention_mask"])
+        shared = shared_prefix_prefill(model, enc["input_ids"], enc["attention_mask"], tiny_tokenizer.pad_token_id)
+    assert shared is not None and shared.computed_tokens < 0.8 * plain.computed_tokens
+    assert torch.allclose(shared.logits, plain.logits, atol=1e-4)
+    assert torch.equal(shared.last_position, plain.last_position)
+    # Each row's real cached keys are the plain prefill's, in order (padding aside).
+    for row in range(len(prompts)):
+        real_shared = shared.keys[0][row][:, shared.mask[row].bool()]
+        real_plain = plain.keys[0][row][:, plain.mask[row].bool()]
+        assert torch.allclose(real_shared, real_plain, atol=1e-4)
+
+
+def test_shared_prefix_prefill_declines_when_nothing_is_shared(tiny_tokenizer):
+    model = load_causal_lm("tiny-llama", seed=22).eval()
+    enc = encode(tiny_tokenizer, ["<|im_start|>user\nHi<|im_end|>\n", "Completely different text here"])
+    with torch.no_grad():
+        assert shared_prefix_prefill(model, enc["input_ids"], enc["attention_mask"], tiny_tokenizer.pad_token_id) is None
+
+
+def test_fast_engine_greedy_fp32_is_token_identical_to_generate(tiny_tokenizer):
+    """Shared prefixes and the fast kernels on: fp32 greedy ids equal ``generate``'s."""
+    model = load_causal_lm("tiny-llama", seed=23).eval()
+    enc = encode(tiny_tokenizer, [chat(q) for q in QUESTIONS])
+    settings = GenerationSettings(max_new_tokens=32, do_sample=False, repetition_penalty=1.2)
+    stop, pad = eos_ids(tiny_tokenizer, model), tiny_tokenizer.pad_token_id
+    hf = HFGenerate().generate(model, enc["input_ids"], enc["attention_mask"], settings, stop, pad)
+    fast = FastDecode().generate(model, enc["input_ids"], enc["attention_mask"], settings, stop, pad)
+    assert torch.equal(hf, fast)
+
+
+# --------------------------------------------------------------------------- observer, KL, versions
+
+
+def test_step_recorder_sees_the_same_logprobs_from_every_engine(tiny_tokenizer):
+    model = load_causal_lm("tiny-llama", seed=24).eval()
+    enc = encode(tiny_tokenizer, [chat(q) for q in QUESTIONS[:2]])
+    settings = GenerationSettings(max_new_tokens=12, do_sample=False)
+    recorders = []
+    for engine in (HFGenerate(), FastDecode()):
+        recorder = StepRecorder()
+        engine.generate(model, enc["input_ids"], enc["attention_mask"], settings, [], tiny_tokenizer.pad_token_id, observer=recorder)
+        recorders.append(recorder)
+    hf, fast = recorders
+    assert hf.raw_logprobs().shape == fast.raw_logprobs().shape == (2, 12)
+    assert torch.allclose(hf.raw_logprobs(), fast.raw_logprobs(), atol=1e-4)
+    assert torch.all(hf.raw_logprobs() <= 0)
+    # Greedy: no temperature, so the processed distribution is the raw one.
+    assert torch.allclose(fast.processed_logprobs(), fast.raw_logprobs())
+
+
+def test_engine_model_kl_by_hand():
+    engine = torch.tensor([[-1.0, -2.0, float("-inf")], [-0.5, -0.5, -0.5]])
+    model = torch.tensor([[-1.5, -2.5, -3.0], [-0.5, -1.0, -9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    # Real tokens: 0.5, 0.5, 0.0, 0.5 -> mean 0.375; the padded -inf does not leak in.
+    assert engine_model_kl(engine, model, mask).item() == pytest.approx(0.375)
+
+
+def test_engine_versions_name_what_generated():
+    assert engine_version("fast") == f"fast={FastDecode.version}"
+    assert engine_version("auto").startswith(f"fast={FastDecode.version},hf=hf-")
+    assert engine_version("decode_loop") != engine_version("fast")

@@ -1,0 +1,142 @@
+"""Choosing the next token: `generate`'s logits processors, per-prompt seeded sampling,
+and an observer that records what each decoding step chose.
+
+* `logits_processors` / `choose_tokens` — the processors transformers ``generate``
+  applies for ucai's settings, in its order, and its pick (argmax, or a draw from the
+  global RNG): the decode engines use them, so that under one seed they draw what
+  ``generate`` draws.
+* `row_seed` / `row_uniforms` / `draw_with_uniforms` — sampling seeded per prompt:
+  each row draws its token by inverse CDF from its own stream of uniforms, a function
+  of (seed, prompt id, sample) alone, so the batch a prompt lands in (its neighbours,
+  its padding, its position) does not change what it samples. Length-bucketed batches
+  need this: bucketing regroups the prompts.
+* `StepRecorder` — collects, per step, each row's log-prob of the chosen token under
+  the model's raw distribution and under the processed (sampling) distribution; the
+  engine-fidelity check and PPO's KL(engine ‖ model) read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+
+
+def logits_processors(settings, attention_mask: torch.Tensor):
+    """The processors `generate` applies for these settings, in its order: repetition
+    penalty, then (when sampling) temperature, top-k and top-p.
+
+    Like `generate`, the repetition penalty skips each row's left padding (pad ids are
+    often eos ids, which it would otherwise penalise on padded rows only).
+
+    Args:
+        attention_mask: (B, P) 1 for prompt tokens, 0 for left padding.
+    """
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty is not None and settings.repetition_penalty != 1.0:
+        padding = (attention_mask != 0).int().argmax(dim=1)  # (B,) left-pad length per row
+        processors.append(
+            RepetitionPenaltyLogitsProcessor(penalty=settings.repetition_penalty, prompt_ignore_length=padding)
+        )
+    if settings.do_sample:
+        if settings.temperature is not None and settings.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k:
+            processors.append(TopKLogitsWarper(top_k=settings.top_k))
+        if settings.top_p is not None and settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=settings.top_p))
+    return processors
+
+
+def row_seed(seed: int, prompt_id, sample: int = 0) -> int:
+    """The seed of one prompt's sample: a hash of (seed, id, sample), stable across
+    runs, machines and batchings (Python's ``hash`` of a string is salted per process)."""
+    digest = hashlib.sha256(f"{seed}\x1f{prompt_id}\x1f{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def row_uniforms(seeds: list[int], steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, steps) uniforms in [0, 1): row b's is the stream of ``seeds[b]`` alone."""
+    rows = [torch.rand(steps, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in seeds]
+    return torch.stack(rows).to(device)
+
+
+def draw_with_uniforms(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: per row, the first token whose cumulative probability exceeds
+    its uniform (scaled by the row's total, so unnormalised rows work).
+
+    Tokens of probability 0 (cut by top-k / top-p) are never drawn: the cumulative sum
+    does not rise at them, so no uniform falls on them.
+
+    Args:
+        probs: (B, V) non-negative; uniforms: (B,) in [0, 1).
+    Returns:
+        (B,) token ids.
+    """
+    cumulative = probs.double().cumsum(dim=-1)  # float64: no rounding drift over a 50k vocabulary
+    targets = uniforms.to(cumulative.dtype)[:, None] * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, targets, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    processors,
+    do_sample: bool,
+    uniforms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row, as `generate` picks it, and the processed scores.
+
+    Args:
+        logits: (B, V) float32 logits of the next token; tokens: (B, L) ids so far.
+        uniforms: (B,) this step's per-row uniforms (seeded sampling), or None to draw
+            from the global RNG as ``generate`` does.
+    Returns:
+        ((B,) ids: sampled from the processed distribution, or its argmax; (B, V) the
+        processed scores).
+    """
+    scores = processors(tokens, logits) if processors else logits
+    if not do_sample:
+        return torch.argmax(scores, dim=-1), scores
+    probs = F.softmax(scores, dim=-1)
+    if uniforms is not None:
+        return draw_with_uniforms(probs, uniforms), scores
+    return torch.multinomial(probs, num_samples=1).squeeze(1), scores
+
+
+class StepRecorder:
+    """Per decoding step, each row's log-prob of the token it chose.
+
+    ``raw``: under the model's own distribution (log-softmax of the logits); the
+    fidelity check compares it with the model's forward. ``processed``: under the
+    distribution the token was drawn from (after repetition penalty, temperature,
+    top-k / top-p); with ``raw``-style forward log-probs under the same settings it
+    estimates KL(engine ‖ model).
+    """
+
+    def __init__(self):
+        self.raw: list[torch.Tensor] = []
+        self.processed: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor) -> None:
+        """logits, scores: (B, V); chosen: (B,)."""
+        index = chosen[:, None]
+        self.raw.append(F.log_softmax(logits.float(), dim=-1).gather(1, index).squeeze(1))
+        self.processed.append(F.log_softmax(scores.float(), dim=-1).gather(1, index).squeeze(1))
+
+    def raw_logprobs(self) -> torch.Tensor:
+        """(B, T) log-probs of the chosen tokens under the raw logits."""
+        return torch.stack(self.raw, dim=1)
+
+    def processed_logprobs(self) -> torch.Tensor:
+        """(B, T) log-probs of the chosen tokens under the sampling distribution."""
+        return torch.stack(self.processed, dim=1)
