@@ -57,7 +57,7 @@ def workload(tokenizer, count: int) -> list[tuple[list[str], list[str]]]:
     from ucai.data.prompts import read_prompts
     from ucai.stages.preferences import draw_principle, principle_system_prompt
 
-    constitution = load_constitution(str(ROOT / "constitutions" / "ucai.yaml"))
+    constitution = load_constitution()  # the shipped default, as the experiment uses
     records = [
         r for r in read_prompts(ROOT / "data" / "red_team_prompts.jsonl")
         if not is_heldout(r.id, 0.22) and r.principle in constitution.pair_ids
