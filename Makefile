@@ -49,6 +49,7 @@ lint: setup
 bench: setup
 	$(BIN)/python -m pip install -e ".[dev,bench]"
 	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/stage_generation.py
 	$(BIN)/python benchmarks/sft.py
 	$(BIN)/python benchmarks/reward.py
 	$(BIN)/python benchmarks/dpo.py

@@ -55,7 +55,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when run as a script
 
-from harness import check_same_work, peak_rss_mb, run_alternating  # noqa: E402
+from harness import (  # noqa: E402
+    check_same_work_of,
+    peak_rss_mb,
+    ratios_against_best,
+    run_alternating,
+    set_threads,
+    token_rates,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("ucai", "hf-dynamic", "hf-static")
@@ -149,10 +156,13 @@ def floor_worker(args) -> dict:
     def read_bandwidths() -> dict[str, float]:
         """Bytes/s of full reads of a 1 GiB buffer (far beyond every cache), by method."""
         buffer = torch.ones(512 * 1024 * 1024, dtype=torch.bfloat16)
+        one_row = torch.ones(1, 4096, dtype=torch.bfloat16)
         reads = {
             "sum fp32 view": lambda: buffer.view(torch.float32).sum(),
             "max int16 view": lambda: buffer.view(torch.int16).max(),
             "sum int64 view": lambda: buffer.view(torch.int64).sum(),
+            # What a matmul kernel streams: one row times the buffer as a weight matrix.
+            "bf16 gemv": lambda: torch.nn.functional.linear(one_row, buffer.view(-1, 4096)),
         }
         return {name: buffer.numel() * 2 / best_seconds(fn, 5) for name, fn in reads.items()}
 
@@ -241,10 +251,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         work = {"floor": floor_worker, "fidelity": fidelity_worker}.get(args.worker, worker)
         print(json.dumps(work(args)))
         return
@@ -255,24 +262,17 @@ def main() -> None:
         flush=True,
     )
     runs = run_alternating(SIDES, args.repeats, lambda side, _: run_side(side, args))
-    check_same_work(
-        {f"{side} run {i + 1}": r["completion_tokens"] for side, results in runs.items() for i, r in enumerate(results)},
-        "completion tokens",
-    )
+    check_same_work_of(runs, "completion_tokens", "completion tokens")
     identical = identical_ids(runs)
     args.prompt_tokens = runs["ucai"][0]["prompt_tokens"]
     floor = run_side("floor", args)
     fidelity = run_side("fidelity", args)
-    summary = {}
+    summary = token_rates(runs)
     for side in SIDES:
-        rates = [r["completion_tokens"] / r["seconds"] for r in runs[side]]
-        summary[side] = {
-            "tokens_per_s": statistics.median(rates),
-            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs[side]),
-        }
         first = runs[side][0]
         print(
-            f"{side:10s} {summary[side]['tokens_per_s']:7.1f} tokens/s (runs: {', '.join(f'{x:.1f}' for x in rates)}) "
+            f"{side:10s} {summary[side]['tokens_per_s']:7.1f} tokens/s "
+            f"(runs: {', '.join(f'{x:.1f}' for x in summary[side]['rates'])}) "
             f"peak RSS {summary[side]['peak_rss_mb']:6.0f} MB; {first['completion_tokens']} completion tokens "
             f"in {first['steps']} steps" + (f" (engine: {first['engine']})" if side == "ucai" else "")
         )
@@ -294,9 +294,7 @@ def main() -> None:
         f"({floor['bound']}-bound)"
     )
     print(f"ucai decode step {step * 1e3:.1f} ms: floor_ratio={step / floor['floor_seconds']:.2f}")
-    best = max(("hf-dynamic", "hf-static"), key=lambda side: summary[side]["tokens_per_s"])
-    speed = summary["ucai"]["tokens_per_s"] / summary[best]["tokens_per_s"]
-    memory = summary["ucai"]["peak_rss_mb"] / summary[best]["peak_rss_mb"]
+    best, speed, memory = ratios_against_best(summary, "ucai", ("hf-dynamic", "hf-static"))
     default = summary["ucai"]["tokens_per_s"] / summary["hf-dynamic"]["tokens_per_s"]
     print(f"ucai vs hf-dynamic (transformers' default cache): speed_ratio={default:.2f}")
     print(f"peer's best: {best}")

@@ -54,3 +54,41 @@ def check_same_work(work: dict[str, float], what: str, tolerance: float = WORK_T
                 f"work differs: {name} did {amount:g} {what}, {reference_name} {reference:g} "
                 f"({gap:.1%} > {tolerance:.0%}); the comparison would not be like for like"
             )
+
+
+def check_same_work_of(runs: dict[str, list[dict]], key: str, what: str) -> None:
+    """`check_same_work` over every run of every side: ``runs[side][i][key]``."""
+    check_same_work({f"{side} run {i + 1}": r[key] for side, results in runs.items() for i, r in enumerate(results)}, what)
+
+
+def set_threads(threads: int) -> None:
+    """torch's thread count in a worker (0: leave torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def token_rates(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per side: completion tokens/s of each run and their median, the median seconds
+    and peak RSS (runs carry ``completion_tokens``, ``seconds``, ``peak_rss_mb``)."""
+    summary = {}
+    for side, results in runs.items():
+        rates = [r["completion_tokens"] / r["seconds"] for r in results]
+        summary[side] = {
+            "rates": rates,
+            "tokens_per_s": statistics.median(rates),
+            "seconds": statistics.median(r["seconds"] for r in results),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
+        }
+    return summary
+
+
+def ratios_against_best(summary: dict[str, dict], ours: str, peers: Sequence[str]) -> tuple[str, float, float]:
+    """(the fastest peer, our speed ratio over it, our peak-memory ratio over it)."""
+    best = max(peers, key=lambda side: summary[side]["tokens_per_s"])
+    return (
+        best,
+        summary[ours]["tokens_per_s"] / summary[best]["tokens_per_s"],
+        summary[ours]["peak_rss_mb"] / summary[best]["peak_rss_mb"],
+    )

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -41,7 +40,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when run as a script
 
-from harness import check_same_work, peak_rss_mb, run_alternating  # noqa: E402
+from harness import (  # noqa: E402
+    check_same_work_of,
+    peak_rss_mb,
+    ratios_against_best,
+    run_alternating,
+    set_threads,
+    token_rates,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("ucai", "hf-dynamic", "hf-static")
@@ -150,10 +156,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         print(json.dumps(worker(args)))
         return
 
@@ -163,27 +166,16 @@ def main() -> None:
         flush=True,
     )
     runs = run_alternating(SIDES, args.repeats, lambda side, _: run_side(side, args))
-    check_same_work(
-        {f"{side} run {i + 1}": r["completion_tokens"] for side, results in runs.items() for i, r in enumerate(results)},
-        "completion tokens",
-    )
-    summary = {}
+    check_same_work_of(runs, "completion_tokens", "completion tokens")
+    summary = token_rates(runs)
     for side in SIDES:
-        rates = [r["completion_tokens"] / r["seconds"] for r in runs[side]]
-        summary[side] = {
-            "tokens_per_s": statistics.median(rates),
-            "seconds": statistics.median(r["seconds"] for r in runs[side]),
-            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs[side]),
-        }
         first = runs[side][0]
         print(
             f"{side:10s} {summary[side]['tokens_per_s']:7.1f} tokens/s, {summary[side]['seconds']:6.1f} s "
-            f"(runs: {', '.join(f'{x:.1f}' for x in rates)} tokens/s) peak RSS {summary[side]['peak_rss_mb']:6.0f} MB; "
+            f"(runs: {', '.join(f'{x:.1f}' for x in summary[side]['rates'])} tokens/s) peak RSS {summary[side]['peak_rss_mb']:6.0f} MB; "
             f"{first['rows']} rows in {first['calls']} generate calls, {first['completion_tokens']} completion tokens"
         )
-    best = max(("hf-dynamic", "hf-static"), key=lambda side: summary[side]["tokens_per_s"])
-    speed = summary["ucai"]["tokens_per_s"] / summary[best]["tokens_per_s"]
-    memory = summary["ucai"]["peak_rss_mb"] / summary[best]["peak_rss_mb"]
+    best, speed, memory = ratios_against_best(summary, "ucai", ("hf-dynamic", "hf-static"))
     print(f"peer's best: {best}")
     print(f"stage_generation: speed_ratio={speed:.2f} memory_ratio={memory:.2f}")
 

@@ -30,3 +30,19 @@ def test_work_within_five_percent_passes_and_beyond_stops():
     check_same_work({"ucai": 1000, "peer": 1049, "peer again": 951}, "tokens")
     with pytest.raises(SystemExit, match=r"work differs: peer did 1051 tokens, ucai 1000 \(5.1% > 5%\)"):
         check_same_work({"ucai": 1000, "peer": 1051}, "tokens")
+
+
+def test_token_rates_and_ratios_against_the_best_peer():
+    from harness import ratios_against_best, token_rates
+
+    runs = {
+        "ours": [{"completion_tokens": 100, "seconds": 1.0, "peak_rss_mb": 900}, {"completion_tokens": 100, "seconds": 2.0, "peak_rss_mb": 1100}],
+        "peer-a": [{"completion_tokens": 100, "seconds": 4.0, "peak_rss_mb": 1000}] * 2,
+        "peer-b": [{"completion_tokens": 100, "seconds": 2.0, "peak_rss_mb": 2000}] * 2,
+    }
+    summary = token_rates(runs)
+    assert summary["ours"]["rates"] == [100.0, 50.0]
+    assert summary["ours"]["tokens_per_s"] == 75.0 and summary["ours"]["seconds"] == 1.5
+    assert summary["ours"]["peak_rss_mb"] == 1000
+    # peer-b is the faster (50 tokens/s vs 25): 75 / 50 = 1.5 times the speed, 1000 / 2000 the memory.
+    assert ratios_against_best(summary, "ours", ("peer-a", "peer-b")) == ("peer-b", 1.5, 0.5)
