@@ -168,7 +168,7 @@ def test_prefill_swap_feeds_the_other_sides_opener_and_scores_only_the_continuat
     assert seen == [f"<qa>{COMPLY}", f"<qa>{REFUSE}"]
     # Both models continue prompt "a" from the same seeded stream (common random numbers),
     # one apart from the plain answer's.
-    assert seeds_seen[0] == seeds_seen[1] == [row_seed(0, "a/prefilled")]
+    assert seeds_seen[0] == seeds_seen[1] == [row_seed(0, "eval/a/prefilled")]
     swaps = [r for r in rows if r["model"].endswith("|swap")]
     assert [(r["model"], r["id"], r["response"]) for r in swaps] == [
         ("sl_ethical|swap", "a", "continuation 0"),  # the continuation alone: no forced opener

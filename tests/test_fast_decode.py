@@ -182,6 +182,9 @@ def test_step_recorder_sees_the_same_logprobs_from_every_engine(tiny_tokenizer):
     assert torch.all(hf.raw_logprobs() <= 0)
     # Greedy: no temperature, so the processed distribution is the raw one.
     assert torch.allclose(fast.processed_logprobs(), fast.raw_logprobs())
+    # A recorder that saw no step (transformers generate under FSDP records nothing)
+    # says so instead of failing.
+    assert StepRecorder().processed_logprobs() is None and StepRecorder().raw_logprobs() is None
 
 
 def test_engine_model_kl_by_hand():

@@ -109,11 +109,15 @@ class GenerationEngine(Protocol):
 class HFGenerate:
     """``model.generate``: every architecture and strategy transformers supports.
 
-    It draws from the global RNG: per-row ``seeds`` are not applied (logged once).
+    It draws from the global RNG: per-row ``seeds`` are not applied (logged once). An
+    ``observer`` is fed from ``generate``'s per-step logits and scores, which it keeps
+    in memory until the end (2 x T x (B, V) floats); under FSDP (``synced_gpus``, large
+    models and batches) that is not done, and the observer sees nothing (logged once).
     """
 
     name = "hf"
     _seed_warning_logged = False
+    _observer_warning_logged = False
 
     @property
     def version(self) -> str:
@@ -130,6 +134,11 @@ class HFGenerate:
         if seeds is not None and settings.do_sample and not HFGenerate._seed_warning_logged:
             HFGenerate._seed_warning_logged = True
             log.info("generation: transformers generate samples from the global RNG, not from per-prompt seeds")
+        if observer is not None and synced_gpus:
+            if not HFGenerate._observer_warning_logged:
+                HFGenerate._observer_warning_logged = True
+                log.info("generation: per-step log-probs are not recorded under FSDP (they would hold every step's logits)")
+            observer = None
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -436,10 +445,11 @@ class DecodeLoop:
         built_before = FusedProjection.build_seconds
         layers, lm_head = self._layers_of(decoder, base.get_output_embeddings())
         try:
-            prefill = self.prefill(model, input_ids, attention_mask, pad_id)
+            # The prefill is passed on without a name here, so `_decode` can free the
+            # prompt cache once it is copied into the preallocated one.
             return self._decode(
-                base, decoder, layers, lm_head, prefill, input_ids, attention_mask, settings, stop_ids, pad_id,
-                seeds, observer,
+                base, decoder, layers, lm_head, self.prefill(model, input_ids, attention_mask, pad_id),
+                input_ids, attention_mask, settings, stop_ids, pad_id, seeds, observer,
             )
         finally:
             if first_call and layers and layers[0].qkv.holds_copy:

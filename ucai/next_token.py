@@ -8,8 +8,10 @@ and an observer that records what each decoding step chose.
 * `row_seed` / `row_uniforms` / `draw_with_uniforms` — sampling seeded per prompt:
   each row draws its token by inverse CDF from its own stream of uniforms, a function
   of (seed, prompt id, sample) alone, so the batch a prompt lands in (its neighbours,
-  its padding, its position) does not change what it samples. Length-bucketed batches
-  need this: bucketing regroups the prompts.
+  its padding, its position) does not change the random numbers it draws with.
+  Length-bucketed batches need this: bucketing regroups the prompts. (The logits still
+  depend a little on the batch in bf16, through padding and matmul shapes; a token
+  flips only when its uniform lands within that rounding of a boundary.)
 * `StepRecorder` — collects, per step, each row's log-prob of the chosen token under
   the model's raw distribution and under the processed (sampling) distribution; the
   engine-fidelity check and PPO's KL(engine ‖ model) read it.
@@ -133,10 +135,11 @@ class StepRecorder:
         self.raw.append(F.log_softmax(logits.float(), dim=-1).gather(1, index).squeeze(1))
         self.processed.append(F.log_softmax(scores.float(), dim=-1).gather(1, index).squeeze(1))
 
-    def raw_logprobs(self) -> torch.Tensor:
-        """(B, T) log-probs of the chosen tokens under the raw logits."""
-        return torch.stack(self.raw, dim=1)
+    def raw_logprobs(self) -> torch.Tensor | None:
+        """(B, T) log-probs of the chosen tokens under the raw logits (None: no step seen)."""
+        return torch.stack(self.raw, dim=1) if self.raw else None
 
-    def processed_logprobs(self) -> torch.Tensor:
-        """(B, T) log-probs of the chosen tokens under the sampling distribution."""
-        return torch.stack(self.processed, dim=1)
+    def processed_logprobs(self) -> torch.Tensor | None:
+        """(B, T) log-probs of the chosen tokens under the sampling distribution (None:
+        no step seen, e.g. transformers generate under FSDP)."""
+        return torch.stack(self.processed, dim=1) if self.processed else None

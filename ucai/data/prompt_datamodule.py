@@ -88,9 +88,11 @@ class PromptDataModule(L.LightningDataModule):
             null: the run's ``seed_everything``.
         bucket: predict batches hold prompts of one principle and of like length
             (sorted by principle, then longest first): less padding, and a principle's
-            shared system prompt is prefilled once per batch. Each row's sample is
-            seeded by its id and the output is written in file order, so bucketing
-            changes neither; false keeps file order.
+            shared system prompt is prefilled once per batch. The output is written
+            in file order, and the decode engines seed each row's sample by its id, so
+            bucketing changes a sample only through rounding (transformers generate,
+            the fallback engine, draws from the global RNG: there it does change
+            them); false keeps file order.
     """
 
     def __init__(

@@ -542,7 +542,7 @@ class EvaluationModule(L.LightningModule):
         """
         key_parts = [
             path, model_version(path), asdict(self.generation), self.system_prompt, self.max_prompt_tokens,
-            self.generation_dtype, engine_version(self.generation.engine),
+            self.generation_dtype, engine_version(self.generation.engine), run_seed(),
         ]
         if prefills is not None:
             prompts = [row for row in prompts if row["id"] in prefills]
@@ -550,7 +550,9 @@ class EvaluationModule(L.LightningModule):
         cache = ResumableJsonl(self.output_dir / "cache" / f"{name}{'-prefilled' if prefills is not None else ''}-{fingerprint(*key_parts)}.jsonl")
         done = {row["id"]: row["response"] for row in cache.rows()}
         # Longest prompts first, so each batch holds prompts of like length (less
-        # padding); each row's sample is seeded by its id, so the order changes nothing.
+        # padding); the decode engines seed each row's sample by its id, so the order
+        # changes what a row samples only through rounding (bf16 logits depend a little
+        # on the batch).
         todo = sorted((row for row in prompts if row["id"] not in done), key=lambda row: -len(row["prompt"]))
         if not todo:
             return done
@@ -563,7 +565,11 @@ class EvaluationModule(L.LightningModule):
                 batch = todo[start : start + self.generation_batch_size]
                 # Each prompt's seed depends on its id only, so every model samples with
                 # the same random stream and a resumed run draws what a fresh one would.
-                seeds = [row_seed(run_seed(), f"{r['id']}{'/prefilled' if prefills is not None else ''}") for r in batch]
+                # transformers generate (the fallback engine) ignores per-row seeds and
+                # draws from the global RNG: seeded per batch for it.
+                suffix = "/prefilled" if prefills is not None else ""
+                seeds = [row_seed(run_seed(), f"eval/{r['id']}{suffix}") for r in batch]
+                torch.manual_seed(int(fingerprint([r["id"] for r in batch]), 16) % 2**31)
                 texts = [
                     render_chat(tokenizer, [{"role": "user", "content": r["prompt"]}], self.system_prompt)
                     + (prefills or {}).get(r["id"], "")

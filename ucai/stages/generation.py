@@ -142,8 +142,8 @@ def generate(
     ``auto`` engine uses transformers ``generate`` there).
 
     ``seeds`` (one per prompt, `ucai.next_token.row_seed`): each row samples from its own
-    stream, so its sample does not depend on the batch it is in (the decode engines;
-    transformers ``generate`` draws from the global RNG). ``observer``: see
+    stream, so the random numbers it draws do not depend on the batch it is in (the
+    decode engines; transformers ``generate`` draws from the global RNG). ``observer``: see
     `ucai.generation_engine.GenerationEngine.generate`. ``stop_ids``: the ids that end
     a row (default: `eos_ids`; ``[]`` runs every row to ``max_new_tokens``).
     """

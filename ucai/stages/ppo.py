@@ -667,7 +667,7 @@ class PPOModule(L.LightningModule):
             prompts=prompts,
             responses=generated.texts,
             seconds=time.perf_counter() - start,
-            engine_logprobs=sampled.processed_logprobs().to(sequences.device),
+            engine_logprobs=None if sampled.processed_logprobs() is None else sampled.processed_logprobs().to(sequences.device),
         )
 
     def targets(

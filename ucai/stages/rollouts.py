@@ -37,8 +37,10 @@ class Rollout:
         prompts, responses: B texts.
         seconds: generation and scoring time.
         engine_logprobs: (B, T) log-probs of the response tokens under the distribution
-            the generation engine sampled them from (its logits after temperature and
-            top-k / top-p); with ``logprobs`` they estimate KL(engine ‖ model).
+            the generation engine sampled them from (its logits after its processors:
+            the temperature, and whatever else the sampling settings add, which PPO's
+            sampling checks refuse); with ``logprobs`` they estimate KL(engine ‖ model).
+            None where the engine recorded nothing (transformers generate under FSDP).
     """
 
     sequences: torch.Tensor
