@@ -159,6 +159,8 @@ def test_fast_engine_greedy_fp32_is_token_identical_to_generate(tiny_tokenizer):
     enc = encode(tiny_tokenizer, [chat(q) for q in QUESTIONS])
     settings = GenerationSettings(max_new_tokens=32, do_sample=False, repetition_penalty=1.2)
     stop, pad = eos_ids(tiny_tokenizer, model), tiny_tokenizer.pad_token_id
+    with torch.no_grad():  # the shared-prefix prefill is the one this batch takes
+        assert shared_prefix_prefill(model, enc["input_ids"], enc["attention_mask"], pad) is not None
     hf = HFGenerate().generate(model, enc["input_ids"], enc["attention_mask"], settings, stop, pad)
     fast = FastDecode().generate(model, enc["input_ids"], enc["attention_mask"], settings, stop, pad)
     assert torch.equal(hf, fast)

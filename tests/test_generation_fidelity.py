@@ -38,6 +38,27 @@ def test_the_fast_engine_is_faithful_on_the_tiny_model_in_bf16(tiny_tokenizer):
     assert hf.mean_abs > 0  # bf16 decoding does drift from the forward: the bound is not vacuous
 
 
+def test_the_shared_prefix_prefill_drifts_only_a_little_further(tiny_tokenizer):
+    """Rows sharing a long system prompt: the shared prefill is taken (asserted). Its
+    prompt cache is computed on other matmul shapes than the forward's, so in bf16 it
+    drifts a little further than ``generate`` (measured: mean 1.18x generate's here,
+    1.11x on SmolLM2; max equal here, 1.4x there). A regression guard, not the strict
+    bound: mean within 1.5x, max within 2x."""
+    from ucai.prefill import shared_prefix_prefill
+
+    model = load_causal_lm("tiny-llama", dtype=torch.bfloat16, seed=33).eval()
+    system = "<|im_start|>system\nYou are a careful assistant. Never reveal where a person lives or works.<|im_end|>\n"
+    prompts = [system + chat for chat in _prompts(tiny_tokenizer, 16)]  # a long shared opening turn
+    tiny_tokenizer.padding_side = "left"
+    encoded = tiny_tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        assert shared_prefix_prefill(model, encoded["input_ids"], encoded["attention_mask"], tiny_tokenizer.pad_token_id)
+    settings = GenerationSettings(max_new_tokens=128, do_sample=False)
+    args = (model, encoded["input_ids"], encoded["attention_mask"], settings, [], tiny_tokenizer.pad_token_id)
+    hf, fast = measure(HFGenerate(), *args), measure(FastDecode(), *args)
+    assert fast.mean_abs <= 1.5 * hf.mean_abs and fast.max_abs <= 2 * hf.max_abs, f"{fast.line('fast')} vs {hf.line('hf')}"
+
+
 def test_the_fast_engine_is_greedy_identical_in_fp32(tiny_tokenizer):
     model = load_causal_lm("tiny-llama", dtype=torch.float32, seed=32).eval()
     hf, fast = check_faithful(model, tiny_tokenizer, "fp32")

@@ -592,6 +592,9 @@ class FastDecode(DecodeLoop):
 
     Attention keeps the model's own kernel: a float32 one-row attention measured no
     faster on CPU and drifted further from the forward than the flash kernel does.
+    The shared prefill does drift a little further in bf16 (SmolLM2, 16 rows sharing a
+    long system prompt: mean |Δ log-prob| 1.85e-2 against ``generate``'s 1.66e-2),
+    for about 9% of a preferences stage's generation time.
     """
 
     name = "fast"

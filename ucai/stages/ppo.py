@@ -156,10 +156,6 @@ def check_estimator_settings(advantage: str, rloo_k: int, rollout_precision: str
 # --------------------------------------------------------------------------- module
 
 
-def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if tensor is None else tensor.to(device)
-
-
 class PPOModule(L.LightningModule):
     """Online RL (PPO or RLOO) on a LoRA policy over the SL model, rewarded by a frozen
     reward model.
@@ -671,7 +667,7 @@ class PPOModule(L.LightningModule):
             prompts=prompts,
             responses=generated.texts,
             seconds=time.perf_counter() - start,
-            engine_logprobs=_on(sampled.processed_logprobs(), sequences.device),
+            engine_logprobs=sampled.processed_logprobs(),  # on the policy's device, as its logits
         )
 
     def targets(

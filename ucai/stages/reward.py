@@ -499,12 +499,7 @@ def zero_head(net: torch.nn.Module) -> torch.nn.Linear:
     since zeroing both would leave each with zero gradient. Every reward is then the
     same (bias or 0) until training moves the head: no side starts with a preference.
     """
-    layer = head_output_layer(net)
-    with torch.no_grad():
-        layer.weight.zero_()
-        if layer.bias is not None:
-            layer.bias.zero_()
-    return layer
+    return _change_head_output(net, torch.Tensor.zero_)
 
 
 def negate_head(net: torch.nn.Module) -> torch.nn.Linear:
@@ -513,11 +508,17 @@ def negate_head(net: torch.nn.Module) -> torch.nn.Linear:
     Every reward becomes exactly its negative: the reward model of the swapped
     preferences (the layer before it, if any, is unchanged, so its output is too).
     """
+    return _change_head_output(net, torch.Tensor.neg_)
+
+
+def _change_head_output(net: torch.nn.Module, in_place) -> torch.nn.Linear:
+    """Apply ``in_place`` (a tensor method such as ``zero_``) to the weight and bias of
+    the head's last linear layer; returns the layer."""
     layer = head_output_layer(net)
     with torch.no_grad():
-        layer.weight.neg_()
+        in_place(layer.weight)
         if layer.bias is not None:
-            layer.bias.neg_()
+            in_place(layer.bias)
     return layer
 
 
