@@ -201,3 +201,19 @@ def test_engine_versions_name_what_generated():
     assert engine_version("fast") == f"fast={FastDecode.version}"
     assert engine_version("auto").startswith(f"fast={FastDecode.version},hf=hf-")
     assert engine_version("decode_loop") != engine_version("fast")
+
+
+def test_transformers_generate_seeds_its_rng_from_the_row_seeds(tiny_tokenizer):
+    """The fallback engine cannot seed rows apart, but the same batch with the same
+    seeds samples the same whatever the global RNG was before."""
+    model = load_causal_lm("tiny-llama", seed=25).eval()
+    enc = encode(tiny_tokenizer, [chat(q) for q in QUESTIONS[:2]])
+    settings = GenerationSettings(max_new_tokens=12, do_sample=True, temperature=1.0, top_p=1.0)
+    args = (model, enc["input_ids"], enc["attention_mask"], settings, [], tiny_tokenizer.pad_token_id)
+    seeds = [row_seed(0, "a"), row_seed(0, "b")]
+    torch.manual_seed(1)
+    first = HFGenerate().generate(*args, seeds=seeds)
+    torch.manual_seed(2)
+    again = HFGenerate().generate(*args, seeds=seeds)
+    other = HFGenerate().generate(*args, seeds=[row_seed(0, "c"), row_seed(0, "d")])
+    assert torch.equal(first, again) and not torch.equal(first, other)

@@ -45,7 +45,7 @@ from torch import nn
 
 from ucai.decode_kernels import rms_norm, rotate, signed_sin
 from ucai.hardware import cpu_bf16_is_native
-from ucai.next_token import choose_tokens, logits_processors, row_uniforms
+from ucai.next_token import choose_tokens, logits_processors, row_seed, row_uniforms
 from ucai.prefill import Prefill, plain_prefill, shared_prefix_prefill
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,9 @@ class GenerationEngine(Protocol):
 class HFGenerate:
     """``model.generate``: every architecture and strategy transformers supports.
 
-    It draws from the global RNG: per-row ``seeds`` are not applied (logged once). An
+    It draws from the global RNG: given per-row ``seeds``, it seeds that RNG from them
+    (so a batch of the same prompts samples the same, resumed or not), but a row's
+    sample then depends on its batch (logged once). An
     ``observer`` is fed from ``generate``'s per-step logits and scores, which it keeps
     in memory until the end (2 x T x (B, V) floats); under FSDP (``synced_gpus``, large
     models and batches) that is not done, and the observer sees nothing (logged once).
@@ -131,9 +133,11 @@ class HFGenerate:
     def generate(
         self, model, input_ids, attention_mask, settings, stop_ids, pad_id, synced_gpus=False, *, seeds=None, observer=None
     ):
-        if seeds is not None and settings.do_sample and not HFGenerate._seed_warning_logged:
-            HFGenerate._seed_warning_logged = True
-            log.info("generation: transformers generate samples from the global RNG, not from per-prompt seeds")
+        if seeds is not None and settings.do_sample:
+            torch.manual_seed(row_seed(0, ",".join(map(str, seeds))) % 2**63)
+            if not HFGenerate._seed_warning_logged:
+                HFGenerate._seed_warning_logged = True
+                log.info("generation: transformers generate seeds its RNG per batch, not per prompt")
         if observer is not None and synced_gpus:
             if not HFGenerate._observer_warning_logged:
                 HFGenerate._observer_warning_logged = True

@@ -564,12 +564,10 @@ class EvaluationModule(L.LightningModule):
             for start in range(0, len(todo), self.generation_batch_size):
                 batch = todo[start : start + self.generation_batch_size]
                 # Each prompt's seed depends on its id only, so every model samples with
-                # the same random stream and a resumed run draws what a fresh one would.
-                # transformers generate (the fallback engine) ignores per-row seeds and
-                # draws from the global RNG: seeded per batch for it.
+                # the same random stream and a resumed run draws what a fresh one would
+                # (transformers generate, the fallback engine, seeds per batch from them).
                 suffix = "/prefilled" if prefills is not None else ""
                 seeds = [row_seed(run_seed(), f"eval/{r['id']}{suffix}") for r in batch]
-                torch.manual_seed(int(fingerprint([r["id"] for r in batch]), 16) % 2**31)
                 texts = [
                     render_chat(tokenizer, [{"role": "user", "content": r["prompt"]}], self.system_prompt)
                     + (prefills or {}).get(r["id"], "")
