@@ -342,7 +342,7 @@ def test_each_model_is_freed_before_the_next_loads(tmp_path, monkeypatch):
         loaded.append(weakref.ref(obj))
 
     class CyclicScorer:
-        def __init__(self, folder, device, dtype, batch_size):
+        def __init__(self, folder, device, dtype, batch_size, matmul_dtype):
             record(self)
             self.cycle = self
 

@@ -162,8 +162,16 @@ def test_fast_engine_greedy_fp32_is_token_identical_to_generate(tiny_tokenizer):
     with torch.no_grad():  # the shared-prefix prefill is the one this batch takes
         assert shared_prefix_prefill(model, enc["input_ids"], enc["attention_mask"], pad) is not None
     hf = HFGenerate().generate(model, enc["input_ids"], enc["attention_mask"], settings, stop, pad)
-    fast = FastDecode().generate(model, enc["input_ids"], enc["attention_mask"], settings, stop, pad)
+    fast_engine, exact_engine = FastDecode(), DecodeLoop()
+    fast = fast_engine.generate(model, enc["input_ids"], enc["attention_mask"], settings, stop, pad)
     assert torch.equal(hf, fast)
+    # It did so on fp32 weights pre-packed for oneDNN (other rounding than F.linear's
+    # MKL sgemm); the token-identical decode loop keeps the model's own weights.
+    assert torch.equal(exact_engine.generate(model, enc["input_ids"], enc["attention_mask"], settings, stop, pad), hf)
+    (fast_layers, _), (exact_layers, _) = (next(iter(e._layers.values()))[1:] for e in (fast_engine, exact_engine))
+    if torch.backends.mkldnn.is_available():
+        assert all(layer.qkv._packed is not None and layer.qkv._packed.dtype == torch.float32 for layer in fast_layers)
+    assert not any(layer.qkv.holds_copy for layer in exact_layers)
 
 
 # --------------------------------------------------------------------------- observer, KL, versions

@@ -126,3 +126,46 @@ def test_ucai_fit_says_when_bf16_is_slow_on_this_cpu(native, caplog):
     assert len(hints) == (0 if native else 1)
     if hints:
         assert "--trainer.precision=32-true" in hints[0]
+
+
+def test_training_attention_picks_the_math_kernel_only_for_short_cpu_training_rows():
+    from ucai.hardware import CPU_MATH_ATTENTION_MAX_TOKENS, training_attention
+
+    def flash_on(ids, **kwargs) -> bool:
+        with training_attention(ids, **kwargs):
+            return torch.backends.cuda.flash_sdp_enabled()
+
+    short, long = torch.zeros(2, CPU_MATH_ATTENTION_MAX_TOKENS, dtype=torch.long), torch.zeros(2, CPU_MATH_ATTENTION_MAX_TOKENS + 1, dtype=torch.long)
+    assert torch.backends.cuda.flash_sdp_enabled()
+    assert not flash_on(short)
+    assert flash_on(long) and flash_on(short, checkpointing=True)
+    with torch.no_grad():
+        assert flash_on(short)  # a no-grad forward keeps the flash kernel (its forward is fast)
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
+
+
+def test_the_math_kernel_gives_the_same_padded_forward_and_gradients():
+    from ucai.hardware import training_attention
+    from ucai.models import load_causal_lm
+
+    model = load_causal_lm("tiny-llama", seed=3).train()
+    ids = torch.randint(0, 1000, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, 14:] = 0  # right padding
+    mask[2, 5:] = 0
+
+    def loss_and_grads(context):
+        model.zero_grad()
+        with context:
+            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        loss = (hidden * mask[..., None]).square().mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    import contextlib
+
+    flash_loss, flash_grads = loss_and_grads(contextlib.nullcontext())
+    math_loss, math_grads = loss_and_grads(training_attention(ids))
+    torch.testing.assert_close(math_loss, flash_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(math_grads, flash_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

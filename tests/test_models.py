@@ -155,3 +155,23 @@ def test_smollm2_alias_converts_once_and_reloads_from_the_cache(monkeypatch, tmp
     monkeypatch.setattr(models, "_gguf_path", no_conversion)
     model = models.load_causal_lm("smollm2-135m")
     assert model.config.num_hidden_layers == 30
+
+
+def test_cast_frozen_linear_changes_no_autocast_result_and_unties_the_head_only_when_asked():
+    from ucai.models import cast_frozen_linear, load_causal_lm
+
+    reference = load_causal_lm("tiny-llama", seed=0).eval().requires_grad_(False)
+    kept, untied = (load_causal_lm("tiny-llama", seed=0).eval().requires_grad_(False) for _ in range(2))
+    layers = len(reference.model.layers) * 7  # q k v o gate up down
+    assert cast_frozen_linear(kept, torch.bfloat16) == layers  # the tied head is left alone
+    assert kept.lm_head.weight.dtype == torch.float32 and kept.lm_head.weight is kept.model.embed_tokens.weight
+    assert cast_frozen_linear(untied, torch.bfloat16, untie=True) == layers + 1
+    assert untied.lm_head.weight.dtype == torch.bfloat16
+    assert untied.model.embed_tokens.weight.dtype == torch.float32  # the residual stream stays fp32
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference(input_ids=ids).logits
+        assert torch.equal(kept(input_ids=ids).logits, expected)
+        assert torch.equal(untied(input_ids=ids).logits, expected)
+    with torch.no_grad():
+        assert not torch.equal(reference(input_ids=ids).logits, expected)  # autocast really rounds: the check can fail

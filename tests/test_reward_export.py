@@ -152,3 +152,20 @@ def test_merge_in_float32_keeps_an_update_below_bf16_resolution():
     assert merged.dtype == torch.float32
     assert update.abs().max() > 1e-4  # the update is there to be lost
     torch.testing.assert_close(merged, expected, atol=1e-6, rtol=0)
+
+
+def test_a_scorer_holding_its_linears_in_the_autocast_dtype_scores_the_same(bf16_run):
+    # The evaluation scores under bf16 autocast with matmul_dtype=bf16: the frozen linear
+    # weights are held in bf16 instead of being cast at every forward. The rewards must
+    # not move at all (autocast rounds the fp32 weights to the same bf16 values), while
+    # the embedding and the norms, which autocast keeps in fp32, must stay fp32.
+    out, _, _ = bf16_run
+    plain, held = RewardScorer(out), RewardScorer(out, matmul_dtype=torch.bfloat16)
+    assert held.model.score.weight.dtype == torch.bfloat16
+    assert held.model.get_input_embeddings().weight.dtype == torch.float32
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()][:16]
+    prompts, responses = [r["prompt"] for r in rows], [r["chosen"] for r in rows]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = plain.score(prompts, responses)[0], held.score(prompts, responses)[0]
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, plain.score(prompts, responses)[0])  # fp32 without autocast differs: the check can fail

@@ -102,6 +102,19 @@ class CrashAtStep(L.Callback):
             raise Crash(f"crash at step {trainer.global_step}")
 
 
+def test_episode_seeds_are_per_prompt_sample_and_iteration_whatever_the_batch(tiny_ppo):
+    from ucai.next_token import row_seed
+
+    module = tiny_ppo(advantage="rloo", rloo_k=3)
+    a, b, c = {"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}, {"id": "c", "prompt": "z"}
+    seeds = module.episode_seeds([a, b])
+    assert len(seeds) == 6 and len(set(seeds)) == 6  # each prompt's k samples draw differently
+    assert seeds[:3] == [row_seed(0, "rollout/0/a", k) for k in range(3)]  # prompt a's group, in order
+    assert module.episode_seeds([c, a])[3:] == seeds[:3]  # its neighbours and place do not matter
+    module.rollout_step = 1
+    assert not set(module.episode_seeds([a])) & set(seeds)  # the next iteration draws afresh
+
+
 def test_rloo_stopped_and_resumed_from_last_equals_the_uninterrupted_run(tmp_path, tiny_ppo, tiny_trainer):
     # 3 rollout batches of 2 prompts x 2 samples, minibatches of 2 episodes: 2 optimiser
     # steps per batch, 6 in all, over the linear learning-rate decay. The stopped run dies

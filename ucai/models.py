@@ -426,28 +426,42 @@ def sharded_by_fsdp(trainer) -> bool:
     return trainer is not None and "FSDP" in type(trainer.strategy).__name__
 
 
-def cast_frozen_linear(net: torch.nn.Module, dtype: torch.dtype) -> int:
+def cast_frozen_linear(net: torch.nn.Module, dtype: torch.dtype, untie: bool = False) -> int:
     """Cast the weights of linear layers that are not trained; returns how many.
 
     Only ``nn.Linear`` modules whose parameters are all frozen are touched (the peft
     ``base_layer`` of each adapted projection, and the projections LoRA leaves alone).
     A linear whose weight is shared with an embedding (a tied ``lm_head``) is left as
-    it is: casting it would cast the embedding too, and with it the residual stream.
+    it is: casting it would cast the embedding too, and with it the residual stream;
+    with ``untie`` (a model that is only run, never trained or saved) it gets its own
+    cast copy instead, and the embedding keeps the original.
     Under autocast to ``dtype`` the cast changes no result (autocast rounds the
     weights of every matmul to ``dtype`` anyway); it only stops holding them at full
-    precision.
+    precision, and stops autocast casting frozen weights again at every forward (it
+    caches casts only of weights that require grad).
     """
     shared = {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.Embedding)}
     count = 0
     for module in net.modules():
-        if (
-            type(module) is torch.nn.Linear
-            and not any(p.requires_grad for p in module.parameters())
-            and id(module.weight) not in shared
-        ):
-            module.to(dtype)
-            count += 1
+        if type(module) is not torch.nn.Linear or any(p.requires_grad for p in module.parameters()):
+            continue
+        if id(module.weight) in shared:
+            if not untie:
+                continue
+            module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+        module.to(dtype)
+        count += 1
     return count
+
+
+def output_head(causal_lm) -> torch.nn.Module:
+    """The projection to the vocabulary, with the final logit soft-capping of models
+    that have one (Gemma 2) applied after it."""
+    head = causal_lm.get_output_embeddings()
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if not cap:
+        return head
+    return lambda hidden: torch.tanh(head(hidden) / cap) * cap
 
 
 def load_causal_lm(

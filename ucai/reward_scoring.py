@@ -313,6 +313,10 @@ class RewardScorer:
         device: where to run.
         dtype: weight dtype (bf16 halves memory; rewards come back as float32).
         batch_size: texts per forward.
+        matmul_dtype: the autocast dtype the scorer will run under (``bf16-mixed``):
+            its linear weights are then held in it, which changes no reward (autocast
+            rounds them to it for every matmul) but saves casting a frozen model's
+            weights again at every forward (`ucai.models.cast_frozen_linear`).
     """
 
     def __init__(
@@ -321,8 +325,9 @@ class RewardScorer:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         batch_size: int = 16,
+        matmul_dtype: torch.dtype | None = None,
     ):
-        from ucai.models import load_sequence_classifier, load_tokenizer
+        from ucai.models import cast_frozen_linear, load_sequence_classifier, load_tokenizer
 
         folder = Path(folder_or_name).expanduser()
         if not folder.is_dir():
@@ -330,6 +335,9 @@ class RewardScorer:
         self.stats = RewardStats.read(folder)
         self.tokenizer = load_tokenizer(str(folder), padding_side="right")
         self.model = load_sequence_classifier(str(folder), dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)  # scoring only; also keeps autocast from caching casts of it
+        if matmul_dtype is not None:
+            cast_frozen_linear(self.model, matmul_dtype)
         self.batch_size = batch_size
 
     def render(self, prompts: Sequence[str | Sequence[Message]], responses: Sequence[str]) -> list[str]:

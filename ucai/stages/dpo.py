@@ -44,6 +44,7 @@ from torch import nn
 
 from ucai.data.io import require_writable
 from ucai.errors import UcaiError
+from ucai.hardware import training_attention
 from ucai.losses import dpo_loss
 from ucai.lr_schedule import Schedule, per_step, warmup_then_decay
 from ucai.models import (
@@ -51,6 +52,7 @@ from ucai.models import (
     cast_frozen_linear,
     disable_dropout,
     dtype_from_precision,
+    output_head,
     save_pretrained_atomic,
     sharded_by_fsdp,
     trainer_precision,
@@ -199,16 +201,6 @@ def sequence_reply_logps(
     return summed_target_logps(hidden, output_head(causal_lm), [targets])[0]
 
 
-def output_head(causal_lm) -> nn.Module:
-    """The projection to the vocabulary, with the final logit soft-capping of models
-    that have one (Gemma 2) applied after it."""
-    head = causal_lm.get_output_embeddings()
-    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    if not cap:
-        return head
-    return lambda hidden: torch.tanh(head(hidden) / cap) * cap
-
-
 def packs_replies(causal_lm) -> bool:
     """Whether the model's attention takes the packed rows' 4D mask as it is."""
     return getattr(causal_lm.config, "_attn_implementation", None) in PACKING_ATTENTION
@@ -349,11 +341,13 @@ class DPOModule(L.LightningModule):
         them and the attention takes their mask, else the 2B full sequences."""
         causal_lm = self._causal_lm()
         starts = batch["response_start"]  # (B, 2)
-        if "pair_ids" in batch and packs_replies(causal_lm):
-            return packed_reply_logps(causal_lm, batch["pair_ids"], batch["pair_segments"], starts)
-        logps = sequence_reply_logps(
-            causal_lm, batch["input_ids"], batch["attention_mask"], torch.cat([starts[:, 0], starts[:, 1]])
-        )
+        packed = "pair_ids" in batch and packs_replies(causal_lm)
+        with training_attention(batch["pair_ids" if packed else "input_ids"], self.gradient_checkpointing):
+            if packed:
+                return packed_reply_logps(causal_lm, batch["pair_ids"], batch["pair_segments"], starts)
+            logps = sequence_reply_logps(
+                causal_lm, batch["input_ids"], batch["attention_mask"], torch.cat([starts[:, 0], starts[:, 1]])
+            )
         return logps.chunk(2)
 
     @torch.no_grad()

@@ -527,11 +527,26 @@ class EvaluationModule(L.LightningModule):
 
     def _load_lm(self, name: str, dtype: torch.dtype | None = None):
         """(model, tokenizer); ``dtype`` defaults to the scoring dtype (the judge's)."""
-        from ucai.models import load_causal_lm, load_tokenizer
+        from ucai.models import cast_frozen_linear, load_causal_lm, load_tokenizer
 
         tokenizer = load_tokenizer(name, trust_remote_code=self.trust_remote_code)
         model = load_causal_lm(name, dtype=dtype or self.weight_dtype, trust_remote_code=self.trust_remote_code)
-        return model.to(self.run_device).eval(), tokenizer
+        # Nothing here trains. Frozen weights are also ones autocast does not cache casts
+        # of: its cache lives as long as the evaluation's autocast region, so it would
+        # keep a bf16 copy of every model loaded in it after the model is freed.
+        model = model.to(self.run_device).eval().requires_grad_(False)
+        if self.autocast_dtype is not None:
+            # The same results (autocast rounds every matmul's weight to its dtype),
+            # without casting the frozen weights again at every forward.
+            cast_frozen_linear(model, self.autocast_dtype, untie=True)
+        return model, tokenizer
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype the evaluation's matmuls run in under ``bf16-mixed`` (its work runs
+        inside the precision plugin's autocast), else None."""
+        device = self.run_device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
     def answers(self, name: str, path: str, prompts: list[dict], prefills: dict[str, str] | None = None) -> dict[str, str]:
         """id -> answer of one model; cached per (model, settings) and resumable.
@@ -737,7 +752,10 @@ class EvaluationModule(L.LightningModule):
         for side, folder in self.reward_models.items():
 
             def load(folder: str = folder):
-                return RewardScorer(folder, device=self.run_device, dtype=self.weight_dtype, batch_size=self.judge_batch_size)
+                return RewardScorer(
+                    folder, device=self.run_device, dtype=self.weight_dtype, batch_size=self.judge_batch_size,
+                    matmul_dtype=self.autocast_dtype,
+                )
 
             score01 = use_then_free(load, lambda scorer: scorer.score(prompts, responses)[1])
             for row, value in zip(scores, score01.tolist(), strict=True):

@@ -77,6 +77,7 @@ from ucai.chat import DEFAULT_SYSTEM_PROMPT, render_chat
 from ucai.data.io import require_writable
 from ucai.errors import UcaiError
 from ucai.gather import rows_from_all_ranks
+from ucai.hardware import training_attention
 from ucai.losses import entropy_bonus, ppo_policy_loss, ppo_value_loss
 from ucai.lr_schedule import Schedule, per_step, warmup_then_decay
 from ucai.models import (
@@ -88,9 +89,9 @@ from ucai.models import (
     sharded_by_fsdp,
     trainer_precision,
 )
-from ucai.next_token import StepRecorder
+from ucai.next_token import StepRecorder, row_seed
 from ucai.padding import position_ids, prompt_attention_mask
-from ucai.resume import RNGStateCheckpoint
+from ucai.resume import RNGStateCheckpoint, run_seed
 from ucai.reward_scoring import TOKEN_REWARD_PREFIX, TokenReward
 from ucai.rl import (
     KLController,
@@ -527,12 +528,13 @@ class PPOModule(L.LightningModule):
         """
         causal = self._causal_lm()
         decoder = getattr(causal, causal.base_model_prefix)
-        out = decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            use_cache=False,
-        )
+        with training_attention(input_ids, self.gradient_checkpointing):
+            out = decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                use_cache=False,
+            )
         return out.last_hidden_state[:, prompt_length - 1 : -1]
 
     def response_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -626,6 +628,15 @@ class PPOModule(L.LightningModule):
         with self.rollout_autocast():
             return self._rollout(rows)
 
+    def episode_seeds(self, rows: list[dict]) -> list[int]:
+        """One sampling seed per episode, from (run seed, rollout iteration, prompt id,
+        sample): a resumed run samples what the uninterrupted one would have, and the
+        engines draw by inverse CDF from one uniform per row and step instead of
+        ``torch.multinomial``'s exponential per vocabulary entry (~7 ms a step on one
+        core at 8 rows of a 49k vocabulary)."""
+        keys = [f"rollout/{self.rollout_step}/{row.get('id', row['prompt'])}" for row in rows]
+        return [row_seed(run_seed(), key, sample) for key in keys for sample in range(self.episodes_per_prompt)]
+
     def _rollout(self, rows: list[dict]) -> Rollout:
         start = time.perf_counter()
         prompts = self.episode_prompts(rows)
@@ -637,6 +648,7 @@ class PPOModule(L.LightningModule):
             self.generation,
             synced_gpus=synced_gpus_needed(self._trainer),
             max_prompt_tokens=self.max_prompt_tokens,
+            seeds=self.episode_seeds(rows),
             observer=sampled,
         )
         sequences = generated.sequences

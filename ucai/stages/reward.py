@@ -59,6 +59,7 @@ from torchmetrics import MaxMetric, MeanMetric, Metric, MinMetric
 
 from ucai.data.io import require_writable
 from ucai.errors import UcaiError
+from ucai.hardware import training_attention
 from ucai.losses import bradley_terry_loss
 from ucai.lr_schedule import per_step, warmup_then_decay
 from ucai.models import LoraSettings, cast_frozen_linear, sharded_by_fsdp
@@ -303,9 +304,12 @@ class RewardModule(L.LightningModule):
         """(2B,) rewards, chosen rows first: one forward, each pair packed into one row
         with its shared prefix once when the batch has packed rows and the backbone
         can take them, else the 2B sequences."""
-        if "pair_ids" in batch and packs_pairs(self.net):
-            return packed_pair_rewards(self.net, batch["pair_ids"], batch["pair_segments"])
-        return self.rewards(batch["input_ids"], batch["attention_mask"])
+        packed = "pair_ids" in batch and packs_pairs(self.net)
+        ids = batch["pair_ids"] if packed else batch["input_ids"]
+        with training_attention(ids, self.gradient_checkpointing):
+            if packed:
+                return packed_pair_rewards(self.net, batch["pair_ids"], batch["pair_segments"])
+            return self.rewards(batch["input_ids"], batch["attention_mask"])
 
     # ----------------------------------------------------------------- steps
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ucai.constitution import SIDES
+from ucai.models import output_head
 from ucai.stats import bootstrap_ci
 
 
@@ -58,6 +59,26 @@ def _answer_rows(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
     return prompt_ids + answer_ids, len(prompt_ids)
 
 
+def logits_at(causal_lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits at the N positions where ``used`` is True, row by row.
+
+    The decoder runs on the whole rows, but the output head only on the used
+    positions: on a 49k vocabulary the head and the float32 softmaxes over it cost more
+    than the decoder when, as for answers after a chat prompt, most positions are
+    prompt. A model without a separate decoder and head runs its own forward.
+
+    Args:
+        input_ids, attention_mask: (B, L) right-padded rows; used: (B, L) bool.
+    """
+    get_decoder = getattr(causal_lm, "get_decoder", None)
+    get_head = getattr(causal_lm, "get_output_embeddings", None)
+    decoder = get_decoder() if get_decoder is not None else None
+    if decoder is None or decoder is causal_lm or get_head is None or get_head() is None:
+        return causal_lm(input_ids=input_ids, attention_mask=attention_mask).logits[used]
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return output_head(causal_lm)(hidden[used])
+
+
 @torch.no_grad()
 def answer_kl(
     model, reference, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 8
@@ -81,16 +102,19 @@ def answer_kl(
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, _) in enumerate(rows):  # right padding: positions count from 0 in every row
+        used = torch.zeros((len(rows), width), dtype=torch.bool)  # positions that predict an answer token
+        for i, (ids, prompt_length) in enumerate(rows):  # right padding: positions count from 0 in every row
             input_ids[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
+            used[i, prompt_length - 1 : len(ids) - 1] = True
+        input_ids, mask, used = input_ids.to(device), mask.to(device), used.to(device)
         kl = exact_kl_per_token(
-            model(input_ids=input_ids, attention_mask=mask).logits,
-            reference(input_ids=input_ids, attention_mask=mask).logits,
-        )  # (B, L): position j predicts token j + 1
-        for i, (ids, prompt_length) in enumerate(rows):
-            out.append(kl[i, prompt_length - 1 : len(ids) - 1].tolist())
+            logits_at(model, input_ids, mask, used), logits_at(reference, input_ids, mask, used)
+        ).tolist()  # (N,) in row order, position j predicting token j + 1
+        for ids, prompt_length in rows:
+            count = len(ids) - prompt_length
+            out.append(kl[:count])
+            kl = kl[count:]
     return out
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ucai.data.io import atomic_output, require_writable
 from ucai.data.sft_data import IGNORE_INDEX
 from ucai.errors import UcaiError
+from ucai.hardware import training_attention
 from ucai.lr_schedule import Schedule, per_step, warmup_then_decay
 from ucai.models import LoraSettings
 from ucai.value_ranges import (
@@ -233,12 +234,13 @@ class SFTModule(L.LightningModule):
             keep = targets != IGNORE_INDEX
             logits = out.logits[:, :-1][keep].float()
             return F.cross_entropy(logits, targets[keep], reduction=reduction), int(keep.sum())
-        hidden = causal_lm.get_decoder()(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-            use_cache=False,
-        ).last_hidden_state
+        with training_attention(batch["input_ids"], self.gradient_checkpointing):
+            hidden = causal_lm.get_decoder()(
+                input_ids=batch["input_ids"],
+                attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"),
+                use_cache=False,
+            ).last_hidden_state
         return response_token_loss(hidden, batch["labels"], causal_lm.get_output_embeddings(), reduction)
 
     # ------------------------------------------------------------------ steps
