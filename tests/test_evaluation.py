@@ -374,14 +374,17 @@ def test_each_model_is_freed_before_the_next_loads(tmp_path, monkeypatch):
     assert summary["prompts"] == 2 and len(summary["win_rates"]) == 1
 
 
-def test_a_failed_judge_is_skipped_when_asked(tmp_path, run_cli, monkeypatch):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_failed_judge_is_skipped_when_asked(tmp_path, run_cli, monkeypatch, precision):
     """skip_failed_judge: the random-init judge fails its check, so no judge column,
-    pairwise judgement, win rate or Elo is computed, and the report says why."""
+    pairwise judgement, win rate or Elo is computed, and the report says why. Under
+    bf16-mixed (the shipped eval config) the KL models and reward models hold their
+    linears in bf16 while the judge, which scores with autocast off, keeps fp32."""
     monkeypatch.chdir(tmp_path)
     rm = _tiny_reward_folder(tmp_path / "rm_model")
     out = tmp_path / "eval"
     code = run_cli(
-        "test", "--config", TINY_EVAL, f"--model.init_args.output_dir={out}",
+        "test", "--config", TINY_EVAL, f"--model.init_args.output_dir={out}", f"--trainer.precision={precision}",
         f'--model.init_args.reward_models={{"ethical": "{rm}"}}', "--model.init_args.skip_failed_judge=true",
     )
     assert code == 0

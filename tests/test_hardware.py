@@ -140,7 +140,7 @@ def test_training_attention_picks_the_math_kernel_only_for_short_cpu_training_ro
     assert not flash_on(short)
     assert flash_on(long) and flash_on(short, checkpointing=True)
     with torch.no_grad():
-        assert flash_on(short)  # a no-grad forward keeps the flash kernel (its forward is fast)
+        assert flash_on(short)  # a no-grad forward keeps the flash kernel (faster without a backward)
     assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
 
 

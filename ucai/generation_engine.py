@@ -216,15 +216,29 @@ def _packing_available(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_bf16_is_native())
 
 
-def _fits_in_free_memory(modules: list[nn.Module], share: float = 0.25) -> bool:
-    """Whether a copy of these modules' weights takes at most ``share`` of the memory
-    free now (Linux; elsewhere, False: no copy)."""
+def _free_memory() -> int | None:
+    """Bytes this process may still allocate: the machine's free memory, or less under
+    a cgroup v2 memory limit (a container); None where neither can be read."""
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
-        return False
+        return None
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            used = int(open("/sys/fs/cgroup/memory.current").read())
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def _fits_in_free_memory(modules: list[nn.Module], share: float = 0.25) -> bool:
+    """Whether a copy of these modules' weights takes at most ``share`` of the memory
+    free now (`_free_memory`; unknown: False, no copy)."""
+    free = _free_memory()
     size = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-    return size <= share * free
+    return free is not None and size <= share * free
 
 
 def _same_up_to_rounding(got: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -320,6 +334,9 @@ class FusedProjection:
                     # The packed copy is all the loop needs: not holding the plain fused
                     # one as well saves a copy of the weights.
                     self._packed, self._weight = packed, None
+                elif dtype == weights[0].dtype:
+                    # A copy in the weights' own dtype buys nothing unpacked.
+                    self._direct, self._weight, self._bias = True, None, None
         self._key = key
         FusedProjection.build_seconds += time.perf_counter() - start
 

@@ -24,9 +24,9 @@ BF16_PRECISIONS = ("bf16-mixed", "bf16-true", "bf16")
 # backward is a few matmuls, while the CPU flash kernel's backward with a padding mask
 # costs ~16 ms a layer at 90 tokens. Measured on SmolLM2-135M with LoRA, 8 rows, bf16
 # autocast, one core (forward + backward): math 1.95 s vs flash 2.31 s at 90 tokens,
-# 4.76 vs 5.32 at 200; flash wins from ~300 (15.2 vs 11.2 s at 400), and math holds a
+# 4.76 vs 5.32 at 200; flash wins beyond (15.2 vs 11.2 s at 400), and math holds a
 # (B, heads, L, L) matrix per layer for backward.
-CPU_MATH_ATTENTION_MAX_TOKENS = 256
+CPU_MATH_ATTENTION_MAX_TOKENS = 200
 FALLBACK_PRECISION = "32-true"
 
 
@@ -81,9 +81,14 @@ def training_attention(input_ids: torch.Tensor, checkpointing: bool = False):
     """The attention kernel context of a training forward over ``input_ids`` (B, L).
 
     On CPU, with gradients on and rows of at most `CPU_MATH_ATTENTION_MAX_TOKENS`, SDPA's
-    math kernel (faster there); everywhere else nothing changes. Not under gradient
-    checkpointing: its recompute runs in backward, outside this context, and would use
-    another kernel than the forward did.
+    math kernel (faster there); everywhere else nothing changes. Not in no-grad passes:
+    without a backward the flash kernel is the faster one (SmolLM2, 8 rows of 120
+    tokens, bf16 autocast, one core: flash 0.48 s, math 0.71 s a forward), so a stage's
+    rollout, reference and validation passes compute attention with another kernel
+    than its gradient pass, which differs by rounding (a PPO ratio starts within
+    rounding of 1 rather than at exactly 1). Not under gradient checkpointing: its
+    recompute runs in backward, outside this context, and would use another kernel
+    than the forward did.
     """
     if (
         input_ids.device.type != "cpu"

@@ -454,6 +454,25 @@ def cast_frozen_linear(net: torch.nn.Module, dtype: torch.dtype, untie: bool = F
     return count
 
 
+# Model types whose forward's logits are the output head applied to the last hidden
+# state and nothing more (Gemma 2's final soft-capping is what `output_head` adds).
+# Others scale their logits after the head (Cohere's logit_scale, Granite's
+# logits_scaling) or keep the settings elsewhere (multimodal wrappers).
+HEAD_ONLY_LOGITS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"})
+
+
+def logits_are_head_of_hidden(causal_lm) -> bool:
+    """Whether `output_head` on the decoder's last hidden state gives the model's own
+    logits (so they can be computed at chosen positions only)."""
+    config = getattr(causal_lm, "config", None)
+    return (
+        getattr(config, "model_type", None) in HEAD_ONLY_LOGITS_TYPES
+        and callable(getattr(causal_lm, "get_decoder", None))
+        and callable(getattr(causal_lm, "get_output_embeddings", None))
+        and causal_lm.get_output_embeddings() is not None
+    )
+
+
 def output_head(causal_lm) -> torch.nn.Module:
     """The projection to the vocabulary, with the final logit soft-capping of models
     that have one (Gemma 2) applied after it."""

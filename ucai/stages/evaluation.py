@@ -525,8 +525,15 @@ class EvaluationModule(L.LightningModule):
 
         return generation_dtype_from_precision(trainer_precision(self))
 
-    def _load_lm(self, name: str, dtype: torch.dtype | None = None):
-        """(model, tokenizer); ``dtype`` defaults to the scoring dtype (the judge's)."""
+    def _load_lm(self, name: str, dtype: torch.dtype | None = None, under_autocast: bool = False):
+        """(model, tokenizer); ``dtype`` defaults to the scoring dtype (the judge's).
+
+        ``under_autocast``: the model only ever runs inside the evaluation's autocast (the
+        KL pairs), so its linear weights are held in the autocast dtype: the same
+        results (autocast rounds every matmul's weight to that dtype), without casting
+        the frozen weights again at every forward. Not the judge: it scores with
+        autocast off, in the weights' dtype.
+        """
         from ucai.models import cast_frozen_linear, load_causal_lm, load_tokenizer
 
         tokenizer = load_tokenizer(name, trust_remote_code=self.trust_remote_code)
@@ -535,9 +542,7 @@ class EvaluationModule(L.LightningModule):
         # of: its cache lives as long as the evaluation's autocast region, so it would
         # keep a bf16 copy of every model loaded in it after the model is freed.
         model = model.to(self.run_device).eval().requires_grad_(False)
-        if self.autocast_dtype is not None:
-            # The same results (autocast rounds every matmul's weight to its dtype),
-            # without casting the frozen weights again at every forward.
+        if under_autocast and self.autocast_dtype is not None:
             cast_frozen_linear(model, self.autocast_dtype, untie=True)
         return model, tokenizer
 
@@ -699,7 +704,10 @@ class EvaluationModule(L.LightningModule):
                 return answer_kl(model, reference_model, tokenizer, rendered, model_answers, self.judge_batch_size)
 
             def load_pair(name=name, reference=reference):
-                return self._load_lm(self.models[name]), self._load_lm(self.models[reference])
+                return (
+                    self._load_lm(self.models[name], under_autocast=True),
+                    self._load_lm(self.models[reference], under_autocast=True),
+                )
 
             log.info("evaluation: KL of %s to %s on its answers", name, reference)
             kls[(name, reference)] = kl_summary(use_then_free(load_pair, measure), reference, self.n_boot)

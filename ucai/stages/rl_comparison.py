@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ucai.constitution import SIDES
-from ucai.models import output_head
+from ucai.models import logits_are_head_of_hidden, output_head
 from ucai.stats import bootstrap_ci
 
 
@@ -65,16 +65,15 @@ def logits_at(causal_lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     The decoder runs on the whole rows, but the output head only on the used
     positions: on a 49k vocabulary the head and the float32 softmaxes over it cost more
     than the decoder when, as for answers after a chat prompt, most positions are
-    prompt. A model without a separate decoder and head runs its own forward.
+    prompt. Other models (`ucai.models.logits_are_head_of_hidden`: logits scaled after
+    the head, no separate decoder) run their own forward.
 
     Args:
         input_ids, attention_mask: (B, L) right-padded rows; used: (B, L) bool.
     """
-    get_decoder = getattr(causal_lm, "get_decoder", None)
-    get_head = getattr(causal_lm, "get_output_embeddings", None)
-    decoder = get_decoder() if get_decoder is not None else None
-    if decoder is None or decoder is causal_lm or get_head is None or get_head() is None:
+    if not logits_are_head_of_hidden(causal_lm):
         return causal_lm(input_ids=input_ids, attention_mask=attention_mask).logits[used]
+    decoder = causal_lm.get_decoder()
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return output_head(causal_lm)(hidden[used])
 
@@ -106,13 +105,14 @@ def answer_kl(
         for i, (ids, prompt_length) in enumerate(rows):  # right padding: positions count from 0 in every row
             input_ids[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
-            used[i, prompt_length - 1 : len(ids) - 1] = True
+            if prompt_length >= 1:  # the first answer token is predicted by the prompt's last
+                used[i, prompt_length - 1 : len(ids) - 1] = True
         input_ids, mask, used = input_ids.to(device), mask.to(device), used.to(device)
         kl = exact_kl_per_token(
             logits_at(model, input_ids, mask, used), logits_at(reference, input_ids, mask, used)
         ).tolist()  # (N,) in row order, position j predicting token j + 1
         for ids, prompt_length in rows:
-            count = len(ids) - prompt_length
+            count = len(ids) - prompt_length if prompt_length >= 1 else 0
             out.append(kl[:count])
             kl = kl[count:]
     return out
