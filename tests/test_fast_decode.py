@@ -79,6 +79,29 @@ def test_inverse_cdf_draw_by_hand():
     assert draw_with_uniforms(torch.tensor([[2.0, 0.0, 2.0]]), torch.tensor([0.5])).tolist() == [2]
 
 
+def test_partial_sort_top_p_by_hand_and_against_transformers():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from ucai.next_token import PartialSortTopP
+
+    # probabilities 0.5, 0.3, 0.15, 0.05: the mass above each is 0, 0.5, 0.8, 0.95, so
+    # top_p 0.8 keeps the first two (0.8 is not below 0.8), 0.81 the first three.
+    scores = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    kept = lambda top_p, k: (PartialSortTopP(top_p, candidates=k)(ids, scores) > -float("inf")).tolist()  # noqa: E731
+    assert kept(0.8, 2) == [[True, True, False, False]]  # decided by the two candidates
+    assert kept(0.81, 2) == [[True, True, True, False]]  # 0.8 < 0.81: the full sort decides
+    assert kept(0.81, 3) == [[True, True, True, False]]
+    torch.manual_seed(0)
+    # Peaked rows (decided by the candidates) and flat ones (the fallback), mixed in a batch.
+    scores = torch.randn(8, 5000) * torch.tensor([8.0, 8.0, 0.1, 4.0, 0.5, 8.0, 0.1, 2.0])[:, None]
+    ids = torch.zeros(8, 1, dtype=torch.long)
+    for top_p in (0.5, 0.9, 0.95):
+        expected = TopPLogitsWarper(top_p)(ids, scores.clone())
+        got = PartialSortTopP(top_p, candidates=64)(ids, scores.clone())
+        assert torch.equal(got, expected)
+
+
 def test_row_seeds_and_uniforms_depend_on_the_row_alone():
     assert row_seed(0, "p1") == row_seed(0, "p1")
     assert len({row_seed(0, "p1"), row_seed(0, "p2"), row_seed(1, "p1"), row_seed(0, "p1", 1)}) == 4

@@ -417,6 +417,9 @@ class DecodeLoop:
     version = "decode_loop-2"
     # float32 weights pre-packed for oneDNN (faster, not bit-identical: `FusedProjection`).
     pack_float32 = False
+    # top-p by a partial sort (`ucai.next_token.PartialSortTopP`; the same cut up to
+    # rounding at its boundary) instead of transformers' full sort.
+    partial_sort_top_p = False
 
     def __init__(self):
         # decoder -> (identity of its modules, its layers, the output projection). Weakly
@@ -534,7 +537,7 @@ class DecodeLoop:
         cached = prefill.mask.shape[1]  # W
         device = input_ids.device
         steps = settings.max_new_tokens
-        processors = logits_processors(settings, attention_mask)
+        processors = logits_processors(settings, attention_mask, partial_sort_top_p=self.partial_sort_top_p)
         uniforms = row_uniforms(seeds, steps, device) if seeds is not None and settings.do_sample else None
 
         keys, values = [], []
@@ -647,7 +650,8 @@ class FastDecode(DecodeLoop):
       together (`ucai.decode_kernels`), ~8 fewer ops per layer and step;
     * float32 weights are pre-packed for oneDNN as bf16 ones are (`FusedProjection`),
       when the copy fits in a quarter of the free memory: fp32 PPO rollouts decode
-      ~1.5x faster per matmul on one core.
+      ~1.5x faster per matmul on one core;
+    * top-p sorts only the most likely tokens (`ucai.next_token.PartialSortTopP`).
 
     Attention keeps the model's own kernel: a float32 one-row attention measured no
     faster on CPU and drifted further from the forward than the flash kernel does.
@@ -659,6 +663,7 @@ class FastDecode(DecodeLoop):
     name = "fast"
     version = "fast-2"
     pack_float32 = True
+    partial_sort_top_p = True
     description = "fast decode (shared prefixes prefilled once, fused norms and rotary)"
 
     def unsupported(self, model) -> str | None:

@@ -63,12 +63,17 @@ def _cache_argument(model) -> str:
 
 def _forward(model, input_ids, attention_mask, positions, past=None):
     extra = {} if past is None else {_cache_argument(model): past}
+    # The last position as an index, not ``logits_to_keep=1``: the model then gathers a
+    # contiguous (B, 1, H) copy instead of slicing, and a strided slice into a frozen
+    # head (a LoRA policy's, or autocast's cast of one) runs as a batched matmul over a
+    # copy of the head per row (SmolLM2 bf16, 16 rows: 1.15 s instead of 5 ms).
+    last = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=positions,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=last,
         **extra,
     )
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values

@@ -535,7 +535,10 @@ class PPOModule(L.LightningModule):
                 position_ids=position_ids(attention_mask),
                 use_cache=False,
             )
-        return out.last_hidden_state[:, prompt_length - 1 : -1]
+        # Contiguous: on a strided 3D slice and a frozen head, F.linear runs as a batched
+        # matmul over a copy of the head per row (fp32, 8 x 48 rows of SmolLM2: 324 ms
+        # against 185 ms, the same values).
+        return out.last_hidden_state[:, prompt_length - 1 : -1].contiguous()
 
     def response_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, V) logits over the response positions, divided by the sampling
