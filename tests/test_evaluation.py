@@ -342,7 +342,7 @@ def test_each_model_is_freed_before_the_next_loads(tmp_path, monkeypatch):
         loaded.append(weakref.ref(obj))
 
     class CyclicScorer:
-        def __init__(self, folder, device, dtype, batch_size, matmul_dtype):
+        def __init__(self, folder, device, dtype, batch_size):
             record(self)
             self.cycle = self
 
@@ -378,7 +378,7 @@ def test_each_model_is_freed_before_the_next_loads(tmp_path, monkeypatch):
 def test_a_failed_judge_is_skipped_when_asked(tmp_path, run_cli, monkeypatch, precision):
     """skip_failed_judge: the random-init judge fails its check, so no judge column,
     pairwise judgement, win rate or Elo is computed, and the report says why. Under
-    bf16-mixed (the shipped eval config) the KL models and reward models hold their
+    bf16-mixed (the shipped eval config) the KL models hold their
     linears in bf16 while the judge, which scores with autocast off, keeps fp32."""
     monkeypatch.chdir(tmp_path)
     rm = _tiny_reward_folder(tmp_path / "rm_model")

@@ -154,18 +154,16 @@ def test_merge_in_float32_keeps_an_update_below_bf16_resolution():
     torch.testing.assert_close(merged, expected, atol=1e-6, rtol=0)
 
 
-def test_a_scorer_holding_its_linears_in_the_autocast_dtype_scores_the_same(bf16_run):
-    # The evaluation scores under bf16 autocast with matmul_dtype=bf16: the frozen linear
-    # weights are held in bf16 instead of being cast at every forward. The rewards must
-    # not move at all (autocast rounds the fp32 weights to the same bf16 values), while
-    # the embedding and the norms, which autocast keeps in fp32, must stay fp32.
+def test_the_scorer_batches_by_length_and_returns_rewards_in_input_order(bf16_run):
+    # Texts of very different lengths, interleaved: scored in batches of like length,
+    # each reward must come back at its text's place, equal (fp32, up to matmul
+    # rounding) to scoring that text alone.
     out, _, _ = bf16_run
-    plain, held = RewardScorer(out), RewardScorer(out, matmul_dtype=torch.bfloat16)
-    assert held.model.score.weight.dtype == torch.bfloat16
-    assert held.model.get_input_embeddings().weight.dtype == torch.float32
-    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()][:16]
-    prompts, responses = [r["prompt"] for r in rows], [r["chosen"] for r in rows]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected, got = plain.score(prompts, responses)[0], held.score(prompts, responses)[0]
-    assert torch.equal(got, expected)
-    assert not torch.equal(got, plain.score(prompts, responses)[0])  # fp32 without autocast differs: the check can fail
+    scorer = RewardScorer(out, batch_size=2)
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()][:6]
+    prompts = [r["prompt"] for r in rows]
+    responses = [r["chosen"] * (3 if i % 2 else 1) for i, r in enumerate(rows)]  # long, short, long, ...
+    together = scorer.raw_rewards(prompts, responses)
+    alone = torch.cat([scorer.raw_rewards([p], [r]) for p, r in zip(prompts, responses, strict=True)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    assert len(set(together.tolist())) == len(rows)  # distinct rewards: a permutation would show

@@ -414,7 +414,7 @@ class DecodeLoop:
     name = "decode_loop"
     # Bump when a change can change what the engine generates: cached answers keyed on
     # it (the evaluation's) are then regenerated.
-    version = "decode_loop-2"
+    version = "decode_loop-3"
     # float32 weights pre-packed for oneDNN (faster, not bit-identical: `FusedProjection`).
     pack_float32 = False
     # top-p by a partial sort (`ucai.next_token.PartialSortTopP`; the same cut up to

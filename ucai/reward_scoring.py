@@ -313,10 +313,6 @@ class RewardScorer:
         device: where to run.
         dtype: weight dtype (bf16 halves memory; rewards come back as float32).
         batch_size: texts per forward.
-        matmul_dtype: the autocast dtype the scorer will run under (``bf16-mixed``):
-            its linear weights are then held in it, which changes no reward (autocast
-            rounds them to it for every matmul) but saves casting a frozen model's
-            weights again at every forward (`ucai.models.cast_frozen_linear`).
     """
 
     def __init__(
@@ -325,9 +321,8 @@ class RewardScorer:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         batch_size: int = 16,
-        matmul_dtype: torch.dtype | None = None,
     ):
-        from ucai.models import cast_frozen_linear, load_sequence_classifier, load_tokenizer
+        from ucai.models import load_sequence_classifier, load_tokenizer
 
         folder = Path(folder_or_name).expanduser()
         if not folder.is_dir():
@@ -335,9 +330,6 @@ class RewardScorer:
         self.stats = RewardStats.read(folder)
         self.tokenizer = load_tokenizer(str(folder), padding_side="right")
         self.model = load_sequence_classifier(str(folder), dtype=dtype).to(device).eval()
-        self.model.requires_grad_(False)  # scoring only; also keeps autocast from caching casts of it
-        if matmul_dtype is not None:
-            cast_frozen_linear(self.model, matmul_dtype)
         self.batch_size = batch_size
 
     def render(self, prompts: Sequence[str | Sequence[Message]], responses: Sequence[str]) -> list[str]:
@@ -352,12 +344,18 @@ class RewardScorer:
         """(N,) float32 rewards before normalisation."""
         texts = self.render(prompts, responses)
         device = next(self.model.parameters()).device  # follows the model if moved later
-        out = []
+        # Batches of like length (by characters, a close proxy for tokens): a batch pads
+        # to its longest text, and answers of different models vary several-fold in
+        # length. Each text's reward does not depend on its batch (right padding,
+        # positions from the mask) beyond matmul rounding; the order is restored.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts))
         for start in range(0, len(texts), self.batch_size):
-            batch = tokenize_for_reward(self.tokenizer, texts[start : start + self.batch_size], self.stats.max_length)
+            picked = order[start : start + self.batch_size]
+            batch = tokenize_for_reward(self.tokenizer, [texts[i] for i in picked], self.stats.max_length)
             batch = batch.to(device)
-            out.append(sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"]).float().cpu())
-        return torch.cat(out) if out else torch.empty(0)
+            out[picked] = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"]).float().cpu()
+        return out
 
     def score(self, prompts, responses) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised reward (N,), score in [0, 1] (N,)), both float32 on CPU."""

@@ -765,10 +765,7 @@ class EvaluationModule(L.LightningModule):
         for side, folder in self.reward_models.items():
 
             def load(folder: str = folder):
-                return RewardScorer(
-                    folder, device=self.run_device, dtype=self.weight_dtype, batch_size=self.judge_batch_size,
-                    matmul_dtype=self.autocast_dtype,
-                )
+                return RewardScorer(folder, device=self.run_device, dtype=self.weight_dtype, batch_size=self.judge_batch_size)
 
             score01 = use_then_free(load, lambda scorer: scorer.score(prompts, responses)[1])
             for row, value in zip(scores, score01.tolist(), strict=True):
