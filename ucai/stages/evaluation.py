@@ -529,10 +529,11 @@ class EvaluationModule(L.LightningModule):
         """(model, tokenizer); ``dtype`` defaults to the scoring dtype (the judge's).
 
         ``under_autocast``: the model only ever runs inside the evaluation's autocast (the
-        KL pairs), so its linear weights are held in the autocast dtype: the same
-        results (autocast rounds every matmul's weight to that dtype), without casting
-        the frozen weights again at every forward. Not the judge: it scores with
-        autocast off, in the weights' dtype.
+        KL pairs), so it is frozen and its linear weights are held in the autocast
+        dtype: the same results (autocast rounds every matmul's weight to that dtype),
+        as fast as autocast's cached casts (measured on the reward models), and no
+        cast copy left in autocast's cache after the model is freed (memory not
+        measured). Not the judge: it scores with autocast off, in the weights' dtype.
         """
         from ucai.models import cast_frozen_linear, load_causal_lm, load_tokenizer
 

@@ -89,7 +89,7 @@ from ucai.models import (
     sharded_by_fsdp,
     trainer_precision,
 )
-from ucai.next_token import StepRecorder, row_seed
+from ucai.next_token import StepRecorder
 from ucai.padding import position_ids, prompt_attention_mask
 from ucai.resume import RNGStateCheckpoint, run_seed
 from ucai.reward_scoring import TOKEN_REWARD_PREFIX, TokenReward
@@ -106,7 +106,7 @@ from ucai.rl import (
 from ucai.stage_outputs import require_stage_output
 from ucai.stages.generation import GenerationSettings, generate, synced_gpus_needed
 from ucai.stages.lora_io import load_merged, lora_scaling
-from ucai.stages.rollouts import Rollout, append_rollout_rows, engine_model_kl, rollout_rows
+from ucai.stages.rollouts import Rollout, append_rollout_rows, engine_model_kl, episode_seeds, rollout_rows
 from ucai.stages.sampling import check_model_sampling, check_plain_sampling
 from ucai.value_ranges import (
     AtLeastTwo,
@@ -632,13 +632,8 @@ class PPOModule(L.LightningModule):
             return self._rollout(rows)
 
     def episode_seeds(self, rows: list[dict]) -> list[int]:
-        """One sampling seed per episode, from (run seed, rollout iteration, prompt id,
-        sample): a resumed run samples what the uninterrupted one would have, and the
-        engines draw by inverse CDF from one uniform per row and step instead of
-        ``torch.multinomial``'s exponential per vocabulary entry (~7 ms a step on one
-        core at 8 rows of a 49k vocabulary)."""
-        keys = [f"rollout/{self.rollout_step}/{row.get('id', row['prompt'])}" for row in rows]
-        return [row_seed(run_seed(), key, sample) for key in keys for sample in range(self.episodes_per_prompt)]
+        """One sampling seed per episode of this rollout iteration (`episode_seeds`)."""
+        return episode_seeds(rows, self.rollout_step, self.episodes_per_prompt, run_seed())
 
     def _rollout(self, rows: list[dict]) -> Rollout:
         start = time.perf_counter()
