@@ -18,7 +18,10 @@ loading the model, warming up once and timing one run; the sides run ``--repeats
 times in alternating order (A B C A B C ...) and medians are reported:
 
 * ``ucai`` — the engine `ucai.stages.generation.generate` picks by default (``auto``:
-  the decode loop for this model), given the tokenised batch;
+  the fast decode engine for this model), given the tokenised batch;
+* ``ucai-pytorch-ops`` — the same engine with ``UCAI_NATIVE_KERNELS=0``: its layers'
+  work between the matmuls as PyTorch ops instead of the fused C++ kernels
+  (`ucai.native_decode`), on its own lines, to show what the kernels buy;
 * ``hf-dynamic`` — ``model.generate`` batched, transformers' default dynamic cache;
 * ``hf-static`` — ``model.generate`` batched with ``cache_implementation="static"``,
   the peer's best setting on this CPU (``torch.compile`` on top is slower here and
@@ -47,6 +50,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -65,7 +69,9 @@ from harness import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("ucai", "hf-dynamic", "hf-static")
+SIDES = ("ucai", "ucai-pytorch-ops", "hf-dynamic", "hf-static")
+# ucai's sides -> the environment their worker runs with
+UCAI_SIDES = {"ucai": {}, "ucai-pytorch-ops": {"UCAI_NATIVE_KERNELS": "0"}}
 WORKERS = (*SIDES, "floor", "fidelity")
 
 
@@ -96,7 +102,7 @@ def worker(args) -> dict:
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_length = encoded["input_ids"].shape[1]
 
-    if args.worker == "ucai":
+    if args.worker in UCAI_SIDES:
         engine = select_engine(settings.engine, model)
 
         @torch.no_grad()
@@ -121,14 +127,14 @@ def worker(args) -> dict:
     completions = sequences[:, prompt_length:]
     kept = completions.tolist()
     step_seconds = None
-    if args.worker == "ucai" and args.new_tokens > 1:
+    if args.worker in UCAI_SIDES and args.new_tokens > 1:
         # The prefill and first token alone: the rest of the batch's time is decode steps.
         start = time.perf_counter()
         run(GenerationSettings(max_new_tokens=1, do_sample=False))
         step_seconds = (elapsed - (time.perf_counter() - start)) / (args.new_tokens - 1)
     return {
         "step_seconds": step_seconds,
-        "engine": engine.name if args.worker == "ucai" else "hf",
+        "engine": engine.name if args.worker in UCAI_SIDES else "hf",
         "seconds": elapsed,
         "completion_tokens": int(completions.numel()),
         "steps": int(completions.shape[1]),
@@ -226,7 +232,8 @@ def run_side(side: str, args) -> dict:
         "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--threads", str(args.threads),
         "--prompt-tokens", str(args.prompt_tokens),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    environment = {**os.environ, **UCAI_SIDES.get(side, {})}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=environment)
     if result.returncode != 0:
         sys.exit(f"{side} side failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -286,6 +293,7 @@ def main() -> None:
             f"max {measured['max']:.2e} over {measured['tokens']} tokens"
         )
     step = statistics.median(r["step_seconds"] for r in runs["ucai"])
+    ops_step = statistics.median(r["step_seconds"] for r in runs["ucai-pytorch-ops"])
     print(
         f"floor: {floor['weight_bytes'] / 1e6:.0f} MB of weights / {floor['bandwidth'] / 1e9:.1f} GB/s read "
         f"({floor['bandwidth_by']}) = {floor['weight_bytes'] / floor['bandwidth'] * 1e3:.2f} ms; "
@@ -293,10 +301,16 @@ def main() -> None:
         f"{floor['step_flops'] / floor['peak_flops'] * 1e3:.2f} ms; floor {floor['floor_seconds'] * 1e3:.2f} ms "
         f"({floor['bound']}-bound)"
     )
+    print(
+        f"ucai-pytorch-ops decode step {ops_step * 1e3:.1f} ms: floor_ratio={ops_step / floor['floor_seconds']:.2f} "
+        "(the fast engine without its native kernels)"
+    )
     print(f"ucai decode step {step * 1e3:.1f} ms: floor_ratio={step / floor['floor_seconds']:.2f}")
     best, speed, memory = ratios_against_best(summary, "ucai", ("hf-dynamic", "hf-static"))
     default = summary["ucai"]["tokens_per_s"] / summary["hf-dynamic"]["tokens_per_s"]
     print(f"ucai vs hf-dynamic (transformers' default cache): speed_ratio={default:.2f}")
+    _, ops_speed, ops_memory = ratios_against_best(summary, "ucai-pytorch-ops", ("hf-dynamic", "hf-static"))
+    print(f"ucai without native kernels vs peer's best: speed_ratio={ops_speed:.2f} memory_ratio={ops_memory:.2f}")
     print(f"peer's best: {best}")
     print(f"generation: speed_ratio={speed:.2f} memory_ratio={memory:.2f}")
 

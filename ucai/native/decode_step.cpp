@@ -1,0 +1,405 @@
+// The fast decode engine's non-matmul work for one new token per row, fused.
+//
+// A decode step of a small Llama on CPU spends as much time between its matmuls as in
+// them: norms, residual adds, rotary embedding, the cache write, one-row attention and
+// SiLU-times-up are ~25 PyTorch ops a layer, each a few microseconds of dispatch over a
+// few kilobytes of data, and PyTorch's flash attention kernel takes ~300 us a call at
+// batch 16 for ~2 MB of keys and values. Here each group is one call, single-threaded
+// (PyTorch's OpenMP pool keeps the matmuls; a second pool would compete for the cores).
+//
+// Every function exists for float32 (suffix _f32) and bfloat16 (_bf16, raw uint16 bits).
+// Rounding follows PyTorch's bf16 ops: each elementwise op computes in float32 and
+// rounds its result to bf16 (round to nearest even), so the norms' output, residual
+// sums, rotary embedding and SiLU-times-up are the values transformers' own ops give,
+// up to the order of a norm's sum of squares and the exp implementation. Attention
+// follows PyTorch's CPU flash kernel for one block of keys: float32 scores (scaled, plus
+// the mask), exp(score - max) summed in float32 but rounded to the cache dtype before it
+// weights the values, the float32 sum divided out at the end and the output rounded.
+// (Keeping those weights in float32 is more precise but drifts further from the
+// model's own forward, which is what faithfulness is measured against.)
+//
+// Shapes (row-major, contiguous unless a row stride is given):
+//   hidden, delta, normed: (rows, width)
+//   q / k / v: (B, heads * D) rows with their own row strides (views of a fused matmul)
+//   cos, sin_signed: (B, D); sin_signed is sin with its first half negated
+//   keys, values: (B, KVH, capacity, D) caches; mask: (B, mask_stride) additive or null
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <vector>
+
+namespace {
+
+inline float bf16_to_float(uint16_t bits) { return __builtin_bit_cast(float, static_cast<uint32_t>(bits) << 16); }
+
+// PyTorch's c10::BFloat16 conversion: round to nearest even, NaN kept quiet. Written
+// without branches so that loops over it vectorise.
+inline uint16_t float_to_bf16(float value) {
+    const uint32_t word = __builtin_bit_cast(uint32_t, value);
+    const uint32_t rounded = (word + 0x7FFFu + ((word >> 16) & 1u)) >> 16;
+    return static_cast<uint16_t>(value != value ? 0x7FC0u : rounded);
+}
+
+// exp(x) in float32 to about 1 ulp (Cephes' polynomial on x - n ln 2, scaled by 2^n),
+// inlined and branch-free so that loops over it vectorise (a libm call per element
+// does not, and neither does floor without -fno-trapping-math: n is rounded by adding
+// and subtracting 1.5 * 2^23). PyTorch's own vectorised exp (Sleef, 1 ulp) differs in
+// the last bit at most, which a bf16 result rounds away almost always. exp(-inf) is 0.
+inline float fast_exp(float x) {
+    const float clamped = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+    const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+    const float shifted = clamped * 1.44269504088896341f + magic;
+    const float n = shifted - magic;
+    const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const int32_t exponent = __builtin_bit_cast(int32_t, shifted) - __builtin_bit_cast(int32_t, magic);
+    const float scale = __builtin_bit_cast(float, (exponent + 127) << 23);
+    return x != x ? x : (x < -87.3f ? 0.f : (x > 88.3f ? INFINITY : p * scale));
+}
+
+// PyTorch's Vectorized<float>::exp_u20 (about 20 ulp), which its CPU flash-attention
+// kernel uses for the softmax: the same constants and fused multiply-adds, so that the
+// attention weights round to the same bf16 values as the model's own forward.
+inline float exp_u20(float x) {
+    const float ln_flt_min = __builtin_bit_cast(float, 0xc2aeac50u);
+    const float ln_flt_max = __builtin_bit_cast(float, 0x42b17218u);
+    const float src = std::fmax(std::fmin(x, ln_flt_max), ln_flt_min);
+    const float fx = std::floor(std::fma(src, __builtin_bit_cast(float, 0x3fb8aa3bu), 0.5f));
+    const float r = std::fma(-fx, __builtin_bit_cast(float, 0x3f317218u), src);
+    float p = std::fma(r, 0.00828929059f, 0.0418978221f);
+    p = std::fma(r, p, 0.166676521f);
+    p = std::fma(r, p, 0.499991506f);
+    p = std::fma(r, p, 0.999999701f);
+    p = std::fma(r, p, 1.f);
+    const float two_pow = __builtin_bit_cast(float, (static_cast<int32_t>(fx - 1.f) + 127) << 23);
+    return x < ln_flt_min ? 0.f : p * two_pow * 2.f;
+}
+
+// PyTorch's Vectorized<float>::fexp_u20: 2^(x log2 e) from the float's bit layout with
+// a cubic correction of the fraction (Malossi et al., "Fast exponential computation
+// on SIMD architectures"), about 1e-3 relative error, which PyTorch's CPU flash
+// attention uses for bf16 inputs, whose weights it rounds to bf16 anyway.
+inline float fexp_u20(float x) {
+    const float ln_flt_min = __builtin_bit_cast(float, 0xc2aeac50u);
+    const float ln_flt_max = __builtin_bit_cast(float, 0x42b17218u);
+    const float src = x * __builtin_bit_cast(float, 0x3fb8aa3bu);
+    const float fraction = src - std::floor(src);
+    float correction = std::fma(fraction, -0.079204240219773236f, -0.22433836478672356f);
+    correction = std::fma(fraction, correction, 0.30354260500649682f);
+    correction = std::fma(fraction, correction, 0.00010703434948458272f);
+    const float shifted = std::fma(8388608.f, src - correction, 8388608.f * 127.f);
+    const float value = __builtin_bit_cast(float, static_cast<int32_t>(shifted));
+    return x < ln_flt_min ? 0.f : (x > ln_flt_max ? INFINITY : value);
+}
+
+struct Float32 {
+    using T = float;
+    static inline float softmax_exp(float v) { return exp_u20(v); }
+    static inline float load(float v) { return v; }
+    static inline float store(float v) { return v; }
+    static inline float round(float v) { return v; }
+};
+
+struct BFloat16 {
+    using T = uint16_t;
+    static inline float softmax_exp(float v) { return fexp_u20(v); }
+    static inline float load(uint16_t v) { return bf16_to_float(v); }
+    static inline uint16_t store(float v) { return float_to_bf16(v); }
+    static inline float round(float v) { return bf16_to_float(float_to_bf16(v)); }
+};
+
+// hidden += delta (when given, rounded as a bf16 add), then
+// normed = weight * round(hidden * rsqrt(mean(hidden^2) + eps)), as LlamaRMSNorm.
+template <class P>
+void add_rms_norm(typename P::T* hidden, const typename P::T* delta, const typename P::T* weight, float eps,
+                  typename P::T* normed, int rows, int width) {
+    std::vector<float> row(width);
+    for (int r = 0; r < rows; ++r) {
+        typename P::T* h = hidden + static_cast<int64_t>(r) * width;
+        float sum_squares = 0.f;
+        if (delta != nullptr) {
+            const typename P::T* d = delta + static_cast<int64_t>(r) * width;
+            for (int i = 0; i < width; ++i) {
+                float value = P::round(P::load(h[i]) + P::load(d[i]));
+                h[i] = P::store(value);
+                row[i] = value;
+            }
+        } else {
+            for (int i = 0; i < width; ++i) row[i] = P::load(h[i]);
+        }
+#pragma omp simd reduction(+ : sum_squares)
+        for (int i = 0; i < width; ++i) sum_squares += row[i] * row[i];
+        const float inverse = 1.f / std::sqrt(sum_squares / static_cast<float>(width) + eps);
+        typename P::T* out = normed + static_cast<int64_t>(r) * width;
+        for (int i = 0; i < width; ++i) out[i] = P::store(P::load(weight[i]) * P::round(row[i] * inverse));
+    }
+}
+
+// out = round(silu(gate)) * up, rounded: transformers' act_fn(gate_proj(x)) * up_proj(x).
+template <class P>
+void silu_mul(const typename P::T* gate, int64_t gate_stride, const typename P::T* up, int64_t up_stride,
+              typename P::T* out, int rows, int width) {
+    for (int r = 0; r < rows; ++r) {
+        const typename P::T* g = gate + r * gate_stride;
+        const typename P::T* u = up + r * up_stride;
+        typename P::T* o = out + static_cast<int64_t>(r) * width;
+#pragma omp simd
+        for (int i = 0; i < width; ++i) {
+            const float x = P::load(g[i]);
+            o[i] = P::store(P::round(x / (1.f + fast_exp(-x))) * P::load(u[i]));
+        }
+    }
+}
+
+// round(round(x * cos) + round(roll(x, D/2) * sin_signed)): the rotary embedding as
+// transformers applies it, x * cos + rotate_half(x) * sin, one head.
+template <class P>
+inline void rotate_head(const typename P::T* x, const typename P::T* cos, const typename P::T* sin_signed, int dim,
+                        float* out) {
+    const int half = dim / 2;
+    // roll(x, D/2)[i] is x[i + D/2] in the first half and x[i - D/2] in the second:
+    // two loops without a modulo, so that both vectorise.
+    for (int i = 0; i < half; ++i)
+        out[i] = P::round(P::round(P::load(x[i]) * P::load(cos[i])) +
+                          P::round(P::load(x[i + half]) * P::load(sin_signed[i])));
+    for (int i = half; i < dim; ++i)
+        out[i] = P::round(P::round(P::load(x[i]) * P::load(cos[i])) +
+                          P::round(P::load(x[i - half]) * P::load(sin_signed[i])));
+}
+
+#if defined(__AVX512F__)
+// 16 floats from float32 or bf16 memory.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// Scores and weighted value sums of one pair with AVX-512, the head size a multiple of
+// 16 known at compile time: each query head's CHUNKS vectors and sums stay in registers,
+// and each key and value row is read once for the whole group. Same maths as the
+// portable loops below (float32 products and sums, in another order).
+template <class P, int CHUNKS>
+void attend_avx512(const float* query, const typename P::T* key_cache, const typename P::T* value_cache,
+                   const typename P::T* mask_row, typename P::T* out_row, int group, int length, float scale,
+                   float* scores) {
+    constexpr int DIM = CHUNKS * 16;
+    for (int g0 = 0; g0 < group; g0 += 4) {  // up to four query heads at a time in registers
+        const int heads = group - g0 < 4 ? group - g0 : 4;
+        __m512 q[4][CHUNKS];
+        for (int g = 0; g < heads; ++g)
+            for (int c = 0; c < CHUNKS; ++c) q[g][c] = _mm512_loadu_ps(query + (g0 + g) * DIM + c * 16);
+        for (int l = 0; l < length; ++l) {
+            __m512 key[CHUNKS];
+            for (int c = 0; c < CHUNKS; ++c) key[c] = load16(key_cache + static_cast<int64_t>(l) * DIM + c * 16);
+            const float bias = mask_row == nullptr ? 0.f : P::load(mask_row[l]);
+            for (int g = 0; g < heads; ++g) {
+                __m512 t = _mm512_mul_ps(q[g][0], key[0]);
+                for (int c = 1; c < CHUNKS; ++c) t = _mm512_fmadd_ps(q[g][c], key[c], t);
+                scores[(g0 + g) * length + l] = _mm512_reduce_add_ps(t) * scale + bias;
+            }
+        }
+        float inverse[4];
+        for (int g = 0; g < heads; ++g) {
+            float* s = scores + (g0 + g) * length;
+            float top = -INFINITY;
+            for (int j = 0; j < length; ++j) top = s[j] > top ? s[j] : top;
+            float total = 0.f;
+#pragma omp simd reduction(+ : total)
+            for (int j = 0; j < length; ++j) {
+                const float e = P::softmax_exp(s[j] - top);
+                total += e;
+                s[j] = P::round(e);  // as the flash kernel feeds bf16 weights to its second matmul
+            }
+            inverse[g] = 1.f / total;
+        }
+        __m512 acc[4][CHUNKS];
+        for (int g = 0; g < heads; ++g)
+            for (int c = 0; c < CHUNKS; ++c) acc[g][c] = _mm512_setzero_ps();
+        for (int l = 0; l < length; ++l) {
+            __m512 value[CHUNKS];
+            for (int c = 0; c < CHUNKS; ++c) value[c] = load16(value_cache + static_cast<int64_t>(l) * DIM + c * 16);
+            for (int g = 0; g < heads; ++g) {
+                const __m512 p = _mm512_set1_ps(scores[(g0 + g) * length + l]);
+                for (int c = 0; c < CHUNKS; ++c) acc[g][c] = _mm512_fmadd_ps(p, value[c], acc[g][c]);
+            }
+        }
+        for (int g = 0; g < heads; ++g) {
+            alignas(64) float sums[DIM];
+            for (int c = 0; c < CHUNKS; ++c) _mm512_store_ps(sums + c * 16, acc[g][c]);
+            typename P::T* o = out_row + (g0 + g) * DIM;
+            for (int i = 0; i < DIM; ++i) o[i] = P::store(sums[i] * inverse[g]);
+        }
+    }
+}
+#endif
+
+// Attention of one (row, key/value head) pair: rotate the new key, write it and the new
+// value at cache position `position`, rotate the group's queries, and attend over
+// positions [0, length). DIM > 0 fixes the head size at compile time (the common 64 and
+// 128: loops then unroll and the output sums stay in registers); 0 reads it from `dim`.
+template <class P, int DIM>
+void attend_one_head_group(const typename P::T* q_row, const typename P::T* k_row, const typename P::T* v_row,
+                           const typename P::T* cos_row, const typename P::T* sin_row,
+                           typename P::T* key_cache, typename P::T* value_cache, const typename P::T* mask_row,
+                           typename P::T* out_row, int group, int runtime_dim, int position, int length,
+                           float scale) {
+    const int dim = DIM > 0 ? DIM : runtime_dim;
+    std::vector<float> query(static_cast<size_t>(group) * dim), scores(static_cast<size_t>(group) * length);
+    std::vector<float> rotated(dim), sums(dim);
+    rotate_head<P>(k_row, cos_row, sin_row, dim, rotated.data());
+    for (int i = 0; i < dim; ++i) {
+        key_cache[static_cast<int64_t>(position) * dim + i] = P::store(rotated[i]);
+        value_cache[static_cast<int64_t>(position) * dim + i] = v_row[i];
+    }
+    for (int g = 0; g < group; ++g)
+        rotate_head<P>(q_row + static_cast<int64_t>(g) * dim, cos_row, sin_row, dim, query.data() + static_cast<size_t>(g) * dim);
+#if defined(__AVX512F__)
+    if constexpr (DIM > 0 && DIM % 16 == 0) {
+        attend_avx512<P, DIM / 16>(query.data(), key_cache, value_cache, mask_row, out_row, group, length, scale,
+                                   scores.data());
+        return;
+    }
+#endif
+
+    // Scores: four keys at a time, so that four independent sums run at once (one sum
+    // per key is a chain of dependent vector adds, latency-bound).
+    int l = 0;
+    for (; l + 4 <= length; l += 4) {
+        const typename P::T* k0 = key_cache + static_cast<int64_t>(l) * dim;
+        const typename P::T* k1 = k0 + dim;
+        const typename P::T* k2 = k1 + dim;
+        const typename P::T* k3 = k2 + dim;
+        for (int g = 0; g < group; ++g) {
+            const float* qg = query.data() + static_cast<size_t>(g) * dim;
+            float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+            for (int i = 0; i < dim; ++i) {
+                d0 += qg[i] * P::load(k0[i]);
+                d1 += qg[i] * P::load(k1[i]);
+                d2 += qg[i] * P::load(k2[i]);
+                d3 += qg[i] * P::load(k3[i]);
+            }
+            float* s = scores.data() + static_cast<size_t>(g) * length + l;
+            s[0] = d0 * scale;
+            s[1] = d1 * scale;
+            s[2] = d2 * scale;
+            s[3] = d3 * scale;
+        }
+    }
+    for (; l < length; ++l) {
+        const typename P::T* key = key_cache + static_cast<int64_t>(l) * dim;
+        for (int g = 0; g < group; ++g) {
+            const float* qg = query.data() + static_cast<size_t>(g) * dim;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int i = 0; i < dim; ++i) dot += qg[i] * P::load(key[i]);
+            scores[static_cast<size_t>(g) * length + l] = dot * scale;
+        }
+    }
+
+    for (int g = 0; g < group; ++g) {
+        // Softmax (the new position is always attended, so the maximum is finite), then
+        // the probability-weighted sum of the values, normalised once at the end.
+        float* s = scores.data() + static_cast<size_t>(g) * length;
+        if (mask_row != nullptr)
+            for (int j = 0; j < length; ++j) s[j] += P::load(mask_row[j]);
+        float top = -INFINITY;
+        for (int j = 0; j < length; ++j) top = s[j] > top ? s[j] : top;
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int j = 0; j < length; ++j) {
+            const float e = P::softmax_exp(s[j] - top);
+            total += e;
+            s[j] = P::round(e);  // as the flash kernel feeds bf16 weights to its second matmul
+        }
+        float* acc = sums.data();
+        for (int i = 0; i < dim; ++i) acc[i] = 0.f;
+        for (int j = 0; j < length; ++j) {
+            const float p = s[j];
+            const typename P::T* value = value_cache + static_cast<int64_t>(j) * dim;
+#pragma omp simd
+            for (int i = 0; i < dim; ++i) acc[i] += p * P::load(value[i]);
+        }
+        const float inverse = 1.f / total;
+        typename P::T* o = out_row + static_cast<int64_t>(g) * dim;
+        for (int i = 0; i < dim; ++i) o[i] = P::store(acc[i] * inverse);
+    }
+}
+
+// One decode step of attention for every row: the (row, key/value head) pairs split
+// over `threads` threads of PyTorch's own OpenMP pool (the library links the same
+// libgomp, so no second pool competes for the cores). Query head h reads key/value
+// head h / (heads / kv_heads), as transformers' repeat_kv does.
+template <class P>
+void rope_attention(const typename P::T* q, int64_t q_stride, const typename P::T* k, int64_t k_stride,
+                    const typename P::T* v, int64_t v_stride, const typename P::T* cos,
+                    const typename P::T* sin_signed, typename P::T* keys, typename P::T* values,
+                    const typename P::T* mask, int64_t mask_stride, typename P::T* out, int batch, int heads,
+                    int kv_heads, int dim, int capacity, int position, int length, float scale, int threads) {
+    const int group = heads / kv_heads;
+    const int pairs = batch * kv_heads;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int pair = 0; pair < pairs; ++pair) {
+        const int b = pair / kv_heads, kv = pair % kv_heads;
+        const int64_t cache_offset = static_cast<int64_t>(pair) * capacity * dim;
+        const auto* q_row = q + b * q_stride + static_cast<int64_t>(kv) * group * dim;
+        const auto* k_row = k + b * k_stride + static_cast<int64_t>(kv) * dim;
+        const auto* v_row = v + b * v_stride + static_cast<int64_t>(kv) * dim;
+        const auto* cos_row = cos + static_cast<int64_t>(b) * dim;
+        const auto* sin_row = sin_signed + static_cast<int64_t>(b) * dim;
+        const auto* mask_row = mask == nullptr ? nullptr : mask + b * mask_stride;
+        auto* out_row = out + (static_cast<int64_t>(b) * heads + static_cast<int64_t>(kv) * group) * dim;
+        if (dim == 64)
+            attend_one_head_group<P, 64>(q_row, k_row, v_row, cos_row, sin_row, keys + cache_offset,
+                                         values + cache_offset, mask_row, out_row, group, dim, position, length, scale);
+        else if (dim == 128)
+            attend_one_head_group<P, 128>(q_row, k_row, v_row, cos_row, sin_row, keys + cache_offset,
+                                          values + cache_offset, mask_row, out_row, group, dim, position, length, scale);
+        else
+            attend_one_head_group<P, 0>(q_row, k_row, v_row, cos_row, sin_row, keys + cache_offset,
+                                        values + cache_offset, mask_row, out_row, group, dim, position, length, scale);
+    }
+}
+
+}  // namespace
+
+#define UCAI_EXPORT_ALL(SUFFIX, POLICY)                                                                             \
+    extern "C" void ucai_add_rms_norm_##SUFFIX(void* hidden, const void* delta, const void* weight, float eps,     \
+                                               void* normed, int rows, int width) {                                \
+        using T = POLICY::T;                                                                                       \
+        add_rms_norm<POLICY>(static_cast<T*>(hidden), static_cast<const T*>(delta), static_cast<const T*>(weight), \
+                             eps, static_cast<T*>(normed), rows, width);                                           \
+    }                                                                                                              \
+    extern "C" void ucai_silu_mul_##SUFFIX(const void* gate, int64_t gate_stride, const void* up,                  \
+                                           int64_t up_stride, void* out, int rows, int width) {                    \
+        using T = POLICY::T;                                                                                       \
+        silu_mul<POLICY>(static_cast<const T*>(gate), gate_stride, static_cast<const T*>(up), up_stride,           \
+                         static_cast<T*>(out), rows, width);                                                       \
+    }                                                                                                              \
+    extern "C" void ucai_rope_attention_##SUFFIX(                                                                  \
+        const void* q, int64_t q_stride, const void* k, int64_t k_stride, const void* v, int64_t v_stride,        \
+        const void* cos, const void* sin_signed, void* keys, void* values, const void* mask, int64_t mask_stride, \
+        void* out, int batch, int heads, int kv_heads, int dim, int capacity, int position, int length,           \
+        float scale, int threads) {                                                                                             \
+        using T = POLICY::T;                                                                                       \
+        rope_attention<POLICY>(static_cast<const T*>(q), q_stride, static_cast<const T*>(k), k_stride,             \
+                               static_cast<const T*>(v), v_stride, static_cast<const T*>(cos),                     \
+                               static_cast<const T*>(sin_signed), static_cast<T*>(keys), static_cast<T*>(values), \
+                               static_cast<const T*>(mask), mask_stride, static_cast<T*>(out), batch, heads,       \
+                               kv_heads, dim, capacity, position, length, scale, threads);                         \
+    }
+
+UCAI_EXPORT_ALL(f32, Float32)
+UCAI_EXPORT_ALL(bf16, BFloat16)
