@@ -350,11 +350,16 @@ class FusedProjection:
     def _packed_linear(self, flat: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(flat, packed, self._bias, "none", [], "")
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x: (..., H) -> one (..., out_i) tensor per layer."""
+    def __call__(self, x: torch.Tensor, refresh: bool = True) -> list[torch.Tensor]:
+        """x: (..., H) -> one (..., out_i) tensor per layer.
+
+        ``refresh=False`` skips the check that the weights, dtype and row count are
+        those the fused weight was built for (~6 us a call): for the later steps of one
+        generation, where none of them can change."""
         if not self.fusible:
             return [module(x) for module in self.modules]
-        self._refresh(x)
+        if refresh or self._key is None:
+            self._refresh(x)
         if self._direct:
             pieces = [F.linear(x, base.weight, base.bias) for base in self.bases]
         else:
@@ -787,7 +792,8 @@ class NativeLayers:
     place; the model's attention function is not used.
 
     One instance serves one generation: its first step checks every tensor handed to
-    the kernels, later steps (the same code, the same layouts) skip those checks.
+    the kernels and that each fused weight is current, later steps (the same code, the
+    same layouts, the same weights) skip those checks.
     """
 
     def __init__(self, kernels, layers: list[_Layer], final_norm: nn.Module):
@@ -806,18 +812,18 @@ class NativeLayers:
         delta = None
         for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
             kernels.add_rms_norm(hidden, delta, layer.input_norm.weight, layer.input_norm.variance_epsilon, normed, check)
-            q, k, v = layer.qkv(normed)  # (B, H_q * D), (B, KVH * D) x 2
+            q, k, v = layer.qkv(normed, refresh=check)  # (B, H_q * D), (B, KVH * D) x 2
             attended = q.new_empty(q.shape)
             kernels.rope_attention(
                 q, k, v, cos, sin_signed, layer_keys, layer_values, mask_rows, attended, length, layer.attn.scaling,
                 check,
             )
-            delta = layer.o(attended)[0].contiguous()
+            delta = layer.o(attended, refresh=check)[0].contiguous()
             kernels.add_rms_norm(hidden, delta, layer.post_norm.weight, layer.post_norm.variance_epsilon, normed, check)
-            gate, up = layer.gate_up(normed)
+            gate, up = layer.gate_up(normed, refresh=check)
             activated = gate.new_empty(gate.shape)
             kernels.silu_mul(gate, up, activated, check)
-            delta = layer.down(activated)[0].contiguous()
+            delta = layer.down(activated, refresh=check)[0].contiguous()
         kernels.add_rms_norm(hidden, delta, self.final_norm.weight, self.final_norm.variance_epsilon, normed, check)
         self._checked = True
         return normed.view(batch, 1, -1)

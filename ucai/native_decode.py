@@ -49,7 +49,7 @@ DTYPES = tuple(_SUFFIX)
 _p, _i, _i64, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "add_rms_norm": (_p, _p, _p, _f, _p, _i, _i),
-    "silu_mul": (_p, _i64, _p, _i64, _p, _i, _i),
+    "silu_mul": (_p, _i64, _p, _i64, _p, _i, _i, _i),
     "rope_attention": (
         _p, _i64, _p, _i64, _p, _i64, _p, _p, _p, _p, _p, _i64, _p, _i, _i, _i, _i, _i, _i, _i, _f, _i,
     ),
@@ -158,7 +158,8 @@ class NativeDecodeKernels:
             if not out.is_contiguous():
                 raise ValueError("native decode kernel: out must be contiguous")
         self._functions["silu_mul", dtype](
-            gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(), rows, width
+            gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(), rows, width,
+            torch.get_num_threads(),
         )
 
     def rope_attention(

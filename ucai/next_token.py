@@ -148,7 +148,10 @@ def choose_tokens(
     """
     scores = processors(tokens, logits) if processors else logits
     if not do_sample:
-        return torch.argmax(scores, dim=-1), scores
+        # max's indices, not argmax: the same first maximal index (both documented so),
+        # but argmax's CPU reduction is ~3x slower over a vocabulary (16 x 49,152 fp32
+        # on 2 threads: 560 vs 182 us, at every greedy step).
+        return torch.max(scores, dim=-1).indices, scores
     probs = F.softmax(scores, dim=-1)
     if uniforms is not None:
         return draw_with_uniforms(probs, uniforms), scores
