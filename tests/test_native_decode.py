@@ -237,3 +237,20 @@ def test_native_kernels_can_be_turned_off(monkeypatch):
         assert native_decode.native_kernels() is None
     finally:
         native_decode.native_kernels.cache_clear()
+
+
+def test_generation_leaves_the_garbage_collector_as_it_found_it(tiny_tokenizer):
+    """The decode loop turns Python's collector off while it runs and restores it."""
+    import gc
+
+    model = load_causal_lm("tiny-llama", dtype=torch.bfloat16, seed=34).eval()
+    args = (model, *_batch(tiny_tokenizer, 2, 4))
+    assert gc.isenabled()
+    FastDecode().generate(*args)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        FastDecode().generate(*args)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
