@@ -42,7 +42,14 @@ from ucai.models import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "native" / "decode_step.cpp"
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off")
+# -ffp-contract=off: a * b + c rounds twice, as PyTorch's separate ops do (the kernels'
+# explicit fused multiply-adds stay fused). 512-bit vectors on x86 (GCC tunes some
+# AVX-512 CPUs for 256).
+FLAGS = (
+    "-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
+    "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+    *(("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()),
+)
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 DTYPES = tuple(_SUFFIX)
 
@@ -104,11 +111,22 @@ def _check(tensor: torch.Tensor, dtype: torch.dtype, name: str, rows: int | None
         raise ValueError(f"native decode kernel: {name} has shape {tuple(tensor.shape)}, expected ({rows}, {width})")
 
 
+def _process_has_libgomp() -> bool:
+    """Whether GNU OpenMP is loaded already (PyTorch's own pool on Linux wheels): the
+    kernels' parallel loops then share it. Under another OpenMP runtime (Intel's, in
+    some builds) they run single-threaded rather than start a second pool."""
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
 class NativeDecodeKernels:
     """ctypes bindings of the compiled kernels; every tensor argument is checked."""
 
-    def __init__(self, library: ctypes.CDLL, path: Path):
+    def __init__(self, library: ctypes.CDLL, path: Path, share_threads: bool = True):
         self.path = path
+        self.share_threads = share_threads
         self._functions = {}
         for dtype, suffix in _SUFFIX.items():
             for name, arguments in _SIGNATURES.items():
@@ -159,7 +177,7 @@ class NativeDecodeKernels:
                 raise ValueError("native decode kernel: out must be contiguous")
         self._functions["silu_mul", dtype](
             gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), out.data_ptr(), rows, width,
-            torch.get_num_threads(),
+            self.threads(),
         )
 
     def rope_attention(
@@ -200,8 +218,12 @@ class NativeDecodeKernels:
             cos.data_ptr(), sin_signed.data_ptr(), keys.data_ptr(), values.data_ptr(),
             None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
             out.data_ptr(), batch, heads, kv_heads, dim, capacity, length - 1, length, scale,
-            torch.get_num_threads(),
+            self.threads(),
         )
+
+    def threads(self) -> int:
+        """Threads for the kernels' parallel loops: PyTorch's, when its pool is theirs."""
+        return torch.get_num_threads() if self.share_threads else 1
 
     @staticmethod
     def _check_attention(q, k, v, cos, sin_signed, keys, values, mask, out) -> None:
@@ -246,7 +268,8 @@ def native_kernels() -> NativeDecodeKernels | None:
         if not path.exists():
             _compile(compiler, path)
             log.info("generation: compiled the native decode kernels into %s", path)
-        return NativeDecodeKernels(ctypes.CDLL(str(path)), path)
+        share_threads = _process_has_libgomp()
+        return NativeDecodeKernels(ctypes.CDLL(str(path)), path, share_threads)
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
         log.info("generation: native decode kernels unavailable (%s); using PyTorch ops", error)
         return None

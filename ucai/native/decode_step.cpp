@@ -3,9 +3,12 @@
 // A decode step of a small Llama on CPU spends as much time between its matmuls as in
 // them: norms, residual adds, rotary embedding, the cache write, one-row attention and
 // SiLU-times-up are ~25 PyTorch ops a layer, each a few microseconds of dispatch over a
-// few kilobytes of data, and PyTorch's flash attention kernel takes ~300 us a call at
-// batch 16 for ~2 MB of keys and values. Here each group is one call, single-threaded
-// (PyTorch's OpenMP pool keeps the matmuls; a second pool would compete for the cores).
+// few kilobytes of data, and PyTorch's flash attention kernel takes ~200-300 us a call
+// at batch 16 for ~2 MB of keys and values (these kernels: ~90-120 us). Here each group
+// is one call. The attention and SiLU loops split their rows over PyTorch's own OpenMP
+// threads (this library links the same libgomp, so no second pool competes for the
+// cores; `ucai.native_decode` passes 1 thread under another OpenMP runtime); the norm,
+// a few kilobytes, runs on the calling thread.
 //
 // Every function exists for float32 (suffix _f32) and bfloat16 (_bf16, raw uint16 bits).
 // Rounding follows PyTorch's bf16 ops: each elementwise op computes in float32 and
