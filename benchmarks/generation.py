@@ -90,6 +90,7 @@ def worker(args) -> dict:
 
     from ucai.generation_engine import select_engine
     from ucai.models import load_causal_lm, load_tokenizer
+    from ucai.native_decode import native_kernels
     from ucai.stages.generation import GenerationSettings
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -135,6 +136,7 @@ def worker(args) -> dict:
     return {
         "step_seconds": step_seconds,
         "engine": engine.name if args.worker in UCAI_SIDES else "hf",
+        "native_kernels": native_kernels() is not None if args.worker in UCAI_SIDES else None,
         "seconds": elapsed,
         "completion_tokens": int(completions.numel()),
         "steps": int(completions.shape[1]),
@@ -278,10 +280,15 @@ def main() -> None:
     for side in SIDES:
         first = runs[side][0]
         print(
-            f"{side:10s} {summary[side]['tokens_per_s']:7.1f} tokens/s "
+            f"{side:16s} {summary[side]['tokens_per_s']:7.1f} tokens/s "
             f"(runs: {', '.join(f'{x:.1f}' for x in summary[side]['rates'])}) "
             f"peak RSS {summary[side]['peak_rss_mb']:6.0f} MB; {first['completion_tokens']} completion tokens "
-            f"in {first['steps']} steps" + (f" (engine: {first['engine']})" if side == "ucai" else "")
+            f"in {first['steps']} steps"
+            + (
+                f" (engine: {first['engine']}, native kernels {'on' if first['native_kernels'] else 'off'})"
+                if side in UCAI_SIDES
+                else ""
+            )
         )
     print(
         "token-identical to ucai's greedy ids: "

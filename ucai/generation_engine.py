@@ -515,6 +515,7 @@ class DecodeLoop:
         # few hundred short-lived objects, which set off collections that walk the
         # model's thousands of live objects (3-5% of a SmolLM2 bf16 generation here);
         # the loop makes no reference cycles, and the collector is back on afterwards.
+        # The switch is process-wide: another thread's cycles wait until then.
         collecting = gc.isenabled()
         gc.disable()
         try:
@@ -785,9 +786,18 @@ def native_layers_unsupported(base, decoder, layers: list[_Layer], dtype: torch.
         return f"autocast to {torch.get_autocast_dtype('cpu')} over {dtype} weights"
     if getattr(base.config, "hidden_act", None) != "silu":
         return f"activation {getattr(base.config, 'hidden_act', None)!r}"
-    weights = [decoder.norm.weight] + [n.weight for layer in layers for n in (layer.input_norm, layer.post_norm)]
+    if getattr(base.config, "_attn_implementation", "sdpa") != "sdpa":
+        # The kernel rounds as the flash kernel SDPA runs; eager attention rounds the
+        # normalised weights instead, so its forward is not the one it follows.
+        return f"attention implementation {base.config._attn_implementation!r}"
+    projections = [p for layer in layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    if not all(p.fusible for p in projections):
+        return "projections other than plain or LoRA linear layers (quantised, DoRA)"
+    weights = [decoder.norm.weight, decoder.embed_tokens.weight]
+    weights += [n.weight for layer in layers for n in (layer.input_norm, layer.post_norm)]
+    weights += [base.weight for p in projections for base in p.bases]
     if any(w.device.type != "cpu" or w.dtype != dtype for w in weights):
-        return "norm weights of another dtype or device"
+        return "weights of another dtype or device than the cache's"
     if not layers or layers[0].head_dim % 2 or base.config.num_attention_heads % base.config.num_key_value_heads:
         return "head layout"
     return None
@@ -814,7 +824,7 @@ class NativeLayers:
         mask: (B, 1, 1, length) additive, or None."""
         kernels, check = self.kernels, not self._checked
         batch = hidden.shape[0]
-        hidden = hidden.reshape(batch, -1).contiguous()  # (B, H), the embedding's own copy
+        hidden = hidden.reshape(batch, -1).clone()  # (B, H), updated in place below
         cos, sin_signed = (t.reshape(batch, -1).contiguous() for t in cos_sin)  # (B, D)
         mask_rows = None if mask is None else mask.reshape(batch, -1)  # (B, length), rows contiguous
         normed = torch.empty_like(hidden)

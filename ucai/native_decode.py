@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -74,26 +75,26 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _library_path(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+def _library_path(compiler: list[str]) -> Path:
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
         b"\0".join(x.encode() for x in (SOURCE.read_text(), version, " ".join(FLAGS), _cpu_flags()))
     ).hexdigest()[:16]
     return cache_dir() / "kernels" / f"decode_step-{key}.so"
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compile(compiler: list[str], target: Path) -> None:
     """Compile the source to ``target`` atomically (another process may do the same)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(handle)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", temporary], capture_output=True, text=True, timeout=300
+            [*compiler, *FLAGS, str(SOURCE), "-o", temporary], capture_output=True, text=True, timeout=300
         )
         if result.returncode != 0:
             first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
-            raise RuntimeError(f"{compiler} failed: {first[:300]}")
+            raise RuntimeError(f"{' '.join(compiler)} failed: {first[:300]}")
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
@@ -111,14 +112,24 @@ def _check(tensor: torch.Tensor, dtype: torch.dtype, name: str, rows: int | None
         raise ValueError(f"native decode kernel: {name} has shape {tuple(tensor.shape)}, expected ({rows}, {width})")
 
 
-def _process_has_libgomp() -> bool:
-    """Whether GNU OpenMP is loaded already (PyTorch's own pool on Linux wheels): the
-    kernels' parallel loops then share it. Under another OpenMP runtime (Intel's, in
-    some builds) they run single-threaded rather than start a second pool."""
+def _openmp_runtimes() -> set[str] | None:
+    """The OpenMP runtime libraries mapped into this process (None where that cannot
+    be read: not Linux)."""
     try:
-        return "libgomp" in Path("/proc/self/maps").read_text()
+        maps = Path("/proc/self/maps").read_text()
     except OSError:
-        return False
+        return None
+    names = ("libgomp", "libiomp", "libomp")
+    return {line.split()[-1] for line in maps.splitlines() if any(n in line.rsplit("/", 1)[-1] for n in names)}
+
+
+def _shares_one_openmp_runtime(before: set[str] | None, after: set[str] | None) -> bool:
+    """Whether the kernels' parallel loops run on PyTorch's own OpenMP pool: loading
+    them added no second runtime (PyTorch's Linux wheels ship libgomp under the
+    library's standard name, which the kernels link). Otherwise (a renamed or another
+    runtime, e.g. Intel's or LLVM's) they run single-threaded rather than start a second
+    pool that would spin against the first for the cores."""
+    return before is not None and after is not None and len(after) == 1 and after == before
 
 
 class NativeDecodeKernels:
@@ -232,7 +243,7 @@ class NativeDecodeKernels:
         heads = q.shape[1] // dim
         if not (keys.is_contiguous() and values.is_contiguous() and values.shape == keys.shape):
             raise ValueError("native decode kernel: keys and values must be contiguous caches of one shape")
-        if keys.device.type != "cpu" or values.dtype != dtype:
+        if keys.device.type != "cpu" or values.device.type != "cpu" or values.dtype != dtype:
             raise ValueError("native decode kernel: keys and values must be CPU tensors of one dtype")
         if heads * dim != q.shape[1] or heads % kv_heads or dim % 2:
             raise ValueError(
@@ -259,8 +270,8 @@ def native_kernels() -> NativeDecodeKernels | None:
     if os.environ.get("UCAI_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         log.info("generation: native decode kernels turned off (UCAI_NATIVE_KERNELS=0)")
         return None
-    compiler = os.environ.get("CXX") or "c++"
-    if shutil.which(compiler) is None:
+    compiler = shlex.split(os.environ.get("CXX") or "c++")  # e.g. "ccache g++"
+    if not compiler or shutil.which(compiler[0]) is None:
         log.info("generation: no C++ compiler (%s) for the native decode kernels; using PyTorch ops", compiler)
         return None
     try:
@@ -268,8 +279,13 @@ def native_kernels() -> NativeDecodeKernels | None:
         if not path.exists():
             _compile(compiler, path)
             log.info("generation: compiled the native decode kernels into %s", path)
-        share_threads = _process_has_libgomp()
-        return NativeDecodeKernels(ctypes.CDLL(str(path)), path, share_threads)
+        before = _openmp_runtimes()
+        try:
+            library = ctypes.CDLL(str(path))
+        except OSError:  # a stale or foreign build in a shared cache: build it again
+            _compile(compiler, path)
+            library = ctypes.CDLL(str(path))
+        return NativeDecodeKernels(library, path, _shares_one_openmp_runtime(before, _openmp_runtimes()))
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
         log.info("generation: native decode kernels unavailable (%s); using PyTorch ops", error)
         return None

@@ -19,7 +19,10 @@
 // the mask), exp(score - max) summed in float32 but rounded to the cache dtype before it
 // weights the values, the float32 sum divided out at the end and the output rounded.
 // (Keeping those weights in float32 is more precise but drifts further from the
-// model's own forward, which is what faithfulness is measured against.)
+// model's own forward, which is what faithfulness is measured against.) Two
+// differences remain: PyTorch takes the exact exp for the last (length mod vector
+// width) keys, and beyond 512 keys it splits them into blocks with an online softmax;
+// here one pass with one exp covers every key.
 //
 // Shapes (row-major, contiguous unless a row stride is given):
 //   hidden, delta, normed: (rows, width)
@@ -96,7 +99,10 @@ inline float exp_u20(float x) {
 inline float fexp_u20(float x) {
     const float ln_flt_min = __builtin_bit_cast(float, 0xc2aeac50u);
     const float ln_flt_max = __builtin_bit_cast(float, 0x42b17218u);
-    const float src = x * __builtin_bit_cast(float, 0x3fb8aa3bu);
+    // Computed on x clamped to the representable range (bit-identical there) so that the
+    // float-to-int conversion below never sees NaN or an out-of-range value (undefined
+    // in C++); the selects at the end give 0 and infinity outside it, as PyTorch's masks do.
+    const float src = std::fmax(std::fmin(x, ln_flt_max), ln_flt_min) * __builtin_bit_cast(float, 0x3fb8aa3bu);
     const float fraction = src - std::floor(src);
     float correction = std::fma(fraction, -0.079204240219773236f, -0.22433836478672356f);
     correction = std::fma(fraction, correction, 0.30354260500649682f);
@@ -221,6 +227,7 @@ void attend_avx512(const float* query, const typename P::T* key_cache, const typ
             float* s = scores + (g0 + g) * length;
             float top = -INFINITY;
             for (int j = 0; j < length; ++j) top = s[j] > top ? s[j] : top;
+            if (top == -INFINITY) top = 0.f;  // every position masked: all weights 0, output 0 (as PyTorch)
             float total = 0.f;
 #pragma omp simd reduction(+ : total)
             for (int j = 0; j < length; ++j) {
@@ -228,7 +235,7 @@ void attend_avx512(const float* query, const typename P::T* key_cache, const typ
                 total += e;
                 s[j] = P::round(e);  // as the flash kernel feeds bf16 weights to its second matmul
             }
-            inverse[g] = 1.f / total;
+            inverse[g] = total > 0.f ? 1.f / total : 0.f;
         }
         __m512 acc[4][CHUNKS];
         for (int g = 0; g < heads; ++g)
@@ -323,6 +330,7 @@ void attend_one_head_group(const typename P::T* q_row, const typename P::T* k_ro
             for (int j = 0; j < length; ++j) s[j] += P::load(mask_row[j]);
         float top = -INFINITY;
         for (int j = 0; j < length; ++j) top = s[j] > top ? s[j] : top;
+        if (top == -INFINITY) top = 0.f;  // every position masked: all weights 0, output 0 (as PyTorch)
         float total = 0.f;
 #pragma omp simd reduction(+ : total)
         for (int j = 0; j < length; ++j) {
@@ -338,7 +346,7 @@ void attend_one_head_group(const typename P::T* q_row, const typename P::T* k_ro
 #pragma omp simd
             for (int i = 0; i < dim; ++i) acc[i] += p * P::load(value[i]);
         }
-        const float inverse = 1.f / total;
+        const float inverse = total > 0.f ? 1.f / total : 0.f;
         typename P::T* o = out_row + static_cast<int64_t>(g) * dim;
         for (int i = 0; i < dim; ++i) o[i] = P::store(acc[i] * inverse);
     }
