@@ -33,7 +33,7 @@ remaining steps) is compared with the floor this script measures in the same run
 in its own subprocess at the same thread count: the larger of the weight bytes a step
 reads over the machine's streaming-read bandwidth (the best of several full reads of a
 1 GiB buffer) and the step's FLOPs (every matmul at this batch, attention at the mean
-cache length) over the peak bf16 matmul rate (large square matmuls):
+cache length) over the peak matmul rate in the benchmark's dtype (square matmuls):
 ``floor_ratio = step time / floor``. Fidelity (`ucai.generation_fidelity`): mean and
 max |Δ log-prob| against the model's forward, for ucai's engine and for HF ``generate``.
 
@@ -175,12 +175,25 @@ def floor_worker(args) -> dict:
         return {name: buffer.numel() * 2 / best_seconds(fn, 5) for name, fn in reads.items()}
 
     bandwidths = read_bandwidths()
+    dtype = getattr(torch, args.dtype)
     peaks = {}
-    for n in (2048, 4096):
-        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-        peaks[n] = 2 * n**3 / best_seconds(lambda a=a, b=b: a @ b, 5)
+    # Square matmuls from 512 up, as ``@`` and as ``F.linear`` (the model's call; on a
+    # CPU without native bf16 the two take different paths: ``@`` a reference loop at
+    # ~1 GFLOP/s, ``F.linear`` oneDNN at ~20), stopping at 4096 or once a call takes
+    # over a second, where the rate has long settled.
+    n = 512
+    while n <= 4096:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        seconds = min(
+            best_seconds(lambda a=a, b=b: a @ b, 3),
+            best_seconds(lambda a=a, b=b: torch.nn.functional.linear(a, b), 3),
+        )
+        peaks[n] = 2 * n**3 / seconds
+        if seconds > 1.0:
+            break
+        n *= 2
 
-    model = load_causal_lm(args.model, dtype=torch.bfloat16)
+    model = load_causal_lm(args.model, dtype=dtype)
     config = model.config
     unique = {p.data_ptr(): p for p in model.parameters()}.values()
     embedding = model.get_input_embeddings().weight
@@ -304,7 +317,7 @@ def main() -> None:
     print(
         f"floor: {floor['weight_bytes'] / 1e6:.0f} MB of weights / {floor['bandwidth'] / 1e9:.1f} GB/s read "
         f"({floor['bandwidth_by']}) = {floor['weight_bytes'] / floor['bandwidth'] * 1e3:.2f} ms; "
-        f"{floor['step_flops'] / 1e9:.2f} GFLOP / {floor['peak_flops'] / 1e12:.2f} TFLOP/s bf16 matmul = "
+        f"{floor['step_flops'] / 1e9:.2f} GFLOP / {floor['peak_flops'] / 1e12:.2f} TFLOP/s {args.dtype} matmul = "
         f"{floor['step_flops'] / floor['peak_flops'] * 1e3:.2f} ms; floor {floor['floor_seconds'] * 1e3:.2f} ms "
         f"({floor['bound']}-bound)"
     )
