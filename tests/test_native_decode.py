@@ -213,6 +213,10 @@ class PyTorchOps(FastDecode):
 
 
 def count_native_steps(monkeypatch) -> list:
+    """A list that grows by one for each step the engine runs with the kernels; the
+    engine takes them on any CPU here (on one without native bf16 it would not: see
+    `test_a_cpu_without_native_bf16_runs_the_pytorch_ops`)."""
+    monkeypatch.setattr(generation_engine, "bf16_kernels_faithful_here", lambda: True)
     calls = []
     original = generation_engine.NativeLayers.__call__
     monkeypatch.setattr(
@@ -287,6 +291,15 @@ def test_without_the_kernels_the_fast_engine_runs_its_pytorch_ops(tiny_tokenizer
     bf16 = load_causal_lm("tiny-llama", dtype=torch.bfloat16, seed=33).eval()
     monkeypatch.setattr(generation_engine, "native_kernels", lambda: None)
     args = (bf16, *args[1:])
+    assert torch.equal(FastDecode().generate(*args), PyTorchOps().generate(*args))
+    assert calls == []
+
+
+def test_a_cpu_without_native_bf16_runs_the_pytorch_ops(tiny_tokenizer, monkeypatch):
+    calls = count_native_steps(monkeypatch)
+    monkeypatch.setattr(generation_engine, "bf16_kernels_faithful_here", lambda: False)
+    model = load_causal_lm("tiny-llama", dtype=torch.bfloat16, seed=34).eval()
+    args = (model, *_batch(tiny_tokenizer, 4, 16))
     assert torch.equal(FastDecode().generate(*args), PyTorchOps().generate(*args))
     assert calls == []
 

@@ -674,21 +674,21 @@ class FastDecode(DecodeLoop):
 
     * prompts that share a beginning (a principle's system prompt) have it prefilled
       once (`ucai.prefill.shared_prefix_prefill`);
-    * on CPU in bfloat16, each layer's work between its matmuls runs in
-      three fused C++ calls (`ucai.native_decode`, `NativeLayers`): the residual add
-      with the next norm, the rotary embedding with the cache write and a one-row
-      attention, and SiLU-times-up. They round as PyTorch's ops do, and the attention
-      follows PyTorch's CPU flash kernel (float32 scores, its fast exp, weights rounded
-      to bf16), so the engine's log-probs stay as close to the forward as
-      ``generate``'s (16 prompts x 128 greedy tokens, mean / max |Δ log-prob|: SmolLM2
-      2.30e-2 / 0.234 against ``generate``'s 2.36e-2 / 0.196; tiny test model 8.3e-5 /
-      7.8e-3 against 1.95e-4 / 7.8e-3). SmolLM2 bf16, batch 16, 2 threads: ~25% less
-      time per decode step than the PyTorch ops (``benchmarks/generation.py`` prints
-      both). Where the
-      kernels cannot run (no C++ compiler, ``UCAI_NATIVE_KERNELS=0``, float32 weights,
-      an activation other than SiLU) the layers run as PyTorch ops, with the
-      norms as PyTorch's fused ``rms_norm`` and the queries and keys rotated together
-      (`ucai.decode_kernels`), with one log line;
+    * in bfloat16 on a CPU with native bf16, each layer's work between its matmuls
+      runs in three fused C++ calls (`ucai.native_decode`, `NativeLayers`): the
+      residual add with the next norm, the rotary embedding with the cache write and a
+      one-row attention, and SiLU-times-up. They round as PyTorch's ops do, and the
+      attention follows PyTorch's CPU flash kernel (float32 scores, its fast exp,
+      weights rounded to bf16), so the engine's log-probs stay as close to the forward
+      as ``generate``'s (16 prompts x 128 greedy tokens, mean / max |Δ log-prob|:
+      SmolLM2 2.30e-2 / 0.234 against ``generate``'s 2.36e-2 / 0.196; tiny test model
+      8.3e-5 / 7.8e-3 against 1.95e-4 / 7.8e-3). SmolLM2 bf16, batch 16, 2 threads:
+      ~33% less time per decode step than the PyTorch ops (``benchmarks/generation.py``
+      prints both). Where the kernels do not run (no C++ compiler,
+      ``UCAI_NATIVE_KERNELS=0``, float32 weights, an AVX2-only CPU:
+      `bf16_kernels_faithful_here`, an activation other than SiLU) the layers run as
+      PyTorch ops, with the norms as PyTorch's fused ``rms_norm`` and the queries and
+      keys rotated together (`ucai.decode_kernels`), with one log line;
     * float32 weights are pre-packed for oneDNN as bf16 ones are (`FusedProjection`),
       when the copy fits in a quarter of the free memory: fp32 PPO rollouts decode
       ~1.5x faster per matmul on one core;
@@ -771,6 +771,18 @@ class FastDecode(DecodeLoop):
         return hidden + layer.down(layer.act(gate) * up)[0]
 
 
+def bf16_kernels_faithful_here() -> bool:
+    """Whether the native kernels' bf16 results follow PyTorch's closely enough here to
+    be used: on a CPU with native bf16 (AVX-512 / AMX), the machine they were built to
+    follow (SmolLM2, 16 prompts x 128 greedy tokens: mean |Δ log-prob| 2.30e-2 against
+    ``generate``'s 2.36e-2, 1.5x faster a step). On an AVX2-only CPU PyTorch's bf16
+    kernels take other paths (8-wide vectors, a reference matmul): the kernels drifted
+    further than ``generate`` there (2.45e-2 against 2.39e-2, the PyTorch ops 2.39e-2)
+    for 8% of a step, and bf16 is the slow choice on such a CPU anyway (the pipeline
+    falls back to float32)."""
+    return cpu_bf16_is_native()
+
+
 def native_layers_unsupported(base, decoder, layers: list[_Layer], dtype: torch.dtype) -> str | None:
     """Why the fast engine does not run these layers with the fused native kernels
     (`ucai.native_decode`; None: it does). They compute a Llama layer (RMSNorm,
@@ -782,6 +794,8 @@ def native_layers_unsupported(base, decoder, layers: list[_Layer], dtype: torch.
     PyTorch ops, as autocast does to any other dtype."""
     if dtype != torch.bfloat16:
         return f"{dtype} (the kernels are used in bfloat16)"
+    if not bf16_kernels_faithful_here():
+        return "a CPU without native bf16 (there the kernels drift further than generate)"
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != dtype:
         return f"autocast to {torch.get_autocast_dtype('cpu')} over {dtype} weights"
     if getattr(base.config, "hidden_act", None) != "silu":
