@@ -703,7 +703,7 @@ class FastDecode(DecodeLoop):
     version = "fast-3"
     pack_float32 = True
     partial_sort_top_p = True
-    description = "fast decode (shared prefixes prefilled once, fused native kernels between the matmuls)"
+    description = "fast decode (shared prefixes prefilled once, native kernels between the matmuls where they apply)"
 
     def unsupported(self, model) -> str | None:
         reason = super().unsupported(model)
