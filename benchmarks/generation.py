@@ -88,9 +88,9 @@ def _prompts(tokenizer, count: int) -> list[str]:
 def worker(args) -> dict:
     import torch
 
+    from ucai import generation_engine
     from ucai.generation_engine import select_engine
     from ucai.models import load_causal_lm, load_tokenizer
-    from ucai.native_decode import native_kernels
     from ucai.stages.generation import GenerationSettings
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -121,7 +121,15 @@ def worker(args) -> dict:
                 **encoded, **settings.to_kwargs(), eos_token_id=[], pad_token_id=tokenizer.pad_token_id, **extra
             )
 
-    run()  # warm-up (and, for the static cache, its allocation)
+    # Warm-up (and, for the static cache, its allocation), counting the decode steps
+    # that ran the native kernels: they apply only in bf16 on a CPU with native bf16.
+    native_steps = []
+    layers_call = generation_engine.NativeLayers.__call__
+    generation_engine.NativeLayers.__call__ = lambda self, *a, **k: native_steps.append(1) or layers_call(self, *a, **k)
+    try:
+        run()
+    finally:
+        generation_engine.NativeLayers.__call__ = layers_call
     start = time.perf_counter()
     sequences = run()
     elapsed = time.perf_counter() - start
@@ -136,7 +144,7 @@ def worker(args) -> dict:
     return {
         "step_seconds": step_seconds,
         "engine": engine.name if args.worker in UCAI_SIDES else "hf",
-        "native_kernels": native_kernels() is not None if args.worker in UCAI_SIDES else None,
+        "native_kernels": bool(native_steps) if args.worker in UCAI_SIDES else None,
         "seconds": elapsed,
         "completion_tokens": int(completions.numel()),
         "steps": int(completions.shape[1]),
