@@ -176,6 +176,24 @@ void silu_mul(const typename P::T* gate, int64_t gate_stride, const typename P::
 
 // round(round(x * cos) + round(roll(x, D/2) * sin_signed)): the rotary embedding as
 // transformers applies it, x * cos + rotate_half(x) * sin, one head.
+// Scores (length) -> unnormalised softmax weights in place, rounded as the flash kernel
+// rounds them; returns 1 / their float32 sum (0 when every position is masked: the
+// output is then 0, as PyTorch's).
+template <class P>
+inline float softmax_weights(float* s, int length) {
+    float top = -INFINITY;
+    for (int j = 0; j < length; ++j) top = s[j] > top ? s[j] : top;
+    if (top == -INFINITY) top = 0.f;  // every position masked: all weights 0
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int j = 0; j < length; ++j) {
+        const float e = P::softmax_exp(s[j] - top);
+        total += e;
+        s[j] = P::round(e);  // as the flash kernel feeds bf16 weights to its second matmul
+    }
+    return total > 0.f ? 1.f / total : 0.f;
+}
+
 template <class P>
 inline void rotate_head(const typename P::T* x, const typename P::T* cos, const typename P::T* sin_signed, int dim,
                         float* out) {
@@ -224,18 +242,7 @@ void attend_avx512(const float* query, const typename P::T* key_cache, const typ
         }
         float inverse[4];
         for (int g = 0; g < heads; ++g) {
-            float* s = scores + (g0 + g) * length;
-            float top = -INFINITY;
-            for (int j = 0; j < length; ++j) top = s[j] > top ? s[j] : top;
-            if (top == -INFINITY) top = 0.f;  // every position masked: all weights 0, output 0 (as PyTorch)
-            float total = 0.f;
-#pragma omp simd reduction(+ : total)
-            for (int j = 0; j < length; ++j) {
-                const float e = P::softmax_exp(s[j] - top);
-                total += e;
-                s[j] = P::round(e);  // as the flash kernel feeds bf16 weights to its second matmul
-            }
-            inverse[g] = total > 0.f ? 1.f / total : 0.f;
+            inverse[g] = softmax_weights<P>(scores + (g0 + g) * length, length);
         }
         __m512 acc[4][CHUNKS];
         for (int g = 0; g < heads; ++g)
@@ -323,21 +330,11 @@ void attend_one_head_group(const typename P::T* q_row, const typename P::T* k_ro
     }
 
     for (int g = 0; g < group; ++g) {
-        // Softmax (the new position is always attended, so the maximum is finite), then
-        // the probability-weighted sum of the values, normalised once at the end.
+        // Softmax, then the probability-weighted sum of the values, normalised once at the end.
         float* s = scores.data() + static_cast<size_t>(g) * length;
         if (mask_row != nullptr)
             for (int j = 0; j < length; ++j) s[j] += P::load(mask_row[j]);
-        float top = -INFINITY;
-        for (int j = 0; j < length; ++j) top = s[j] > top ? s[j] : top;
-        if (top == -INFINITY) top = 0.f;  // every position masked: all weights 0, output 0 (as PyTorch)
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
-        for (int j = 0; j < length; ++j) {
-            const float e = P::softmax_exp(s[j] - top);
-            total += e;
-            s[j] = P::round(e);  // as the flash kernel feeds bf16 weights to its second matmul
-        }
+        const float inverse = softmax_weights<P>(s, length);
         float* acc = sums.data();
         for (int i = 0; i < dim; ++i) acc[i] = 0.f;
         for (int j = 0; j < length; ++j) {
@@ -346,7 +343,6 @@ void attend_one_head_group(const typename P::T* q_row, const typename P::T* k_ro
 #pragma omp simd
             for (int i = 0; i < dim; ++i) acc[i] += p * P::load(value[i]);
         }
-        const float inverse = total > 0.f ? 1.f / total : 0.f;
         typename P::T* o = out_row + static_cast<int64_t>(g) * dim;
         for (int i = 0; i < dim; ++i) o[i] = P::store(acc[i] * inverse);
     }
