@@ -15,14 +15,11 @@ import torch
 from ucai.data.preference_data import PreferenceDataModule, length_buckets, read_preferences, truncate_pair
 from ucai.errors import UcaiError
 from ucai.losses import bradley_terry_loss
+from ucai.packing import PAD, PREFIX, packed_attention_mask, packed_layout
 from ucai.reward_scoring import (
     CHOSEN,
-    PAD,
-    PREFIX,
     REJECTED,
     RewardScorer,
-    packed_pair_layout,
-    packed_pair_mask,
     packed_pair_rewards,
     packs_pairs,
     sequence_rewards,
@@ -320,7 +317,7 @@ def test_scorer_without_stats_names_the_stage(tmp_path):
 
 def test_packed_layout_and_mask_by_hand():
     # one pair: prefix 2 tokens, chosen rest 2, rejected rest 1, one pad column
-    segment, position = packed_pair_layout(torch.tensor([[2, 2, 1]]), 6)
+    segment, position = packed_layout(torch.tensor([[2, 2, 1]]), 6)
     assert segment.tolist() == [[PREFIX, PREFIX, CHOSEN, CHOSEN, REJECTED, PAD]]
     assert position.tolist() == [[0, 1, 2, 3, 2, 0]]  # the rejected reply restarts after the prefix
     expected = [  # query rows, key columns
@@ -331,7 +328,7 @@ def test_packed_layout_and_mask_by_hand():
         [1, 1, 0, 0, 1, 0],  # rejected: the prefix and itself, not the chosen reply
         [0, 0, 0, 0, 0, 1],  # padding sees itself only (no all-masked softmax row)
     ]
-    assert packed_pair_mask(segment)[0, 0].int().tolist() == expected
+    assert packed_attention_mask(segment)[0, 0].int().tolist() == expected
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

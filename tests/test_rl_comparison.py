@@ -39,7 +39,10 @@ def test_answer_kl_per_position_matches_one_unpadded_forward(tiny_tokenizer):
     from ucai.models import load_causal_lm
 
     model, reference = load_causal_lm("tiny-llama", seed=0), load_causal_lm("tiny-llama", seed=1)
-    prompts, answers = ["hello there", "a much longer question than the first one"], ["ok then", "no"]
+    # the longest row first and batches of 2: the batches are length-sorted, and the
+    # answers must come back in their own order
+    prompts = ["a much longer question than the first one", "hello there", "hi"]
+    answers = ["no, and that is a long answer too", "ok then", "yes"]
     got = answer_kl(model, reference, tiny_tokenizer, prompts, answers, batch_size=2)
     assert [len(values) for values in got] == [len(tiny_tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
     # The same numbers from each row alone (no padding in the batch): the padded batch

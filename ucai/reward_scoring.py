@@ -14,7 +14,9 @@ state is scored. Both live here.
   head pools the first ([CLS]) token, which needs right padding.
 * `packed_pair_rewards` — training on preference pairs: one row per pair, the shared
   conversation once and both replies after it, with a 4D mask and positions that
-  give each reply exactly what it would see in its own sequence.
+  give each reply exactly what it would see in its own sequence (`ucai.packing`).
+  `RewardScorer` packs the same way every group of texts that share a beginning
+  (answers to one prompt), `packed_rewards`.
 * `RewardScorer` — loads a saved reward-model folder (merged weights, tokenizer and
   ``reward_stats.json``) and returns the normalised reward and ``sigmoid`` of it.
 """
@@ -31,10 +33,15 @@ import torch
 
 from ucai.chat import DEFAULT_SYSTEM_PROMPT, render_chat
 from ucai.errors import UcaiError
+from ucai.packing import attention_takes_4d_mask, group_into_rows, pack_rows, packed_hidden, segment_ends
 from ucai.padding import last_real_index, position_ids, tokenizer_sides
 from ucai.stage_outputs import made_by
 
 STATS_FILE = "reward_stats.json"
+# Longest packed row of `RewardScorer` (tokens): long enough for a conversation and
+# several replies to it, short enough that the dense attention over the row stays a
+# small part of the work.
+PACK_TOKENS = 512
 
 Message = dict[str, str]
 
@@ -114,59 +121,35 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return inner.score(pooled)[:, 0]
 
 
-# Attention implementations that take a custom 4D mask as it is (flash-attention 2
-# wants a 2D padding mask, so pairs are not packed under it).
-PACKING_ATTENTION = ("sdpa", "eager")
-
-PREFIX, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+# The segments of a packed pair row (`ucai.packing`): the shared conversation, then
+# the rest of the chosen text, then the rest of the rejected text.
+CHOSEN, REJECTED = 1, 2
 
 
 def packs_pairs(model) -> bool:
-    """Whether `packed_pair_rewards` can run on this model (a decoder with an
-    attention implementation that accepts a custom 4D mask)."""
-    inner = unwrap_peft(model)
-    return pools_last_token(model) and getattr(inner.config, "_attn_implementation", None) in PACKING_ATTENTION
+    """Whether packed rows (`packed_pair_rewards`, `packed_rewards`) can run on this
+    model: a decoder with an attention implementation that takes a custom 4D mask."""
+    return pools_last_token(model) and attention_takes_4d_mask(unwrap_peft(model).config)
 
 
-def packed_pair_layout(segments: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segment id and position of every column of packed pair rows.
-
-    A packed row is ``[shared prefix | rest of chosen | rest of rejected | padding]``.
-    Both replies continue the prefix, so both count their positions from its end.
+def packed_rewards(model, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Rewards of the replies of packed rows, each row one prefix followed by its
+    replies (`ucai.packing`): each reply is scored at its last token, which sees
+    exactly what it sees in its own full sequence, so the rewards equal
+    `sequence_rewards` on the full texts up to float rounding.
 
     Args:
-        segments: (B, 3) lengths (prefix P, chosen rest Cc, rejected rest Cr).
-        width: L >= max(P + Cc + Cr).
+        ids: (B, L) packed rows, right-padded.
+        lengths: (B, S) lengths of the prefix and of S - 1 replies (0: unused slot).
     Returns:
-        segment ids (B, L) in {PREFIX, CHOSEN, REJECTED, PAD}, positions (B, L) (0 on padding).
+        (B, S - 1) rewards; entries of unused slots are meaningless.
     """
-    prefix, chosen, rejected = (segments[:, k : k + 1] for k in range(3))  # (B, 1) each
-    column = torch.arange(width, device=segments.device).unsqueeze(0)  # (1, L)
-    segment = torch.full((segments.shape[0], width), PAD, dtype=torch.long, device=segments.device)
-    segment = torch.where(column < prefix + chosen + rejected, REJECTED, segment)
-    segment = torch.where(column < prefix + chosen, CHOSEN, segment)
-    segment = torch.where(column < prefix, PREFIX, segment)
-    position = torch.where(segment == REJECTED, column - chosen, column)
-    return segment, torch.where(segment == PAD, 0, position)
-
-
-def packed_pair_mask(segment: torch.Tensor) -> torch.Tensor:
-    """(B, 1, L, L) boolean attention mask (True: may attend) of packed pair rows.
-
-    Causal, except that rejected tokens do not see the chosen reply before them, and
-    no real token sees padding. A padding query attends to itself only: a row with no
-    key at all would make softmax NaN, and NaN times a zero gradient is still NaN.
-
-    Args:
-        segment: (B, L) segment ids from `packed_pair_layout`.
-    """
-    width = segment.shape[1]
-    column = torch.arange(width, device=segment.device)
-    causal = column.unsqueeze(1) >= column.unsqueeze(0)  # (L, L): query i, key j <= i
-    query, key = segment.unsqueeze(2), segment.unsqueeze(1)  # (B, L, 1), (B, 1, L)
-    allowed = causal & (query != PAD) & (key != PAD) & ~((query == REJECTED) & (key == CHOSEN))
-    allowed = allowed | torch.eye(width, dtype=torch.bool, device=segment.device)
-    return allowed.unsqueeze(1)
+    inner = unwrap_peft(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    hidden = packed_hidden(backbone, inner.config, ids, lengths)  # (B, L, H)
+    ends = segment_ends(lengths)[:, 1:].clamp(min=0)  # (B, S - 1)
+    pooled = hidden.gather(1, ends.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, S - 1, H)
+    return inner.score(pooled)[..., 0]
 
 
 def packed_pair_rewards(model, pair_ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
@@ -174,10 +157,8 @@ def packed_pair_rewards(model, pair_ids: torch.Tensor, segments: torch.Tensor) -
 
     The two texts of a pair differ only in the final reply; the conversation before it
     (most of the tokens in multi-turn hh-rlhf) is run once, and each reply attends to
-    it and to itself only. Every token sees the same keys at the same positions as in
-    its own full sequence, so the result equals `sequence_rewards` on the full texts
-    (up to float rounding) while a row holds P + Cc + Cr tokens instead of 2 × (P + C).
-    Rows are padded to one width only, not prefixes and replies separately.
+    it and to itself only, at the positions of its own sequence (`packed_rewards`),
+    while a row holds P + Cc + Cr tokens instead of 2 x (P + C).
 
     Args:
         pair_ids: (B, L) packed rows, right-padded.
@@ -185,19 +166,8 @@ def packed_pair_rewards(model, pair_ids: torch.Tensor, segments: torch.Tensor) -
     Returns:
         (2B,) rewards: chosen rows first, then rejected.
     """
-    inner = unwrap_peft(model)
-    backbone = getattr(inner, inner.base_model_prefix)
-    segment, positions = packed_pair_layout(segments, pair_ids.shape[1])
-    mask = packed_pair_mask(segment)
-    if inner.config._attn_implementation == "eager":  # eager adds the mask to the scores
-        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    hidden = backbone(
-        input_ids=pair_ids, attention_mask=mask, position_ids=positions, use_cache=False
-    ).last_hidden_state  # (B, L, H)
-    ends = segments.cumsum(dim=1) - 1  # (B, 3): last column of prefix, chosen, rejected
-    rows = torch.arange(pair_ids.shape[0], device=pair_ids.device)
-    pooled = torch.cat([hidden[rows, ends[:, 1]], hidden[rows, ends[:, 2]]])  # (2B, H)
-    return inner.score(pooled)[:, 0]
+    rewards = packed_rewards(model, pair_ids, segments)  # (B, 2)
+    return torch.cat([rewards[:, 0], rewards[:, 1]])
 
 
 # --------------------------------------------------------------------------- stats
@@ -313,6 +283,8 @@ class RewardScorer:
         device: where to run.
         dtype: weight dtype (bf16 halves memory; rewards come back as float32).
         batch_size: texts per forward.
+        pack_tokens: longest packed row (tokens) when texts that share a beginning
+            are packed (`packed_rewards`); None scores every text in its own row.
     """
 
     def __init__(
@@ -321,6 +293,7 @@ class RewardScorer:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         batch_size: int = 16,
+        pack_tokens: int | None = PACK_TOKENS,
     ):
         from ucai.models import load_sequence_classifier, load_tokenizer
 
@@ -331,6 +304,7 @@ class RewardScorer:
         self.tokenizer = load_tokenizer(str(folder), padding_side="right")
         self.model = load_sequence_classifier(str(folder), dtype=dtype).to(device).eval()
         self.batch_size = batch_size
+        self.pack_tokens = pack_tokens
 
     def render(self, prompts: Sequence[str | Sequence[Message]], responses: Sequence[str]) -> list[str]:
         if len(prompts) != len(responses):
@@ -343,6 +317,8 @@ class RewardScorer:
     def raw_rewards(self, prompts, responses) -> torch.Tensor:
         """(N,) float32 rewards before normalisation."""
         texts = self.render(prompts, responses)
+        if self.pack_tokens and len(texts) > 1 and packs_pairs(self.model):
+            return self._packed_rewards(texts, [repr(p) for p in prompts])
         device = next(self.model.parameters()).device  # follows the model if moved later
         # Batches of like length (by characters, a close proxy for tokens): a batch pads
         # to its longest text, and answers of different models vary several-fold in
@@ -355,6 +331,34 @@ class RewardScorer:
             batch = tokenize_for_reward(self.tokenizer, [texts[i] for i in picked], self.stats.max_length)
             batch = batch.to(device)
             out[picked] = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"]).float().cpu()
+        return out
+
+    def _packed_rewards(self, texts: list[str], keys: list[str]) -> torch.Tensor:
+        """(N,) rewards with the texts of one prompt packed into rows that run their
+        shared beginning once (`ucai.packing.group_into_rows`); batches of like-length
+        rows holding about ``batch_size`` texts each."""
+        device = next(self.model.parameters()).device
+        with tokenizer_sides(self.tokenizer, "right", "left"):  # long texts keep their end
+            sequences = self.tokenizer(
+                texts,
+                truncation=self.stats.max_length is not None,
+                max_length=self.stats.max_length,
+                add_special_tokens=not has_chat_template(self.tokenizer),
+            )["input_ids"]
+        rows = sorted(group_into_rows(sequences, keys, self.pack_tokens), key=lambda row: len(row[1]) + sum(map(len, row[2])))
+        out = torch.empty(len(texts))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        start = 0
+        while start < len(rows):
+            batch, count = [], 0
+            while start < len(rows) and (not batch or count + len(rows[start][0]) <= self.batch_size):
+                batch.append(rows[start])
+                count += len(rows[start][0])
+                start += 1
+            ids, lengths = pack_rows([(head, rest) for _, head, rest in batch], pad)
+            rewards = packed_rewards(self.model, ids.to(device), lengths.to(device)).float().cpu()  # (R, S - 1)
+            for r, (members, _, _) in enumerate(batch):
+                out[members] = rewards[r, : len(members)]
         return out
 
     def score(self, prompts, responses) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ base weights. Each step:
 
 A reply's log-prob is the sum over its tokens (end-of-turn included), TRL's default.
 Each pair is ONE packed row, the conversation once and both replies after it, with the
-reward stage's block mask and positions (`ucai.reward_scoring.packed_pair_layout`): the
+reward stage's block mask and positions (`ucai.packing.packed_layout`): the
 rejected reply sees the conversation and itself, never the chosen reply, at the
 positions it has in its own sequence, so the log-probs are those of two separate
 sequences while the conversation runs once. Logits are computed only at the positions
@@ -59,7 +59,7 @@ from ucai.models import (
 )
 from ucai.padding import position_ids
 from ucai.resume import RNGStateCheckpoint
-from ucai.reward_scoring import PACKING_ATTENTION, packed_pair_layout, packed_pair_mask
+from ucai.packing import attention_takes_4d_mask, packed_hidden
 from ucai.stage_outputs import require_stage_output
 from ucai.stages.lora_io import load_merged, lora_scaling
 from ucai.value_ranges import MarginFromHalf, NonNegativeFloat, NonNegativeInt, PositiveFloat
@@ -161,7 +161,7 @@ def packed_reply_logps(
     """Summed log-probs of both replies of B pairs, each pair ONE packed row.
 
     Every token sees the keys it would see in its own sequence at the same positions
-    (`ucai.reward_scoring.packed_pair_mask`), so the result equals
+    (`ucai.packing.packed_attention_mask`), so the result equals
     `sequence_reply_logps` on the two full sequences, up to float rounding.
 
     Args:
@@ -171,13 +171,7 @@ def packed_reply_logps(
     Returns:
         chosen (B,), rejected (B,) float32.
     """
-    segment, positions = packed_pair_layout(segments, pair_ids.shape[1])
-    mask = packed_pair_mask(segment)  # (B, 1, L, L) True: may attend
-    if causal_lm.config._attn_implementation == "eager":  # eager adds the mask to the scores
-        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    hidden = causal_lm.get_decoder()(
-        input_ids=pair_ids, attention_mask=mask, position_ids=positions, use_cache=False
-    ).last_hidden_state  # (B, L, H)
+    hidden = packed_hidden(causal_lm.get_decoder(), causal_lm.config, pair_ids, segments)  # (B, L, H)
     targets = packed_reply_targets(pair_ids, segments, starts)
     chosen, rejected = summed_target_logps(hidden, output_head(causal_lm), list(targets))
     return chosen, rejected
@@ -203,7 +197,7 @@ def sequence_reply_logps(
 
 def packs_replies(causal_lm) -> bool:
     """Whether the model's attention takes the packed rows' 4D mask as it is."""
-    return getattr(causal_lm.config, "_attn_implementation", None) in PACKING_ATTENTION
+    return attention_takes_4d_mask(causal_lm.config)
 
 
 # --------------------------------------------------------------------------- module

@@ -90,6 +90,7 @@ from ucai.models import (
     trainer_precision,
 )
 from ucai.next_token import StepRecorder
+from ucai.packing import PACKED_ROW_TOKENS, PackedEpisodes, attention_takes_4d_mask, packed_hidden
 from ucai.padding import position_ids, prompt_attention_mask
 from ucai.resume import RNGStateCheckpoint, run_seed
 from ucai.reward_scoring import TOKEN_REWARD_PREFIX, TokenReward
@@ -233,6 +234,10 @@ class PPOModule(L.LightningModule):
             needs ``frozen_linear_bf16: false``: weights held in bf16 cannot give fp32
             rollouts, and turning the cast off behind the user's back would change the
             memory a benchmark of this setting measures, so the pair is refused.
+        pack_shared_prompts: run the episodes of one prompt (RLOO's ``rloo_k`` samples)
+            as one packed row in the rollout and training forwards, the prompt once
+            (`ucai.packing.PackedEpisodes`; the same log-probs and gradients up to
+            rounding). Needs SDPA or eager attention; otherwise rows are not packed.
         rollouts_file: file name of the episode log in the run's log folder.
         export: write the merged policy to ``output_dir`` at the end of fit (off for
             benchmarks, whose peak memory should be that of training).
@@ -276,6 +281,7 @@ class PPOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         frozen_linear_bf16: bool = True,
         rollout_precision: Literal["trainer", "fp32"] = "trainer",
+        pack_shared_prompts: bool = True,
         rollouts_file: str = "rollouts.csv",
         export: bool = True,
         trust_remote_code: bool = False,
@@ -324,6 +330,7 @@ class PPOModule(L.LightningModule):
         self.frozen_linear_bf16 = frozen_linear_bf16
         self.rollout_precision = rollout_precision
         self._frozen_cast = False  # whether the frozen weights are held in bf16
+        self.pack_shared_prompts = pack_shared_prompts
         self.rollouts_file = rollouts_file
         self.export = export
         self.trust_remote_code = trust_remote_code
@@ -518,7 +525,8 @@ class PPOModule(L.LightningModule):
 
         Runs the decoder only (not ``lm_head``), so logits are made for the T response
         positions alone, not the whole prompt: on a 49k vocabulary that is most of the
-        memory of a forward.
+        memory of a forward. Episodes that share a prompt run as packed rows, the prompt
+        once (``pack_shared_prompts``).
 
         Args:
             input_ids: (B, P + T) sequences; attention_mask: (B, P + T).
@@ -528,6 +536,13 @@ class PPOModule(L.LightningModule):
         """
         causal = self._causal_lm()
         decoder = getattr(causal, causal.base_model_prefix)
+        packed = None
+        if self.pack_shared_prompts and attention_takes_4d_mask(causal.config):
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            packed = PackedEpisodes.build(input_ids, attention_mask, prompt_length, pad, PACKED_ROW_TOKENS)
+        if packed is not None:
+            with training_attention(packed.ids, self.gradient_checkpointing):
+                return packed.response_states(packed_hidden(decoder, causal.config, packed.ids, packed.lengths))
         with training_attention(input_ids, self.gradient_checkpointing):
             out = decoder(
                 input_ids=input_ids,

@@ -95,9 +95,14 @@ def answer_kl(
     """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: list[list[float]] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [_answer_rows(tokenizer, p, a) for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size], strict=True)]
+    encoded = [_answer_rows(tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
+    # Batches of like length (a batch pads to its longest row; each row's KL does not
+    # depend on its batch beyond rounding); the answers' order is restored at the end.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    by_index: dict[int, list[float]] = {}
+    for start in range(0, len(order), batch_size):
+        picked = order[start : start + batch_size]
+        rows = [encoded[i] for i in picked]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -111,11 +116,11 @@ def answer_kl(
         kl = exact_kl_per_token(
             logits_at(model, input_ids, mask, used), logits_at(reference, input_ids, mask, used)
         ).tolist()  # (N,) in row order, position j predicting token j + 1
-        for ids, prompt_length in rows:
+        for index, (ids, prompt_length) in zip(picked, rows, strict=True):
             count = len(ids) - prompt_length if prompt_length >= 1 else 0
-            out.append(kl[:count])
+            by_index[index] = kl[:count]
             kl = kl[count:]
-    return out
+    return [by_index[i] for i in range(len(encoded))]
 
 
 def kl_summary(per_answer: list[list[float]], reference: str, n_boot: int) -> dict:
