@@ -4,6 +4,7 @@ episodes with gradients, reward-model scoring)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ucai.packing import (
@@ -36,6 +37,19 @@ def test_layout_of_three_replies_and_an_unused_slot_by_hand():
     assert packed_attention_mask(segment)[0, 0].int().tolist() == expected
 
 
+def test_layout_without_a_prefix_by_hand():
+    # no shared prefix: two replies of 2 and 1 tokens, each its own sequence from position 0
+    segment, position = packed_layout(torch.tensor([[0, 2, 1]]), 4)
+    assert segment.tolist() == [[1, 1, 2, PAD]]
+    assert position.tolist() == [[0, 1, 0, 0]]
+    assert packed_attention_mask(segment)[0, 0].int().tolist() == [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [0, 0, 1, 0],  # reply 2 sees itself only
+        [0, 0, 0, 1],
+    ]
+
+
 def test_pack_rows_pads_on_the_right_and_counts_segments():
     ids, lengths = pack_rows([([1, 2], [[3], [4, 5]]), ([6], [[7]])], pad_id=0)
     assert ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]
@@ -54,6 +68,16 @@ def test_grouping_by_hand():
     assert rows == [([0, 1], [1, 2, 3], [[4], [5, 6]]), ([2], [1, 2], [[9]]), ([3], [7], [[8]])]
     # a sequence equal to the start of another still keeps a token of its own
     assert group_into_rows([[1, 2], [1, 2, 3]], [0, 0], 10) == [([0, 1], [1], [[2], [2, 3]])]
+    # one that shares nothing (e.g. truncated on the left) waits for a row of its own
+    assert group_into_rows([[1, 2, 3], [9, 2, 3], [1, 2, 4]], [0, 0, 0], 10) == [
+        ([0, 2], [1, 2], [[3], [4]]),
+        ([1], [9, 2], [[3]]),
+    ]
+    # once a row is full, the rest of the group goes to the next rows
+    assert group_into_rows([[1, 2, 3], [1, 2, 4], [1, 2, 5]], [0, 0, 0], 4) == [
+        ([0, 1], [1, 2], [[3], [4]]),
+        ([2], [1, 2], [[5]]),
+    ]
 
 
 def episodes(tokenizer, module):
@@ -66,9 +90,10 @@ def episodes(tokenizer, module):
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     generator = torch.Generator().manual_seed(0)
     responses = torch.randint(3, 1000, (5, 6), generator=generator)
-    responses[1, :3] = responses[0, :3]  # a shared start beyond the prompt
+    responses[1:3, :3] = responses[0, :3]  # A's samples share a start beyond the prompt
+    responses[4] = responses[3]  # B's two samples are the same, stopped after 2 tokens
     completion = torch.ones(5, 6, dtype=torch.long)
-    for row, length in ((0, 4), (3, 2)):  # stopped early: the stop token, then padding
+    for row, length in ((0, 4), (3, 2), (4, 2)):  # stopped early: the stop token, then padding
         responses[row, length - 1] = stop
         responses[row, length:] = tokenizer.pad_token_id
         completion[row, length:] = 0
@@ -77,22 +102,32 @@ def episodes(tokenizer, module):
     return ids, attention, prompt_ids.shape[1], completion
 
 
-def test_packed_episodes_equal_unpacked_logprobs_and_gradients(tiny_ppo):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("budget", [1024, "tight"])
+def test_packed_episodes_equal_unpacked_logprobs_and_gradients(tiny_ppo, monkeypatch, attention, budget):
+    import ucai.stages.ppo as ppo
+
     module = tiny_ppo(advantage="rloo", rloo_k=2)
     module.configure_model()
+    monkeypatch.setattr(module._causal_lm().config, "_attn_implementation", attention)
     with torch.no_grad():  # a policy adapter that changes the model
         for name, param in module.policy.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
-    ids, attention, width, completion = episodes(module.tokenizer, module)
-    packed = PackedEpisodes.build(ids, attention, width, module.tokenizer.pad_token_id, 1024)
-    assert packed is not None and packed.ids.shape[0] == 2  # one row per prompt
-    assert packed.ids.numel() < ids.numel() * 0.75
+    ids, mask, width, completion = episodes(module.tokenizer, module)
+    prompt_a = int(mask[0, :width].sum())
+    # "tight": a row holds prompt A and two of its samples, so A's third starts a row
+    tokens = 1024 if budget == 1024 else prompt_a + 3 + 6 - 3 + 4 - 3
+    monkeypatch.setattr(ppo, "PACKED_ROW_TOKENS", tokens)
+    packed = PackedEpisodes.build(ids, mask, width, module.tokenizer.pad_token_id, tokens)
+    assert packed is not None and packed.ids.shape[0] == (2 if budget == 1024 else 3)
+    # the shared start of A's samples is in the prefix: the row is prompt + 3 + their rests
+    assert packed.lengths[0, 0] == prompt_a + 3
 
     def logprobs_and_grads(pack: bool):
         module.pack_shared_prompts = pack
         module.policy.zero_grad()
-        hidden = module.response_hidden(ids, attention, width)  # (5, 6, H)
+        hidden = module.response_hidden(ids, mask, width)  # (5, 6, H)
         logprobs = logprobs_from_logits(module.response_logits(hidden), ids[:, width:])
         (logprobs * completion).sum().backward()
         grads = [p.grad.clone() for p in module.policy.parameters() if p.requires_grad]

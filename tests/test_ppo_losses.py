@@ -31,6 +31,22 @@ def test_clipped_policy_loss_inside_and_outside_the_clip_range():
     assert approxkl.item() == pytest.approx(0.1417990, abs=1e-6)
 
 
+def test_policy_loss_ignores_an_overflowing_log_ratio_on_padding():
+    # A padded position whose two log-probs differ by 200 nats (exp overflows to inf,
+    # and inf x 0 would be NaN): the loss, its gradient and approxkl are those of the
+    # real tokens alone.
+    mask = torch.tensor([[1, 1, 0]])
+    old = torch.tensor([[0.0, 0.0, -200.0]])
+    new = torch.tensor([[math.log(1.1), 0.0, 0.0]], requires_grad=True)
+    advantages = torch.tensor([[2.0, -1.0, 5.0]])
+    loss, _, approxkl = ppo_policy_loss(new, old, advantages, mask, 0.2)
+    loss.backward()
+    # max(−2·1.1, −2·1.1) = −2.2 and max(1·1, 1·1) = 1: mean −0.6
+    assert loss.item() == pytest.approx(-0.6, abs=1e-6)
+    assert torch.isfinite(new.grad).all() and new.grad[0, 2] == 0
+    assert approxkl.item() == pytest.approx(0.5 * math.log(1.1) ** 2 / 2, abs=1e-7)
+
+
 def test_policy_loss_gradient_vanishes_when_clipped():
     # ρ = 1.5 with A > 0 is clipped: the loss is flat in logp, so no gradient.
     new = torch.tensor([[math.log(1.5)]], requires_grad=True)

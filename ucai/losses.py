@@ -87,7 +87,10 @@ def ppo_policy_loss(
     """
     from ucai.rl import masked_mean
 
-    log_ratio = logprobs - old_logprobs
+    # Zero on padding before the exponent: log-probs there are not defined by the
+    # policy (a packed and an unpacked forward read padding differently), and an
+    # overflowing exp times a zero mask would be NaN.
+    log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)

@@ -33,8 +33,11 @@ PACKED_ROW_TOKENS = 1024
 
 
 def attention_takes_4d_mask(config) -> bool:
-    """Whether a transformers model with this config can run packed rows."""
-    return getattr(config, "_attn_implementation", None) in PACKING_ATTENTION
+    """Whether a transformers model with this config can run packed rows: its attention
+    takes a custom 4D mask, and it has no sliding window (a custom mask replaces the one
+    transformers would build with the window, so long rows would see too far back)."""
+    window = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    return getattr(config, "_attn_implementation", None) in PACKING_ATTENTION and not window
 
 
 def packed_layout(lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +151,9 @@ def group_into_rows(
 
     The shared prefix is the group's longest common TOKEN prefix, minus one token when
     it would leave a sequence with no token of its own, so packing never depends on
-    where the text of a reply starts.
+    where the text of a reply starts. A sequence that would shrink the row's prefix to
+    nothing, or to less than half once it holds two members, waits for a later row, as
+    do all the group's sequences once a row is full.
 
     Returns:
         (indices into ``sequences``, prefix ids, [rest of each sequence]) per row.
@@ -158,21 +163,24 @@ def group_into_rows(
         groups.setdefault(key, []).append(index)
     rows = []
     for members in groups.values():
-        start = 0
-        while start < len(members):
-            first = sequences[members[start]]
-            take, shared = [members[start]], len(first) - 1
-            for index in members[start + 1 :]:
+        pending = members
+        while pending:
+            first = sequences[pending[0]]
+            take, shared, deferred, full = [pending[0]], len(first) - 1, [], False
+            for index in pending[1:]:
                 # the row's prefix shrinks to what every member shares (and leaves each
                 # at least one token of its own); its total counts the prefix once
                 candidate = min(shared, common_prefix_length([first, sequences[index]]), len(sequences[index]) - 1)
-                total = candidate + sum(len(sequences[i]) - candidate for i in (*take, index))
-                if total > max_row_tokens:
-                    break
+                full = full or candidate + sum(len(sequences[i]) - candidate for i in (*take, index)) > max_row_tokens
+                # a member that shares (almost) nothing with this row, e.g. a text
+                # truncated on the left, would pay the dense mask for no saving
+                if full or candidate == 0 or (len(take) > 1 and candidate < shared // 2):
+                    deferred.append(index)
+                    continue
                 take.append(index)
                 shared = candidate
             rows.append((take, first[:shared], [sequences[i][shared:] for i in take]))
-            start += len(take)
+            pending = deferred
     return rows
 
 
@@ -206,8 +214,9 @@ class PackedEpisodes:
         for row, row_mask in zip(ids, mask, strict=True):
             prompt = [t for t, m in zip(row[:prompt_length], row_mask[:prompt_length], strict=True) if m]
             # the completion mask is 1 up to the stop token: its sum is the real length
-            # (at least 1: a response always has its first sampled token)
-            length = max(1, sum(row_mask[prompt_length:]))
+            length = sum(row_mask[prompt_length:])
+            if not prompt or not length:
+                raise ValueError("packed episodes need a prompt token and a response token in every row")
             sequences.append(prompt + row[prompt_length : prompt_length + length])
             prompt_lengths.append(len(prompt))
             response_lengths.append(length)
@@ -218,19 +227,16 @@ class PackedEpisodes:
         packed_ids, lengths = pack_rows([(head, rest) for _, head, rest in rows], pad_id)
         row_width = packed_ids.shape[1]
         index = torch.empty(len(sequences), width, dtype=torch.long)
+        steps = torch.arange(width)
         for g, (members, head, rest) in enumerate(rows):
-            start = len(head)  # column where the first member's own tokens begin
+            start = len(head)  # column where this member's own tokens begin
             for member, own in zip(members, rest, strict=True):
-                shared = len(head)
-
-                def column(j: int, shared=shared, start=start) -> int:
-                    """Packed column of token j of this member's full sequence."""
-                    return g * row_width + (j if j < shared else start + j - shared)
-
+                # token j of the member's full sequence predicts token j + 1: response
+                # token t is predicted by j = prompt + t - 1; padding positions repeat
+                # the state before the last real token
                 last = prompt_lengths[member] + response_lengths[member] - 1
-                index[member] = torch.tensor(
-                    [column(min(prompt_lengths[member] + t - 1, last - 1)) for t in range(width)]
-                )
+                j = (prompt_lengths[member] + steps - 1).clamp(max=last - 1)
+                index[member] = g * row_width + torch.where(j < len(head), j, start + j - len(head))
                 start += len(own)
         return cls(packed_ids.to(input_ids.device), lengths.to(input_ids.device), index.to(input_ids.device))
 

@@ -319,6 +319,10 @@ class RewardScorer:
         texts = self.render(prompts, responses)
         if self.pack_tokens and len(texts) > 1 and packs_pairs(self.model):
             return self._packed_rewards(texts, [repr(p) for p in prompts])
+        return self._plain_rewards(texts)
+
+    def _plain_rewards(self, texts: list[str]) -> torch.Tensor:
+        """(N,) rewards, each text in a row of its own."""
         device = next(self.model.parameters()).device  # follows the model if moved later
         # Batches of like length (by characters, a close proxy for tokens): a batch pads
         # to its longest text, and answers of different models vary several-fold in
@@ -346,6 +350,8 @@ class RewardScorer:
                 add_special_tokens=not has_chat_template(self.tokenizer),
             )["input_ids"]
         rows = sorted(group_into_rows(sequences, keys, self.pack_tokens), key=lambda row: len(row[1]) + sum(map(len, row[2])))
+        if len(rows) == len(texts):  # nothing shared: plain rows are cheaper than packed ones
+            return self._plain_rewards(texts)
         out = torch.empty(len(texts))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         start = 0

@@ -57,9 +57,9 @@ from ucai.models import (
     sharded_by_fsdp,
     trainer_precision,
 )
+from ucai.packing import attention_takes_4d_mask, packed_hidden
 from ucai.padding import position_ids
 from ucai.resume import RNGStateCheckpoint
-from ucai.packing import attention_takes_4d_mask, packed_hidden
 from ucai.stage_outputs import require_stage_output
 from ucai.stages.lora_io import load_merged, lora_scaling
 from ucai.value_ranges import MarginFromHalf, NonNegativeFloat, NonNegativeInt, PositiveFloat

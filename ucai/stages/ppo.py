@@ -782,7 +782,7 @@ class PPOModule(L.LightningModule):
         if self.entropy_coef:
             loss = pg_loss - self.entropy_coef * entropy_bonus(entropy_from_logits(logits), mask)
         with torch.no_grad():
-            ratio = torch.exp(logprobs - rollout.logprobs[idx])
+            ratio = torch.exp((logprobs - rollout.logprobs[idx]) * mask)  # padding: 1, not an overflow
             stats = {
                 "policy/approxkl": approxkl.detach(),
                 "policy/clipfrac": clipfrac.detach(),
