@@ -237,7 +237,8 @@ class PPOModule(L.LightningModule):
         pack_shared_prompts: run the episodes of one prompt (RLOO's ``rloo_k`` samples)
             as one packed row in the rollout and training forwards, the prompt once
             (`ucai.packing.PackedEpisodes`; the same log-probs and gradients up to
-            rounding). Needs SDPA or eager attention; otherwise rows are not packed.
+            rounding). Needs SDPA or eager attention and no sliding window; otherwise
+            rows are not packed.
         rollouts_file: file name of the episode log in the run's log folder.
         export: write the merged policy to ``output_dir`` at the end of fit (off for
             benchmarks, whose peak memory should be that of training).
