@@ -191,3 +191,19 @@ def test_scorer_packs_answers_to_one_prompt_and_scores_as_alone(tmp_path, monkey
     assert sum(tokens) < 0.85 * sum(len(ids) for ids in rendered)
     # the long answer was truncated to 48 tokens (its end kept) and still scored alike
     assert len(packed.tokenizer(packed.render(prompts[2:3], responses[2:3]))["input_ids"][0]) > 48
+
+
+def test_episode_packer_builds_once_per_batch(tiny_ppo, monkeypatch):
+    from ucai.packing import EpisodePacker
+
+    module = tiny_ppo()
+    module.configure_model()
+    ids, mask, width, _ = episodes(module.tokenizer, module)
+    builds = []
+    original = PackedEpisodes.build.__func__
+    monkeypatch.setattr(PackedEpisodes, "build", classmethod(lambda cls, *a: builds.append(1) or original(cls, *a)))
+    packer = EpisodePacker(module.tokenizer.pad_token_id)
+    first = packer(ids, mask, width)
+    assert packer(ids, mask, width) is first and len(builds) == 1  # policy, reference, value: one layout
+    copy = ids.clone()  # equal values, another batch: built again
+    assert packer(copy, mask, width) is not first and len(builds) == 2

@@ -244,3 +244,25 @@ class PackedEpisodes:
         """(B, T, H) states before each response token, from the (G, L, H) packed hidden."""
         flat = hidden.reshape(-1, hidden.shape[-1])
         return flat.index_select(0, self.index.reshape(-1)).reshape(*self.index.shape, hidden.shape[-1])
+
+
+class EpisodePacker:
+    """`PackedEpisodes.build` for one batch at a time, remembered: the policy, reference
+    and value passes over the same (B, P + T) tensors share one layout instead of each
+    building it again (a host copy of the ids and a Python pass over them).
+
+    The tensors of the last call are held, so an identity match cannot be a new tensor
+    that reuses a freed one's memory.
+    """
+
+    def __init__(self, pad_id: int, max_row_tokens: int = PACKED_ROW_TOKENS):
+        self.pad_id, self.max_row_tokens = pad_id, max_row_tokens
+        self._last: tuple | None = None
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> PackedEpisodes | None:
+        last = self._last
+        if last is not None and last[0] is input_ids and last[1] is attention_mask and last[2] == prompt_length:
+            return last[3]
+        packed = PackedEpisodes.build(input_ids, attention_mask, prompt_length, self.pad_id, self.max_row_tokens)
+        self._last = (input_ids, attention_mask, prompt_length, packed)
+        return packed

@@ -271,6 +271,16 @@ def tokenize_for_reward(tokenizer, texts: list[str], max_length: int | None, pad
         )
 
 
+def tokenize_for_reward_lists(tokenizer, texts: list[str], max_length: int | None) -> list[list[int]]:
+    """Unpadded token ids of each text, truncated like `tokenize_for_reward` (None: not at all)."""
+    out = []
+    for start in range(0, len(texts), 256):
+        batch = tokenize_for_reward(tokenizer, texts[start : start + 256], max_length)
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+            out.append(ids[mask.bool()].tolist())
+    return out
+
+
 # --------------------------------------------------------------------------- scorer
 
 
@@ -317,49 +327,44 @@ class RewardScorer:
     def raw_rewards(self, prompts, responses) -> torch.Tensor:
         """(N,) float32 rewards before normalisation."""
         texts = self.render(prompts, responses)
+        sequences = tokenize_for_reward_lists(self.tokenizer, texts, self.stats.max_length)
         if self.pack_tokens and len(texts) > 1 and packs_pairs(self.model):
-            return self._packed_rewards(texts, [repr(p) for p in prompts])
-        return self._plain_rewards(texts)
+            rows = group_into_rows(sequences, [repr(p) for p in prompts], self.pack_tokens)
+            if len(rows) < len(texts):  # something is shared: else plain rows are cheaper
+                return self._packed_rewards(rows, len(texts))
+        return self._plain_rewards(sequences)
 
-    def _plain_rewards(self, texts: list[str]) -> torch.Tensor:
-        """(N,) rewards, each text in a row of its own."""
+    def _plain_rewards(self, sequences: list[list[int]]) -> torch.Tensor:
+        """(N,) rewards, each token sequence in a row of its own."""
         device = next(self.model.parameters()).device  # follows the model if moved later
-        # Batches of like length (by characters, a close proxy for tokens): a batch pads
-        # to its longest text, and answers of different models vary several-fold in
-        # length. Each text's reward does not depend on its batch (right padding,
-        # positions from the mask) beyond matmul rounding; the order is restored.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = torch.empty(len(texts))
-        for start in range(0, len(texts), self.batch_size):
+        # Batches of like length: a batch pads to its longest text, and answers of
+        # different models vary several-fold in length. Each text's reward does not
+        # depend on its batch (right padding, positions from the mask) beyond matmul
+        # rounding; the order is restored.
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        out = torch.empty(len(sequences))
+        for start in range(0, len(sequences), self.batch_size):
             picked = order[start : start + self.batch_size]
-            batch = tokenize_for_reward(self.tokenizer, [texts[i] for i in picked], self.stats.max_length)
+            with tokenizer_sides(self.tokenizer, "right", "left"):  # encoders read position 0
+                batch = self.tokenizer.pad({"input_ids": [sequences[i] for i in picked]}, return_tensors="pt")
             batch = batch.to(device)
             out[picked] = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"]).float().cpu()
         return out
 
-    def _packed_rewards(self, texts: list[str], keys: list[str]) -> torch.Tensor:
-        """(N,) rewards with the texts of one prompt packed into rows that run their
-        shared beginning once (`ucai.packing.group_into_rows`); batches of like-length
-        rows holding about ``batch_size`` texts each."""
+    def _packed_rewards(self, rows: list[tuple[list[int], list[int], list[list[int]]]], count: int) -> torch.Tensor:
+        """(N,) rewards of texts grouped into packed rows (`ucai.packing.group_into_rows`)
+        that run their shared beginning once; batches of like-length rows holding about
+        ``batch_size`` texts each."""
         device = next(self.model.parameters()).device
-        with tokenizer_sides(self.tokenizer, "right", "left"):  # long texts keep their end
-            sequences = self.tokenizer(
-                texts,
-                truncation=self.stats.max_length is not None,
-                max_length=self.stats.max_length,
-                add_special_tokens=not has_chat_template(self.tokenizer),
-            )["input_ids"]
-        rows = sorted(group_into_rows(sequences, keys, self.pack_tokens), key=lambda row: len(row[1]) + sum(map(len, row[2])))
-        if len(rows) == len(texts):  # nothing shared: plain rows are cheaper than packed ones
-            return self._plain_rewards(texts)
-        out = torch.empty(len(texts))
+        rows = sorted(rows, key=lambda row: len(row[1]) + sum(map(len, row[2])))
+        out = torch.empty(count)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         start = 0
         while start < len(rows):
-            batch, count = [], 0
-            while start < len(rows) and (not batch or count + len(rows[start][0]) <= self.batch_size):
+            batch, texts = [], 0
+            while start < len(rows) and (not batch or texts + len(rows[start][0]) <= self.batch_size):
                 batch.append(rows[start])
-                count += len(rows[start][0])
+                texts += len(rows[start][0])
                 start += 1
             ids, lengths = pack_rows([(head, rest) for _, head, rest in batch], pad)
             rewards = packed_rewards(self.model, ids.to(device), lengths.to(device)).float().cpu()  # (R, S - 1)

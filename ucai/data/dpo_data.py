@@ -24,10 +24,9 @@ from ucai.data.preference_data import (
     PreferenceDataModule,
     PreferencePair,
     shared_prefix_length,
-    tokenize_for_reward_lists,
     truncate_pair,
 )
-from ucai.reward_scoring import render_for_reward
+from ucai.reward_scoring import render_for_reward, tokenize_for_reward_lists
 from ucai.value_ranges import FractionBelowOne, NonNegativeInt, PositiveInt
 
 

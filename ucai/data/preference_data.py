@@ -43,7 +43,7 @@ from ucai.data.prompt_datamodule import RowDataset, collate_rows, is_heldout
 from ucai.data.prompts import parse_transcript
 from ucai.errors import UcaiError, located
 from ucai.resume import ResumableLoader, ShardSampler, own_generator
-from ucai.reward_scoring import has_chat_template, render_for_reward, tokenize_for_reward
+from ucai.reward_scoring import has_chat_template, render_for_reward, tokenize_for_reward_lists
 from ucai.value_ranges import FractionBelowOne, NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
@@ -480,16 +480,6 @@ def truncate_pair(chosen: list[int], rejected: list[int], max_length: int) -> tu
         return chosen, rejected
     cut = min(excess, shared_prefix_length(chosen, rejected))
     return chosen[cut:][-max_length:], rejected[cut:][-max_length:]
-
-
-def tokenize_for_reward_lists(tokenizer, texts: list[str], max_length: int | None) -> list[list[int]]:
-    """Unpadded token ids of each text, truncated like `tokenize_for_reward` (None: not at all)."""
-    out = []
-    for start in range(0, len(texts), 256):
-        batch = tokenize_for_reward(tokenizer, texts[start : start + 256], max_length)
-        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
-            out.append(ids[mask.bool()].tolist())
-    return out
 
 
 # --------------------------------------------------------------------------- scoring data

@@ -90,7 +90,7 @@ from ucai.models import (
     trainer_precision,
 )
 from ucai.next_token import StepRecorder
-from ucai.packing import PACKED_ROW_TOKENS, PackedEpisodes, attention_takes_4d_mask, packed_hidden
+from ucai.packing import PACKED_ROW_TOKENS, EpisodePacker, attention_takes_4d_mask, packed_hidden
 from ucai.padding import position_ids, prompt_attention_mask
 from ucai.resume import RNGStateCheckpoint, run_seed
 from ucai.reward_scoring import TOKEN_REWARD_PREFIX, TokenReward
@@ -332,6 +332,7 @@ class PPOModule(L.LightningModule):
         self.rollout_precision = rollout_precision
         self._frozen_cast = False  # whether the frozen weights are held in bf16
         self.pack_shared_prompts = pack_shared_prompts
+        self._packer: EpisodePacker | None = None  # built with the tokenizer
         self.rollouts_file = rollouts_file
         self.export = export
         self.trust_remote_code = trust_remote_code
@@ -539,8 +540,10 @@ class PPOModule(L.LightningModule):
         decoder = getattr(causal, causal.base_model_prefix)
         packed = None
         if self.pack_shared_prompts and attention_takes_4d_mask(causal.config):
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            packed = PackedEpisodes.build(input_ids, attention_mask, prompt_length, pad, PACKED_ROW_TOKENS)
+            if self._packer is None:
+                pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+                self._packer = EpisodePacker(pad, PACKED_ROW_TOKENS)
+            packed = self._packer(input_ids, attention_mask, prompt_length)
         if packed is not None:
             with training_attention(packed.ids, self.gradient_checkpointing):
                 return packed.response_states(packed_hidden(decoder, causal.config, packed.ids, packed.lengths))
