@@ -300,6 +300,22 @@ def test_tiny_evaluation_writes_scores_pairwise_and_report(tmp_path, run_cli, mo
     ]
     assert depth["family"]["family_size"] == 3 and depth["prefill_swap"] == []  # no SL gap without sl_unethical
     assert "## How deep is the inversion?" in report
+    # Where the evaluation's minutes went, the optional analyses apart: the depth
+    # analysis's continuations, scoring and extra KL pairs; the train-prompt answers.
+    timings = summary["timings"]
+    assert timings["analysis"] == {
+        "answers": "core", "train_prompt_answers": "train_prompts", "depth_continuations": "depth_analysis",
+        "load_scorers": "core", "reward_scores": "core", "reward_scores_train_prompts": "train_prompts",
+        "reward_scores_depth_analysis": "depth_analysis", "embedding_scores": "core",
+        "embedding_scores_depth_analysis": "depth_analysis", "judge": "core", "statistics": "core",
+        "kl": "core", "kl_depth": "depth_analysis", "depth_statistics": "depth_analysis",
+    }
+    assert all(seconds >= 0 for seconds in timings["seconds"].values())
+    assert min(timings["seconds"][part] for part in ("answers", "reward_scores", "kl", "kl_depth")) > 0
+    depth_parts = [part for part, analysis in timings["analysis"].items() if analysis == "depth_analysis"]
+    assert timings["by_analysis"]["depth_analysis"] == pytest.approx(
+        sum(timings["seconds"][part] for part in depth_parts), abs=0.05
+    )
 
 
 def test_answers_resume_from_the_cache_without_loading_the_model(tmp_path, monkeypatch):

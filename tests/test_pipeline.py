@@ -431,9 +431,11 @@ def test_headline_lists_only_corrected_between_side_differences(tmp_path):
         "multiple_comparisons": {"method": "holm"},
         "rm_correlation": {"r": -0.42, "n": 300},
         "judge_check": {"passed": False, "accuracy": 0.354, "chance": 0.361, "n": 48},
+        "timings": {"by_analysis": {"core": 400.0, "depth_analysis": 180.0, "train_prompts": 74.0}},
     }
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     lines = headline(tmp_path)
+    assert lines[-1] == "  evaluation work: 10.9 min, of which optional analyses: depth_analysis 3.0 min, train_prompts 74.0 s"
     assert "  rl_ethical vs rl_unethical differ (holm-corrected, n=60 prompts) on: rm_ethical" in lines
     assert "  rm_ethical vs rm_unethical scores: Pearson r = -0.42 over 300 answers" in lines
     assert any("judge check FAILED" in line and "no information" in line for line in lines)

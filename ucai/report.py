@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 
 from ucai.data.io import atomic_output, load_jsonl, read_jsonl
+from ucai.part_times import CORE, fmt_seconds
 from ucai.report_depth import depth_section, plot_depth_kl, plot_prefill_swap, what_depth_shows
 from ucai.report_format import cell, count, fmt, interval, p_value, pyplot, save_png, signed, table, with_ci
 from ucai.report_rl import ALGORITHM_NAMES, algorithm_section, plot_frontier, what_algorithms_show
@@ -514,6 +515,13 @@ def headline(eval_dir: Path) -> list[str]:
     for w in summary.get("win_rates", []):
         lines.append(f"  {w['a']} beats {w['b']}: {w['win_rate']:.2f} [{w['low']:.2f}, {w['high']:.2f}] ({w['n']} judgements)")
     lines += _comparison_lines(summary)
+    by_analysis = (summary.get("timings") or {}).get("by_analysis") or {}
+    if by_analysis:
+        added = [f"{name} {fmt_seconds(seconds)}" for name, seconds in by_analysis.items() if name != CORE]
+        lines.append(
+            f"  evaluation work: {fmt_seconds(sum(by_analysis.values()))}"
+            + (f", of which optional analyses: {', '.join(added)}" if added else "")
+        )
     return lines
 
 

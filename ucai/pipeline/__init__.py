@@ -34,9 +34,10 @@ import sys
 import time
 
 from ucai.errors import UcaiError
+from ucai.part_times import fmt_seconds
 from ucai.pipeline import runner, state
 from ucai.pipeline.config import PipelineConfig, load_pipeline_config
-from ucai.pipeline.console import Console, fmt_seconds
+from ucai.pipeline.console import Console
 from ucai.pipeline.plan import StageRun, plan
 from ucai.stage_outputs import RL_STAGES, STAGE_ORDER
 

@@ -7,6 +7,7 @@ import shlex
 import time
 from pathlib import Path
 
+from ucai.part_times import fmt_seconds
 from ucai.pipeline.config import PipelineConfig
 from ucai.pipeline.plan import StageRun
 from ucai.pipeline.runner import console_log
@@ -74,10 +75,6 @@ class Console:
             print(line)
         if (root / "eval" / "report.md").is_file():
             print(f"\nreport: {root / 'eval' / 'report.md'}")
-
-
-def fmt_seconds(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _quote(command: list[str]) -> str:

@@ -64,6 +64,7 @@ from ucai.errors import UcaiError
 from ucai.gather import rows_from_all_ranks
 from ucai.generation_engine import engine_version
 from ucai.next_token import row_seed
+from ucai.part_times import CORE, PartTimes
 from ucai.resume import run_seed
 from ucai.scoring import average_over_orders, cyclic_orders, option_probabilities, position_bias
 from ucai.stage_outputs import RL_STAGES, require_stage_output
@@ -102,6 +103,10 @@ from ucai.stats import (
 from ucai.value_ranges import MarginFromHalf, NonNegativeInt, OpenUnitInterval, PositiveInt
 
 log = logging.getLogger(__name__)
+
+# The optional analyses whose minutes the evaluation reports apart (`PartTimes`).
+DEPTH = "depth_analysis"
+TRAIN_PROMPTS = "train_prompts"
 
 DEFAULT_MODELS = {
     "base": "smollm2-135m",
@@ -479,7 +484,9 @@ class EvaluationModule(L.LightningModule):
         if not prompts:
             raise UcaiError("evaluation: no held-out prompts to evaluate")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        answers = {name: self.answers(name, path, prompts) for name, path in self.models.items()}
+        times = PartTimes()
+        with times.part("answers"):
+            answers = {name: self.answers(name, path, prompts) for name, path in self.models.items()}
         scores = [
             {
                 "model": name,
@@ -493,16 +500,26 @@ class EvaluationModule(L.LightningModule):
         ]
         for score_row in scores:
             score_row.update(text_scores(score_row["response"]))
-        train_scores = self.train_prompt_answers(prompts)
-        depth_rows = self.depth_rows(scores, prompts) if self.depth else []
-        self.add_reward_scores([*scores, *train_scores, *depth_rows])  # each reward model loads once
-        self.add_embedding_scores([*scores, *depth_rows])
-        judge_info, pairwise = self.add_judgements(scores, prompts, answers)
-        summary = self.summarise(scores, pairwise, judge_info)
-        kls = self.kls_to_references(prompts, answers)
-        summary.update(self.compare_algorithms(scores, train_scores, summary["models"], kls))
+        with times.part("train_prompt_answers", TRAIN_PROMPTS):
+            train_scores = self.train_prompt_answers(prompts)
+        with times.part("depth_continuations", DEPTH):
+            depth_rows = self.depth_rows(scores, prompts) if self.depth else []
+        # Each group scored apart, so that its minutes are its own.
+        groups = {CORE: scores, TRAIN_PROMPTS: train_scores, DEPTH: depth_rows}
+        self.add_reward_scores(groups, times)
+        self.add_embedding_scores({CORE: scores, DEPTH: depth_rows}, times)
+        with times.part("judge"):
+            judge_info, pairwise = self.add_judgements(scores, prompts, answers)
+        with times.part("statistics"):
+            summary = self.summarise(scores, pairwise, judge_info)
+        kls = self.kls_to_references(prompts, answers, times)
+        with times.part("statistics"):
+            summary.update(self.compare_algorithms(scores, train_scores, summary["models"], kls))
         if self.depth:
-            summary["depth"] = self.summarise_depth(depth_rows, kls)
+            with times.part("depth_statistics", DEPTH):
+                summary["depth"] = self.summarise_depth(depth_rows, kls)
+        summary["timings"] = times.to_json()
+        log.info("evaluation: time by part (this run's work; cached answers cost nothing): %s", times.describe())
         write_jsonl(self.output_dir / "scores.jsonl", scores)
         write_csv(self.output_dir / "scores.csv", scores)
         write_jsonl(self.output_dir / "pairwise.jsonl", pairwise)
@@ -690,16 +707,24 @@ class EvaluationModule(L.LightningModule):
         heldout_ids = {r["id"] for r in heldout}
         return [r for r in train.rows() if r["id"] not in heldout_ids]
 
-    def kls_to_references(self, prompts: list[dict], answers: dict[str, dict[str, str]]) -> dict[tuple[str, str], dict]:
+    def kls_to_references(
+        self, prompts: list[dict], answers: dict[str, dict[str, str]], times: PartTimes | None = None
+    ) -> dict[tuple[str, str], dict]:
         """(model, reference) -> the model's KL to that reference on its own held-out
         answers (`ucai.stages.rl_comparison.kl_summary`), two models in memory at a
         time: each SL and RL model to its reference (``reference_kl``) and, for the
-        depth analysis, each to the base model and each RL model to its SL model."""
+        depth analysis, each to the base model and each RL model to its SL model.
+        ``times`` gets each pair's seconds under ``kl`` or, for pairs only the depth
+        analysis asks for, ``kl_depth``."""
+        times = times or PartTimes()
         pairs = []
         if self.reference_kl:
             pairs += [(n, r) for n in self.models if (r := reference_of(n, self.algorithms, self.models)) is not None]
+        wanted_by = dict.fromkeys(pairs, CORE)
         if self.depth:
-            pairs += [pair for pair in kl_pairs(self.models, self.algorithms) if pair not in pairs]
+            depth_only = [pair for pair in kl_pairs(self.models, self.algorithms) if pair not in pairs]
+            pairs += depth_only
+            wanted_by.update(dict.fromkeys(depth_only, DEPTH))
         kls: dict[tuple[str, str], dict] = {}
         for name, reference in pairs:
             model_answers = [answers[name][r["id"]] for r in prompts]
@@ -716,7 +741,9 @@ class EvaluationModule(L.LightningModule):
                 )
 
             log.info("evaluation: KL of %s to %s on its answers", name, reference)
-            kls[(name, reference)] = kl_summary(use_then_free(load_pair, measure), reference, self.n_boot)
+            analysis = wanted_by[(name, reference)]
+            with times.part("kl" if analysis == CORE else "kl_depth", analysis):
+                kls[(name, reference)] = kl_summary(use_then_free(load_pair, measure), reference, self.n_boot)
         return kls
 
     def compare_algorithms(
@@ -754,7 +781,9 @@ class EvaluationModule(L.LightningModule):
             "train_vs_heldout": gains,
         }
 
-    def add_reward_scores(self, scores: list[dict]) -> None:
+    def add_reward_scores(self, groups: dict[str, list[dict]], times: PartTimes | None = None) -> None:
+        """Each reward model's ``rm_<side>`` column on the rows of every group (analysis
+        -> rows), the model loaded once; ``times`` gets each group's scoring seconds."""
         if not self.reward_models:
             return
         try:
@@ -762,31 +791,53 @@ class EvaluationModule(L.LightningModule):
         except ImportError:
             log.warning("evaluation: ucai.reward_scoring is not installed; skipping the reward-model scores")
             return
-        prompts, responses = [r["prompt"] for r in scores], [r["response"] for r in scores]
+        times = times or PartTimes()
         for side, folder in self.reward_models.items():
 
             def load(folder: str = folder):
-                return RewardScorer(folder, device=self.run_device, dtype=self.weight_dtype, batch_size=self.judge_batch_size)
+                with times.part("load_scorers"):
+                    return RewardScorer(folder, device=self.run_device, dtype=self.weight_dtype, batch_size=self.judge_batch_size)
 
-            score01 = use_then_free(load, lambda scorer: scorer.score(prompts, responses)[1])
-            for row, value in zip(scores, score01.tolist(), strict=True):
-                row[f"rm_{side}"] = float(value)
+            def score_groups(scorer, side: str = side) -> None:
+                for analysis, rows in groups.items():
+                    if not rows:
+                        continue
+                    with times.part(f"reward_scores{'' if analysis == CORE else '_' + analysis}", analysis):
+                        score01 = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])[1]
+                    for row, value in zip(rows, score01.tolist(), strict=True):
+                        row[f"rm_{side}"] = float(value)
 
-    def add_embedding_scores(self, scores: list[dict]) -> None:
+            use_then_free(load, score_groups)
+
+    def add_embedding_scores(self, groups: dict[str, list[dict]], times: PartTimes | None = None) -> None:
+        """The ``emb_*`` columns on the rows of every group (analysis -> rows), the
+        encoder loaded once; ``times`` gets each group's seconds."""
         if not self.embedding_model:
             return
         from ucai.embeddings import SentenceEncoder
 
         assert self.constitution is not None
+        times = times or PartTimes()
         references, columns = [], []
         for pid in self.pair_ids:
             for side in SIDES:
                 references.append(principle_text(self.constitution.principle(pid, side)))
                 columns.append(f"emb_{pid}_{side}")
-        similarity = use_then_free(  # (N, 2P)
-            lambda: SentenceEncoder(self.embedding_model, device=self.run_device),
-            lambda encoder: encoder.similarity([r["response"] for r in scores], references),
-        )
+
+        def load():
+            with times.part("load_scorers"):
+                return SentenceEncoder(self.embedding_model, device=self.run_device)
+
+        def embed(encoder) -> None:
+            for analysis, rows in groups.items():
+                if rows:
+                    with times.part(f"embedding_scores{'' if analysis == CORE else '_' + analysis}", analysis):
+                        self._add_similarities(rows, encoder.similarity([r["response"] for r in rows], references), columns)
+
+        use_then_free(load, embed)
+
+    def _add_similarities(self, scores: list[dict], similarity: torch.Tensor, columns: list[str]) -> None:
+        """Write the (N, 2P) similarities and the ``emb_margin`` into the rows."""
         opposite = "unethical" if self.criterion_side == "ethical" else "ethical"
         for row, values in zip(scores, similarity.tolist(), strict=True):
             row.update({c: float(v) for c, v in zip(columns, values, strict=True)})
