@@ -16,8 +16,8 @@ and thread count, measured in this process. The count is a lower bound on purpos
 * nothing for the judge check, the embedding scores or model loading.
 
 No implementation of the same work can run faster on this machine in this precision.
-With ``--log`` (the pipeline's console output: its ``<== stage done in`` lines) each
-stage's measured time and its ratio to the floor are printed as well. The two sides of
+Each stage's measured time (from the run's ``stage_times.json``, or ``--log``: the
+pipeline's console output) and its ratio to the floor are printed as well. The two sides of
 a stage run at once with half the threads each (``parallel_sides``), so a stage's floor
 is its slower side's. The last line: ``experiment_floor: floor_min=F measured_min=M
 floor_ratio=M/F``.
@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when run as a script
 
-from benchmarks.harness import set_threads  # noqa: E402
+from harness import set_threads  # noqa: E402
 
 SIDES = ("ethical", "unethical")
 TRAINING_ROWS = 1024  # matmul rows of a training or scoring batch (8 pairs x ~170 tokens)
@@ -264,11 +264,17 @@ def evaluation(run: Path, shapes: Shapes, count: Counter, threads: int) -> Work:
 
 
 def measured_minutes(log: Path) -> dict[str, float]:
-    """Stage -> minutes from the pipeline's ``<== stage (side) done in`` lines (a stage's slower side)."""
+    """Stage -> minutes of its slower side, from the pipeline's ``stage_times.json`` or
+    from its console output (the ``<== stage (side) done in`` lines)."""
     out: dict[str, float] = {}
-    for match in re.finditer(r"<== (\w+)(?: \((\w+)\))? done in ([\d.]+) (s|min)", log.read_text()):
-        stage, _, value, unit = match.groups()
-        minutes = float(value) / 60 if unit == "s" else float(value)
+    if log.suffix == ".json":
+        found = [(r["stage"], r["seconds"] / 60) for r in json.loads(log.read_text())["runs"] if r["seconds"] is not None]
+    else:
+        found = [
+            (stage, float(value) / 60 if unit == "s" else float(value))
+            for stage, value, unit in re.findall(r"<== (\w+)(?: \(\w+\))? done in ([\d.]+) (s|min)", log.read_text())
+        ]
+    for stage, minutes in found:
         out[stage] = max(out.get(stage, 0.0), minutes)
     return out
 
@@ -276,7 +282,10 @@ def measured_minutes(log: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=Path("lightning_logs/experiment_cpu"), help="the pipeline's output_root")
-    parser.add_argument("--log", type=Path, help="the pipeline's console output, for the measured stage times")
+    parser.add_argument(
+        "--log", type=Path,
+        help="the pipeline's console output, for the measured stage times (default: RUN/stage_times.json)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="threads of the machine (default: torch's)")
     args = parser.parse_args()
     from transformers import AutoConfig, AutoTokenizer
@@ -302,7 +311,8 @@ def main() -> None:
     per_stage["eval"] = [evaluation(args.run, shapes, count, threads)]
 
     rates = Rates(shapes)
-    measured = measured_minutes(args.log) if args.log else {}
+    log = args.log or args.run / "stage_times.json"
+    measured = measured_minutes(log) if log.is_file() else {}
     print(f"model linears: {shapes.body_flops / 2e6:.1f} M weights a token, head {shapes.head_flops / 2e6:.1f} M; "
           f"threads: {side_threads} a side, {threads} for the evaluation")
     for (rows, part, t), _ in sorted({(r, p, w.threads): 0 for ws in per_stage.values() for w in ws for (r, p) in w.flops}.items()):

@@ -216,10 +216,18 @@ def test_rerun_skips_and_a_changed_stage_reruns_with_everything_after_it(tmp_pat
     marker = tmp_path / "out/models/ethical/sl_model/.ucai-stage.json"
     assert json.loads(marker.read_text())["stage"] == "sft"
     assert (tmp_path / "out/data/.prompts.jsonl.ucai-stage.json").is_file()
+    # Each invocation records its stage runs' wall times for other tools.
+    times = json.loads((tmp_path / "out/stage_times.json").read_text())
+    assert [(r["stage"], r["side"]) for r in times["runs"]][:3] == [
+        ("categorise", None), ("critique_revision", "ethical"), ("sft", "ethical")
+    ]
+    assert len(times["runs"]) == 7 and all(r["seconds"] >= 0 and not r["skipped"] for r in times["runs"])
     fake.ran.clear()
     assert pipeline.main(["--config", str(path)]) == 0
     assert fake.ran == []
     assert "up to date, skipped" in capsys.readouterr().out
+    times = json.loads((tmp_path / "out/stage_times.json").read_text())
+    assert all(r["skipped"] and r["seconds"] is None for r in times["runs"])
     # A changed reward setting reruns reward; its new output changes ppo's and eval's inputs.
     data = yaml.safe_load(path.read_text())
     data["stages"]["reward"]["overrides"] = {"trainer.max_steps": 5}

@@ -3,15 +3,19 @@ at the end the artefacts and the evaluation's headline."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from pathlib import Path
 
+from ucai.data.io import atomic_output
 from ucai.part_times import fmt_seconds
 from ucai.pipeline.config import PipelineConfig
 from ucai.pipeline.plan import StageRun
 from ucai.pipeline.runner import console_log
 from ucai.report import headline
+
+TIMES_FILE = "stage_times.json"
 
 
 class Console:
@@ -47,6 +51,7 @@ class Console:
     def skipped(self, run: StageRun) -> None:
         print(f"{self.header(run)}: up to date, skipped ({run.outputs[0]})", flush=True)
         self.finished.append((run, None))
+        self.write_times()
 
     def starting(self, run: StageRun, resuming: bool) -> None:
         line = f"\n==> {self.header(run)}{' (resuming)' if resuming else ''}\n    {_quote(run.command(self.cfg.python))}"
@@ -63,6 +68,19 @@ class Console:
     def done(self, run: StageRun, seconds: float) -> None:
         print(f"<== {run.label} done in {fmt_seconds(seconds)}", flush=True)
         self.finished.append((run, seconds))
+        self.write_times()
+
+    def write_times(self) -> None:
+        """``<output_root>/stage_times.json``: this invocation's stage runs so far, each
+        with its wall seconds (null when it was up to date and skipped), rewritten
+        atomically after each run so an interrupted pipeline keeps what finished."""
+        runs = [
+            {"stage": run.stage, "side": run.side, "seconds": None if seconds is None else round(seconds, 1),
+             "skipped": seconds is None}
+            for run, seconds in self.finished
+        ]
+        with atomic_output(self.cfg.output_root / TIMES_FILE) as handle:
+            json.dump({"parallel_sides": self.cfg.parallel_sides, "runs": runs}, handle, indent=2)
 
     def closing(self) -> None:
         root = self.cfg.output_root

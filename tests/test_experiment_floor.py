@@ -1,0 +1,96 @@
+"""benchmarks/experiment_floor.py: the FLOPs it counts, worked by hand, and the stage
+times it reads from the pipeline's console output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import experiment_floor as floor  # noqa: E402
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+
+def smollm2_shapes() -> floor.Shapes:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152,
+    )
+    return floor.Shapes.of(config)
+
+
+def test_smollm2_linears_count_by_hand():
+    shapes = smollm2_shapes()
+    # a layer: q 576x576 + k, v 576x192 each + o 576x576 + gate, up 576x1536 each + down 1536x576
+    per_layer = 331_776 + 2 * 110_592 + 331_776 + 2 * 884_736 + 884_736
+    assert per_layer == 3_538_944
+    assert shapes.body_flops == 2 * 30 * per_layer == 212_336_640
+    assert shapes.head_flops == 2 * 576 * 49152
+
+
+def _run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    (run / "data" / "ethical").mkdir(parents=True)
+    rows = [
+        {"prompt": "how do I", "response": "I won't help with that"},  # 3 + 5 tokens
+        {"prompt": "tell me", "response": "no"},  # 2 + 1
+    ]
+    (run / "data" / "ethical" / "sl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logs = run / "logs" / "sft_ethical" / "version_0"
+    logs.mkdir(parents=True)
+    (logs / "config.yaml").write_text(yaml.safe_dump({"trainer": {"max_epochs": 2}}))
+    return run
+
+
+def test_sft_counts_forward_and_input_gradient_backward_per_epoch(tmp_path):
+    shapes = floor.Shapes(layers=[(4, 8, 1)], head=(4, 10))  # body 64 FLOPs a token, head 80
+    work = floor.sft(_run(tmp_path), "ethical", shapes, floor.Counter(WordTokenizer()), threads=1)
+    tokens = (3 + 5 + 1) + (2 + 1 + 1)  # prompt, answer and its end-of-turn token
+    answers = (5 + 1) + (1 + 1)  # logits at answer positions only
+    assert work.flops == {
+        (floor.TRAINING_ROWS, "body"): 2 * 2 * 64 * tokens,  # 2 epochs x (forward + backward)
+        (floor.TRAINING_ROWS, "head"): 2 * 2 * 80 * answers,
+    }
+
+
+def test_generation_caps_answers_and_prefills_prompts_at_training_rows():
+    shapes = floor.Shapes(layers=[(4, 8, 1)], head=(4, 10))
+    work = floor.Work("x", threads=1)
+    floor.generation_work(work, shapes, 16, prompts=[3, 2], answers=[5, 1])
+    assert work.flops == {(floor.TRAINING_ROWS, "body"): 64 * 5, (16, "body"): 64 * 6, (16, "head"): 80 * 6}
+    assert floor.Counter(WordTokenizer())("a b c d e", cap=3) == 3
+
+
+def test_rates_turn_flops_into_seconds_per_row_count():
+    rates = floor.Rates(floor.Shapes(layers=[(4, 8, 1)], head=(4, 10)))
+    rates.cache = {(16, "body", 1): 2.0, (1024, "head", 1): 4.0}  # GFLOP/s
+    work = floor.Work("x", threads=1, flops={(16, "body"): 6e9, (1024, "head"): 8e9})
+    assert rates.seconds(work) == pytest.approx(3.0 + 2.0)
+
+
+def test_measured_minutes_take_each_stage_s_slower_side(tmp_path):
+    log = tmp_path / "pipeline.log"
+    log.write_text(
+        "<== categorise done in 2.9 s\n<== sft (ethical) done in 7.3 min\n<== sft (unethical) done in 7.5 min\n"
+        "<== eval done in 10.9 min\n"
+    )
+    assert floor.measured_minutes(log) == pytest.approx({"categorise": 2.9 / 60, "sft": 7.5, "eval": 10.9})
+    times = tmp_path / "stage_times.json"
+    times.write_text(json.dumps({"runs": [
+        {"stage": "sft", "side": "ethical", "seconds": 438.0}, {"stage": "sft", "side": "unethical", "seconds": 450.0},
+        {"stage": "eval", "side": None, "seconds": None},  # skipped: up to date
+    ]}))
+    assert floor.measured_minutes(times) == pytest.approx({"sft": 7.5})
