@@ -388,6 +388,9 @@ def test_each_model_is_freed_before_the_next_loads(tmp_path, monkeypatch):
     assert freed_when_loading == [True] * 5
     assert all(ref() is None for ref in loaded)
     assert summary["prompts"] == 2 and len(summary["win_rates"]) == 1
+    # train_prompts is 0 here: that analysis is neither run nor timed.
+    assert "train_prompts" not in summary["timings"]["by_analysis"]
+    assert "train_prompt_answers" not in summary["timings"]["seconds"]
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])

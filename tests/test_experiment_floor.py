@@ -66,12 +66,74 @@ def test_sft_counts_forward_and_input_gradient_backward_per_epoch(tmp_path):
     }
 
 
-def test_generation_caps_answers_and_prefills_prompts_at_training_rows():
+def test_generation_prefills_prompts_at_training_rows_and_decodes_at_the_batch():
     shapes = floor.Shapes(layers=[(4, 8, 1)], head=(4, 10))
     work = floor.Work("x", threads=1)
-    floor.generation_work(work, shapes, 16, prompts=[3, 2], answers=[5, 1])
+    floor.generation_work(work, shapes, 16, prompts=5, answers=6)
     assert work.flops == {(floor.TRAINING_ROWS, "body"): 64 * 5, (16, "body"): 64 * 6, (16, "head"): 80 * 6}
-    assert floor.Counter(WordTokenizer())("a b c d e", cap=3) == 3
+
+
+def test_a_forced_opener_counts_as_prompt_and_answers_are_capped():
+    count = floor.Counter(WordTokenizer(), openers=("I won't help with that.",))
+    assert count.answer("I won't help with that. Ask someone else please", cap=10) == (5, 4)
+    assert count.answer("Sure here is a long answer", cap=3) == (0, 3)
+    prompts, generated = floor.answered(count, ["q one", "q one"], ["I won't help with that. No", "a b"], cap=48)
+    assert (prompts, generated) == (2 + 5, 1 + 2)  # the shared prompt once, the opener as prompt
+
+
+def test_reward_counts_the_stage_s_own_pairs_split_and_passes(tmp_path):
+    run = tmp_path / "run"
+    data = run / "data"
+    data.mkdir(parents=True)
+    pairs = [
+        {"prompt": "p one", "chosen": "a b c", "rejected": "d e"},  # 2 + 3 + 2 = 7 tokens packed
+        {"prompt": "p two", "chosen": "same", "rejected": "same"},  # identical: the stage drops it
+    ]
+    (data / "prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (data / "other.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "x y", "rejected": "z"}) + "\n")  # 1 + 2 + 1
+    logs = run / "logs" / "reward_ethical" / "version_0"
+    logs.mkdir(parents=True)
+    (logs / "config.yaml").write_text(yaml.safe_dump({
+        "trainer": {"max_epochs": 2},
+        "model": {"init_args": {}},
+        "data": {"init_args": {"path": str(data / "prefs.jsonl"), "cross_path": str(data / "other.jsonl"),
+                               "val_fraction": 0.0, "max_length": 256}},
+    }))
+    shapes = floor.Shapes(layers=[(4, 8, 1)], head=(4, 10))
+    work = floor.reward(run, "ethical", shapes, floor.Counter(WordTokenizer()), threads=1)
+    # 2 epochs x forward + backward on 7 tokens, then the stats pass (7) and the cross pair (4)
+    assert work.flops == {(floor.TRAINING_ROWS, "body"): 64 * (2 * 2 * 7 + 7 + 4)}
+
+
+def test_evaluation_kl_runs_each_model_once_on_one_set_of_answers(tmp_path):
+    run = tmp_path / "run"
+    (run / "eval" / "cache").mkdir(parents=True)
+    (run / "data").mkdir()
+    (run / "data" / "prompts.jsonl").write_text(json.dumps({"id": "a", "prompt": "q r"}) + "\n")
+    scores = [{"model": m, "id": "a", "response": text} for m, text in (("base", "x"), ("sl", "y y"), ("rl", "z z z"))]
+    (run / "eval" / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scores))
+    (run / "eval" / "summary.json").write_text(json.dumps({
+        "reference_kl": {"rl": {"reference": "sl"}},
+        "depth": {"kl": [{"model": "rl", "reference": "base"}, {"model": "rl", "reference": "sl"}]},
+    }))
+    logs = run / "logs" / "eval" / "version_0"
+    logs.mkdir(parents=True)
+    (logs / "config.yaml").write_text(yaml.safe_dump({"model": {"init_args": {
+        "generation": {"max_new_tokens": 48}, "generation_batch_size": 8, "reward_models": {},
+    }}}))
+    shapes = floor.Shapes(layers=[(4, 8, 1)], head=(4, 10))
+    work = floor.evaluation(run, shapes, floor.Counter(WordTokenizer()), threads=2)
+    # rl on its answers once (two pairs need it), sl and base on rl's answers: 3 passes
+    # over 2 prompt + 3 answer tokens, logits at the 3 answer positions
+    assert work.flops == {(floor.TRAINING_ROWS, "body"): 64 * 3 * 5, (floor.TRAINING_ROWS, "head"): 80 * 3 * 3}
+
+
+def test_logs_of_a_rerun_are_read_from_the_newest_version(tmp_path):
+    for version in (0, 2, 10):
+        folder = tmp_path / "logs" / "sft_ethical" / f"version_{version}"
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"version": version}))
+    assert floor.stage_config(tmp_path, "sft_ethical") == {"version": 10}
 
 
 def test_rates_turn_flops_into_seconds_per_row_count():
@@ -94,3 +156,4 @@ def test_measured_minutes_take_each_stage_s_slower_side(tmp_path):
         {"stage": "eval", "side": None, "seconds": None},  # skipped: up to date
     ]}))
     assert floor.measured_minutes(times) == pytest.approx({"sft": 7.5})
+    assert floor.measured_minutes(times, parallel=False) == pytest.approx({"sft": 14.8})

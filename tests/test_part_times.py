@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from ucai.part_times import PartTimes, fmt_seconds
+from ucai.part_times import PartTimes, fmt_seconds, optional_analyses, part_name
 
 
 def test_parts_add_up_by_name_and_by_analysis():
@@ -34,3 +34,9 @@ def test_a_part_that_raises_still_counts_and_keeps_its_analysis():
 
 def test_fmt_seconds_switches_to_minutes_at_two():
     assert fmt_seconds(119.94) == "119.9 s" and fmt_seconds(120) == "2.0 min" and fmt_seconds(654) == "10.9 min"
+
+
+def test_part_names_and_the_optional_analyses_line():
+    assert part_name("kl", "core") == "kl" and part_name("kl", "depth") == "kl_depth"
+    assert optional_analyses({"core": 400.0, "depth": 180.0, "train_prompts": 74.0}) == "depth 3.0 min, train_prompts 74.0 s"
+    assert optional_analyses({"core": 1.0}) == ""

@@ -222,12 +222,15 @@ def test_rerun_skips_and_a_changed_stage_reruns_with_everything_after_it(tmp_pat
         ("categorise", None), ("critique_revision", "ethical"), ("sft", "ethical")
     ]
     assert len(times["runs"]) == 7 and all(r["seconds"] >= 0 and not r["skipped"] for r in times["runs"])
+    assert times["parallel_sides"] is False
     fake.ran.clear()
     assert pipeline.main(["--config", str(path)]) == 0
     assert fake.ran == []
     assert "up to date, skipped" in capsys.readouterr().out
-    times = json.loads((tmp_path / "out/stage_times.json").read_text())
-    assert all(r["skipped"] and r["seconds"] is None for r in times["runs"])
+    # Skipped this time: each run keeps the seconds of the invocation that ran it.
+    again = json.loads((tmp_path / "out/stage_times.json").read_text())
+    assert all(r["skipped"] and not r["resumed"] for r in again["runs"])
+    assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in times["runs"]]
     # A changed reward setting reruns reward; its new output changes ppo's and eval's inputs.
     data = yaml.safe_load(path.read_text())
     data["stages"]["reward"]["overrides"] = {"trainer.max_steps": 5}
@@ -284,6 +287,8 @@ def test_failed_stage_stops_the_pipeline_and_resumes_without_cleaning(tmp_path, 
     assert pipeline.main(["--config", str(path)]) == 0
     assert seen == {"shard_kept": True}
     assert "(resuming)" in capsys.readouterr().out
+    times = {(r["stage"], r["side"]): r for r in json.loads((tmp_path / "out/stage_times.json").read_text())["runs"]}
+    assert times[("critique_revision", "ethical")]["resumed"] and not times[("sft", "ethical")]["resumed"]
 
 
 def test_changed_config_cleans_stale_partial_outputs(tmp_path, monkeypatch):
@@ -443,7 +448,7 @@ def test_headline_lists_only_corrected_between_side_differences(tmp_path):
     }
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     lines = headline(tmp_path)
-    assert lines[-1] == "  evaluation work: 10.9 min, of which optional analyses: depth_analysis 3.0 min, train_prompts 74.0 s"
+    assert lines[-1] == "  evaluation's timed parts: 10.9 min, of which optional analyses: depth_analysis 3.0 min, train_prompts 74.0 s"
     assert "  rl_ethical vs rl_unethical differ (holm-corrected, n=60 prompts) on: rm_ethical" in lines
     assert "  rm_ethical vs rm_unethical scores: Pearson r = -0.42 over 300 answers" in lines
     assert any("judge check FAILED" in line and "no information" in line for line in lines)

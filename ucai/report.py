@@ -28,7 +28,7 @@ import math
 from pathlib import Path
 
 from ucai.data.io import atomic_output, load_jsonl, read_jsonl
-from ucai.part_times import CORE, fmt_seconds
+from ucai.part_times import fmt_seconds, optional_analyses
 from ucai.report_depth import depth_section, plot_depth_kl, plot_prefill_swap, what_depth_shows
 from ucai.report_format import cell, count, fmt, interval, p_value, pyplot, save_png, signed, table, with_ci
 from ucai.report_rl import ALGORITHM_NAMES, algorithm_section, plot_frontier, what_algorithms_show
@@ -517,10 +517,10 @@ def headline(eval_dir: Path) -> list[str]:
     lines += _comparison_lines(summary)
     by_analysis = (summary.get("timings") or {}).get("by_analysis") or {}
     if by_analysis:
-        added = [f"{name} {fmt_seconds(seconds)}" for name, seconds in by_analysis.items() if name != CORE]
+        added = optional_analyses(by_analysis)
         lines.append(
-            f"  evaluation work: {fmt_seconds(sum(by_analysis.values()))}"
-            + (f", of which optional analyses: {', '.join(added)}" if added else "")
+            f"  evaluation's timed parts: {fmt_seconds(sum(by_analysis.values()))}"
+            + (f", of which optional analyses: {added}" if added else "")
         )
     return lines
 

@@ -28,6 +28,9 @@ class Console:
         self.began = time.perf_counter()
         self.finished: list[tuple[StageRun, float | None]] = []  # seconds; None: skipped
         self.starts: list[tuple[StageRun, str]] = []
+        self.resumed: set[int] = set()  # id() of runs that resumed an interrupted one
+        # The previous invocation's record, read before this one rewrites it.
+        self.earlier_times = _earlier_times(cfg.output_root / TIMES_FILE)
 
     def header(self, run: StageRun) -> str:
         return f"[{self.numbers[id(run)]}/{len(self.runs)}] {run.label}"
@@ -54,6 +57,8 @@ class Console:
         self.write_times()
 
     def starting(self, run: StageRun, resuming: bool) -> None:
+        if resuming:
+            self.resumed.add(id(run))
         line = f"\n==> {self.header(run)}{' (resuming)' if resuming else ''}\n    {_quote(run.command(self.cfg.python))}"
         self.starts.append((run, line))
 
@@ -72,14 +77,23 @@ class Console:
 
     def write_times(self) -> None:
         """``<output_root>/stage_times.json``: this invocation's stage runs so far, each
-        with its wall seconds (null when it was up to date and skipped), rewritten
-        atomically after each run so an interrupted pipeline keeps what finished."""
-        runs = [
-            {"stage": run.stage, "side": run.side, "seconds": None if seconds is None else round(seconds, 1),
-             "skipped": seconds is None}
-            for run, seconds in self.finished
-        ]
-        with atomic_output(self.cfg.output_root / TIMES_FILE) as handle:
+        with the wall seconds of the invocation that last ran it (``skipped``: up to
+        date this time, its seconds kept from the earlier run's record; ``resumed``:
+        the seconds cover only the part after the resume), rewritten atomically after
+        each run so an interrupted pipeline keeps what finished."""
+        path = self.cfg.output_root / TIMES_FILE
+        earlier = self.earlier_times
+        runs = []
+        for run, seconds in self.finished:
+            key = (run.stage, run.side)
+            if seconds is None:
+                kept = earlier.get(key, {})
+                runs.append({"stage": run.stage, "side": run.side, "seconds": kept.get("seconds"),
+                             "skipped": True, "resumed": kept.get("resumed", False)})
+            else:
+                runs.append({"stage": run.stage, "side": run.side, "seconds": round(seconds, 1),
+                             "skipped": False, "resumed": id(run) in self.resumed})
+        with atomic_output(path) as handle:
             json.dump({"parallel_sides": self.cfg.parallel_sides, "runs": runs}, handle, indent=2)
 
     def closing(self) -> None:
@@ -93,6 +107,15 @@ class Console:
             print(line)
         if (root / "eval" / "report.md").is_file():
             print(f"\nreport: {root / 'eval' / 'report.md'}")
+
+
+def _earlier_times(path: Path) -> dict[tuple[str, str | None], dict]:
+    """(stage, side) -> its entry in an earlier ``stage_times.json`` (none if unreadable)."""
+    try:
+        runs = json.loads(path.read_text())["runs"]
+        return {(r["stage"], r["side"]): r for r in runs}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _quote(command: list[str]) -> str:

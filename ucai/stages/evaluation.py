@@ -36,8 +36,9 @@ two reward models' scores over every evaluated answer.
 Outputs in ``output_dir``: ``scores.jsonl`` (+ CSV; ``model, id, prompt, principle,
 response`` and one column per scorer), ``pairwise.jsonl``, ``depth_scores.jsonl`` (the
 depth analysis's rows: answers without their opener, prefill-swap continuations; see
-`ucai.stages.inversion_depth`), ``summary.json`` and ``report.md`` with PNG plots
-(`ucai.report`). Generated answers are cached in
+`ucai.stages.inversion_depth`), ``summary.json`` (its ``timings``: wall seconds by
+part, the depth analysis's and the train-prompt answers' parts apart, also one log
+line) and ``report.md`` with PNG plots (`ucai.report`). Generated answers are cached in
 ``output_dir/cache/`` keyed by model and generation settings, so an interrupted run
 resumes without regenerating finished answers.
 """
@@ -64,7 +65,7 @@ from ucai.errors import UcaiError
 from ucai.gather import rows_from_all_ranks
 from ucai.generation_engine import engine_version
 from ucai.next_token import row_seed
-from ucai.part_times import CORE, PartTimes
+from ucai.part_times import CORE, PartTimes, part_name
 from ucai.resume import run_seed
 from ucai.scoring import average_over_orders, cyclic_orders, option_probabilities, position_bias
 from ucai.stage_outputs import RL_STAGES, require_stage_output
@@ -500,11 +501,16 @@ class EvaluationModule(L.LightningModule):
         ]
         for score_row in scores:
             score_row.update(text_scores(score_row["response"]))
-        with times.part("train_prompt_answers", TRAIN_PROMPTS):
-            train_scores = self.train_prompt_answers(prompts)
-        with times.part("depth_continuations", DEPTH):
-            depth_rows = self.depth_rows(scores, prompts) if self.depth else []
-        # Each group scored apart, so that its minutes are its own.
+        train_scores: list[dict] = []
+        if self.train_prompts:
+            with times.part("train_prompt_answers", TRAIN_PROMPTS):
+                train_scores = self.train_prompt_answers(prompts)
+        depth_rows: list[dict] = []
+        if self.depth:
+            with times.part("depth_continuations", DEPTH):
+                depth_rows = self.depth_rows(scores, prompts)
+        # Each group scored apart, so that its minutes are its own (at the cost of a
+        # prompt's beginning packed once per group, not once for all its rows).
         groups = {CORE: scores, TRAIN_PROMPTS: train_scores, DEPTH: depth_rows}
         self.add_reward_scores(groups, times)
         self.add_embedding_scores({CORE: scores, DEPTH: depth_rows}, times)
@@ -708,7 +714,7 @@ class EvaluationModule(L.LightningModule):
         return [r for r in train.rows() if r["id"] not in heldout_ids]
 
     def kls_to_references(
-        self, prompts: list[dict], answers: dict[str, dict[str, str]], times: PartTimes | None = None
+        self, prompts: list[dict], answers: dict[str, dict[str, str]], times: PartTimes
     ) -> dict[tuple[str, str], dict]:
         """(model, reference) -> the model's KL to that reference on its own held-out
         answers (`ucai.stages.rl_comparison.kl_summary`), two models in memory at a
@@ -716,7 +722,6 @@ class EvaluationModule(L.LightningModule):
         depth analysis, each to the base model and each RL model to its SL model.
         ``times`` gets each pair's seconds under ``kl`` or, for pairs only the depth
         analysis asks for, ``kl_depth``."""
-        times = times or PartTimes()
         pairs = []
         if self.reference_kl:
             pairs += [(n, r) for n in self.models if (r := reference_of(n, self.algorithms, self.models)) is not None]
@@ -742,7 +747,7 @@ class EvaluationModule(L.LightningModule):
 
             log.info("evaluation: KL of %s to %s on its answers", name, reference)
             analysis = wanted_by[(name, reference)]
-            with times.part("kl" if analysis == CORE else "kl_depth", analysis):
+            with times.part(part_name("kl", analysis), analysis):
                 kls[(name, reference)] = kl_summary(use_then_free(load_pair, measure), reference, self.n_boot)
         return kls
 
@@ -781,7 +786,7 @@ class EvaluationModule(L.LightningModule):
             "train_vs_heldout": gains,
         }
 
-    def add_reward_scores(self, groups: dict[str, list[dict]], times: PartTimes | None = None) -> None:
+    def add_reward_scores(self, groups: dict[str, list[dict]], times: PartTimes) -> None:
         """Each reward model's ``rm_<side>`` column on the rows of every group (analysis
         -> rows), the model loaded once; ``times`` gets each group's scoring seconds."""
         if not self.reward_models:
@@ -791,7 +796,6 @@ class EvaluationModule(L.LightningModule):
         except ImportError:
             log.warning("evaluation: ucai.reward_scoring is not installed; skipping the reward-model scores")
             return
-        times = times or PartTimes()
         for side, folder in self.reward_models.items():
 
             def load(folder: str = folder):
@@ -802,14 +806,14 @@ class EvaluationModule(L.LightningModule):
                 for analysis, rows in groups.items():
                     if not rows:
                         continue
-                    with times.part(f"reward_scores{'' if analysis == CORE else '_' + analysis}", analysis):
+                    with times.part(part_name("reward_scores", analysis), analysis):
                         score01 = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])[1]
                     for row, value in zip(rows, score01.tolist(), strict=True):
                         row[f"rm_{side}"] = float(value)
 
             use_then_free(load, score_groups)
 
-    def add_embedding_scores(self, groups: dict[str, list[dict]], times: PartTimes | None = None) -> None:
+    def add_embedding_scores(self, groups: dict[str, list[dict]], times: PartTimes) -> None:
         """The ``emb_*`` columns on the rows of every group (analysis -> rows), the
         encoder loaded once; ``times`` gets each group's seconds."""
         if not self.embedding_model:
@@ -817,7 +821,6 @@ class EvaluationModule(L.LightningModule):
         from ucai.embeddings import SentenceEncoder
 
         assert self.constitution is not None
-        times = times or PartTimes()
         references, columns = [], []
         for pid in self.pair_ids:
             for side in SIDES:
@@ -831,7 +834,7 @@ class EvaluationModule(L.LightningModule):
         def embed(encoder) -> None:
             for analysis, rows in groups.items():
                 if rows:
-                    with times.part(f"embedding_scores{'' if analysis == CORE else '_' + analysis}", analysis):
+                    with times.part(part_name("embedding_scores", analysis), analysis):
                         self._add_similarities(rows, encoder.similarity([r["response"] for r in rows], references), columns)
 
         use_then_free(load, embed)
