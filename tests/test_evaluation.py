@@ -308,10 +308,10 @@ def test_tiny_evaluation_writes_scores_pairwise_and_report(tmp_path, run_cli, mo
         "load_scorers": "core", "reward_scores": "core", "reward_scores_train_prompts": "train_prompts",
         "reward_scores_depth_analysis": "depth_analysis", "embedding_scores": "core",
         "embedding_scores_depth_analysis": "depth_analysis", "judge": "core", "statistics": "core",
-        "kl": "core", "kl_depth": "depth_analysis", "depth_statistics": "depth_analysis",
+        "kl": "core", "kl_depth_analysis": "depth_analysis", "depth_statistics": "depth_analysis",
     }
     assert all(seconds >= 0 for seconds in timings["seconds"].values())
-    assert min(timings["seconds"][part] for part in ("answers", "reward_scores", "kl", "kl_depth")) > 0
+    assert min(timings["seconds"][part] for part in ("answers", "reward_scores", "kl", "kl_depth_analysis")) > 0
     depth_parts = [part for part, analysis in timings["analysis"].items() if analysis == "depth_analysis"]
     assert timings["by_analysis"]["depth_analysis"] == pytest.approx(
         sum(timings["seconds"][part] for part in depth_parts), abs=0.05
