@@ -721,7 +721,7 @@ class EvaluationModule(L.LightningModule):
         time: each SL and RL model to its reference (``reference_kl``) and, for the
         depth analysis, each to the base model and each RL model to its SL model.
         ``times`` gets each pair's seconds under ``kl`` or, for pairs only the depth
-        analysis asks for, ``kl_depth``."""
+        analysis asks for, ``kl_depth_analysis``."""
         pairs = []
         if self.reference_kl:
             pairs += [(n, r) for n in self.models if (r := reference_of(n, self.algorithms, self.models)) is not None]
