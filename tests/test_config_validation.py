@@ -40,7 +40,6 @@ OUT_OF_RANGE = [
     ("fit", CONF / "sft_tiny.yaml", "--data.init_args.max_length=1"),
     ("fit", CONF / "sft_tiny.yaml", "--data.init_args.bucket_batches=0"),
     ("fit", CONF / "reward_tiny.yaml", "--data.init_args.val_fraction=1"),
-    ("fit", CONF / "reward_tiny.yaml", "--data.init_args.pad_to_multiple_of=0"),
 ]
 
 # Optional fields (``int | None``): jsonargparse's message names the field, not the value.
@@ -53,6 +52,7 @@ OPTIONAL_OUT_OF_RANGE = [
     ("test", ROOT / "configs" / "judge_check.yaml", "--model.init_args.max_length=0"),
     ("test", ROOT / "configs" / "judge_check.yaml", "--data.init_args.limit=0"),
     ("fit", CONF / "reward_tiny.yaml", "--data.init_args.val_size=-1"),
+    ("fit", CONF / "reward_tiny.yaml", "--data.init_args.pad_to_multiple_of=0"),
 ]
 
 

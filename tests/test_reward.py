@@ -246,11 +246,37 @@ def test_datamodule_batches_chosen_then_rejected():
     assert (len(dm.train_pairs), len(dm.val_pairs)) == (80, 16)
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 8 and batch["p_chosen"].shape == (4,)
-    assert batch["input_ids"].shape[1] % 32 == 0 and batch["pair_ids"].shape[1] % 32 == 0  # pad_to_multiple_of
+    assert batch["input_ids"].shape[1] % 8 == 0 and batch["pair_ids"].shape[1] % 8 == 0  # no trainer: 8
     assert batch["attention_mask"][:, 0].all()  # right padding: every row starts real
     first = dm._encoded["val"][0]
     text = dm.tokenizer.decode(first["chosen"])
     assert text.endswith("<|im_end|>") and "kindly" in text
+
+
+@pytest.mark.parametrize(
+    "setting, device, precision, expected",
+    [
+        (None, "cpu", "bf16-mixed", 32),  # bounded memory of CPU 16-bit kernels
+        (None, "cpu", "bf16-true", 32),
+        (None, "cpu", "16-mixed", 32),
+        (None, "cpu", "32-true", 8),  # the fp32 fallback: padding is pure cost
+        (None, "cuda", "bf16-mixed", 8),
+        (1, "cpu", "bf16-mixed", 1),  # a setting wins
+    ],
+)
+def test_batch_widths_round_to_a_multiple_chosen_by_precision_and_device(setting, device, precision, expected):
+    from types import SimpleNamespace
+
+    dm = PreferenceDataModule(
+        path=str(FIXTURE), tokenizer="tiny-llama", max_length=64, batch_size=4, val_size=16, pad_to_multiple_of=setting
+    )
+    dm.trainer = SimpleNamespace(precision=precision, strategy=SimpleNamespace(root_device=torch.device(device)))
+    assert dm.width_multiple() == expected
+    dm.setup("fit")
+    widths = {batch["pair_ids"].shape[1] for batch in dm.val_dataloader()}
+    assert all(width % expected == 0 for width in widths)
+    if expected == 1:  # no rounding: the widest packed pair of the batch
+        assert any(width % 8 for width in widths)
 
 
 # --------------------------------------------------------------------------- end to end

@@ -297,8 +297,8 @@ def test_rollout_precision_under_a_bf16_mixed_trainer(rollout_precision, tmp_pat
         monkeypatch.setattr(module, name, recorded(name, getattr(module, name)))
     rollout = module.rollout
 
-    def rollout_then_compare(rows):
-        result = rollout(rows)
+    def rollout_then_compare(rows, **kwargs):
+        result = rollout(rows, **kwargs)
         ids, attention, width = result.sequences, result.attention_mask, result.prompt_length
         mask = result.mask
         with torch.autocast("cpu", enabled=False):
@@ -319,6 +319,122 @@ def test_rollout_precision_under_a_bf16_mixed_trainer(rollout_precision, tmp_pat
     same, other = ("fp32", "mixed") if rollout_precision == "fp32" else ("mixed", "fp32")
     assert checked[same] < 1e-6, checked
     assert checked[other] > 1e-3, checked  # bf16 matmuls do change the log-probs
+
+
+# --------------------------------------------------------------------------- fused first update
+
+
+def _fit_counting_policy_passes(module, root, tiny_trainer, monkeypatch, precision="32-true", steps=2):
+    """Fit ``steps`` optimiser steps on 2 prompts; returns (forwards under the policy
+    adapter, the trainer). Reference passes (adapter off) and a critic's (its own
+    adapter) are not counted."""
+    passes = []
+    forward = module.response_hidden
+    first_gradients = {}
+    before_step = module.on_before_optimizer_step
+
+    def record_first_gradients(optimizer):
+        if not first_gradients:
+            first_gradients.update({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+        return before_step(optimizer)
+
+    monkeypatch.setattr(module, "on_before_optimizer_step", record_first_gradients)
+    module.first_gradients = first_gradients
+
+    def counted(*args, **kwargs):
+        passes.append(module.policy.active_adapter if not _adapter_disabled(module) else None)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(module, "response_hidden", counted)
+    trainer = tiny_trainer(root, steps, precision=precision)
+    trainer.fit(module, datamodule=prompts(limit=2, batch_size=2, shuffle=False))
+    return sum(p == "policy" for p in passes), trainer
+
+
+def _adapter_disabled(module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.policy.modules() if isinstance(m, BaseTunerLayer)]
+    return bool(layers) and all(m.disable_adapters for m in layers)
+
+
+def test_the_first_update_stands_in_for_the_rollout_policy_pass_with_the_same_result(
+    tmp_path, tiny_ppo, tiny_trainer, monkeypatch
+):
+    # RLOO, 2 prompts x k=2 = 4 episodes in one minibatch of 4, fp32, 2 epochs: the
+    # first update's forward is the rollout's policy pass. Against the same run with
+    # the separate no-grad pass, everything agrees up to the attention kernel's rounding.
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        module = tiny_ppo(advantage="rloo", rloo_k=2, minibatch_size=4, ppo_epochs=2)
+        _start_away_from_the_reference(module, monkeypatch)
+        if not fused:
+            monkeypatch.setattr(module, "fuses_first_update", lambda episodes: False)
+        policy_passes, trainer = _fit_counting_policy_passes(module, tmp_path / str(fused), tiny_trainer, monkeypatch)
+        runs[fused] = (policy_passes, module, rollout_rows(Path(trainer.log_dir)))
+    (fused_passes, fused, fused_rows), (plain_passes, plain, plain_rows) = runs[True], runs[False]
+    assert (fused_passes, plain_passes) == (2, 3)  # 2 updates, plus the rollout's own pass when not fused
+    assert fused.last_stats["first_ratio_max_dev"] == 0.0  # by construction: old log-probs ARE these
+    assert plain.last_stats["first_ratio_max_dev"] < 1e-5
+    assert [r["response"] for r in fused_rows] == [r["response"] for r in plain_rows]
+    for column in ("score", "kl", "reward"):
+        got = torch.tensor([float(r[column]) for r in fused_rows])
+        expected = torch.tensor([float(r[column]) for r in plain_rows])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    # The first update's gradients (Adam's first steps are about sign(g), which rounding
+    # flips where g is ~0, so the weights after it are not the thing to compare).
+    got, expected = fused.first_gradients, plain.first_gradients
+    assert set(got) == set(expected) and any(float(g.abs().max()) > 1e-4 for g in expected.values())
+    for name, gradient in got.items():
+        scale = float(expected[name].abs().max())
+        torch.testing.assert_close(gradient, expected[name], rtol=1e-3, atol=1e-5 * scale + 1e-12, msg=name)
+
+
+def test_a_fused_first_update_at_the_reference_has_a_kl_of_exactly_zero(tmp_path, tiny_ppo, tiny_trainer, monkeypatch):
+    # The policy starts as the reference (LoRA B = 0). Its reference pass takes the
+    # kernel of the gradient pass that is its policy pass, so the first KL is 0, not
+    # the rounding between two attention kernels.
+    module = tiny_ppo(advantage="rloo", rloo_k=2, minibatch_size=4, ppo_epochs=1)
+    policy_passes, trainer = _fit_counting_policy_passes(module, tmp_path, tiny_trainer, monkeypatch, steps=1)
+    assert policy_passes == 1
+    assert all(float(row["kl"]) == 0.0 for row in rollout_rows(Path(trainer.log_dir)))
+
+
+def _start_away_from_the_reference(module, monkeypatch) -> None:
+    """After the model is built, set its LoRA B weights to seeded random values: the
+    policy then differs from the reference, and the KL gives every episode its own
+    advantage even where the scores tie."""
+    configure = module.configure_model
+
+    def configure_then_move():
+        configure()
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, param in sorted(module.policy.named_parameters()):
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+    monkeypatch.setattr(module, "configure_model", configure_then_move)
+
+
+@pytest.mark.parametrize(
+    "settings, precision",
+    [
+        (dict(advantage="rloo", rloo_k=2, minibatch_size=2), "32-true"),  # two minibatches a rollout
+        (dict(advantage="gae", minibatch_size=4), "32-true"),  # a critic: the rollout's values are needed
+        (dict(advantage="rloo", rloo_k=2, minibatch_size=4, rollout_precision="trainer"), "bf16-mixed"),
+    ],
+    ids=["minibatches", "critic", "autocast"],
+)
+def test_the_rollout_keeps_its_own_policy_pass_where_the_first_update_cannot_stand_in(
+    settings, precision, tmp_path, tiny_ppo, tiny_trainer, monkeypatch
+):
+    module = tiny_ppo(ppo_epochs=1, frozen_linear_bf16=False, **settings)
+    episodes = 2 * module.episodes_per_prompt  # 2 prompts
+    updates = -(-episodes // module.minibatch_size)
+    policy_passes, _ = _fit_counting_policy_passes(module, tmp_path, tiny_trainer, monkeypatch, precision, updates)
+    assert policy_passes - updates == updates  # the rollout's own no-grad pass, one per chunk
 
 
 # --------------------------------------------------------------------------- refused settings

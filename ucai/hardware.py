@@ -77,7 +77,7 @@ def bf16_warning(precision: str | int | None, accelerator: str | None) -> str | 
     )
 
 
-def training_attention(input_ids: torch.Tensor, checkpointing: bool = False):
+def training_attention(input_ids: torch.Tensor, checkpointing: bool = False, gradient_pass: bool | None = None):
     """The attention kernel context of a training forward over ``input_ids`` (B, L).
 
     On CPU, with gradients on and rows of at most `CPU_MATH_ATTENTION_MAX_TOKENS`, SDPA's
@@ -89,11 +89,17 @@ def training_attention(input_ids: torch.Tensor, checkpointing: bool = False):
     rounding of 1 rather than at exactly 1). Not under gradient checkpointing: its
     recompute runs in backward, outside this context, and would use another kernel
     than the forward did.
+
+    ``gradient_pass`` (default: whether gradients are on) picks the kernel of a gradient
+    pass in a no-grad one too, for a pass whose results must match a gradient pass's
+    bit for bit (PPO's reference pass beside a first update that is its rollout pass).
     """
+    if gradient_pass is None:
+        gradient_pass = torch.is_grad_enabled()
     if (
         input_ids.device.type != "cpu"
         or checkpointing
-        or not torch.is_grad_enabled()
+        or not gradient_pass
         or input_ids.shape[-1] > CPU_MATH_ATTENTION_MAX_TOKENS
     ):
         return contextlib.nullcontext()

@@ -59,7 +59,8 @@ class DPODataModule(PreferenceDataModule):
         val_size: if set, the LAST ``val_size`` pairs of the file are the validation set.
         limit: read at most this many pairs.
         bucket_batches: batches per length-sorting bucket (1 disables sorting).
-        pad_to_multiple_of: batch widths are rounded up to a multiple of this.
+        pad_to_multiple_of: batch widths are rounded up to a multiple of this; null: by
+            precision and device (`PreferenceDataModule.width_multiple`).
         share_prefix: give each batch every pair packed into ONE row, the conversation
             once and then both replies (exact; the policy falls back to two sequences
             per pair when its attention cannot take the packed mask).
@@ -78,7 +79,7 @@ class DPODataModule(PreferenceDataModule):
         val_size: NonNegativeInt | None = None,
         limit: PositiveInt | None = None,
         bucket_batches: PositiveInt = 50,
-        pad_to_multiple_of: PositiveInt = 32,
+        pad_to_multiple_of: PositiveInt | None = None,
         share_prefix: bool = True,
         seed: int = 0,
         num_workers: NonNegativeInt = 0,

@@ -15,7 +15,9 @@ Each training step takes one batch of prompts (the rollout batch) and:
    hang;
 2. in one no-grad pass per chunk computes the policy's log-probs (and, with a critic,
    values), the reference log-probs with the LoRA adapter disabled (the reference IS
-   the SL model, with no second copy of its weights), and the reward-model score;
+   the SL model, with no second copy of its weights), and the reward-model score; under
+   RLOO with one minibatch per rollout and an fp32 training forward, the first update's
+   forward is the policy's pass (`PPOModule.fuses_first_update`);
 3. clips the scores and penalises responses that never reached eos, then forms the
    advantages (`ucai.rl`):
 
@@ -522,7 +524,9 @@ class PPOModule(L.LightningModule):
         """
         return nullcontext(), self._adapter(self.policy.active_adapter)
 
-    def response_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    def response_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, gradient_pass: bool | None = None
+    ) -> torch.Tensor:
         """Last hidden state at the positions that predict the response tokens.
 
         Runs the decoder only (not ``lm_head``), so logits are made for the T response
@@ -532,6 +536,8 @@ class PPOModule(L.LightningModule):
 
         Args:
             input_ids: (B, P + T) sequences; attention_mask: (B, P + T).
+            gradient_pass: attention kernel of a gradient pass or not (default: whether
+                gradients are on; `ucai.hardware.training_attention`).
         Returns:
             (B, T, H): entry t is the state after reading token P + t - 1, i.e. before
             response token t (what the logits for token t and V_t are computed from).
@@ -545,9 +551,9 @@ class PPOModule(L.LightningModule):
                 self._packer = EpisodePacker(pad, PACKED_ROW_TOKENS)
             packed = self._packer(input_ids, attention_mask, prompt_length)
         if packed is not None:
-            with training_attention(packed.ids, self.gradient_checkpointing):
+            with training_attention(packed.ids, self.gradient_checkpointing, gradient_pass):
                 return packed.response_states(packed_hidden(decoder, causal.config, packed.ids, packed.lengths))
-        with training_attention(input_ids, self.gradient_checkpointing):
+        with training_attention(input_ids, self.gradient_checkpointing, gradient_pass):
             out = decoder(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -575,12 +581,14 @@ class PPOModule(L.LightningModule):
                 hidden = self.response_hidden(input_ids, attention_mask, prompt_length)
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
-    def sequence_logprobs(self, input_ids, attention_mask, prompt_length: int, reference: bool = False) -> torch.Tensor:
+    def sequence_logprobs(
+        self, input_ids, attention_mask, prompt_length: int, reference: bool = False, gradient_pass: bool | None = None
+    ) -> torch.Tensor:
         """(B, T) log-probs of the response tokens under the policy (or the reference:
         the same model with the adapter disabled, i.e. exactly the SL model)."""
         context = self.policy.disable_adapter() if reference else nullcontext()
         with context:
-            hidden = self.response_hidden(input_ids, attention_mask, prompt_length)
+            hidden = self.response_hidden(input_ids, attention_mask, prompt_length, gradient_pass)
             return logprobs_from_logits(self.response_logits(hidden), input_ids[:, prompt_length:])
 
     # ------------------------------------------------------------------ rollout
@@ -602,17 +610,20 @@ class PPOModule(L.LightningModule):
 
     @torch.no_grad()
     def rollout_forward(
-        self, sequences: torch.Tensor, attention: torch.Tensor, width: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self, sequences: torch.Tensor, attention: torch.Tensor, width: int, policy: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """Policy log-probs, reference log-probs and values of sampled responses, in
         chunks of ``minibatch_size`` (which bounds the logits tensor).
 
         Args:
             sequences: (B, P + T) prompt and response ids; attention: (B, P + T).
             width: P.
+            policy: run the policy's pass; False when the first update's forward stands
+                in for it (`fuses_first_update`).
         Returns:
-            three (B, T) float32 tensors (not masked); the values are None without a
-            critic (RLOO), whose value pass is skipped.
+            three (B, T) float32 tensors (not masked); the policy's log-probs are None
+            without its pass, the values None without a critic (RLOO), whose value
+            pass is skipped.
         """
         was_training = self.policy.training
         self.policy.eval()  # no checkpointing recompute in a no-grad pass
@@ -621,15 +632,42 @@ class PPOModule(L.LightningModule):
             for chunk in range(0, sequences.shape[0], self.minibatch_size):
                 ids = sequences[chunk : chunk + self.minibatch_size]
                 att = attention[chunk : chunk + self.minibatch_size]
-                hidden = self.response_hidden(ids, att, width)
-                logprobs.append(logprobs_from_logits(self.response_logits(hidden), ids[:, width:]))
-                if self.has_critic:
-                    values.append(self.values_for(hidden, ids, att, width))
-                del hidden
-                ref_logprobs.append(self.sequence_logprobs(ids, att, width, reference=True))
+                if policy:
+                    hidden = self.response_hidden(ids, att, width)
+                    logprobs.append(logprobs_from_logits(self.response_logits(hidden), ids[:, width:]))
+                    if self.has_critic:
+                        values.append(self.values_for(hidden, ids, att, width))
+                    del hidden
+                # Beside a fused first update, the reference pass takes the attention
+                # kernel of that gradient pass: the policy starts AS the reference, and
+                # its first KL is then exactly 0, not the two kernels' rounding (which
+                # normalised advantages would blow up to unit size when scores tie).
+                ref_logprobs.append(self.sequence_logprobs(ids, att, width, reference=True, gradient_pass=not policy or None))
         finally:
             self.policy.train(was_training)
-        return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values) if values else None
+        return (
+            torch.cat(logprobs) if logprobs else None,
+            torch.cat(ref_logprobs),
+            torch.cat(values) if values else None,
+        )
+
+    def fuses_first_update(self, episodes: int) -> bool:
+        """Whether the first update's forward stands in for the rollout's policy pass
+        (which then does not run): RLOO (no critic, so no old values are needed), one
+        minibatch holding all ``episodes`` (so the first update sees the whole rollout
+        in its own order, and every advantage can be formed before its loss), and a
+        float32 training forward without autocast, as the rollout's (so the two passes
+        differ only by the attention kernel's rounding, ~1e-7). The policy is the same
+        (no update has run yet) and dropout is off, so the log-probs are the same
+        function; the first ratio is then exactly 1. Saves one forward of every
+        episode: 9% of an RLOO iteration of the CPU experiment (fp32, 8 episodes).
+        Called inside the training step, where the trainer's autocast is active."""
+        return (
+            not self.has_critic
+            and self.minibatch_size >= episodes
+            and dtype_from_precision(trainer_precision(self)) == torch.float32
+            and not torch.is_autocast_enabled(self.device.type)
+        )
 
     def rollout_autocast(self):
         """The autocast state of sampling, the rollout forward and scoring: the trainer's
@@ -645,16 +683,18 @@ class PPOModule(L.LightningModule):
         return [row["prompt"] for row in rows for _ in range(self.episodes_per_prompt)]
 
     @torch.no_grad()
-    def rollout(self, rows: list[dict]) -> Rollout:
-        """Generate, score and compute advantages for one batch of prompt rows."""
+    def rollout(self, rows: list[dict], policy_pass: bool = True) -> Rollout:
+        """Generate, score and compute advantages for one batch of prompt rows; without
+        ``policy_pass`` the policy's log-probs and everything formed from them are left
+        for the first update's forward to fill in (`complete_rollout`)."""
         with self.rollout_autocast():
-            return self._rollout(rows)
+            return self._rollout(rows, policy_pass)
 
     def episode_seeds(self, rows: list[dict]) -> list[int]:
         """One sampling seed per episode of this rollout iteration (`episode_seeds`)."""
         return episode_seeds(rows, self.rollout_step, self.episodes_per_prompt, run_seed())
 
-    def _rollout(self, rows: list[dict]) -> Rollout:
+    def _rollout(self, rows: list[dict], policy_pass: bool = True) -> Rollout:
         start = time.perf_counter()
         prompts = self.episode_prompts(rows)
         sampled = StepRecorder()
@@ -673,31 +713,41 @@ class PPOModule(L.LightningModule):
         mask = generated.completion_mask.to(sequences.device)
         attention = torch.cat([prompt_attention_mask(sequences[:, :width], self.tokenizer.pad_token_id), mask], dim=1)
         responses = sequences[:, width:]
-        logprobs, ref_logprobs, values = self.rollout_forward(sequences, attention, width)
+        logprobs, ref_logprobs, values = self.rollout_forward(sequences, attention, width, policy=policy_pass)
 
         scores = self.score(prompts, generated.texts, responses, mask)
-        finished = generated.finished.to(sequences.device)
-        targets = self.targets(logprobs, ref_logprobs, values, mask, scores, finished)
-        return Rollout(
+        rollout = Rollout(
             sequences=sequences,
             attention_mask=attention,
             prompt_length=width,
             mask=mask.float(),
-            logprobs=logprobs,
             ref_logprobs=ref_logprobs,
-            values=targets.values,
-            kl=targets.kl,
+            values=values,
             scores=scores,
-            final_scores=targets.final_scores,
-            rewards=targets.rewards,
-            advantages=targets.advantages,
-            returns=targets.returns,
-            finished=finished,
+            finished=generated.finished.to(sequences.device),
             prompts=prompts,
             responses=generated.texts,
             seconds=time.perf_counter() - start,
             engine_logprobs=sampled.processed_logprobs(),  # on the policy's device, as its logits
         )
+        if logprobs is not None:
+            self.complete_rollout(rollout, logprobs)
+        return rollout
+
+    def complete_rollout(self, rollout: Rollout, logprobs: torch.Tensor) -> None:
+        """Give ``rollout`` the policy's (B, T) log-probs and what is formed from them:
+        the KL, the final scores, the rewards and advantages (and, with a critic, the
+        masked values and the returns)."""
+        targets = self.targets(
+            logprobs, rollout.ref_logprobs, rollout.values, rollout.mask, rollout.scores, rollout.finished
+        )
+        rollout.logprobs = logprobs
+        rollout.values = targets.values
+        rollout.kl = targets.kl
+        rollout.final_scores = targets.final_scores
+        rollout.rewards = targets.rewards
+        rollout.advantages = targets.advantages
+        rollout.returns = targets.returns
 
     def targets(
         self,
@@ -740,6 +790,13 @@ class PPOModule(L.LightningModule):
         """
         ids, att, width = rollout.sequences[idx], rollout.attention_mask[idx], rollout.prompt_length
         hidden = self.response_hidden(ids, att, width)
+        if rollout.logprobs is None:  # the fused first update: this forward is the rollout's policy pass
+            if not torch.equal(idx.cpu(), torch.arange(rollout.size)):
+                raise RuntimeError("ppo: a rollout without log-probs needs its first minibatch to hold it all, in order")
+            logits = self.response_logits(hidden)
+            logprobs = logprobs_from_logits(logits, ids[:, width:])
+            self.complete_rollout(rollout, logprobs.detach())
+            return self._policy_terms(rollout, idx, hidden, logits=logits, logprobs=logprobs)
         policy_loss, stats = self._policy_terms(rollout, idx, hidden)
         if not self.has_critic:
             return policy_loss, stats
@@ -773,12 +830,17 @@ class PPOModule(L.LightningModule):
         backward(self.vf_coef * value_loss)
         return {**stats, **value_stats}
 
-    def _policy_terms(self, rollout: Rollout, idx: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def _policy_terms(
+        self, rollout: Rollout, idx: torch.Tensor, hidden: torch.Tensor, logits=None, logprobs=None
+    ) -> tuple[torch.Tensor, dict]:
         """Clipped policy loss (minus the entropy bonus) from the (M, T, H) response
-        hidden states, and its diagnostics."""
+        hidden states, and its diagnostics; ``logits`` (M, T, V) and ``logprobs`` (M, T)
+        when the caller has them already."""
         ids, mask = rollout.sequences[idx], rollout.mask[idx]
-        logits = self.response_logits(hidden)
-        logprobs = logprobs_from_logits(logits, ids[:, rollout.prompt_length :])
+        if logits is None:
+            logits = self.response_logits(hidden)
+        if logprobs is None:
+            logprobs = logprobs_from_logits(logits, ids[:, rollout.prompt_length :])
         pg_loss, clipfrac, approxkl = ppo_policy_loss(
             logprobs, rollout.logprobs[idx], rollout.advantages[idx], mask, self.cliprange
         )
@@ -859,7 +921,8 @@ class PPOModule(L.LightningModule):
 
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         start = time.perf_counter()
-        rollout = self.rollout(batch)
+        fused = self.fuses_first_update(len(batch) * self.episodes_per_prompt)
+        rollout = self.rollout(batch, policy_pass=not fused)
         update = self.ppo_update(rollout)
         seconds = time.perf_counter() - start
 

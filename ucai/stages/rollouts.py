@@ -49,20 +49,21 @@ class Rollout:
     attention_mask: torch.Tensor
     prompt_length: int
     mask: torch.Tensor
-    logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
     values: torch.Tensor | None
-    kl: torch.Tensor
     scores: torch.Tensor
-    final_scores: torch.Tensor
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor | None
     finished: torch.Tensor
     prompts: list[str]
     responses: list[str]
     seconds: float
     engine_logprobs: torch.Tensor | None = None
+    # Formed from the policy's log-probs: None until they are known (`PPOModule.complete_rollout`).
+    logprobs: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    final_scores: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
