@@ -175,3 +175,18 @@ def test_cast_frozen_linear_changes_no_autocast_result_and_unties_the_head_only_
         assert torch.equal(untied(input_ids=ids).logits, expected)
     with torch.no_grad():
         assert not torch.equal(reference(input_ids=ids).logits, expected)  # autocast really rounds: the check can fail
+
+
+def test_disable_dropout_also_zeroes_the_attention_dropout_rate_llama_reads_in_train_mode():
+    from transformers import LlamaForCausalLM
+
+    config = models.tiny_llama_config()
+    config.attention_dropout = 0.5
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # the rate is in force
+        assert models.disable_dropout(model) == config.num_hidden_layers
+        assert torch.equal(model(ids).logits, model.eval()(ids).logits)

@@ -20,7 +20,7 @@ import lightning as L
 import pytest
 import torch
 
-import ucai.stages.ppo
+import ucai.stages.ppo_rollout
 from ucai.data.prompt_datamodule import PromptDataModule
 from ucai.errors import UcaiError
 from ucai.stages.generation import GenerationSettings
@@ -47,8 +47,11 @@ def trainable_state(module) -> dict[str, torch.Tensor]:
 
 def test_rloo_builds_no_critic_and_saves_and_exports_the_policy_alone(tmp_path, tiny_ppo, tiny_trainer, monkeypatch):
     # value_head: adapter would add a second adapter and a head under PPO; RLOO builds neither.
+    # Two minibatches a rollout: the rollout keeps its own no-grad policy pass, so the
+    # first-ratio check below compares two passes (a fused first update has 0 by construction).
     module = tiny_ppo(
-        advantage="rloo", rloo_k=2, value_head="adapter", export=True, output_dir=str(tmp_path / "rl_model")
+        advantage="rloo", rloo_k=2, minibatch_size=2, value_head="adapter", export=True,
+        output_dir=str(tmp_path / "rl_model"),
     )
 
     def no_value_pass(*args, **kwargs):
@@ -292,7 +295,7 @@ def test_rollout_precision_under_a_bf16_mixed_trainer(rollout_precision, tmp_pat
 
         return call
 
-    monkeypatch.setattr(ucai.stages.ppo, "generate", recorded("generate", ucai.stages.ppo.generate))
+    monkeypatch.setattr(ucai.stages.ppo_rollout, "generate", recorded("generate", ucai.stages.ppo_rollout.generate))
     for name in ("score", "rollout_forward", "minibatch_loss"):
         monkeypatch.setattr(module, name, recorded(name, getattr(module, name)))
     rollout = module.rollout
@@ -391,14 +394,40 @@ def test_the_first_update_stands_in_for_the_rollout_policy_pass_with_the_same_re
         torch.testing.assert_close(gradient, expected[name], rtol=1e-3, atol=1e-5 * scale + 1e-12, msg=name)
 
 
-def test_a_fused_first_update_at_the_reference_has_a_kl_of_exactly_zero(tmp_path, tiny_ppo, tiny_trainer, monkeypatch):
-    # The policy starts as the reference (LoRA B = 0). Its reference pass takes the
-    # kernel of the gradient pass that is its policy pass, so the first KL is 0, not
-    # the rounding between two attention kernels.
-    module = tiny_ppo(advantage="rloo", rloo_k=2, minibatch_size=4, ppo_epochs=1)
-    policy_passes, trainer = _fit_counting_policy_passes(module, tmp_path, tiny_trainer, monkeypatch, steps=1)
-    assert policy_passes == 1
-    assert all(float(row["kl"]) == 0.0 for row in rollout_rows(Path(trainer.log_dir)))
+@pytest.mark.parametrize("matched_kernel", [True, False])
+def test_a_fused_first_update_at_the_reference_has_a_kl_and_advantages_of_exactly_zero(
+    matched_kernel, tmp_path, tiny_ppo, tiny_trainer, monkeypatch
+):
+    # The policy starts as the reference (LoRA B = 0) and a reward that no sample earns
+    # ties every score. The reference pass takes the kernel of the gradient pass that is
+    # the policy's pass, so the first KL is exactly 0 and so are the advantages. Without
+    # it (the control), the two attention kernels' rounding is a KL that gives tied
+    # episodes advantages of their own, which the rescaling (eps 1e-4) enlarges.
+    module = tiny_ppo(
+        advantage="rloo", rloo_k=2, minibatch_size=4, ppo_epochs=1, rloo_normalize_advantages=True,
+        reward_model="token:0",
+    )
+    completed = []
+    complete = module.complete_rollout
+
+    def recorded(rollout, logprobs):
+        complete(rollout, logprobs)
+        completed.append(rollout)
+
+    monkeypatch.setattr(module, "complete_rollout", recorded)
+    if not matched_kernel:
+        sequence_logprobs = module.sequence_logprobs
+        monkeypatch.setattr(
+            module, "sequence_logprobs", lambda *args, gradient_pass=None, **kwargs: sequence_logprobs(*args, **kwargs)
+        )
+    policy_passes, _ = _fit_counting_policy_passes(module, tmp_path, tiny_trainer, monkeypatch, steps=1)
+    assert policy_passes == 1 and len(completed) == 1
+    rollout = completed[0]
+    assert torch.count_nonzero(rollout.scores - rollout.scores[0]) == 0  # tied scores
+    if matched_kernel:
+        assert torch.count_nonzero(rollout.kl) == 0 and torch.count_nonzero(rollout.advantages) == 0
+    else:
+        assert torch.count_nonzero(rollout.kl) > 0 and torch.count_nonzero(rollout.advantages) > 0
 
 
 def _start_away_from_the_reference(module, monkeypatch) -> None:

@@ -410,12 +410,17 @@ def _quantization_config(quantization: Quantization | None, compute_dtype: torch
 
 
 def disable_dropout(model: torch.nn.Module) -> int:
-    """Set every ``nn.Dropout`` of ``model`` to p=0 (attention dropout included where a
-    model reads it from its dropout module, as BERT does); returns how many."""
+    """Set every ``nn.Dropout`` of ``model`` to p=0, and every attention module's float
+    ``attention_dropout`` to 0 (Llama, Mistral and Qwen attention read that number in
+    train mode rather than a dropout module, as BERT's does); returns how many."""
     count = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout) and module.p:
             module.p = 0.0
+            count += 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate:
+            module.attention_dropout = 0.0
             count += 1
     return count
 

@@ -19,7 +19,8 @@ Each training step takes one batch of prompts (the rollout batch) and:
    RLOO with one minibatch per rollout and an fp32 training forward, the first update's
    forward is the policy's pass (`PPOModule.fuses_first_update`);
 3. clips the scores and penalises responses that never reached eos, then forms the
-   advantages (`ucai.rl`):
+   advantages (`ucai.rl`; when the first update's forward is the policy's pass, at the
+   start of that update):
 
    * ``gae`` (PPO): per-token rewards ``-kl_coef * KL_t`` plus the score on the last
      real token, GAE advantages (whitened) and returns (`rollout_targets`);
@@ -53,8 +54,9 @@ Note: Lightning counts ``trainer.max_steps`` in optimiser steps; one rollout bat
 ``ppo_epochs * ceil(episodes / minibatch_size)`` of them, with ``episodes`` the batch
 size (times ``rloo_k`` for RLOO). The stage's configs checkpoint with `PPOCheckpoint`.
 
-Elsewhere: the RL maths in `ucai.rl` and `ucai.losses`, the rollout batch and its
-episode log in `ucai.stages.rollouts`, the sampling checks in `ucai.stages.sampling`, the
+Elsewhere: the rollout phase (steps 1-3) in `ucai.stages.ppo_rollout`, the update
+phase (step 4) in `ucai.stages.ppo_update`, the RL maths in `ucai.rl` and `ucai.losses`,
+the rollout batch and its episode log in `ucai.stages.rollouts`, the sampling checks in `ucai.stages.sampling`, the
 adapter merge of the export in `ucai.stages.lora_io`.
 """
 
@@ -75,12 +77,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from ucai.chat import DEFAULT_SYSTEM_PROMPT, render_chat
+from ucai.chat import DEFAULT_SYSTEM_PROMPT
 from ucai.data.io import require_writable
 from ucai.errors import UcaiError
 from ucai.gather import rows_from_all_ranks
 from ucai.hardware import training_attention
-from ucai.losses import entropy_bonus, ppo_policy_loss, ppo_value_loss
 from ucai.lr_schedule import Schedule, per_step, warmup_then_decay
 from ucai.models import (
     LoraSettings,
@@ -91,25 +92,22 @@ from ucai.models import (
     sharded_by_fsdp,
     trainer_precision,
 )
-from ucai.next_token import StepRecorder
 from ucai.packing import PACKED_ROW_TOKENS, EpisodePacker, attention_takes_4d_mask, packed_hidden
-from ucai.padding import position_ids, prompt_attention_mask
-from ucai.resume import RNGStateCheckpoint, run_seed
+from ucai.padding import position_ids
+from ucai.resume import RNGStateCheckpoint
 from ucai.reward_scoring import TOKEN_REWARD_PREFIX, TokenReward
 from ucai.rl import (
     KLController,
     KLEstimator,
-    RolloutTargets,
-    entropy_from_logits,
     logprobs_from_logits,
     masked_mean,
-    rloo_rollout_targets,
-    rollout_targets,
 )
 from ucai.stage_outputs import require_stage_output
-from ucai.stages.generation import GenerationSettings, generate, synced_gpus_needed
+from ucai.stages.generation import GenerationSettings
 from ucai.stages.lora_io import load_merged, lora_scaling
-from ucai.stages.rollouts import Rollout, append_rollout_rows, engine_model_kl, episode_seeds, rollout_rows
+from ucai.stages.ppo_rollout import RolloutPhase
+from ucai.stages.ppo_update import UpdatePhase
+from ucai.stages.rollouts import Rollout, append_rollout_rows, engine_model_kl, rollout_rows
 from ucai.stages.sampling import check_model_sampling, check_plain_sampling
 from ucai.value_ranges import (
     AtLeastTwo,
@@ -160,7 +158,7 @@ def check_estimator_settings(advantage: str, rloo_k: int, rollout_precision: str
 # --------------------------------------------------------------------------- module
 
 
-class PPOModule(L.LightningModule):
+class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
     """Online RL (PPO or RLOO) on a LoRA policy over the SL model, rewarded by a frozen
     reward model.
 
@@ -590,332 +588,6 @@ class PPOModule(L.LightningModule):
         with context:
             hidden = self.response_hidden(input_ids, attention_mask, prompt_length, gradient_pass)
             return logprobs_from_logits(self.response_logits(hidden), input_ids[:, prompt_length:])
-
-    # ------------------------------------------------------------------ rollout
-
-    def render(self, prompts: list[str]) -> list[str]:
-        return [render_chat(self.tokenizer, [{"role": "user", "content": p}], self.system_prompt) for p in prompts]
-
-    def score(self, prompts: list[str], responses: list[str], response_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B,) float32 scores of the responses (normalised when configured)."""
-        reward = self._reward[0]
-        if isinstance(reward, TokenReward):
-            return reward(response_ids, mask).float()
-        raw = reward.raw_rewards(prompts, responses)
-        if self.normalize_score:
-            from ucai.reward_scoring import normalise
-
-            raw = normalise(raw, reward.stats)[0]
-        return raw.to(self.device, torch.float32)
-
-    @torch.no_grad()
-    def rollout_forward(
-        self, sequences: torch.Tensor, attention: torch.Tensor, width: int, policy: bool = True
-    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        """Policy log-probs, reference log-probs and values of sampled responses, in
-        chunks of ``minibatch_size`` (which bounds the logits tensor).
-
-        Args:
-            sequences: (B, P + T) prompt and response ids; attention: (B, P + T).
-            width: P.
-            policy: run the policy's pass; False when the first update's forward stands
-                in for it (`fuses_first_update`).
-        Returns:
-            three (B, T) float32 tensors (not masked); the policy's log-probs are None
-            without its pass, the values None without a critic (RLOO), whose value
-            pass is skipped.
-        """
-        was_training = self.policy.training
-        self.policy.eval()  # no checkpointing recompute in a no-grad pass
-        logprobs, ref_logprobs, values = [], [], []
-        try:
-            for chunk in range(0, sequences.shape[0], self.minibatch_size):
-                ids = sequences[chunk : chunk + self.minibatch_size]
-                att = attention[chunk : chunk + self.minibatch_size]
-                if policy:
-                    hidden = self.response_hidden(ids, att, width)
-                    logprobs.append(logprobs_from_logits(self.response_logits(hidden), ids[:, width:]))
-                    if self.has_critic:
-                        values.append(self.values_for(hidden, ids, att, width))
-                    del hidden
-                # Beside a fused first update, the reference pass takes the attention
-                # kernel of that gradient pass: the policy starts AS the reference, and
-                # its first KL is then exactly 0, not the two kernels' rounding (which
-                # normalised advantages would blow up to unit size when scores tie).
-                ref_logprobs.append(self.sequence_logprobs(ids, att, width, reference=True, gradient_pass=not policy or None))
-        finally:
-            self.policy.train(was_training)
-        return (
-            torch.cat(logprobs) if logprobs else None,
-            torch.cat(ref_logprobs),
-            torch.cat(values) if values else None,
-        )
-
-    def fuses_first_update(self, episodes: int) -> bool:
-        """Whether the first update's forward stands in for the rollout's policy pass
-        (which then does not run): RLOO (no critic, so no old values are needed), one
-        minibatch holding all ``episodes`` (so the first update sees the whole rollout
-        in its own order, and every advantage can be formed before its loss), and a
-        float32 training forward without autocast, as the rollout's (so the two passes
-        differ only by the attention kernel's rounding, ~1e-7). The policy is the same
-        (no update has run yet) and dropout is off, so the log-probs are the same
-        function; the first ratio is then exactly 1. Saves one forward of every
-        episode: 9% of an RLOO iteration of the CPU experiment (fp32, 8 episodes).
-        Called inside the training step, where the trainer's autocast is active."""
-        return (
-            not self.has_critic
-            and self.minibatch_size >= episodes
-            and dtype_from_precision(trainer_precision(self)) == torch.float32
-            and not torch.is_autocast_enabled(self.device.type)
-        )
-
-    def rollout_autocast(self):
-        """The autocast state of sampling, the rollout forward and scoring: the trainer's
-        (``rollout_precision: trainer``, nothing changed) or none (``fp32``: the fp32
-        weights compute in fp32, the training forward keeping its autocast)."""
-        if self.rollout_precision == "trainer":
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, enabled=False)
-
-    def episode_prompts(self, rows: list[dict]) -> list[str]:
-        """The prompt of each episode: each row's once (GAE) or ``rloo_k`` times in a row
-        (RLOO), so that a prompt's group is consecutive and on this rank."""
-        return [row["prompt"] for row in rows for _ in range(self.episodes_per_prompt)]
-
-    @torch.no_grad()
-    def rollout(self, rows: list[dict], policy_pass: bool = True) -> Rollout:
-        """Generate, score and compute advantages for one batch of prompt rows; without
-        ``policy_pass`` the policy's log-probs and everything formed from them are left
-        for the first update's forward to fill in (`complete_rollout`)."""
-        with self.rollout_autocast():
-            return self._rollout(rows, policy_pass)
-
-    def episode_seeds(self, rows: list[dict]) -> list[int]:
-        """One sampling seed per episode of this rollout iteration (`episode_seeds`)."""
-        return episode_seeds(rows, self.rollout_step, self.episodes_per_prompt, run_seed())
-
-    def _rollout(self, rows: list[dict], policy_pass: bool = True) -> Rollout:
-        start = time.perf_counter()
-        prompts = self.episode_prompts(rows)
-        sampled = StepRecorder()
-        generated = generate(
-            self.policy,
-            self.tokenizer,
-            self.render(prompts),
-            self.generation,
-            synced_gpus=synced_gpus_needed(self._trainer),
-            max_prompt_tokens=self.max_prompt_tokens,
-            seeds=self.episode_seeds(rows),
-            observer=sampled,
-        )
-        sequences = generated.sequences
-        width = generated.prompt_length
-        mask = generated.completion_mask.to(sequences.device)
-        attention = torch.cat([prompt_attention_mask(sequences[:, :width], self.tokenizer.pad_token_id), mask], dim=1)
-        responses = sequences[:, width:]
-        logprobs, ref_logprobs, values = self.rollout_forward(sequences, attention, width, policy=policy_pass)
-
-        scores = self.score(prompts, generated.texts, responses, mask)
-        rollout = Rollout(
-            sequences=sequences,
-            attention_mask=attention,
-            prompt_length=width,
-            mask=mask.float(),
-            ref_logprobs=ref_logprobs,
-            values=values,
-            scores=scores,
-            finished=generated.finished.to(sequences.device),
-            prompts=prompts,
-            responses=generated.texts,
-            seconds=time.perf_counter() - start,
-            engine_logprobs=sampled.processed_logprobs(),  # on the policy's device, as its logits
-        )
-        if logprobs is not None:
-            self.complete_rollout(rollout, logprobs)
-        return rollout
-
-    def complete_rollout(self, rollout: Rollout, logprobs: torch.Tensor) -> None:
-        """Give ``rollout`` the policy's (B, T) log-probs and what is formed from them:
-        the KL, the final scores, the rewards and advantages (and, with a critic, the
-        masked values and the returns)."""
-        targets = self.targets(
-            logprobs, rollout.ref_logprobs, rollout.values, rollout.mask, rollout.scores, rollout.finished
-        )
-        rollout.logprobs = logprobs
-        rollout.values = targets.values
-        rollout.kl = targets.kl
-        rollout.final_scores = targets.final_scores
-        rollout.rewards = targets.rewards
-        rollout.advantages = targets.advantages
-        rollout.returns = targets.returns
-
-    def targets(
-        self,
-        logprobs: torch.Tensor,
-        ref_logprobs: torch.Tensor,
-        values: torch.Tensor | None,
-        mask: torch.Tensor,
-        scores: torch.Tensor,
-        finished: torch.Tensor,
-    ) -> RolloutTargets:
-        """The rollout's KL, rewards and advantages (and, with a critic, values and
-        returns) from its (B, T) per-token numbers and (B,) scores, by the configured
-        estimator."""
-        shared = dict(
-            kl_coef=self.kl_ctl.value,
-            kl_estimator=self.kl_estimator,
-            reward_clip=self.reward_clip,
-            missing_eos_penalty=self.missing_eos_penalty,
-        )
-        if self.advantage == "rloo":
-            return rloo_rollout_targets(
-                logprobs, ref_logprobs, mask, scores, finished, k=self.rloo_k,
-                normalize_advantages=self.rloo_normalize_advantages, **shared,
-            )
-        return rollout_targets(
-            logprobs, ref_logprobs, values, mask, scores, finished,
-            whiten_rewards=self.whiten_rewards, gamma=self.gamma, lam=self.lam, **shared,
-        )
-
-    # ------------------------------------------------------------------ update
-
-    def minibatch_loss(self, rollout: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """PPO loss on the episodes ``idx`` of ``rollout`` (with the graph for backward)
-        and its diagnostics (detached scalars); without a critic (RLOO), the policy
-        terms alone.
-
-        Args:
-            rollout: the batch the episodes come from.
-            idx: (M,) episode indices.
-        """
-        ids, att, width = rollout.sequences[idx], rollout.attention_mask[idx], rollout.prompt_length
-        hidden = self.response_hidden(ids, att, width)
-        if rollout.logprobs is None:  # the fused first update: this forward is the rollout's policy pass
-            if not torch.equal(idx.cpu(), torch.arange(rollout.size)):
-                raise RuntimeError("ppo: a rollout without log-probs needs its first minibatch to hold it all, in order")
-            logits = self.response_logits(hidden)
-            logprobs = logprobs_from_logits(logits, ids[:, width:])
-            self.complete_rollout(rollout, logprobs.detach())
-            return self._policy_terms(rollout, idx, hidden, logits=logits, logprobs=logprobs)
-        policy_loss, stats = self._policy_terms(rollout, idx, hidden)
-        if not self.has_critic:
-            return policy_loss, stats
-        value_loss, value_stats = self._value_terms(rollout, idx, self.values_for(hidden, ids, att, width))
-        return policy_loss + self.vf_coef * value_loss, {**stats, **value_stats}
-
-    def minibatch_backward(self, rollout: Rollout, idx: torch.Tensor, backward=None) -> dict[str, torch.Tensor]:
-        """Backpropagate the PPO loss of the episodes ``idx``; returns the diagnostics.
-
-        With ``value_head: adapter`` in one process, the policy term is backpropagated
-        before the value pass runs: the two passes share no trainable parameter (each
-        adapter and the head get gradient from one term only), so the gradients are
-        exactly those of the summed loss, while only one pass's activations are alive at
-        a time, which halves the activation peak of an update. Under DDP the summed loss
-        is kept: its reducer expects every trainable parameter in one backward.
-
-        Args:
-            backward: called with each loss (default: Lightning's ``manual_backward``).
-        """
-        backward = backward or self.manual_backward
-        world = self._trainer.world_size if self._trainer is not None else 1
-        if not self.has_critic or self.value_head_kind != "adapter" or world > 1:
-            loss, stats = self.minibatch_loss(rollout, idx)
-            backward(loss)
-            return stats
-        ids, att, width = rollout.sequences[idx], rollout.attention_mask[idx], rollout.prompt_length
-        policy_loss, stats = self._policy_terms(rollout, idx, self.response_hidden(ids, att, width))
-        backward(policy_loss)
-        del policy_loss  # frees the policy pass's graph before the value pass
-        value_loss, value_stats = self._value_terms(rollout, idx, self.values_for(None, ids, att, width))
-        backward(self.vf_coef * value_loss)
-        return {**stats, **value_stats}
-
-    def _policy_terms(
-        self, rollout: Rollout, idx: torch.Tensor, hidden: torch.Tensor, logits=None, logprobs=None
-    ) -> tuple[torch.Tensor, dict]:
-        """Clipped policy loss (minus the entropy bonus) from the (M, T, H) response
-        hidden states, and its diagnostics; ``logits`` (M, T, V) and ``logprobs`` (M, T)
-        when the caller has them already."""
-        ids, mask = rollout.sequences[idx], rollout.mask[idx]
-        if logits is None:
-            logits = self.response_logits(hidden)
-        if logprobs is None:
-            logprobs = logprobs_from_logits(logits, ids[:, rollout.prompt_length :])
-        pg_loss, clipfrac, approxkl = ppo_policy_loss(
-            logprobs, rollout.logprobs[idx], rollout.advantages[idx], mask, self.cliprange
-        )
-        loss = pg_loss
-        if self.entropy_coef:
-            loss = pg_loss - self.entropy_coef * entropy_bonus(entropy_from_logits(logits), mask)
-        with torch.no_grad():
-            ratio = torch.exp((logprobs - rollout.logprobs[idx]) * mask)  # padding: 1, not an overflow
-            stats = {
-                "policy/approxkl": approxkl.detach(),
-                "policy/clipfrac": clipfrac.detach(),
-                "loss/policy": pg_loss.detach(),
-                "val/ratio": masked_mean(ratio, mask),
-                "ratio_max_dev": ((ratio - 1).abs() * mask).max(),
-            }
-        return loss, stats
-
-    def _value_terms(self, rollout: Rollout, idx: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Clipped value loss of the (M, T) values, and its diagnostics."""
-        loss, clipfrac = ppo_value_loss(
-            values, rollout.values[idx], rollout.returns[idx], rollout.mask[idx], self.cliprange_value
-        )
-        return loss, {"loss/value": loss.detach(), "val/clipfrac": clipfrac.detach()}
-
-    def ppo_update(self, rollout: Rollout) -> dict[str, float]:
-        """``ppo_epochs`` passes of minibatch updates; returns averaged diagnostics.
-
-        The first epoch visits the rollout in its own order and chunking, so the first
-        minibatch sees exactly the log-probs it was sampled with (ratio 1, clipfrac 0);
-        later epochs shuffle. Gradients are clipped in `on_before_optimizer_step`.
-        """
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        size = rollout.size
-        sums: dict[str, float] = {}
-        updates = 0
-        first: dict[str, float] = {}
-        for epoch in range(self.ppo_epochs):
-            order = torch.arange(size) if epoch == 0 else torch.randperm(size)
-            order = order.to(rollout.sequences.device)
-            for start in range(0, size, self.minibatch_size):
-                optimizer.zero_grad(set_to_none=True)
-                step = self.minibatch_backward(rollout, order[start : start + self.minibatch_size])
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                if not first:
-                    first = {
-                        "first_ratio_max_dev": float(step["ratio_max_dev"]),
-                        "first_clipfrac": float(step["policy/clipfrac"]),
-                    }
-                for key, value in step.items():
-                    if "/" in key:
-                        sums[key] = sums.get(key, 0.0) + float(value)
-                updates += 1
-        stats = {key: value / updates for key, value in sums.items()}
-        stats.update(first)
-        return stats
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Clip the gradient norm just before each optimiser step.
-
-        Lightning's precision plugin calls this hook inside ``optimizer.step()`` after
-        the closure, and under ``16-mixed`` after it has unscaled the gradients: clipping
-        before ``optimizer.step()`` would clip the loss-scaled gradients (to
-        ``max_grad_norm / scale`` once unscaled), i.e. shrink every update by the loss
-        scale. Under FSDP each rank holds a shard of every gradient, so the norm must be
-        computed across ranks by the FSDP root (Lightning's generic clipping refuses).
-        """
-        if not self.max_grad_norm:
-            return
-        if sharded_by_fsdp(self.trainer):
-            self.trainer.strategy.model.clip_grad_norm_(self.max_grad_norm)
-        else:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
 
     # ------------------------------------------------------------------ step
 

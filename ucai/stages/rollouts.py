@@ -31,6 +31,10 @@ class Rollout:
         mask: (B, T) real response tokens.
         logprobs, ref_logprobs, advantages: (B, T) float32.
         values, returns: (B, T) float32; None without a critic (RLOO).
+        logprobs, kl, final_scores, rewards, advantages, returns are None, and values
+        not yet masked, until the policy's log-probs are known
+        (`ucai.stages.ppo.PPOModule.complete_rollout`): after the rollout's own pass,
+        or in the first update when its forward stands in for that pass.
         kl: (B, T) per-token KL estimate (0 on padding).
         scores: (B,) reward-model scores (normalised, before clipping and penalty).
         final_scores: (B,) scores after clipping and the missing-eos penalty.
