@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ucai.errors import UcaiError
+from ucai.stages.eval_judge import ask_both_orders
 from ucai.stages.evaluation import (
     EvaluationModule,
-    ask_both_orders,
     require_model,
     text_scores,
 )

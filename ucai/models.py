@@ -14,15 +14,17 @@ Nothing here downloads unless the user names a hub id.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -652,3 +654,31 @@ def save_pretrained_atomic(folder: str | Path, model, tokenizer=None, extra_file
     if folder.exists():
         shutil.rmtree(folder)
     return _atomic_folder(folder, write)
+
+
+_Loaded = TypeVar("_Loaded")
+_Result = TypeVar("_Result")
+
+
+def release_memory() -> None:
+    """Hand back the memory of objects just dropped: collect those caught in reference
+    cycles, then return CUDA's cached blocks so the next model can use them."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def use_then_free(load: Callable[[], _Loaded], use: Callable[[_Loaded], _Result]) -> _Result:
+    """``use(load())``, with the loaded model freed before this returns.
+
+    The model is bound in this frame alone, never in the caller's, so deleting it here
+    drops its last reference and the next model loads into the memory it held: one
+    scoring model in memory at a time. ``use`` must not keep it (in an attribute or in
+    what it returns).
+    """
+    loaded = load()
+    try:
+        return use(loaded)
+    finally:
+        del loaded
+        release_memory()
