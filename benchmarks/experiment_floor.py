@@ -17,7 +17,8 @@ this process. The count is a lower bound on purpose:
   generated tokens capped at ``max_new_tokens``;
 * training as forward plus the input-gradient backward (the base weights are frozen
   under LoRA, so no weight gradient), logits only where a loss needs them;
-* RL without the policy's rollout pass (the first update's forward could serve), the
+* RL without the policy's rollout pass (the first update's forward serves under RLOO
+  with one minibatch and an fp32 forward, `PPOModule.fuses_first_update`), the
   evaluation's KL with each model's pass over one set of answers once;
 * nothing for the judge check, the embedding scores or model loading.
 
@@ -266,7 +267,8 @@ def reward(run: Path, side: str, shapes: Shapes, count: Counter, threads: int) -
 def rl(run: Path, side: str, stage: str, shapes: Shapes, count: Counter, threads: int) -> Work:
     """Sampling, the reference's log-probs, the reward model's scores and ``ppo_epochs``
     updates (forward and input-gradient backward). The policy's own rollout pass is not
-    counted: the first update's forward could stand in for it."""
+    counted: the first update's forward stands in for it where it can
+    (`PPOModule.fuses_first_update`), and could everywhere else."""
     cfg = stage_config(run, f"{stage}_{side}")
     model = cfg["model"]["init_args"]
     with open(logs_dir(run, f"{stage}_{side}") / "rollouts.csv", newline="") as handle:

@@ -394,6 +394,12 @@ def test_the_first_update_stands_in_for_the_rollout_policy_pass_with_the_same_re
         torch.testing.assert_close(gradient, expected[name], rtol=1e-3, atol=1e-5 * scale + 1e-12, msg=name)
 
 
+def test_a_rollout_without_the_policy_pass_is_refused_with_a_critic(tiny_ppo):
+    module = tiny_ppo(advantage="gae")
+    with pytest.raises(RuntimeError, match="needs RLOO"):
+        module.rollout([{"id": "x", "prompt": "hello"}], policy_pass=False)
+
+
 @pytest.mark.parametrize("matched_kernel", [True, False])
 def test_a_fused_first_update_at_the_reference_has_a_kl_and_advantages_of_exactly_zero(
     matched_kernel, tmp_path, tiny_ppo, tiny_trainer, monkeypatch

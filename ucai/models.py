@@ -1,4 +1,5 @@
-"""Model loading: aliases, local folders and hub ids; tokenizers; LoRA; precision.
+"""Model loading: aliases, local folders and hub ids; tokenizers; LoRA; precision;
+using a model then freeing its memory (`use_then_free`).
 
 A model is named by one string, accepted in three forms:
 

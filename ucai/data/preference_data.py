@@ -257,7 +257,7 @@ class PreferenceDataModule(L.LightningDataModule):
             resident memory grows with every new batch width and levels off once
             widths repeat, so a few widths are worth a little padding, and 8 elsewhere
             (`width_multiple`; on the CPU experiment's fp32 reward pairs, 3% of the
-            tokens are padding at 8 against 11% at 32).
+            tokens are padding at 8 against 10% at 32).
         share_prefix: also give each batch every pair packed into ONE row, the shared
             conversation once and then both replies, so that a decoder runs the
             conversation once per pair (`ucai.reward_scoring.packed_pair_rewards`,

@@ -8,7 +8,8 @@ first-position bias is reported.
 `JudgePhase` is a mixin of `EvaluationModule` and reads its settings (``judge``,
 ``judge_check``, ``skip_failed_judge``, ``judge_batch_size``, ``max_prompt_tokens``,
 ``comparisons``, ``pairwise_principles``, ``tie_margin``, ``pair_ids``,
-``criterion``) and loads the judge with its ``_load_lm``.
+``criterion``), loads the judge with its ``_load_lm``, and records what the summary
+reads in ``_judge_check``, ``_judge_skipped`` and ``_pairwise_bias``.
 """
 
 from __future__ import annotations

@@ -134,8 +134,6 @@ DEFAULT_COMPARISONS = [
 RM_CORRELATION_GOAL = -0.3  # the two sides' reward models should disagree at least this much
 
 
-
-
 def require_model(name: str, role: str) -> None:
     """Fail early on a model that cannot load: a missing stage output names the stage
     that makes it; unknown aliases and other missing folders fail in `resolve_model`."""

@@ -3,10 +3,11 @@ episodes from the policy, score them with the reward model, compute the policy's
 reference's log-probs, and form the KL, rewards and advantages (`ucai.rl`).
 
 `RolloutPhase` is a mixin of `PPOModule` and reads its settings and models: ``policy``,
-``tokenizer``, ``generation``, ``system_prompt``, ``max_prompt_tokens``, ``minibatch_size``,
-``rollout_precision``, ``normalize_score``, ``kl_ctl`` and the estimator's settings, and
-its forward helpers ``response_hidden``, ``response_logits``, ``values_for`` and
-``sequence_logprobs``.
+``tokenizer``, the reward models ``_reward``, ``generation``, ``system_prompt``,
+``max_prompt_tokens``, ``minibatch_size``, ``rollout_precision``, ``normalize_score``,
+``kl_ctl``, ``rollout_step``, ``episodes_per_prompt``, ``has_critic`` and the
+estimator's settings, and its forward helpers ``response_hidden``, ``response_logits``,
+``values_for`` and ``sequence_logprobs``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from contextlib import nullcontext
 import torch
 
 from ucai.chat import render_chat
-from ucai.errors import UcaiError
 from ucai.models import dtype_from_precision, trainer_precision
 from ucai.next_token import StepRecorder
 from ucai.padding import prompt_attention_mask
@@ -30,7 +30,6 @@ from ucai.stages.rollouts import Rollout, episode_seeds
 
 class RolloutPhase:
     """Sampling, scoring and the advantages of one rollout batch (see the module)."""
-
 
     def render(self, prompts: list[str]) -> list[str]:
         return [render_chat(self.tokenizer, [{"role": "user", "content": p}], self.system_prompt) for p in prompts]
@@ -80,7 +79,7 @@ class RolloutPhase:
                 # Beside a fused first update, the reference pass takes the attention
                 # kernel of that gradient pass: the policy starts AS the reference, and
                 # its first KL is then exactly 0, not the two kernels' rounding (which
-                # would give episodes whose scores tie advantages of their own).
+                # would give episodes with tied scores non-zero advantages).
                 kernel = True if not policy else None
                 ref_logprobs.append(self.sequence_logprobs(ids, att, width, reference=True, gradient_pass=kernel))
         finally:
@@ -131,7 +130,7 @@ class RolloutPhase:
         ``policy_pass`` the policy's log-probs and everything formed from them are left
         for the first update's forward to fill in (`complete_rollout`)."""
         if not policy_pass and self.has_critic:
-            raise UcaiError("ppo: a rollout without the policy's pass needs RLOO (a critic needs the pass's old values)")
+            raise RuntimeError("ppo: a rollout without the policy's pass needs RLOO (a critic needs the pass's old values)")
         with self.rollout_autocast():
             return self._rollout(rows, policy_pass)
 

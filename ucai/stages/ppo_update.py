@@ -23,7 +23,6 @@ from ucai.stages.rollouts import Rollout
 class UpdatePhase:
     """The minibatch updates of one rollout batch (see the module)."""
 
-
     def minibatch_loss(self, rollout: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """PPO loss on the episodes ``idx`` of ``rollout`` (with the graph for backward)
         and its diagnostics (detached scalars); without a critic (RLOO), the policy

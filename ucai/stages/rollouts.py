@@ -33,7 +33,7 @@ class Rollout:
         values, returns: (B, T) float32; None without a critic (RLOO).
         logprobs, kl, final_scores, rewards, advantages, returns are None, and values
         not yet masked, until the policy's log-probs are known
-        (`ucai.stages.ppo.PPOModule.complete_rollout`): after the rollout's own pass,
+        (`ucai.stages.ppo_rollout.RolloutPhase.complete_rollout`): after the rollout's own pass,
         or in the first update when its forward stands in for that pass.
         kl: (B, T) per-token KL estimate (0 on padding).
         scores: (B,) reward-model scores (normalised, before clipping and penalty).
