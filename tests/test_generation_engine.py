@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ucai.errors import UcaiError
-from ucai.generation_engine import DecodeLoop, FusedProjection, HFGenerate, register_engine, select_engine
+from ucai.fused_projection import FusedProjection
+from ucai.generation_engine import DecodeLoop, HFGenerate, register_engine, select_engine
 from ucai.models import load_causal_lm, load_tokenizer
 from ucai.stages.generation import GenerationSettings, eos_ids, generate
 
