@@ -17,6 +17,7 @@ from tiny_pipeline import CONF, TINY_CONFIGS
 import ucai.pipeline as pipeline
 from ucai.errors import UcaiError
 from ucai.pipeline import runner
+from ucai.pipeline.plan import stage_parser
 from ucai.pipeline.state import MARKER
 from ucai.stage_outputs import STAGE_ORDER
 
@@ -189,6 +190,26 @@ def test_user_overrides_win_and_values_are_formatted(tmp_path):
                 "--trainer.enable_progress_bar=true", "--trainer.max_time=null"]:
         assert arg in run.args
     assert "--model.init_args.model=tiny-llama" not in run.args  # replaced, not repeated
+
+
+@pytest.mark.parametrize(
+    "logger, redirected",
+    [("lightning.pytorch.loggers.CSVLogger", True), ("lightning.pytorch.loggers.MLFlowLogger", False)],
+    ids=["csv", "mlflow-has-no-name"],
+)
+def test_a_logger_is_pointed_at_the_run_only_when_its_class_takes_a_folder(tmp_path, logger, redirected):
+    # The plan parses a stage once and adds save_dir and name unparsed, so it must not
+    # add them to a logger whose __init__ lacks them (the stage would fail on start).
+    sft = yaml.safe_load((CONF / TINY_CONFIGS["sft"]).read_text())
+    sft["trainer"]["logger"] = {"class_path": logger, "init_args": {"save_dir": "elsewhere"}}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft))
+    stages = {**_tiny_stages(), "sft": {"config": str(tmp_path / "sft.yaml")}}
+    path = _config(tmp_path, sides=["ethical"], stages=stages)
+    run = next(r for r in pipeline.plan(pipeline.load_pipeline_config(path)) if r.stage == "sft")
+    assert (f"--trainer.logger.init_args.save_dir={tmp_path}/out/logs" in run.args) == redirected
+    assert ("--trainer.logger.init_args.name=sft_ethical" in run.args) == redirected
+    settings = stage_parser().parse(run.mode, run.stage_args())  # the command as the stage will parse it
+    assert settings.trainer.logger.init_args.save_dir == (f"{tmp_path}/out/logs" if redirected else "elsewhere")
 
 
 def test_one_side_has_no_cross_pairs(tmp_path):

@@ -45,15 +45,17 @@ def _folder(tmp_path: Path, name: str, fork: bool, **cr_overrides) -> tuple[Path
     return folder, path
 
 
-def _start(folder: Path, config: Path) -> subprocess.Popen:
+def _start(folder: Path, config: Path, default_threads: bool = True) -> subprocess.Popen:
+    """The pipeline in a new session; ``default_threads``: with torch's default threads,
+    as `make demo` runs (else the tests' one thread, for a test about processes alone:
+    beside another test worker, OpenMP threads contending for the cores slow it ~6x)."""
+    environment = dict(os.environ)
+    if default_threads:
+        environment = {k: v for k, v in environment.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     return subprocess.Popen(
         [sys.executable, "-c", PIPELINE_MAIN, "--config", str(config), "--stop-after", "critique_revision"],
         cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        # torch's default threads, as `make demo` runs.
-        env={
-            **{k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
-            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-        },
+        env={**environment, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
     )
 
 
@@ -116,7 +118,7 @@ def test_killing_the_pipeline_kills_its_forked_stage(tmp_path):
     folder, config = _folder(
         tmp_path, "kill", True, **{"data.init_args.batch_size": 1, "model.init_args.generation.max_new_tokens": 400}
     )
-    process = _start(folder, config)
+    process = _start(folder, config, default_threads=False)
     shard = folder / "out/data/ethical/sl.jsonl.shards/rank-0.jsonl"
     deadline = time.monotonic() + 300
     while not shard.exists():  # the forked stage is writing rows
