@@ -244,9 +244,10 @@ def pair_tokens(pairs, count: Counter, longest: int) -> float:
 
 
 def reward(run: Path, side: str, shapes: Shapes, count: Counter, threads: int) -> Work:
-    """Training (forward and input-gradient backward) and validation each epoch, then the
-    stats pass, the held-out pairs and the other side's pairs, on the stage's own pairs
-    and split (`ucai.data.preference_data`: identical answers dropped, split by id hash)."""
+    """Training (forward and input-gradient backward) and validation each epoch (none
+    with ``trainer.limit_val_batches: 0``), then the stats pass, the held-out pairs and
+    the other side's pairs, on the stage's own pairs and split
+    (`ucai.data.preference_data`: identical answers dropped, split by id hash)."""
     from ucai.data.preference_data import read_preferences, split_pairs
 
     cfg = stage_config(run, f"reward_{side}")
@@ -256,9 +257,10 @@ def reward(run: Path, side: str, shapes: Shapes, count: Counter, threads: int) -
     cross = read_preferences(data["cross_path"]) if data.get("cross_path") else []
     train_tokens, val_tokens = pair_tokens(train, count, longest), pair_tokens(val, count, longest)
     stats_share = min(1.0, (model.get("stats_max_pairs") or len(train)) / max(len(train), 1))
+    validated = cfg["trainer"].get("limit_val_batches") not in (0, 0.0)
     work = Work("reward", threads)
     work.add(TRAINING_ROWS, "body", shapes.body_flops * (
-        cfg["trainer"]["max_epochs"] * (2 * train_tokens + val_tokens)
+        cfg["trainer"]["max_epochs"] * (2 * train_tokens + (val_tokens if validated else 0))
         + stats_share * train_tokens + val_tokens + pair_tokens(cross, count, longest)
     ))
     return work

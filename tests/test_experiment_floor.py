@@ -105,6 +105,31 @@ def test_reward_counts_the_stage_s_own_pairs_split_and_passes(tmp_path):
     assert work.flops == {(floor.TRAINING_ROWS, "body"): 64 * (2 * 2 * 7 + 7 + 4)}
 
 
+@pytest.mark.parametrize("limit_val_batches, validations", [(None, 2), (1.0, 2), (0, 0)])
+def test_reward_counts_a_validation_pass_each_epoch_unless_validation_is_off(tmp_path, limit_val_batches, validations):
+    from ucai.data.preference_data import read_preferences, split_pairs
+
+    run, data = tmp_path / "run", tmp_path / "run" / "data"
+    data.mkdir(parents=True)
+    pairs = [{"id": f"p{i}", "prompt": f"p {i}", "chosen": "a b " * (i + 1), "rejected": "d"} for i in range(8)]
+    (data / "prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    logs = run / "logs" / "reward_ethical" / "version_0"
+    logs.mkdir(parents=True)
+    trainer = {"max_epochs": 2, **({} if limit_val_batches is None else {"limit_val_batches": limit_val_batches})}
+    (logs / "config.yaml").write_text(yaml.safe_dump({
+        "trainer": trainer, "model": {"init_args": {}},
+        "data": {"init_args": {"path": str(data / "prefs.jsonl"), "val_fraction": 0.5, "max_length": 256}},
+    }))
+    train, val = split_pairs(read_preferences(data / "prefs.jsonl"), 0.5)
+    count = floor.Counter(WordTokenizer())
+    train_tokens, val_tokens = (floor.pair_tokens(part, count, 256) for part in (train, val))
+    assert train_tokens and val_tokens  # both halves hold pairs, so each term is seen
+    work = floor.reward(run, "ethical", floor.Shapes(layers=[(4, 8, 1)], head=(4, 10)), count, threads=1)
+    # 2 epochs of training (forward + backward), the validations, then stats and held-out passes
+    expected = 2 * 2 * train_tokens + validations * val_tokens + train_tokens + val_tokens
+    assert work.flops == {(floor.TRAINING_ROWS, "body"): 64 * expected}
+
+
 def test_evaluation_kl_runs_each_model_once_on_one_set_of_answers(tmp_path):
     run = tmp_path / "run"
     (run / "eval" / "cache").mkdir(parents=True)

@@ -290,6 +290,23 @@ def _val_accuracy(folder: Path) -> float:
     return (chosen > rejected).float().mean().item()
 
 
+def test_held_out_accuracy_is_measured_on_the_final_model_with_the_trainer_s_validation_off(tmp_path, run_cli, monkeypatch):
+    # The pipeline configs turn the trainer's validation off (limit_val_batches: 0): the
+    # held-out pairs are then scored once, after training, and nowhere else.
+    from ucai.stages.reward import RewardModule
+
+    def no_validation(*args, **kwargs):
+        raise AssertionError("the trainer validated")
+
+    monkeypatch.setattr(RewardModule, "validation_step", no_validation)
+    out = tmp_path / "rm_model"
+    code = run_cli("fit", "--config", CONF / "reward_tiny.yaml", "--model.init_args.output_dir", out,
+                   "--data.init_args.path", FIXTURE, "--trainer.limit_val_batches=0", "--trainer.max_steps=10")
+    assert code == 0
+    stats = json.loads((out / "reward_stats.json").read_text())
+    assert stats["heldout_pairs"] == 16 and stats["heldout_accuracy"] == pytest.approx(_val_accuracy(out), abs=1e-6)
+
+
 def test_tiny_reward_model_learns_marker_word_and_scores_a_file(tmp_path, run_cli, caplog):
     # The "other side" prefers the opposite: its pairs are the 16 held-out pairs with
     # chosen and rejected swapped, so every pair ordered right here is wrong there.
