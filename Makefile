@@ -34,10 +34,12 @@ experiment: setup
 	$(BIN)/ucai pipeline --config configs/pipeline/experiment_cpu.yaml $(if $(PMP),--pmp $(PMP))
 
 # The import layers first (pyproject.toml [tool.importlinter]): a second, not minutes.
-# One test process per core (at most 8; each test runs one torch thread), handing out
-# tests as workers free up: the suite is a few long process-level tests (kill -9, DDP,
-# forked stages) among hundreds of short ones. PYTEST_ARGS=-n0 runs it in one process.
-TEST_WORKERS ?= --numprocesses=auto --maxprocesses=8 --dist=worksteal
+# One test process per CPU this process may use (its affinity: a container's share, not
+# the host's cores; at most 8), handing out tests as workers free up: the suite is a few
+# long process-level tests (kill -9, DDP, forked stages) among hundreds of short ones,
+# most in one torch thread. PYTEST_ARGS=-n0 runs it in one process.
+TEST_CPUS = $(shell $(PYTHON) -c 'import os; print(min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))')
+TEST_WORKERS ?= --numprocesses=$(TEST_CPUS) --dist=worksteal
 test: setup layers
 	$(BIN)/python -m pytest $(TEST_WORKERS) $(PYTEST_ARGS)
 

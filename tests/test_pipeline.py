@@ -212,6 +212,22 @@ def test_a_logger_is_pointed_at_the_run_only_when_its_class_takes_a_folder(tmp_p
     assert settings.trainer.logger.init_args.save_dir == (f"{tmp_path}/out/logs" if redirected else "elsewhere")
 
 
+def test_a_logger_override_is_checked_with_the_folder_the_plan_adds(tmp_path):
+    # The config's logger is off; an override turns TensorBoard on. The folder arguments
+    # are placed before the user's overrides, where they meet `logger: false`: the plan
+    # parses that final command and fails before any stage runs, naming the stage.
+    sft = yaml.safe_load((CONF / TINY_CONFIGS["sft"]).read_text())
+    sft["trainer"]["logger"] = False
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft))
+    stages = {**_tiny_stages(), "sft": {
+        "config": str(tmp_path / "sft.yaml"),
+        "overrides": {"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "x"}}},
+    }}
+    cfg = pipeline.load_pipeline_config(_config(tmp_path, sides=["ethical"], stages=stages))
+    with pytest.raises(UcaiError, match=r"^sft \(ethical\): --trainer\.logger"):
+        pipeline.plan(cfg)
+
+
 def test_one_side_has_no_cross_pairs(tmp_path):
     runs = {r.label: r for r in pipeline.plan(pipeline.load_pipeline_config(_config(tmp_path, sides=["ethical"])))}
     reward = runs["reward (ethical)"]

@@ -101,7 +101,6 @@ def _session_processes(session: int) -> list[int]:
     return pids
 
 
-@cpu_torch_only
 def _describe(pids) -> list[str]:
     """Each process's command line, for a failure message."""
     out = []
@@ -113,6 +112,7 @@ def _describe(pids) -> list[str]:
     return out
 
 
+@cpu_torch_only
 def test_killing_the_pipeline_kills_its_forked_stage(tmp_path):
     # Slow generation (one prompt per batch, long answers) keeps the stage running.
     folder, config = _folder(
