@@ -43,7 +43,8 @@ line) and ``report.md`` with PNG plots (`ucai.report`). Generated answers are ca
 resumes without regenerating finished answers.
 
 Elsewhere: the judge (its check, the upholds questions, the pairwise comparisons) in
-`ucai.stages.eval_judge`, the KL and algorithm comparison in `ucai.stages.rl_comparison`,
+`ucai.stages.eval_judge`, the KL and algorithm comparison in `ucai.stages.eval_algorithms`
+(its functions in `ucai.stages.rl_comparison`),
 the depth analysis in `ucai.stages.inversion_depth`, the corrected families in
 `ucai.stages.paired_tests`.
 """
@@ -72,9 +73,11 @@ from ucai.next_token import row_seed
 from ucai.part_times import CORE, PartTimes, part_name
 from ucai.resume import run_seed
 from ucai.stage_outputs import RL_STAGES, require_stage_output
+from ucai.stages.eval_algorithms import TRAIN_PROMPTS, AlgorithmPhase
 from ucai.stages.eval_judge import JudgePhase
 from ucai.stages.generation import GenerationSettings, generate
 from ucai.stages.inversion_depth import (
+    DEPTH,
     SWAP,
     depth_family,
     depth_models,
@@ -86,15 +89,7 @@ from ucai.stages.inversion_depth import (
     swap_rows,
 )
 from ucai.stages.paired_tests import paired_differences
-from ucai.stages.rl_comparison import (
-    algorithm_family,
-    answer_kl,
-    frontier_points,
-    gain_on_prompts,
-    kl_summary,
-    reference_of,
-    side_of_model,
-)
+from ucai.stages.rl_comparison import side_of_model
 from ucai.stats import (
     bootstrap_ci,
     cluster_bootstrap_pearson,
@@ -107,10 +102,6 @@ from ucai.stats import (
 from ucai.value_ranges import MarginFromHalf, NonNegativeInt, OpenUnitInterval, PositiveInt
 
 log = logging.getLogger(__name__)
-
-# The optional analyses whose minutes the evaluation reports apart (`PartTimes`).
-DEPTH = "depth_analysis"
-TRAIN_PROMPTS = "train_prompts"
 
 DEFAULT_MODELS = {
     "base": "smollm2-135m",
@@ -171,7 +162,7 @@ def text_scores(response: str) -> dict[str, float]:
     }
 
 
-class EvaluationModule(JudgePhase, L.LightningModule):
+class EvaluationModule(JudgePhase, AlgorithmPhase, L.LightningModule):
     """Generate with every listed model on the held-out prompts, score, compare, report.
 
     Args:
@@ -549,24 +540,6 @@ class EvaluationModule(JudgePhase, L.LightningModule):
         use_then_free(lambda: self._load_lm(path, self.generation_dtype), answer_all)
         return done
 
-    # ------------------------------------------------------------------ RL algorithms
-
-    def train_prompt_answers(self, heldout: list[dict]) -> list[dict]:
-        """Score rows of the SL and RL models on ``train_prompts`` prompts of the train
-        split (the first in file order), for the train-prompt vs held-out gains."""
-        if not self.train_prompts:
-            return []
-        rows = self._train_split_rows(heldout)[: self.train_prompts]
-        names = [n for n in self.models if n in self.algorithms or (n.startswith("sl_") and side_of_model(n))]
-        out = []
-        for name in names:
-            answered = self.answers(name, self.models[name], rows)  # shares the held-out cache: ids differ
-            out += [
-                {"model": name, "id": r["id"], "prompt": r["prompt"], "principle": r.get("principle"), "response": answered[r["id"]]}
-                for r in rows
-            ]
-        return out
-
     # ------------------------------------------------------------------ depth of the inversion
 
     def depth_rows(self, scores: list[dict], prompts: list[dict]) -> list[dict]:
@@ -609,98 +582,6 @@ class EvaluationModule(JudgePhase, L.LightningModule):
             "family": family,
             "prefill_swap": swap_fractions(depth_rows, swapped, self.alpha, self.n_boot),
             "kl": kl_depth({pair: kls[pair] for pair in kl_pairs(self.models, self.algorithms) if pair in kls}),
-        }
-
-    def _train_split_rows(self, heldout: list[dict]) -> list[dict]:
-        """The train split of the evaluated prompt file, with the held-out split's settings."""
-        from ucai.data.prompt_datamodule import PromptDataModule
-
-        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if not isinstance(data, PromptDataModule):
-            raise UcaiError("evaluation: train_prompts needs the prompts from a PromptDataModule (data.class_path)")
-        train = PromptDataModule(
-            path=data.path,
-            principles=data.principles,
-            split="train",
-            heldout_fraction=data.heldout_fraction,
-            split_seed=data.split_seed,
-            empty=data.empty,
-            max_chars=data.max_chars,
-        )
-        heldout_ids = {r["id"] for r in heldout}
-        return [r for r in train.rows() if r["id"] not in heldout_ids]
-
-    def kls_to_references(
-        self, prompts: list[dict], answers: dict[str, dict[str, str]], times: PartTimes
-    ) -> dict[tuple[str, str], dict]:
-        """(model, reference) -> the model's KL to that reference on its own held-out
-        answers (`ucai.stages.rl_comparison.kl_summary`), two models in memory at a
-        time: each SL and RL model to its reference (``reference_kl``) and, for the
-        depth analysis, each to the base model and each RL model to its SL model.
-        ``times`` gets each pair's seconds under ``kl`` or, for pairs only the depth
-        analysis asks for, ``kl_depth_analysis``."""
-        pairs = []
-        if self.reference_kl:
-            pairs += [(n, r) for n in self.models if (r := reference_of(n, self.algorithms, self.models)) is not None]
-        wanted_by = dict.fromkeys(pairs, CORE)
-        if self.depth:
-            depth_only = [pair for pair in kl_pairs(self.models, self.algorithms) if pair not in pairs]
-            pairs += depth_only
-            wanted_by.update(dict.fromkeys(depth_only, DEPTH))
-        kls: dict[tuple[str, str], dict] = {}
-        for name, reference in pairs:
-            model_answers = [answers[name][r["id"]] for r in prompts]
-
-            def measure(pair, reference=reference, model_answers=model_answers) -> list[list[float]]:
-                (model, tokenizer), (reference_model, _) = pair
-                rendered = [render_chat(tokenizer, [{"role": "user", "content": r["prompt"]}], self.system_prompt) for r in prompts]
-                return answer_kl(model, reference_model, tokenizer, rendered, model_answers, self.judge_batch_size)
-
-            def load_pair(name=name, reference=reference):
-                return (
-                    self._load_lm(self.models[name], under_autocast=True),
-                    self._load_lm(self.models[reference], under_autocast=True),
-                )
-
-            log.info("evaluation: KL of %s to %s on its answers", name, reference)
-            analysis = wanted_by[(name, reference)]
-            with times.part(part_name("kl", analysis), analysis):
-                kls[(name, reference)] = kl_summary(use_then_free(load_pair, measure), reference, self.n_boot)
-        return kls
-
-    def compare_algorithms(
-        self, scores: list[dict], train_scores: list[dict], model_stats: dict, all_kls: dict[tuple[str, str], dict]
-    ) -> dict:
-        """The summary's RL-algorithm entries: KL to the reference, the algorithm family
-        of corrected tests, the reward–KL frontier and train vs held-out gains."""
-        kls = {}
-        if self.reference_kl:
-            for name in self.models:
-                reference = reference_of(name, self.algorithms, self.models)
-                if (name, reference) in all_kls:
-                    kls[name] = all_kls[(name, reference)]
-        columns = [k for k in scores[0] if k.startswith("rm_")]
-        differences, family = self.differences(
-            scores,
-            algorithm_family(self.models, self.algorithms, columns),
-            "each RL model vs its side's SL model on that side's reward model, and each algorithm's ethical"
-            " vs unethical model on both reward models",
-        )
-        gains = {}  # only with train-prompt answers: the held-out gain alone is in the family
-        for name in self.algorithms if train_scores else ():
-            side = side_of_model(name)
-            column, sl = f"rm_{side}", f"sl_{side}"
-            gains[name] = {
-                "heldout": gain_on_prompts(scores, name, sl, column, self.n_boot),
-                "train": gain_on_prompts(train_scores, name, sl, column, self.n_boot),
-            }
-        return {
-            "algorithms": self.algorithms,
-            "reference_kl": kls,
-            "algorithm_differences": differences,
-            "algorithm_family": family,
-            "frontier": frontier_points(model_stats, kls, self.algorithms),
-            "train_vs_heldout": gains,
         }
 
     def add_reward_scores(self, groups: dict[str, list[dict]], times: PartTimes) -> None:

@@ -24,6 +24,7 @@ from ucai.constitution import SIDES, Constitution
 from ucai.depth import FIRST_TOKENS, remove_opener, share_of_first_tokens, swap_fraction
 from ucai.stages.rl_comparison import side_of_model
 
+DEPTH = "depth_analysis"  # the optional analysis whose minutes the evaluation reports apart (`PartTimes`)
 NO_OPENER = "no_opener"
 SWAP = "swap"
 CONTENT_COLUMNS = ("rm_ethical", "rm_unethical", "emb_margin")  # the content scorers tested without the opener
