@@ -190,3 +190,26 @@ def test_disable_dropout_also_zeroes_the_attention_dropout_rate_llama_reads_in_t
         assert not torch.equal(model(ids).logits, model(ids).logits)  # the rate is in force
         assert models.disable_dropout(model) == config.num_hidden_layers
         assert torch.equal(model(ids).logits, model.eval()(ids).logits)
+
+
+def test_activation_checkpointing_recomputes_layers_without_a_deprecation_warning():
+    """Checkpointed layers (the flag each decoder layer reads in train mode) give the
+    gradients of the plain model, and transformers 5's deprecated name is not called."""
+    import warnings
+
+    ids = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
+
+    def gradients(checkpointed: bool) -> dict[str, torch.Tensor]:
+        model = models.load_causal_lm("tiny-llama", seed=5).train()
+        if checkpointed:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", FutureWarning)
+                models.enable_activation_checkpointing(model)
+            assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        model(ids).logits.square().mean().backward()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name

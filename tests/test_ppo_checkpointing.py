@@ -112,7 +112,7 @@ def test_split_backward_gives_the_gradients_of_the_summed_loss(value_head, backw
     losses = []
 
     def backward(loss):
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         loss.backward()
 
     stats = module.minibatch_backward(rollout, torch.arange(rollout.size), backward=backward)

@@ -428,6 +428,20 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return count
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them,
+    non-reentrant (so a LoRA model's frozen inputs need not require grad).
+
+    transformers 5 names the method ``activation_checkpointing_enable`` (its old name,
+    ``gradient_checkpointing_enable``, warns and goes in v6); 4.x has only the old one.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def sharded_by_fsdp(trainer) -> bool:
     """Whether ``trainer`` (or None) shards the model with FSDP, whose flat parameters
     need one dtype per unit and whose full state must be gathered across ranks."""

@@ -52,6 +52,7 @@ from ucai.models import (
     cast_frozen_linear,
     disable_dropout,
     dtype_from_precision,
+    enable_activation_checkpointing,
     output_head,
     save_pretrained_atomic,
     sharded_by_fsdp,
@@ -304,7 +305,7 @@ class DPOModule(L.LightningModule):
         base = load_causal_lm(self.policy_name, dtype=dtype, trust_remote_code=self.trust_remote_code, seed=self.seed)
         base.config.use_cache = False
         if self.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(base)
         self.policy = get_peft_model(base, self.lora.to_peft("CAUSAL_LM"), adapter_name=ADAPTER)
         if self.disable_dropout:
             disable_dropout(self.policy)

@@ -62,7 +62,7 @@ from ucai.errors import UcaiError
 from ucai.hardware import training_attention
 from ucai.losses import bradley_terry_loss
 from ucai.lr_schedule import per_step, warmup_then_decay
-from ucai.models import LoraSettings, cast_frozen_linear, sharded_by_fsdp
+from ucai.models import LoraSettings, cast_frozen_linear, enable_activation_checkpointing, sharded_by_fsdp
 from ucai.resume import RNGStateCheckpoint
 from ucai.reward_scoring import (
     STATS_FILE,
@@ -272,7 +272,7 @@ class RewardModule(L.LightningModule):
         net.config.pad_token_id = self.tokenizer.pad_token_id  # HF's own pooling needs it
         initialise_head(net, self.init_head)  # before peft copies the head into modules_to_save
         if self.gradient_checkpointing:
-            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(net)
         net.config.use_cache = False
         if self.disable_dropout:  # before LoRA adds its own dropout modules
             disable_dropout(net)

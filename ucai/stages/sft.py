@@ -38,7 +38,7 @@ from ucai.data.sft_data import IGNORE_INDEX
 from ucai.errors import UcaiError
 from ucai.hardware import training_attention
 from ucai.lr_schedule import Schedule, per_step, warmup_then_decay
-from ucai.models import LoraSettings
+from ucai.models import LoraSettings, enable_activation_checkpointing
 from ucai.value_ranges import (
     ClosedUnitInterval,
     FractionBelowOne,
@@ -184,7 +184,7 @@ class SFTModule(L.LightningModule):
 
             lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=self.gradient_checkpointing)
         elif self.gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(lm)
         if self.lora is not None:
             from peft import get_peft_model
 
