@@ -87,6 +87,25 @@ def test_forward_logprobs_by_hand():
     assert torch.allclose(got, expected)
 
 
+def test_forward_logprobs_take_the_head_at_the_completion_only_as_the_full_forward_would():
+    """The head-of-hidden path (PPO's: decoder, then the head at the T predicting
+    positions) gives the log-probs of the model's own full forward, in fp32."""
+    model = load_causal_lm("tiny-llama", dtype=torch.float32, seed=34).eval()
+
+    class FullForward(torch.nn.Module):  # no config: forward_logprobs runs its forward
+        def forward(self, **inputs):
+            return model(**inputs)
+
+    generator = torch.Generator().manual_seed(0)
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    sequences = torch.randint(3, 49152, (2, 9), generator=generator) * torch.cat(
+        [prompt_mask, torch.ones(2, 4, dtype=torch.long)], dim=1
+    )  # left padding (id 0) before row 0's prompt
+    got, full = forward_logprobs(model, sequences, prompt_mask), forward_logprobs(FullForward(), sequences, prompt_mask)
+    assert got.shape == (2, 4)
+    assert torch.allclose(got, full, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_the_fast_engine_is_faithful_on_smollm2():
     """The real default model in bf16 (about a minute)."""

@@ -2,12 +2,12 @@
 
 An engine is *faithful* when the log-prob it assigns each token it generated equals
 the model's own forward log-prob of that token (the full sequence run once, as PPO's
-training forward runs it) about as closely as transformers ``generate`` does: both
-decode step by step from a KV cache, with kernels that round differently from the
-forward's. `measure` returns the mean and max |Δ log-prob| over the generated tokens;
-the fast engine's test (`tests/test_generation_fidelity.py`) and
-``benchmarks/generation.py`` hold it to: mean no larger than ``generate``'s own, max
-at most twice ``generate``'s.
+training forward runs it: the decoder, then the head at the completion's positions)
+about as closely as transformers ``generate`` does: both decode step by step from a
+KV cache, with kernels that round differently from the forward's. `measure` returns
+the mean and max |Δ log-prob| over the generated tokens; the fast engine's test
+(`tests/test_generation_fidelity.py`) and ``benchmarks/generation.py`` hold it to:
+mean no larger than ``generate``'s own, max at most twice ``generate``'s.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ucai.generation_engine import GenerationEngine
+from ucai.models import logits_are_head_of_hidden, output_head
 from ucai.next_token import StepRecorder
 from ucai.padding import completion_mask_from, position_ids
 
@@ -37,7 +38,11 @@ class Fidelity:
 
 @torch.no_grad()
 def forward_logprobs(model, sequences: torch.Tensor, prompt_mask: torch.Tensor, rows_per_pass: int = 4) -> torch.Tensor:
-    """The model's forward log-prob of every token after the prompt.
+    """The model's forward log-prob of every token after the prompt, computed as PPO's
+    training forward computes it (`ucai.stages.ppo.PPOModule.response_hidden`): the
+    decoder over the whole sequence, then the output head at the T positions that
+    predict a completion token only. Models whose logits are not the head of the last
+    hidden state (`ucai.models.logits_are_head_of_hidden`) run their own forward.
 
     Args:
         sequences: (B, P + T) left-padded prompts followed by their completions.
@@ -48,12 +53,17 @@ def forward_logprobs(model, sequences: torch.Tensor, prompt_mask: torch.Tensor, 
     """
     prompt_length = prompt_mask.shape[1]
     mask = torch.cat([prompt_mask, torch.ones_like(sequences[:, prompt_length:])], dim=1)
+    head_of_hidden = logits_are_head_of_hidden(model)
     out = []
-    for start in range(0, sequences.shape[0], rows_per_pass):  # (rows, L, V) float32 is large
+    for start in range(0, sequences.shape[0], rows_per_pass):  # (rows, T, V) float32 is large
         rows = slice(start, start + rows_per_pass)
-        logits = model(
-            input_ids=sequences[rows], attention_mask=mask[rows], position_ids=position_ids(mask[rows])
-        ).logits[:, prompt_length - 1 : -1]  # (rows, T, V): position t predicts token t + 1
+        inputs = dict(input_ids=sequences[rows], attention_mask=mask[rows], position_ids=position_ids(mask[rows]))
+        if head_of_hidden:
+            hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+            # (rows, T, H), contiguous as PPO's: position t predicts token t + 1
+            logits = output_head(model)(hidden[:, prompt_length - 1 : -1].contiguous())
+        else:
+            logits = model(**inputs).logits[:, prompt_length - 1 : -1]  # (rows, T, V)
         logprobs = F.log_softmax(logits.float(), dim=-1)
         out.append(logprobs.gather(2, sequences[rows, prompt_length:, None]).squeeze(2))
     return torch.cat(out)
