@@ -20,7 +20,10 @@ from ucai.pipeline import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "tests/conf/pipeline_tiny.yaml"
-PIPELINE_MAIN = "import sys; from ucai.pipeline import main; sys.exit(main(sys.argv[1:]))"
+PIPELINE_MAIN = (
+    "import sys; from ucai.pipeline import main; code = main(sys.argv[1:]); "
+    "print('lightning imported by the pipeline:', 'lightning' in sys.modules); sys.exit(code)"
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stages are forked on Linux only")
 # A GPU build of torch never forks (a forked process cannot use CUDA once its parent has).
@@ -71,6 +74,10 @@ def test_a_forked_stage_writes_what_a_fresh_interpreter_writes(tmp_path):
     forked, fresh = runs[True], runs[False]
     assert "stages are forked from a server process" in forked[1]
     assert "stages are forked" not in fresh[1]
+    # With a fork server the plan is made in a process forked from it (Lightning's
+    # import is most of a pipeline's start); without one, here.
+    assert "lightning imported by the pipeline: False" in forked[1]
+    assert "lightning imported by the pipeline: True" in fresh[1]
     # Sampled generation under the stage's seed: the same rows, byte for byte.
     sl = "out/data/ethical/sl.jsonl"
     assert (forked[0] / sl).read_bytes() == (fresh[0] / sl).read_bytes()
@@ -142,3 +149,23 @@ def test_no_fork_with_another_interpreter_or_a_gpu_torch(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     monkeypatch.setattr(torch.version, "hip", None, raising=False)
     assert runner.fork_server_unavailable(sys.executable) is None
+
+
+def test_a_call_in_the_fork_server_returns_its_result_or_raises_its_error():
+    """`StageStarter.call`: the result comes back; a `UcaiError` is raised here as it is
+    (one line for the user); any other error as a RuntimeError naming it."""
+    import multiprocessing
+    import operator
+
+    from ucai.errors import UcaiError
+    from ucai.models import resolve_model
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["ucai.pipeline.runner", "ucai.models"])  # what the calls unpickle
+    starter = runner.StageStarter(sys.executable, "forked", context)
+    assert starter.call(operator.mul, 6, 7) == 42
+    with pytest.raises(UcaiError, match="^unknown model alias 'smollm9'"):
+        starter.call(resolve_model, "smollm9")
+    with pytest.raises(RuntimeError, match=r"^truediv failed in the fork server's process: ZeroDivisionError"):
+        starter.call(operator.truediv, 1, 0)
+    assert runner.StageStarter(sys.executable).call(operator.mul, 6, 7) == 42  # no fork server: here

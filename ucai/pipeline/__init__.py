@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed its message
         return int(exc.code or 0)
     cfg = load_pipeline_config(args.config, rl=args.rl, preference_pretraining=args.pmp)
-    # Started first: a fork server imports the stages' libraries while the plan is made.
+    # Started first: a fork server imports the stages' libraries (Lightning's parser
+    # among them), and the plan is made in a process forked from it.
     starter = None if args.dry_run else stage_starter(cfg)
-    everything = plan(cfg)
+    everything = starter.call(plan, cfg) if starter else plan(cfg)
     stop_at = STAGE_ORDER.index(args.stop_after) if args.stop_after else len(STAGE_ORDER)
     runs = [run for run in everything if run.enabled and STAGE_ORDER.index(run.stage) <= stop_at]
     console = Console(cfg, runs)

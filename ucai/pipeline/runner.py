@@ -15,6 +15,11 @@ Stages start fresh interpreters instead (`fork_server_unavailable` says why) off
 with another interpreter than the pipeline's, and with a GPU build of torch: the fork
 server's imports touch CUDA (bitsandbytes asks for the device), and a forked process
 cannot use CUDA once its parent has. ``fork_stages: false`` asks for fresh interpreters.
+
+The plan parses every stage's arguments with Lightning's parser, whose import is most
+of a pipeline's start; where there is a fork server, which imports Lightning anyway,
+the plan is made in a process forked from it (`StageStarter.call`), so the pipeline
+itself never imports Lightning.
 """
 
 from __future__ import annotations
@@ -28,10 +33,13 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from ucai.errors import UcaiError
 from ucai.pipeline.plan import StageRun
 from ucai.stage_catalog import STAGE_MODULES
 
@@ -48,6 +56,7 @@ PRELOAD_MODULES = (
     *STAGE_MODULES,
 )
 _PR_SET_PDEATHSIG = 1
+_Result = TypeVar("_Result")
 
 
 class StageProcess(Protocol):
@@ -180,6 +189,28 @@ def _stage_child(argv: list[str], threads: int | None, log: Path | None, argv0: 
     sys.exit(code)
 
 
+def _call_child(sender, function, args: tuple) -> None:  # pragma: no cover - runs in the child
+    """`StageStarter.call` in the forked process: send back (True, result) or, if
+    ``function`` raised, (False, the error); a `UcaiError` as it is, anything else as
+    its traceback printed here and a one-line error."""
+    die_with_parent()
+    release_fork_server_alive_pipe()
+    # Ctrl-C reaches the whole process group: the pipeline stops on it, this call just
+    # ends (its reply then has no reader) instead of printing a second traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        reply = (True, function(*args))
+    except UcaiError as error:
+        reply = (False, error)
+    except Exception as error:  # a bug: its traceback is the useful part
+        traceback.print_exc()
+        reply = (False, RuntimeError(f"{function.__name__} failed in the fork server's process: {error!r}"))
+    with contextlib.suppress(OSError):
+        sender.send(reply)
+    sender.close()
+    logging.shutdown()
+
+
 class StageStarter:
     """Starts every stage of a pipeline the same way: forked, or in a fresh interpreter."""
 
@@ -188,6 +219,29 @@ class StageStarter:
         self.python = python
         self.how = how
         self.fork_context = fork_context
+
+    def call(self, function: Callable[..., _Result], *args) -> _Result:
+        """``function(*args)`` with the stages' libraries imported: in a process forked
+        from the fork server (its result and arguments pickled), else in this one."""
+        if self.fork_context is None:
+            return function(*args)
+        receiver, sender = self.fork_context.Pipe(duplex=False)
+        child = self.fork_context.Process(target=_call_child, args=(sender, function, args), name="ucai-plan")
+        child.start()
+        sender.close()
+        try:
+            succeeded, value = receiver.recv()
+        except EOFError:  # it died without a reply (killed, or out of memory)
+            child.join()
+            raise UcaiError(
+                f"{function.__name__} in the fork server's process ended with exit status {child.exitcode}"
+            ) from None
+        finally:
+            receiver.close()
+        child.join()
+        if not succeeded:
+            raise value
+        return value
 
     def start(self, run: StageRun, threads: int | None = None, log: Path | None = None) -> StageProcess:
         """Start ``run``. ``threads``: its torch CPU threads (None: torch's default);
