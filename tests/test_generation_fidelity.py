@@ -87,10 +87,27 @@ def test_forward_logprobs_by_hand():
     assert torch.allclose(got, expected)
 
 
-def test_forward_logprobs_take_the_head_at_the_completion_only_as_the_full_forward_would():
+def _gemma2_with_final_softcapping():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(34)
+    config = Gemma2Config(
+        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5, pad_token_id=0,
+    )
+    return Gemma2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: load_causal_lm("tiny-llama", dtype=torch.float32, seed=34).eval(), _gemma2_with_final_softcapping],
+    ids=["llama", "gemma2-softcapped"],
+)
+def test_forward_logprobs_take_the_head_at_the_completion_only_as_the_full_forward_would(build):
     """The head-of-hidden path (PPO's: decoder, then the head at the T predicting
-    positions) gives the log-probs of the model's own full forward, in fp32."""
-    model = load_causal_lm("tiny-llama", dtype=torch.float32, seed=34).eval()
+    positions, Gemma 2's logit cap after it) gives the log-probs of the model's own
+    full forward, in fp32."""
+    model = build()
 
     class FullForward(torch.nn.Module):  # no config: forward_logprobs runs its forward
         def forward(self, **inputs):

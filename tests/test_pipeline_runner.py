@@ -4,11 +4,13 @@ pipeline is killed, and no fork where it is unsafe."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -151,21 +153,61 @@ def test_no_fork_with_another_interpreter_or_a_gpu_torch(monkeypatch):
     assert runner.fork_server_unavailable(sys.executable) is None
 
 
+def _a_wrapped_user_error() -> None:
+    """A user's mistake inside another error, as jsonargparse wraps one."""
+    from ucai.errors import UcaiError
+
+    try:
+        raise UcaiError("stage (side): no such file")
+    except UcaiError as error:
+        raise ValueError("while parsing") from error
+
+
+def _forked_context():
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["ucai.pipeline.runner", "ucai.models"])  # what the calls unpickle
+    return context
+
+
 def test_a_call_in_the_fork_server_returns_its_result_or_raises_its_error():
-    """`StageStarter.call`: the result comes back; a `UcaiError` is raised here as it is
-    (one line for the user); any other error as a RuntimeError naming it."""
-    import multiprocessing
+    """`StageStarter.call`: the result comes back; a `UcaiError`, also one wrapped in
+    another error, is raised here as one (a line for the user); any other error as a
+    RuntimeError naming it."""
     import operator
 
     from ucai.errors import UcaiError
     from ucai.models import resolve_model
 
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["ucai.pipeline.runner", "ucai.models"])  # what the calls unpickle
-    starter = runner.StageStarter(sys.executable, "forked", context)
+    starter = runner.StageStarter(sys.executable, "forked", _forked_context())
     assert starter.call(operator.mul, 6, 7) == 42
     with pytest.raises(UcaiError, match="^unknown model alias 'smollm9'"):
         starter.call(resolve_model, "smollm9")
+    with pytest.raises(UcaiError, match="^stage \\(side\\): no such file$"):
+        starter.call(_a_wrapped_user_error)
     with pytest.raises(RuntimeError, match=r"^truediv failed in the fork server's process: ZeroDivisionError"):
         starter.call(operator.truediv, 1, 0)
     assert runner.StageStarter(sys.executable).call(operator.mul, 6, 7) == 42  # no fork server: here
+
+
+def test_ctrl_c_during_a_call_in_the_fork_server_stops_it_at_once():
+    """Interrupted while it waits, the pipeline ends the forked call instead of
+    waiting for it (multiprocessing would join it at exit)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are delivered to the main thread only")
+    starter = runner.StageStarter(sys.executable, "forked", _forked_context())
+    starter.call(time.sleep, 0)  # the fork server is up
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            starter.call(time.sleep, 60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 10
+    assert not [p for p in multiprocessing.active_children() if p.name == "ucai-plan"]

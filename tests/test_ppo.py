@@ -70,6 +70,32 @@ def test_reference_logprobs_equal_the_sl_model_exactly(tiny_ppo):
     assert (policy - reference).abs().max() > 1e-3
 
 
+def test_policy_logprobs_keep_gemma2_s_final_logit_softcapping(tiny_ppo, tiny_tokenizer, tmp_path):
+    """Gemma 2 caps its logits after the head (tanh(x / c) * c): the policy's log-probs,
+    made from the head at the response positions, are the model's own forward's."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5,
+        pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path / "gemma2"
+    Gemma2ForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    module = tiny_ppo(policy=str(folder))
+    module.configure_model()
+    ids, attention, width = sample_batch(module, module.tokenizer)
+    with torch.no_grad():
+        policy = module.sequence_logprobs(ids, attention, width)
+        own = load_causal_lm(str(folder)).eval()
+        logits = own(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention)).logits
+        expected = logprobs_from_logits(logits[:, width - 1 : -1], ids[:, width:])
+    assert logits.abs().max() <= 0.5  # the cap is in force (0.5 is far below the raw logits)
+    assert torch.allclose(policy, expected, atol=1e-5), (policy - expected).abs().max()
+
+
 def test_token_reward_is_share_of_the_chosen_token(tiny_tokenizer):
     reward = TokenReward("token:7", tiny_tokenizer)
     responses = torch.tensor([[7, 7, 5, 2], [7, 0, 0, 0]])

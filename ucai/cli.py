@@ -52,7 +52,7 @@ def main(args: Sequence[str] | None = None) -> int:
         top_level_parser().print_help()
         return 0
     if argv and argv[0] == "pipeline":
-        from ucai import pipeline  # imports no Lightning until it plans
+        from ucai import pipeline  # no Lightning: the plan imports it (in the fork server's process if any)
 
         stage_cli.prepare_console()
         return exit_status(pipeline.main, stage_cli.resolve_config_args(argv[1:]))

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from ucai.errors import UcaiError
+from ucai.errors import UcaiError, user_error
 from ucai.pipeline.plan import StageRun
 from ucai.stage_catalog import STAGE_MODULES
 
@@ -190,25 +190,36 @@ def _stage_child(argv: list[str], threads: int | None, log: Path | None, argv0: 
 
 
 def _call_child(sender, function, args: tuple) -> None:  # pragma: no cover - runs in the child
-    """`StageStarter.call` in the forked process: send back (True, result) or, if
-    ``function`` raised, (False, the error); a `UcaiError` as it is, anything else as
-    its traceback printed here and a one-line error."""
+    """`StageStarter.call` in the forked process: send back (True, result) or (False,
+    the error): a user's mistake (`UcaiError`, also one wrapped in another error) as
+    one, anything else as its traceback printed here and a RuntimeError naming it."""
+    from ucai.stage_cli import prepare_console
+
     die_with_parent()
     release_fork_server_alive_pipe()
-    # Ctrl-C reaches the whole process group: the pipeline stops on it, this call just
-    # ends (its reply then has no reader) instead of printing a second traceback.
+    # Ctrl-C reaches the whole process group; the pipeline stops on it and ends this
+    # process, which would otherwise print a second traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    prepare_console()  # ucai's log lines as the pipeline prints them
     try:
         reply = (True, function(*args))
-    except UcaiError as error:
-        reply = (False, error)
-    except Exception as error:  # a bug: its traceback is the useful part
-        traceback.print_exc()
-        reply = (False, RuntimeError(f"{function.__name__} failed in the fork server's process: {error!r}"))
-    with contextlib.suppress(OSError):
+    except Exception as error:
+        cause = user_error(error)
+        if cause is None:  # a bug: its traceback is the useful part
+            traceback.print_exc()
+        reply = (False, UcaiError(str(cause)) if cause is not None else _failure(function, error))
+    try:
         sender.send(reply)
+    except OSError:  # the pipeline has stopped reading (interrupted)
+        pass
+    except Exception as error:  # a result that cannot be pickled
+        sender.send((False, _failure(function, error)))
     sender.close()
     logging.shutdown()
+
+
+def _failure(function, error: BaseException) -> RuntimeError:
+    return RuntimeError(f"{function.__name__} failed in the fork server's process: {error!r}")
 
 
 class StageStarter:
@@ -233,9 +244,13 @@ class StageStarter:
             succeeded, value = receiver.recv()
         except EOFError:  # it died without a reply (killed, or out of memory)
             child.join()
-            raise UcaiError(
+            raise RuntimeError(
                 f"{function.__name__} in the fork server's process ended with exit status {child.exitcode}"
             ) from None
+        except BaseException:  # Ctrl-C: stop now, not once the call is done
+            child.kill()
+            child.join()
+            raise
         finally:
             receiver.close()
         child.join()

@@ -88,6 +88,8 @@ from ucai.models import (
     cast_frozen_linear,
     disable_dropout,
     dtype_from_precision,
+    enable_activation_checkpointing,
+    output_head,
     save_pretrained_atomic,
     sharded_by_fsdp,
     trainer_precision,
@@ -373,9 +375,7 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
         if self.generation.do_sample:
             check_model_sampling(base.generation_config, self.policy_name)
         if self.gradient_checkpointing:
-            base.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._checkpoint_contexts}
-            )
+            enable_activation_checkpointing(base, context_fn=self._checkpoint_contexts)
         config = self.lora.to_peft("CAUSAL_LM")
         self.policy = get_peft_model(base, config, adapter_name="policy")
         if self.has_critic and self.value_head_kind == "adapter":
@@ -566,7 +566,7 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
     def response_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, V) logits over the response positions, divided by the sampling
         temperature so that log-probs are those of the distribution that sampled."""
-        logits = self._causal_lm().get_output_embeddings()(hidden)
+        logits = output_head(self._causal_lm())(hidden)  # with Gemma 2's final soft-capping
         if self.generation.do_sample and self.generation.temperature not in (None, 1.0):
             logits = logits / self.generation.temperature
         return logits
