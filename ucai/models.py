@@ -432,16 +432,9 @@ def enable_activation_checkpointing(model, **checkpoint_kwargs) -> None:
     """Recompute each decoder layer's activations in backward instead of keeping them,
     non-reentrant (so a LoRA model's frozen inputs need not require grad).
     ``checkpoint_kwargs`` go to ``torch.utils.checkpoint.checkpoint`` (PPO's
-    ``context_fn``).
-
-    transformers 5 names the method ``activation_checkpointing_enable`` (its old name,
-    ``gradient_checkpointing_enable``, warns and goes in v6); 4.x has only the old one.
-    """
-    kwargs = {"use_reentrant": False, **checkpoint_kwargs}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    ``context_fn``). transformers' old name for this, ``gradient_checkpointing_enable``,
+    warns and goes in v6."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False, **checkpoint_kwargs})
 
 
 def sharded_by_fsdp(trainer) -> bool:
