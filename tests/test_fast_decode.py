@@ -102,6 +102,50 @@ def test_partial_sort_top_p_by_hand_and_against_transformers():
         assert torch.equal(got, expected)
 
 
+def test_top_p_sample_by_hand():
+    from ucai.next_token import PartialSortTopP
+
+    # Probabilities by token id 0.15, 0.3, 0.05, 0.5: top_p 0.8 keeps ids 3 and 1 (0.5 and
+    # 0.3). Renormalised 0.625 and 0.375; in vocabulary order the cumulative sums are
+    # id 1: 0.375, id 3: 1.0, so u = 0.3 draws id 1 and u = 0.4 id 3.
+    scores = torch.tensor([[0.15, 0.3, 0.05, 0.5]]).log().repeat(2, 1)
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    uniforms = torch.tensor([0.3, 0.4], dtype=torch.float64)
+    for candidates in (2, 4):  # decided by two candidates, and by all four
+        chosen, logprobs = PartialSortTopP(0.8, candidates=candidates).sample(ids, scores, uniforms, logprobs=True)
+        assert chosen.tolist() == [1, 3]
+        assert torch.allclose(logprobs, torch.tensor([0.375, 0.625]).log())
+    # 0.8 < 0.81: two candidates do not decide the row; the full sort keeps ids 3, 1, 0
+    # (0.5 + 0.3 + 0.15 = 0.95; cumulative by id 0.158, 0.474, 1.0): u = 0.1 -> id 0,
+    # u = 0.4 -> id 1, u = 0.5 -> id 3.
+    uniforms = torch.tensor([0.1, 0.4, 0.5], dtype=torch.float64)
+    chosen, logprobs = PartialSortTopP(0.81, candidates=2).sample(ids[:1].repeat(3, 1), scores[:1].repeat(3, 1), uniforms, logprobs=True)
+    assert chosen.tolist() == [0, 1, 3]
+    assert torch.allclose(logprobs, torch.tensor([0.15 / 0.95, 0.3 / 0.95, 0.5 / 0.95]).log())
+
+
+def test_top_p_sample_draws_what_the_filtered_vocabulary_draws():
+    """`sample` (the kept candidates alone) against the full path it replaces: filter
+    the (B, V) scores, softmax, inverse-CDF draw over the whole vocabulary; peaked rows
+    (decided by the candidates) and flat ones (the full sort) mixed in a batch."""
+    from ucai.next_token import PartialSortTopP, chosen_logprob
+
+    torch.manual_seed(3)
+    spread = torch.tensor([8.0, 8.0, 0.1, 4.0, 0.5, 8.0, 0.1, 2.0] * 4)[:, None]
+    scores = torch.randn(32, 5000) * spread
+    ids = torch.zeros(32, 1, dtype=torch.long)
+    for top_p in (0.5, 0.9, 0.95):
+        for trial in range(5):
+            uniforms = torch.rand(32, dtype=torch.float64, generator=torch.Generator().manual_seed(trial))
+            top_p_filter = PartialSortTopP(top_p, candidates=64)
+            filtered = top_p_filter(ids, scores)
+            expected = draw_with_uniforms(torch.softmax(filtered, dim=-1), uniforms)
+            chosen, logprobs = top_p_filter.sample(ids, scores, uniforms, logprobs=True)
+            assert torch.equal(chosen, expected)
+            assert torch.allclose(logprobs, chosen_logprob(filtered, expected), atol=1e-5)
+            assert top_p_filter.sample(ids, scores, uniforms)[1] is None
+
+
 def test_row_seeds_and_uniforms_depend_on_the_row_alone():
     assert row_seed(0, "p1") == row_seed(0, "p1")
     assert len({row_seed(0, "p1"), row_seed(0, "p2"), row_seed(1, "p1"), row_seed(0, "p1", 1)}) == 4

@@ -47,7 +47,7 @@ from ucai.decode_kernels import rms_norm, rotate, signed_sin
 from ucai.fused_projection import FusedProjection, fits_in_free_memory
 from ucai.hardware import cpu_bf16_is_native
 from ucai.native_decode import native_kernels
-from ucai.next_token import choose_tokens, logits_processors, row_seed, row_uniforms
+from ucai.next_token import choose_tokens, chosen_logprob, logits_processors, row_seed, row_uniforms
 from ucai.prefill import Prefill, plain_prefill, shared_prefix_prefill
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,9 @@ class GenerationEngine(Protocol):
         rows that stopped are padded with ``pad_id`` after their stop token, and T is
         the longest completion (at most ``settings.max_new_tokens``). ``seeds``: one
         sampling seed per row (an engine that cannot seed per row draws from the
-        global RNG); ``observer``: called per step with (raw logits, processed scores,
-        chosen ids)."""
+        global RNG); ``observer``: called per step with (raw logits (B, V), the chosen
+        ids' log-probs under the processed (sampling) distribution (B,), chosen ids
+        (B,))."""
 
 
 class HFGenerate:
@@ -161,7 +162,8 @@ class HFGenerate:
             return out
         completions = out.sequences[:, input_ids.shape[1] :]
         for step, (logits, scores) in enumerate(zip(out.logits, out.scores, strict=True)):
-            observer(logits.float(), scores.float(), completions[:, step])
+            chosen = completions[:, step]
+            observer(logits.float(), chosen_logprob(scores, chosen), chosen)
         return out.sequences
 
 
@@ -297,8 +299,9 @@ class DecodeLoop:
             input_ids: (B, P) left-padded prompt ids; attention_mask: (B, P) 1 for tokens.
             seeds: B per-row sampling seeds (`ucai.next_token.row_seed`), or None to draw
                 from the global RNG as ``generate`` does.
-            observer: called each step with (raw logits (B, V), processed scores
-                (B, V), chosen ids (B,)), e.g. a `ucai.next_token.StepRecorder`.
+            observer: called each step with (raw logits (B, V), the chosen ids'
+                processed log-probs (B,), chosen ids (B,)), e.g. a
+                `ucai.next_token.StepRecorder`.
         Returns:
             (B, P + T) ids.
         """
@@ -380,12 +383,14 @@ class DecodeLoop:
         step = 0
         while True:
             step_uniforms = uniforms[:, step] if uniforms is not None else None
-            next_tokens, scores = choose_tokens(
-                logits, tokens[:, : prompt_length + step], processors, settings.do_sample, step_uniforms
+            next_tokens, processed_logprobs = choose_tokens(
+                logits, tokens[:, : prompt_length + step], processors, settings.do_sample, step_uniforms,
+                logprobs=observer is not None,
             )
             next_tokens = next_tokens * unfinished + pad_id * (1 - unfinished)
             if observer is not None:
-                observer(logits, scores, next_tokens)
+                # Rows already finished get the pad id; their log-probs are masked out.
+                observer(logits, processed_logprobs, next_tokens)
             tokens[:, prompt_length + step] = next_tokens
             step += 1
             unfinished = unfinished & ~torch.isin(next_tokens, stop)
@@ -490,7 +495,8 @@ class FastDecode(DecodeLoop):
     * float32 weights are pre-packed for oneDNN as bf16 ones are (`FusedProjection`),
       when the copy fits in a quarter of the free memory: fp32 PPO rollouts decode
       ~1.5x faster per matmul on one core;
-    * top-p sorts only the most likely tokens (`ucai.next_token.PartialSortTopP`).
+    * top-p sorts only the most likely tokens, and seeded sampling draws from the kept
+      ones without writing the filtered vocabulary (`ucai.next_token.PartialSortTopP`).
 
     The shared prefill does drift a little further in bf16 (SmolLM2, 16 rows sharing a
     long system prompt: mean |Δ log-prob| 1.85e-2 against ``generate``'s 1.66e-2),
@@ -498,7 +504,7 @@ class FastDecode(DecodeLoop):
     """
 
     name = "fast"
-    version = "fast-3"
+    version = "fast-4"
     pack_float32 = True
     partial_sort_top_p = True
     description = "fast decode (shared prefixes prefilled once, native kernels between the matmuls where they apply)"
