@@ -63,6 +63,7 @@ from ucai.padding import position_ids
 from ucai.resume import RNGStateCheckpoint
 from ucai.stage_outputs import require_stage_output
 from ucai.stages.lora_io import load_merged, lora_scaling
+from ucai.uniform_dropout import use_uniform_dropout
 from ucai.value_ranges import MarginFromHalf, NonNegativeFloat, NonNegativeInt, PositiveFloat
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,7 @@ class DPOModule(L.LightningModule):
         if self.gradient_checkpointing:
             enable_activation_checkpointing(base)
         self.policy = get_peft_model(base, self.lora.to_peft("CAUSAL_LM"), adapter_name=ADAPTER)
+        use_uniform_dropout(self.policy)
         if self.disable_dropout:
             disable_dropout(self.policy)
         # from_pretrained returns eval mode and Lightning keeps each module's mode, which

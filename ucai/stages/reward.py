@@ -74,6 +74,7 @@ from ucai.reward_scoring import (
     unwrap_peft,
 )
 from ucai.stages.generation import predict_callbacks
+from ucai.uniform_dropout import use_uniform_dropout
 from ucai.value_ranges import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,7 @@ class RewardModule(L.LightningModule):
             from peft import get_peft_model
 
             net = get_peft_model(net, lora_for(net, self.lora).to_peft("SEQ_CLS"))
+            use_uniform_dropout(net)
             head = head_name(net)
             if head is None:
                 raise UcaiError(

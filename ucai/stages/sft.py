@@ -39,6 +39,7 @@ from ucai.errors import UcaiError
 from ucai.hardware import training_attention
 from ucai.lr_schedule import Schedule, per_step, warmup_then_decay
 from ucai.models import LoraSettings, enable_activation_checkpointing
+from ucai.uniform_dropout import use_uniform_dropout
 from ucai.value_ranges import (
     ClosedUnitInterval,
     FractionBelowOne,
@@ -189,6 +190,7 @@ class SFTModule(L.LightningModule):
             from peft import get_peft_model
 
             lm = get_peft_model(lm, self.lora.to_peft("CAUSAL_LM"))
+            use_uniform_dropout(lm)
         # from_pretrained returns eval mode and Lightning keeps each module's mode, which
         # would leave gradient checkpointing (training-only) and dropout silently off.
         self.lm = lm.train()
