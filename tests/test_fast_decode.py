@@ -213,6 +213,41 @@ def test_shared_prefix_prefill_matches_the_plain_prefill(tiny_tokenizer):
         assert torch.allclose(real_shared, real_plain, atol=1e-4)
 
 
+def test_length_chunks_by_hand():
+    from ucai.prefill import length_chunks
+
+    # Lengths 10, 30, 11, 29 at 5 tokens a chunk: one chunk 4 x 30 + 5 = 125; the two
+    # short and the two long apart 2 x 11 + 5 + 2 x 30 + 5 = 92; three chunks 96.
+    assert length_chunks([10, 30, 11, 29], call_cost=5) == [[0, 2], [3, 1]]
+    assert length_chunks([10, 30, 11, 29], call_cost=100) == [[0, 2, 3, 1]]  # 220 against 282
+    assert length_chunks([7], call_cost=0) == [[0]]
+
+
+def test_shared_prefix_prefill_in_length_chunks_matches_the_plain_prefill(tiny_tokenizer):
+    """Suffixes of other lengths run as separate forwards (every length its own chunk)
+    and are put back in the batch's layout: the same logits, positions and keys."""
+    from ucai.prefill import length_chunks
+
+    model = load_causal_lm("tiny-llama", seed=22).eval()
+    questions = ["Hi?", "What is the tallest mountain on Earth and how was it measured?", "Why is the sky blue?", "Ok"]
+    enc = encode(tiny_tokenizer, [chat(q) for q in questions])
+    with torch.no_grad():
+        plain = plain_prefill(model, enc["input_ids"], enc["attention_mask"])
+        one = shared_prefix_prefill(model, enc["input_ids"], enc["attention_mask"], tiny_tokenizer.pad_token_id, chunk_cost=10**6)
+        chunked = shared_prefix_prefill(model, enc["input_ids"], enc["attention_mask"], tiny_tokenizer.pad_token_id, chunk_cost=0)
+    suffix_lengths = [int(m.sum()) for m in enc["attention_mask"]]
+    assert len(length_chunks(suffix_lengths, 0)) >= 3
+    assert chunked.computed_tokens < one.computed_tokens
+    assert torch.equal(chunked.mask, one.mask) and torch.equal(chunked.last_position, plain.last_position)
+    assert torch.allclose(chunked.logits, plain.logits, atol=1e-4)
+    for layer in (0, -1):
+        for row in range(len(questions)):
+            real = chunked.mask[row].bool()
+            assert torch.allclose(chunked.keys[layer][row][:, real], plain.keys[layer][row][:, plain.mask[row].bool()], atol=1e-4)
+            assert torch.allclose(chunked.values[layer][row][:, real], one.values[layer][row][:, real], atol=1e-5)
+            assert torch.isfinite(chunked.keys[layer][row]).all()  # the padding columns too
+
+
 def test_shared_prefix_prefill_declines_when_nothing_is_shared(tiny_tokenizer):
     model = load_causal_lm("tiny-llama", seed=22).eval()
     enc = encode(tiny_tokenizer, ["<|im_start|>user\nHi<|im_end|>\n", "Completely different text here"])
