@@ -108,30 +108,14 @@ class PartialSortTopP:
             ((B,) token ids, (B,) their filtered log-probs, or None).
         """
         index, keep, decided = self._candidates(scores)
-        vocabulary = scores.shape[-1]
-        chosen = index.new_empty(scores.shape[0])
-        chosen_logprobs = scores.new_empty(scores.shape[0], dtype=torch.float32) if logprobs else None
-        if bool(decided.any()):
-            rows = decided.nonzero().squeeze(1) if not bool(decided.all()) else None
-            index_d, keep_d = (index, keep) if rows is None else (index[rows], keep[rows])
-            # Kept candidates in vocabulary order first; cut ones (weight 0) after them.
-            order = index_d.masked_fill(~keep_d, vocabulary).argsort(dim=-1)  # (R, k)
-            ids = index_d.gather(1, order)  # (R, k)
-            kept_scores = (scores if rows is None else scores[rows]).gather(1, ids).float()
-            kept_scores = kept_scores.masked_fill(~keep_d.gather(1, order), -float("inf"))
-            position = draw_with_uniforms(F.softmax(kept_scores, dim=-1), uniforms if rows is None else uniforms[rows])
-            picked = ids.gather(1, position[:, None]).squeeze(1)  # (R,)
-            if rows is None:
-                chosen = picked
-            else:
-                chosen[rows] = picked
-            if logprobs:
-                picked_logprobs = F.log_softmax(kept_scores, dim=-1).gather(1, position[:, None]).squeeze(1)
-                if rows is None:
-                    chosen_logprobs = picked_logprobs
-                else:
-                    chosen_logprobs[rows] = picked_logprobs
-        if not bool(decided.all()):
+        # Kept candidates in vocabulary order first; cut ones (weight 0) after them.
+        order = index.masked_fill(~keep, scores.shape[-1]).argsort(dim=-1)  # (B, k)
+        ids = index.gather(1, order)  # (B, k)
+        kept_scores = scores.gather(1, ids).float().masked_fill(~keep.gather(1, order), -float("inf"))
+        position = draw_with_uniforms(F.softmax(kept_scores, dim=-1), uniforms)[:, None]  # (B, 1)
+        chosen = ids.gather(1, position).squeeze(1)
+        chosen_logprobs = F.log_softmax(kept_scores, dim=-1).gather(1, position).squeeze(1) if logprobs else None
+        if not bool(decided.all()):  # rows whose candidates hold less than top_p: the full sort decides
             rest = (~decided).nonzero().squeeze(1)
             filtered = self._full_sort(input_ids[rest], scores[rest])  # (R, V)
             chosen[rest] = draw_with_uniforms(F.softmax(filtered, dim=-1), uniforms[rest])

@@ -258,8 +258,8 @@ def shared_prefix_prefill(
     if len(chunks) == 1:
         logits, keys, values = run(torch.arange(len(rows), device=input_ids.device), suffix_width)
         return Prefill(keys, values, mask, positions[:, -1:], logits, computed)
-    # Shorter suffixes run apart with less padding (22% of the preferences stage's suffix
-    # tokens were padding in one batch); each chunk's cache is then put in the batch's
+    # Shorter suffixes run apart with less padding (23% of the preferences stage's suffix
+    # tokens were padding in single batches); each chunk's cache is then put in the batch's
     # layout, its suffix right-aligned, the columns between zero (masked, and finite).
     logits = None
     keys, values = [], []
