@@ -95,8 +95,8 @@ class PartialSortTopP:
         Their weights are the softmax over the kept scores, as over the filtered row
         (up to the normaliser's summation order, which the draw scales away). That
         skips five passes over the (B, V) scores (the filter's mask and fill, a second
-        softmax, the float64 copy and its cumulative sum): 96 rows x 49,152 tokens,
-        float32, one thread, about 60% of the sampling's time. Rows the candidates do
+        softmax, the float64 copy and its cumulative sum): 48 steps of 96 rows x 49,152
+        tokens, float32, one thread, 6.09 -> 2.04 s, the same tokens. Rows the candidates do
         not decide take the full path.
 
         Args:
