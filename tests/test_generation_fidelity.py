@@ -44,8 +44,8 @@ def test_the_shared_prefix_prefill_drifts_only_a_little_further(tiny_tokenizer):
     prompt cache is computed on other matmul shapes than the forward's, so in bf16 it
     drifts a little further than ``generate`` (measured: mean 1.18x generate's here,
     1.11x on SmolLM2; max equal here, 1.4x there; 1.52x here on an AVX2-only CPU, whose
-    bf16 matmuls take a reference path that rounds by shape, 1.54x there since the
-    suffixes run in two length chunks, as this batch's do). A regression guard, not
+    bf16 matmuls take a reference path that rounds by shape, and 1.54x on that CPU now that
+    this batch's suffixes run in two length chunks). A regression guard, not
     the strict bound: mean within 1.5x (2x without native bf16), max within 2x."""
     from ucai.prefill import shared_prefix_prefill
 

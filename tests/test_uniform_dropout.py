@@ -28,15 +28,24 @@ def test_keeps_one_minus_p_scaled_and_backpropagates_through_the_mask():
     assert UniformDropout(0.0).train()(x) is x
 
 
+def test_inplace_dropout_writes_into_its_input():
+    x = torch.ones(4096)
+    y = UniformDropout(0.5, inplace=True).train()(x)
+    assert y is x and set(x.unique().tolist()) == {0.0, 2.0}
+    z = torch.ones(4096)
+    assert UniformDropout(0.5).train()(z) is not z and bool((z == 1).all())
+
+
 def test_bf16_input_keeps_its_dtype():
     y = UniformDropout(0.5).train()(torch.ones(4096, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and set(y.unique().tolist()) <= {0.0, 2.0}
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
 def test_training_stages_put_it_in_front_of_every_adapter(stage):
-    """SFT and the reward model train with LoRA dropout on; every adapter's dropout is
-    a UniformDropout of the configured p, and ``disable_dropout`` still reaches it."""
+    """SFT, the reward model and DPO (with its dropout left on) train with LoRA dropout;
+    every adapter's dropout is a UniformDropout of the configured p, and
+    ``disable_dropout`` still reaches it."""
     lora = LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     if stage == "sft":
         from ucai.stages.sft import SFTModule
@@ -44,6 +53,12 @@ def test_training_stages_put_it_in_front_of_every_adapter(stage):
         module = SFTModule(model="tiny-llama", lora=lora)
         module.configure_model()
         net = module.lm
+    elif stage == "dpo":
+        from ucai.stages.dpo import DPOModule
+
+        module = DPOModule(policy="tiny-llama", lora=lora, disable_dropout=False, export=False)
+        module.configure_model()
+        net = module.policy
     else:
         from ucai.stages.reward import RewardModule
 

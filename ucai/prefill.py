@@ -2,8 +2,8 @@
 
 * `plain_prefill` — the model's own forward over the left-padded batch (what
   ``generate`` does). Not cut into length chunks: that rounds the prompt cache unlike
-  the forward, and on the fidelity prompts (16, sharing only a 14-token system turn) the fast
-  engine's mean |Δ log-prob| in bf16 on an AVX2 CPU rose to 1.47e-4 against
+  the forward, and on the fidelity prompts (16, sharing only a 14-token system turn)
+  the fast engine's mean |Δ log-prob| in bf16 on an AVX2 CPU rose to 1.47e-4 against
   ``generate``'s 1.39e-4, above the faithful bound (`ucai.generation_fidelity`).
 * `shared_prefix_prefill` — prompts that begin alike (every prompt of a principle
   carries that principle's system prompt, ~59 of ~76 tokens in the preferences stage)
@@ -12,8 +12,8 @@
   remaining tokens run as a second batch attending to that cache. The row layout is
   then ``[pad | prefix | pad | suffix]`` with positions counted over real tokens only,
   so each row sees the positions and tokens it would see unpadded. The suffixes run in
-chunks of similar length (`length_chunks`), so a short one is not padded to the
-longest of the batch.
+  chunks of similar length (`length_chunks`), so a short one is not padded to the
+  longest of the batch.
 
 Rows are grouped by `prefix_groups`: sorted by their tokens, then cut into runs that
 maximise the tokens saved, so prompts of one principle share its whole system prompt

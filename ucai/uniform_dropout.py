@@ -31,7 +31,7 @@ class UniformDropout(nn.Dropout):
             return F.dropout(x, self.p, True, self.inplace)
         # One float32 buffer becomes the scaled mask in place: 0 or 1 / (1 - p).
         scale = torch.rand(x.shape, dtype=torch.float32).ge_(self.p).mul_(1.0 / (1.0 - self.p))
-        return x * scale.to(x.dtype)
+        return x.mul_(scale.to(x.dtype)) if self.inplace else x * scale.to(x.dtype)
 
 
 def use_uniform_dropout(model: nn.Module) -> int:
