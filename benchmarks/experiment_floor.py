@@ -268,9 +268,12 @@ def reward(run: Path, side: str, shapes: Shapes, count: Counter, threads: int) -
 
 def rl(run: Path, side: str, stage: str, shapes: Shapes, count: Counter, threads: int) -> Work:
     """Sampling, the reference's log-probs, the reward model's scores and ``ppo_epochs``
-    updates (forward and input-gradient backward). The policy's own rollout pass is not
-    counted: the first update's forward stands in for it where it can
-    (`PPOModule.fuses_first_update`), and could everywhere else."""
+    updates (forward and input-gradient backward); for PPO with ``value_head: adapter``
+    also its critic's own backbone passes (the rollout's values and, in each update, a
+    forward and a backward), which a critic on the policy's hidden state (``value_head:
+    head``) and RLOO do without. The policy's own rollout pass is not counted: the first
+    update's forward stands in for it where it can (`PPOModule.fuses_first_update`), and
+    could everywhere else."""
     cfg = stage_config(run, f"{stage}_{side}")
     model = cfg["model"]["init_args"]
     with open(logs_dir(run, f"{stage}_{side}") / "rollouts.csv", newline="") as handle:
@@ -284,7 +287,10 @@ def rl(run: Path, side: str, stage: str, shapes: Shapes, count: Counter, threads
     generation_work(work, shapes, cfg["data"]["init_args"]["batch_size"] * per_prompt, prompts, answers)
     forward = prompts + answers
     epochs = model["ppo_epochs"]
-    work.add(TRAINING_ROWS, "body", shapes.body_flops * forward * (2 + 2 * epochs))  # reference, RM, updates
+    passes = 2 + 2 * epochs  # reference, RM, updates
+    if model.get("advantage", "gae") == "gae" and model.get("value_head", "adapter") == "adapter":
+        passes += 1 + 2 * epochs  # the value adapter: rollout values, then each update's forward and backward
+    work.add(TRAINING_ROWS, "body", shapes.body_flops * forward * passes)
     work.add(TRAINING_ROWS, "head", shapes.head_flops * answers * (1 + 2 * epochs))
     return work
 

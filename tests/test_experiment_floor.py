@@ -130,6 +130,35 @@ def test_reward_counts_a_validation_pass_each_epoch_unless_validation_is_off(tmp
     assert work.flops == {(floor.TRAINING_ROWS, "body"): 64 * expected}
 
 
+@pytest.mark.parametrize(
+    "advantage, value_head, critic_passes",
+    [("gae", "adapter", 1 + 2 * 2), ("gae", "head", 0), ("rloo", "adapter", 0)],  # 2 PPO epochs
+)
+def test_rl_counts_the_adapter_critic_s_own_passes(tmp_path, advantage, value_head, critic_passes):
+    run = tmp_path / "run"
+    logs = run / "logs" / "ppo_ethical" / "version_0"
+    logs.mkdir(parents=True)
+    (logs / "rollouts.csv").write_text("step,prompt,response\n0,how do I,a b\n0,tell me,c\n")
+    (logs / "config.yaml").write_text(yaml.safe_dump({
+        "data": {"init_args": {"batch_size": 2}},
+        "model": {"init_args": {"advantage": advantage, "value_head": value_head, "rloo_k": 2, "ppo_epochs": 2,
+                                "generation": {"max_new_tokens": 48}}},
+    }))
+    shapes = floor.Shapes(layers=[(4, 8, 1)], head=(4, 10))  # body 64 FLOPs a token, head 80
+    work = floor.rl(run, "ethical", "ppo", shapes, floor.Counter(WordTokenizer()), threads=1)
+    rows = 2 * (2 if advantage == "rloo" else 1)  # the decode batch: prompts x samples a prompt
+    prompts, answers = 3 + 2, 2 + 1
+    # sampling: the prompts' prefill and a decode step per answer token; then reference +
+    # RM + 2 epochs x (forward + backward) = 6 passes over prompt and answer, and the
+    # critic's; logits at the answers in the reference and the updates
+    assert work.flops == {
+        (floor.TRAINING_ROWS, "body"): 64 * prompts + 64 * (prompts + answers) * (6 + critic_passes),
+        (floor.TRAINING_ROWS, "head"): 80 * answers * (1 + 2 * 2),
+        (rows, "body"): 64 * answers,
+        (rows, "head"): 80 * answers,
+    }
+
+
 def test_evaluation_kl_runs_each_model_once_on_one_set_of_answers(tmp_path):
     run = tmp_path / "run"
     (run / "eval" / "cache").mkdir(parents=True)
