@@ -60,6 +60,7 @@ bench: setup
 	$(BIN)/python benchmarks/reward.py
 	$(BIN)/python benchmarks/dpo.py
 	$(BIN)/python benchmarks/ppo.py
+	$(BIN)/python benchmarks/fp32_packing.py
 
 clean:
 	rm -rf $(VENV) lightning_logs/*/ .pytest_cache

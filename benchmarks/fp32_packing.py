@@ -1,85 +1,125 @@
-"""Whether pre-packing fp32 decode weights for oneDNN pays on this CPU, by row count.
+"""The fast engine's fp32 decode matmuls on packed weights against plain ``F.linear``.
 
     python benchmarks/fp32_packing.py --threads 1 --rows 8 16 32 64 96
 
-The fast engine (`ucai.fused_projection.FusedProjection`, ``pack_float32``) runs a
-decode step's fp32 projections as four fused matmuls on weights packed into oneDNN's
-blocked layout; without packing it runs the layer's seven projections as plain
-``F.linear`` (MKL's sgemm), since fusing alone buys nothing in fp32. This times both
-for 30 layers of SmolLM2's shapes (hidden 576, MLP 1536, 3 key/value heads of 64) on
-random weights: the best of ``--passes`` alternating passes each. Not a comparison
-with a peer (not in `make bench`): it records the trade-off behind a default. Last
-line: ``fp32_packing: worst_ratio=… best_ratio=…`` (packed ÷ plain time; below 1 the
-packing is faster).
+In fp32 the fast engine (`ucai.fused_projection.FusedProjection`, ``pack_float32``)
+runs a decode step's projections as four fused matmuls on weights packed into
+oneDNN's blocked layout, a second copy beside the model's own. The peer, HF
+``generate``, runs the layer's seven projections as plain ``F.linear`` (MKL's sgemm);
+it has no packing option, so plain ``F.linear`` is its best here. Both sides do the
+same work: a decode step's projections of 30 distinct layers of SmolLM2's shapes
+(hidden 576, MLP 1536, 3 key/value heads of 64; random weights, so that each step
+streams every layer's weights as a real step does), ``--steps`` steps at each row count.
+Each side runs in its own subprocess (its peak RSS its own), ``--repeats`` times in
+alternating order; medians are compared and the FLOPs done are checked equal. One line
+per row count; the last line is the ``--headline-rows`` count (the batch of
+``benchmarks/generation.py``): ``fp32_packing: speed_ratio=X memory_ratio=Y`` (packed
+over plain; the memory ratio counts the packed copy). The end-to-end comparison with
+``generate`` is ``benchmarks/generation.py --dtype float32``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import check_same_work_of, peak_rss_mb, run_alternating  # noqa: E402
 
 HIDDEN, MLP, KEY_VALUE = 576, 1536, 192
 LAYERS = 30
+# q, k, v, o, gate, up, down as (out, in)
+SHAPES = [(HIDDEN, HIDDEN), (KEY_VALUE, HIDDEN), (KEY_VALUE, HIDDEN), (HIDDEN, HIDDEN), (MLP, HIDDEN), (MLP, HIDDEN),
+          (HIDDEN, MLP)]
+SIDES = ("packed", "plain")  # ucai's, the peer's
 
 
-def layer_weights(generator: torch.Generator) -> list[torch.Tensor]:
-    """q, k, v, o, gate, up, down as (out, in) fp32 weights."""
-    shapes = [(HIDDEN, HIDDEN), (KEY_VALUE, HIDDEN), (KEY_VALUE, HIDDEN), (HIDDEN, HIDDEN), (MLP, HIDDEN), (MLP, HIDDEN),
-              (HIDDEN, MLP)]
-    return [torch.randn(out, inp, generator=generator) for out, inp in shapes]
+def step_flops(rows: int) -> int:
+    """Multiply-adds x 2 of one decode step's projections over every layer."""
+    return 2 * rows * LAYERS * sum(out * inp for out, inp in SHAPES)
 
 
-def timed(step) -> float:
-    """Seconds of ``step`` run once per layer."""
-    start = time.perf_counter()
-    for _ in range(LAYERS):
-        step()
-    return time.perf_counter() - start
+def worker(side: str, rows: int, steps: int, threads: int) -> dict:
+    """Time ``steps`` decode steps' projections on one side; returns seconds, FLOPs, peak RSS."""
+    import torch
+    import torch.nn.functional as F
 
-
-def compare(rows: int, separate: list[torch.Tensor], passes: int) -> tuple[float, float]:
-    """(plain, packed) seconds for LAYERS layers at ``rows`` rows, the best of ``passes``
-    alternating passes each (so that a slow moment of the machine hits both)."""
-    fused = [torch.cat(separate[0:3]), separate[3], torch.cat(separate[4:6]), separate[6]]  # qkv, o, gate-up, down
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    layers = [[torch.randn(out, inp, generator=generator) for out, inp in SHAPES] for _ in range(LAYERS)]
     hidden, inner = torch.randn(rows, HIDDEN), torch.randn(rows, MLP)
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in fused]
+    if side == "packed":
+        # The engine keeps the model's own weights and adds the fused, packed copy.
+        packed = [
+            [torch.ops.mkldnn._reorder_linear_weight(w, rows)
+             for w in (torch.cat(ws[0:3]), ws[3], torch.cat(ws[4:6]), ws[6])]  # qkv, o, gate-up, down
+            for ws in layers
+        ]
 
-    def plain() -> None:
-        for weight in separate[:6]:
-            F.linear(hidden, weight)
-        F.linear(inner, separate[6])
+        def step() -> None:
+            for weights in packed:
+                for index, weight in enumerate(weights):
+                    torch.ops.mkldnn._linear_pointwise(inner if index == 3 else hidden, weight, None, "none", [], "")
+    else:
 
-    def packed_step() -> None:
-        for index, weight in enumerate(packed):
-            torch.ops.mkldnn._linear_pointwise(inner if index == 3 else hidden, weight, None, "none", [], "")
+        def step() -> None:
+            for weights in layers:
+                for weight in weights[:6]:
+                    F.linear(hidden, weight)
+                F.linear(inner, weights[6])
 
-    for step in (plain, packed_step, plain, packed_step):  # warm-up: oneDNN builds its kernels on first calls
-        timed(step)
-    best_plain = best_packed = float("inf")
-    for _ in range(passes):
-        best_plain = min(best_plain, timed(plain))
-        best_packed = min(best_packed, timed(packed_step))
-    return best_plain, best_packed
+    for _ in range(3):  # warm-up: oneDNN and MKL pick and build their kernels on the first calls
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "flops": step_flops(rows) * steps, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_side(side: str, rows: int, args) -> dict:
+    command = [sys.executable, __file__, "--worker", side, "--rows", str(rows), "--steps", str(args.steps),
+               "--threads", str(args.threads)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"fp32_packing: the {side} worker failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rows", type=int, nargs="+", default=[8, 16, 32, 64, 96])
-    parser.add_argument("--passes", type=int, default=8)
+    parser.add_argument("--headline-rows", type=int, default=16, help="the row count of the last line")
+    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    separate = layer_weights(torch.Generator().manual_seed(0))
-    ratios = []
-    for rows in args.rows:
-        plain, packed = compare(rows, separate, args.passes)
-        ratios.append(packed / plain)
-        print(f"rows {rows:>4}, {args.threads} thread(s): plain {plain * 1e3:7.1f} ms, packed {packed * 1e3:7.1f} ms "
-              f"for {LAYERS} layers, packed/plain {packed / plain:.2f}", flush=True)
-    print(f"fp32_packing: worst_ratio={max(ratios):.2f} best_ratio={min(ratios):.2f}")
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.rows[0], args.steps, args.threads)))
+        return
+    rows_list = sorted(set(args.rows) | {args.headline_rows})
+    print(f"fp32 decode projections, {LAYERS} layers of SmolLM2's shapes, {args.steps} steps a run, "
+          f"{args.threads} thread(s), {args.repeats} alternating runs a side")
+    headline = ""
+    for rows in rows_list:
+        runs = run_alternating(SIDES, args.repeats, lambda side, _repeat, rows=rows: run_side(side, rows, args))
+        check_same_work_of(runs, "flops", "FLOPs")
+        step_ms = {side: statistics.median(r["seconds"] for r in runs[side]) / args.steps * 1e3 for side in SIDES}
+        rss = {side: statistics.median(r["peak_rss_mb"] for r in runs[side]) for side in SIDES}
+        speed, memory = step_ms["plain"] / step_ms["packed"], rss["packed"] / rss["plain"]
+        print(f"rows {rows:>4}: packed {step_ms['packed']:7.1f} ms a step ({rss['packed']:.0f} MB), "
+              f"plain {step_ms['plain']:7.1f} ms ({rss['plain']:.0f} MB): speed_ratio={speed:.2f} "
+              f"memory_ratio={memory:.2f}", flush=True)
+        if rows == args.headline_rows:
+            headline = f"fp32_packing: speed_ratio={speed:.2f} memory_ratio={memory:.2f}"
+    print(headline)
 
 
 if __name__ == "__main__":

@@ -115,10 +115,11 @@ class FusedProjection:
     the weights of a decode step at ~60% of the read bandwidth a packed oneDNN matmul
     reaches (one core, 8 rows: 6.1 vs 9.8 GB/s; fp32 PPO rollouts spend most of their
     time there). `benchmarks/fp32_packing.py` times both by row count: on an AVX2-only
-    CPU packing lost 2-6% at 64 rows and more on one thread and won everywhere else, by
-    up to 58% on two threads. The two kernels sum in a different order, so the outputs
-    differ by float32 rounding; each rebuild checks they agree to that and otherwise
-    drops the packing. This holds a second copy of the weights.
+    CPU packing lost 6% at 64 rows on one thread and won at 8 to 96 rows otherwise
+    (1.25x at 8 rows on one thread, 1.08-1.63x on two). The two kernels sum in a
+    different order, so the outputs differ by float32 rounding; each rebuild checks
+    they agree to that and otherwise drops the packing. This holds a second copy of the
+    weights.
 
     A copy is made only when it buys something: packing, or a cast the matmul would
     otherwise redo at every step. Otherwise (fp32 weights without autocast, or bf16
