@@ -232,7 +232,7 @@ def fidelity_worker(args) -> dict:
     import torch
 
     from ucai.generation_engine import HFGenerate, select_engine
-    from ucai.generation_fidelity import measure
+    from ucai.generation_fidelity import measure_engines
     from ucai.models import load_causal_lm, load_tokenizer
     from ucai.stages.generation import GenerationSettings
 
@@ -242,11 +242,14 @@ def fidelity_worker(args) -> dict:
     tokenizer.padding_side = "left"
     encoded = tokenizer(_prompts(tokenizer, args.batch), return_tensors="pt", padding=True, add_special_tokens=False)
     settings = GenerationSettings(max_new_tokens=args.new_tokens, do_sample=False)
-    out = {}
-    for name, engine in (("ucai", select_engine("auto", model)), ("hf", HFGenerate())):
-        result = measure(engine, model, encoded["input_ids"], encoded["attention_mask"], settings, [], tokenizer.pad_token_id)
-        out[name] = {"mean": result.mean_abs, "max": result.max_abs, "tokens": result.tokens, "engine": engine.name}
-    return out
+    engines = {"ucai": select_engine("auto", model), "hf": HFGenerate()}
+    results = measure_engines(
+        list(engines.values()), model, encoded["input_ids"], encoded["attention_mask"], settings, [], tokenizer.pad_token_id
+    )
+    return {
+        name: {"mean": result.mean_abs, "max": result.max_abs, "tokens": result.tokens, "engine": engine.name}
+        for (name, engine), result in zip(engines.items(), results, strict=True)
+    }
 
 
 def run_side(side: str, args) -> dict:

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ucai import generation_fidelity
 from ucai.errors import UcaiError
 from ucai.generation_engine import FastDecode, HFGenerate
-from ucai.generation_fidelity import forward_logprobs, measure
+from ucai.generation_fidelity import forward_logprobs, measure, measure_engines
 from ucai.hardware import cpu_bf16_is_native
 from ucai.models import load_causal_lm, load_tokenizer
 from ucai.stages.generation import GenerationSettings
@@ -26,7 +27,7 @@ def check_faithful(model, tokenizer, dtype_name: str):
     encoded = tokenizer(_prompts(tokenizer, 16), return_tensors="pt", padding=True, add_special_tokens=False)
     settings = GenerationSettings(max_new_tokens=128, do_sample=False)
     args = (model, encoded["input_ids"], encoded["attention_mask"], settings, [], tokenizer.pad_token_id)
-    hf, fast = measure(HFGenerate(), *args), measure(FastDecode(), *args)
+    hf, fast = measure_engines([HFGenerate(), FastDecode()], *args)
     assert fast.tokens == hf.tokens == 16 * 128
     assert fast.mean_abs <= hf.mean_abs, f"{dtype_name}: {fast.line('fast')} vs {hf.line('hf')}"
     assert fast.max_abs <= 2 * hf.max_abs, f"{dtype_name}: {fast.line('fast')} vs {hf.line('hf')}"
@@ -58,7 +59,7 @@ def test_the_shared_prefix_prefill_drifts_only_a_little_further(tiny_tokenizer):
         assert shared_prefix_prefill(model, encoded["input_ids"], encoded["attention_mask"], tiny_tokenizer.pad_token_id)
     settings = GenerationSettings(max_new_tokens=128, do_sample=False)
     args = (model, encoded["input_ids"], encoded["attention_mask"], settings, [], tiny_tokenizer.pad_token_id)
-    hf, fast = measure(HFGenerate(), *args), measure(FastDecode(), *args)
+    hf, fast = measure_engines([HFGenerate(), FastDecode()], *args)
     mean_bound = 1.5 if cpu_bf16_is_native() else 2.0
     assert fast.mean_abs <= mean_bound * hf.mean_abs and fast.max_abs <= 2 * hf.max_abs, (
         f"{fast.line('fast')} vs {hf.line('hf')}"
@@ -69,6 +70,34 @@ def test_the_fast_engine_is_greedy_identical_in_fp32(tiny_tokenizer):
     model = load_causal_lm("tiny-llama", dtype=torch.float32, seed=32).eval()
     hf, fast = check_faithful(model, tiny_tokenizer, "fp32")
     assert torch.equal(hf.sequences, fast.sequences)
+
+
+def test_engines_that_generate_the_same_sequences_share_one_forward(tiny_tokenizer, monkeypatch):
+    """`measure_engines` runs the model's forward once for sequences an earlier engine
+    already generated, and each engine's result is what `measure` gives it alone."""
+    import dataclasses
+
+    class OneTokenShorter(HFGenerate):  # other sequences: a forward of their own
+        def generate(self, model, input_ids, attention_mask, settings, *args, **kwargs):
+            settings = dataclasses.replace(settings, max_new_tokens=settings.max_new_tokens - 1)
+            return super().generate(model, input_ids, attention_mask, settings, *args, **kwargs)
+
+    model = load_causal_lm("tiny-llama", dtype=torch.float32, seed=36).eval()
+    tiny_tokenizer.padding_side = "left"
+    encoded = tiny_tokenizer(_prompts(tiny_tokenizer, 3), return_tensors="pt", padding=True, add_special_tokens=False)
+    settings = GenerationSettings(max_new_tokens=6, do_sample=False)
+    args = (model, encoded["input_ids"], encoded["attention_mask"], settings, [], tiny_tokenizer.pad_token_id)
+    alone = [measure(engine, *args) for engine in (HFGenerate(), FastDecode(), OneTokenShorter())]
+    forwards = []
+    original = generation_fidelity.forward_logprobs
+    monkeypatch.setattr(generation_fidelity, "forward_logprobs", lambda *a: forwards.append(a) or original(*a))
+    together = measure_engines([HFGenerate(), FastDecode(), OneTokenShorter()], *args)
+    assert torch.equal(together[0].sequences, together[1].sequences)  # fp32 greedy: the same tokens
+    assert len(forwards) == 2  # HF's sequences, then the shorter ones; FastDecode's reused HF's
+    for got, want in zip(together, alone, strict=True):
+        assert torch.equal(got.sequences, want.sequences)
+        assert (got.mean_abs, got.max_abs, got.tokens) == (want.mean_abs, want.max_abs, want.tokens)
+    assert together[2].tokens == 3 * 5
 
 
 def test_forward_logprobs_by_hand():

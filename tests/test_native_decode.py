@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ucai import generation_engine
 from ucai.decode_kernels import rms_norm, rotate, signed_sin
 from ucai.generation_engine import FastDecode, HFGenerate
-from ucai.generation_fidelity import measure
+from ucai.generation_fidelity import measure_engines
 from ucai.models import load_causal_lm
 from ucai.native_decode import native_kernels
 from ucai.stages.generation import GenerationSettings
@@ -233,7 +233,7 @@ def test_the_kernels_run_in_the_fast_engine_and_drift_no_further_than_generate(t
     calls = count_native_steps(monkeypatch)
     model = load_causal_lm("tiny-llama", dtype=torch.bfloat16, seed=31).eval()
     args = (model, *_batch(tiny_tokenizer, 16, 64))
-    hf, fast = measure(HFGenerate(), *args), measure(FastDecode(), *args)
+    hf, fast = measure_engines([HFGenerate(), FastDecode()], *args)
     assert len(calls) == 63  # every decode step after the prefill's token
     assert fast.mean_abs <= hf.mean_abs and fast.max_abs <= 2 * hf.max_abs, f"{fast.line('fast')} vs {hf.line('hf')}"
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -265,7 +265,7 @@ def test_wide_heads_and_lora_adapters_drift_no_further_than_generate(tiny_tokeni
 
     def check(candidate):
         before = len(calls)
-        hf, fast = measure(HFGenerate(), candidate, *args), measure(FastDecode(), candidate, *args)
+        hf, fast = measure_engines([HFGenerate(), FastDecode()], candidate, *args)
         assert len(calls) - before == 23  # every decode step ran the kernels
         assert fast.mean_abs <= 1.5 * hf.mean_abs and fast.max_abs <= 2 * hf.max_abs, f"{fast.line('fast')} vs {hf.line('hf')}"
 

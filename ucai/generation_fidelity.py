@@ -85,13 +85,42 @@ def measure(
     Args:
         input_ids, attention_mask: (B, P) left-padded prompts.
     """
-    recorder = StepRecorder()
-    sequences = engine.generate(
-        model, input_ids, attention_mask, settings, stop_ids, pad_id, observer=recorder
-    )
-    engine_logprobs = recorder.raw_logprobs()  # (B, T)
-    completions = sequences[:, input_ids.shape[1] :]
-    real, _ = completion_mask_from(completions, stop_ids) if stop_ids else (torch.ones_like(completions), None)
-    reference = forward_logprobs(model, sequences, attention_mask)
-    differences = (engine_logprobs - reference).abs()[real.bool()]
-    return Fidelity(float(differences.mean()), float(differences.max()), int(differences.numel()), sequences)
+    return measure_engines([engine], model, input_ids, attention_mask, settings, stop_ids, pad_id)[0]
+
+
+@torch.no_grad()
+def measure_engines(
+    engines: list[GenerationEngine],
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings,
+    stop_ids: list[int],
+    pad_id: int,
+) -> list[Fidelity]:
+    """`measure` for each engine on the same prompts. The model's forward of sequences
+    an earlier engine already generated (greedy decoding usually gives the same tokens)
+    is reused, not run again: the same input through the same kernels gives the same
+    log-probs, and that forward is as long as a generation (16 x 128 tokens of a 49k
+    vocabulary in bf16 without native bf16: about 5 s).
+
+    Args:
+        input_ids, attention_mask: (B, P) left-padded prompts.
+    """
+    forwards: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sequences, their forward log-probs)
+    results = []
+    for engine in engines:
+        recorder = StepRecorder()
+        sequences = engine.generate(
+            model, input_ids, attention_mask, settings, stop_ids, pad_id, observer=recorder
+        )
+        engine_logprobs = recorder.raw_logprobs()  # (B, T)
+        completions = sequences[:, input_ids.shape[1] :]
+        real, _ = completion_mask_from(completions, stop_ids) if stop_ids else (torch.ones_like(completions), None)
+        reference = next((logprobs for seen, logprobs in forwards if torch.equal(seen, sequences)), None)
+        if reference is None:
+            reference = forward_logprobs(model, sequences, attention_mask)
+            forwards.append((sequences, reference))
+        differences = (engine_logprobs - reference).abs()[real.bool()]
+        results.append(Fidelity(float(differences.mean()), float(differences.max()), int(differences.numel()), sequences))
+    return results
