@@ -13,7 +13,7 @@ import torch
 from ucai import generation_fidelity
 from ucai.errors import UcaiError
 from ucai.generation_engine import FastDecode, HFGenerate
-from ucai.generation_fidelity import forward_logprobs, measure, measure_engines
+from ucai.generation_fidelity import forward_logprobs, measure_engines
 from ucai.hardware import cpu_bf16_is_native
 from ucai.models import load_causal_lm, load_tokenizer
 from ucai.stages.generation import GenerationSettings
@@ -74,7 +74,7 @@ def test_the_fast_engine_is_greedy_identical_in_fp32(tiny_tokenizer):
 
 def test_engines_that_generate_the_same_sequences_share_one_forward(tiny_tokenizer, monkeypatch):
     """`measure_engines` runs the model's forward once for sequences an earlier engine
-    already generated, and each engine's result is what `measure` gives it alone."""
+    already generated, and each engine's result is what it gives that engine alone."""
     import dataclasses
 
     class OneTokenShorter(HFGenerate):  # other sequences: a forward of their own
@@ -87,7 +87,7 @@ def test_engines_that_generate_the_same_sequences_share_one_forward(tiny_tokeniz
     encoded = tiny_tokenizer(_prompts(tiny_tokenizer, 3), return_tensors="pt", padding=True, add_special_tokens=False)
     settings = GenerationSettings(max_new_tokens=6, do_sample=False)
     args = (model, encoded["input_ids"], encoded["attention_mask"], settings, [], tiny_tokenizer.pad_token_id)
-    alone = [measure(engine, *args) for engine in (HFGenerate(), FastDecode(), OneTokenShorter())]
+    alone = [measure_engines([engine], *args)[0] for engine in (HFGenerate(), FastDecode(), OneTokenShorter())]
     forwards = []
     original = generation_fidelity.forward_logprobs
     monkeypatch.setattr(generation_fidelity, "forward_logprobs", lambda *a: forwards.append(a) or original(*a))

@@ -4,8 +4,8 @@ An engine is *faithful* when the log-prob it assigns each token it generated equ
 the model's own forward log-prob of that token (the full sequence run once, as PPO's
 training forward runs it: the decoder, then the head at the completion's positions)
 about as closely as transformers ``generate`` does: both decode step by step from a
-KV cache, with kernels that round differently from the forward's. `measure` returns
-the mean and max |Δ log-prob| over the generated tokens; the fast engine's test
+KV cache, with kernels that round differently from the forward's. `measure_engines`
+returns the mean and max |Δ log-prob| over the generated tokens; the fast engine's test
 (`tests/test_generation_fidelity.py`) and ``benchmarks/generation.py`` hold it to:
 mean no larger than ``generate``'s own, max at most twice ``generate``'s.
 """
@@ -70,25 +70,6 @@ def forward_logprobs(model, sequences: torch.Tensor, prompt_mask: torch.Tensor, 
 
 
 @torch.no_grad()
-def measure(
-    engine: GenerationEngine,
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    settings,
-    stop_ids: list[int],
-    pad_id: int,
-) -> Fidelity:
-    """Generate with ``engine`` and compare each generated token's log-prob under the
-    engine (its raw logits at that step) with the model's forward.
-
-    Args:
-        input_ids, attention_mask: (B, P) left-padded prompts.
-    """
-    return measure_engines([engine], model, input_ids, attention_mask, settings, stop_ids, pad_id)[0]
-
-
-@torch.no_grad()
 def measure_engines(
     engines: list[GenerationEngine],
     model,
@@ -98,11 +79,13 @@ def measure_engines(
     stop_ids: list[int],
     pad_id: int,
 ) -> list[Fidelity]:
-    """`measure` for each engine on the same prompts. The model's forward of sequences
-    an earlier engine already generated (greedy decoding usually gives the same tokens)
-    is reused, not run again: the same input through the same kernels gives the same
-    log-probs, and that forward is as long as a generation (16 x 128 tokens of a 49k
-    vocabulary in bf16 without native bf16: about 5 s).
+    """Generate with each engine and compare each generated token's log-prob under the
+    engine (its raw logits at that step) with the model's forward; one `Fidelity` per
+    engine. The forward of sequences an earlier engine already generated (greedy
+    decoding usually gives the same tokens) is reused, not run again: the same input
+    through the same kernels gives the same log-probs, and that forward costs as much
+    as a generation (16 x 128 tokens of a 49k vocabulary in bf16 without native bf16:
+    about 5 s).
 
     Args:
         input_ids, attention_mask: (B, P) left-padded prompts.
