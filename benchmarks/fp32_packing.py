@@ -11,7 +11,8 @@ same work: a decode step's projections of 30 distinct layers of SmolLM2's shapes
 (hidden 576, MLP 1536, 3 key/value heads of 64; random weights, so that each step
 streams every layer's weights as a real step does), ``--steps`` steps at each row count.
 Each side runs in its own subprocess (its peak RSS its own), ``--repeats`` times in
-alternating order; medians are compared and the FLOPs done are checked equal. One line
+alternating order; medians are compared, and the FLOPs each side counts from the weights
+of the matmuls it runs are checked equal (and equal to SmolLM2's step). One line
 per row count; the last line is the ``--headline-rows`` count (the batch of
 ``benchmarks/generation.py``): ``fp32_packing: speed_ratio=X memory_ratio=Y`` (packed
 over plain; the memory ratio counts the packed copy). The end-to-end comparison with
@@ -56,17 +57,18 @@ def worker(side: str, rows: int, steps: int, threads: int) -> dict:
     hidden, inner = torch.randn(rows, HIDDEN), torch.randn(rows, MLP)
     if side == "packed":
         # The engine keeps the model's own weights and adds the fused, packed copy.
-        packed = [
-            [torch.ops.mkldnn._reorder_linear_weight(w, rows)
-             for w in (torch.cat(ws[0:3]), ws[3], torch.cat(ws[4:6]), ws[6])]  # qkv, o, gate-up, down
-            for ws in layers
-        ]
+        packed, flops = [], 0
+        for ws in layers:  # a layer at a time, as the engine packs: one fused fp32 copy alive at once
+            fused = (torch.cat(ws[0:3]), ws[3], torch.cat(ws[4:6]), ws[6])  # qkv, o, gate-up, down
+            flops += sum(2 * rows * w.shape[0] * w.shape[1] for w in fused)  # packed weights are opaque
+            packed.append([torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in fused])
 
         def step() -> None:
             for weights in packed:
                 for index, weight in enumerate(weights):
                     torch.ops.mkldnn._linear_pointwise(inner if index == 3 else hidden, weight, None, "none", [], "")
     else:
+        flops = sum(2 * rows * w.shape[0] * w.shape[1] for weights in layers for w in weights)
 
         def step() -> None:
             for weights in layers:
@@ -80,7 +82,7 @@ def worker(side: str, rows: int, steps: int, threads: int) -> dict:
     for _ in range(steps):
         step()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "flops": step_flops(rows) * steps, "peak_rss_mb": peak_rss_mb()}
+    return {"seconds": seconds, "flops": flops * steps, "peak_rss_mb": peak_rss_mb()}
 
 
 def run_side(side: str, rows: int, args) -> dict:
@@ -111,6 +113,8 @@ def main() -> None:
     for rows in rows_list:
         runs = run_alternating(SIDES, args.repeats, lambda side, _repeat, rows=rows: run_side(side, rows, args))
         check_same_work_of(runs, "flops", "FLOPs")
+        if runs["plain"][0]["flops"] != step_flops(rows) * args.steps:
+            raise SystemExit(f"fp32_packing: {runs['plain'][0]['flops']} FLOPs at {rows} rows, not SmolLM2's step")
         step_ms = {side: statistics.median(r["seconds"] for r in runs[side]) / args.steps * 1e3 for side in SIDES}
         rss = {side: statistics.median(r["peak_rss_mb"] for r in runs[side]) for side in SIDES}
         speed, memory = step_ms["plain"] / step_ms["packed"], rss["packed"] / rss["plain"]
