@@ -115,9 +115,9 @@ class FusedProjection:
     the weights of a decode step at ~60% of the read bandwidth a packed oneDNN matmul
     reaches (one core, 8 rows: 6.1 vs 9.8 GB/s; fp32 PPO rollouts spend most of their
     time there). `benchmarks/fp32_packing.py` times both by row count: on an AVX2-only
-    CPU, one thread, packing won 1.22-1.25x at 8 rows and 1.05-1.11x at 16-32, and
-    lost 3-6% at 64 rows and up to 12% at 96 (two runs); on two threads it won
-    1.08-1.63x everywhere. The two kernels sum in a
+    CPU, one thread, packing won 1.22-1.25x at 8 rows and 1.05-1.11x at 16-32, lost
+    3-6% at 64 rows, and at 96 rows won 2% in one run and lost 12% in the other; on
+    two threads it won 1.08-1.63x everywhere. The two kernels sum in a
     different order, so the outputs differ by float32 rounding; each rebuild checks
     they agree to that and otherwise drops the packing. This holds a second copy of the
     weights.
