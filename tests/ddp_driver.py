@@ -1,5 +1,6 @@
-"""Runs the SFT, reward, PPO and DPO fits one after another through ``ucai.cli.main`` and
-records, per rank, each step's loss and the trainable weights at the end (for
+"""Runs the SFT, reward, PPO, DPO and RLOO fits one after another through ``ucai.cli.main``
+and records, per rank, each step's loss and the trainable weights at the end; then the
+critique-revision stage's predict, whose ranks each write a shard that rank 0 merges (for
 tests/test_ddp.py).
 
     python tests/ddp_driver.py FOLDER            # 2-process DDP (gloo) on CPU
@@ -8,7 +9,7 @@ tests/test_ddp.py).
 Under DDP the stages compose with the shipped ``configs/strategies/ddp.yaml`` as a user
 would. Lightning's subprocess launcher starts rank 1 by re-running this script with the
 same arguments; after the first fit both processes have the process group and the
-environment of their rank, so the later fits reuse them instead of launching again.
+environment of their rank, so the later stages reuse them instead of launching again.
 
 The data are sized so that a single process given the doubled batch size sees, in each
 step, the union of the two ranks' batches of that step: SFT 12 rows in global batches
@@ -27,8 +28,9 @@ from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "tests" / "conf"
-STAGES = ("sft", "reward", "ppo", "dpo", "rloo")
-STEPS = 3  # optimiser steps per stage
+STAGES = ("sft", "reward", "ppo", "dpo", "rloo", "critique_revision")
+STEPS = 3  # optimiser steps per fit
+CR_PROMPTS = 6  # critique-revision's prompts (critique_revision_tiny.yaml's limit): 3 per rank
 
 
 class RankRecorder(Callback):
@@ -66,9 +68,23 @@ class RankRecorder(Callback):
         torch.save(record, self.folder / f"{self.stage}-rank{trainer.global_rank}.pt")
 
 
+def critique_revision_args(folder: Path, devices: int) -> list[str]:
+    """``ucai predict`` arguments of the tiny critique-revision stage, writing
+    ``FOLDER/sl.jsonl``."""
+    strategy = ["--config", str(ROOT / "configs" / "strategies" / "ddp.yaml")] if devices > 1 else []
+    return [
+        "predict", "--config", str(CONF / "critique_revision_tiny.yaml"), *strategy,
+        "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
+        f"--data.init_args.path={ROOT / 'data/red_team_prompts.jsonl'}", f"--data.init_args.limit={CR_PROMPTS}",
+        f"--model.init_args.output={folder / 'sl.jsonl'}",
+    ]
+
+
 def stage_args(stage: str, folder: Path, devices: int) -> list[str]:
     """``ucai fit`` arguments of one tiny stage; ``devices=1`` doubles the batch so the
     single process sees both ranks' rows in each step."""
+    if stage == "critique_revision":
+        return critique_revision_args(folder, devices)
     per_rank = {"sft": 4, "reward": 8, "ppo": 4, "dpo": 8, "rloo": 2}[stage]
     batch = per_rank * 2 if devices == 1 else per_rank
     recorder = {"class_path": "ddp_driver.RankRecorder", "init_args": {"folder": str(folder), "stage": stage}}

@@ -1,16 +1,20 @@
-"""DDP on two CPU processes (gloo) for SFT, reward, PPO and DPO, as a user runs it: the stage
-configs composed with ``configs/strategies/ddp.yaml`` through ``ucai fit``.
+"""DDP on two CPU processes (gloo) for SFT, reward, PPO, DPO, RLOO and critique-revision,
+as a user runs it: the stage configs composed with ``configs/strategies/ddp.yaml``
+through ``ucai fit`` and ``ucai predict``.
 
-One launch of tests/ddp_driver.py runs the four fits in turn (two interpreters that
-import torch cost ~10 s each, so they are paid once). After a few optimiser steps the
-trainable weights (LoRA and heads) must be bit-identical on both ranks, and the first
-step's loss must equal a single-process run on the same global batch, the union of the
-two ranks' batches (run here, in the pytest process, while DDP runs beside it).
+One launch of tests/ddp_driver.py runs the five fits and the predict in turn (two
+interpreters that import torch cost ~10 s each, so they are paid once). After a few
+optimiser steps the trainable weights (LoRA and heads) must be bit-identical on both
+ranks, and the first step's loss must equal a single-process run on the same global
+batch, the union of the two ranks' batches (run here, in the pytest process, while DDP
+runs beside it). The predict must give each rank half of the prompts and merge the
+ranks' shards into one file in input order.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -20,6 +24,9 @@ from pathlib import Path
 import ddp_driver
 import pytest
 import torch
+
+from ucai.constitution import load_constitution
+from ucai.stages.critique_revision import draw_principle
 
 DRIVER = Path(ddp_driver.__file__)
 
@@ -36,7 +43,8 @@ class DDPRun:
                 [sys.executable, str(DRIVER), str(folder / "ddp")], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT
             )
 
-    def records(self, stage: str) -> tuple[dict, dict]:
+    def output(self) -> str:
+        """Both ranks' console output, once the driver has succeeded."""
         try:
             code = self.process.wait(timeout=600)
         except subprocess.TimeoutExpired:
@@ -45,6 +53,10 @@ class DDPRun:
         output = self.log.read_text()
         assert code == 0, output[-4000:]
         assert "distributed_backend=gloo" in output
+        return output
+
+    def records(self, stage: str) -> tuple[dict, dict]:
+        self.output()
         return tuple(torch.load(self.folder / "ddp" / f"{stage}-rank{rank}.pt") for rank in (0, 1))
 
 
@@ -161,3 +173,18 @@ def test_rloo_ddp_keeps_each_prompts_samples_on_one_rank(ddp_run, tmp_path, monk
         # rank 0 gathers rank by rank: a prompt's group split across ranks would break the pairs
         assert prompts[0::2] == prompts[1::2] and len(set(prompts)) == 4
         assert set(prompts) == {r["prompt"] for r in single_rows if int(r["step"]) == step}
+
+
+def test_critique_revision_ddp_shards_and_merges(ddp_run):
+    output = ddp_run.output()
+    # Each rank generated half of the six prompts ...
+    for rank in (0, 1):
+        assert f"rank {rank}: 3 prompts critiqued and revised in this run" in output, output[-3000:]
+    # ... and rank 0 merged both shards into one file, in input order, nothing twice.
+    sl = ddp_run.folder / "ddp" / "sl.jsonl"
+    rows = [json.loads(line) for line in sl.read_text().splitlines()]
+    prompts = (ddp_driver.ROOT / "data/red_team_prompts.jsonl").read_text().splitlines()
+    assert [r["id"] for r in rows] == [json.loads(line)["id"] for line in prompts[: ddp_driver.CR_PROMPTS]]
+    assert not (ddp_run.folder / "ddp" / "sl.jsonl.shards").exists()
+    principles = load_constitution().principles("ethical")
+    assert all(r["principle"] == draw_principle(principles, 0, r["id"], 0).pair for r in rows)

@@ -223,9 +223,14 @@ def _tiny_reward_folder(path: Path) -> Path:
 
 
 def test_tiny_evaluation_writes_scores_pairwise_and_report(tmp_path, run_cli, monkeypatch):
+    from ucai import models
+
     monkeypatch.chdir(tmp_path)
     rm = _tiny_reward_folder(tmp_path / "rm_model")
     out = tmp_path / "eval"
+    tokenizer_loads = []
+    load_tokenizer = models.load_tokenizer
+    monkeypatch.setattr(models, "load_tokenizer", lambda name, **kw: tokenizer_loads.append(name) or load_tokenizer(name, **kw))
     code = run_cli(
         "test",
         "--config",
@@ -235,6 +240,9 @@ def test_tiny_evaluation_writes_scores_pairwise_and_report(tmp_path, run_cli, mo
         "--model.init_args.train_prompts=2",
     )
     assert code == 0
+    # The three models (all tiny-llama here) answer, pair up for KL and judge: their
+    # weights load 14 times, their tokenizer once.
+    assert tokenizer_loads.count("tiny-llama") == 1
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     # 3 models x 4 held-out prompts, every model answered every prompt once
     assert len(rows) == 12
