@@ -487,9 +487,10 @@ class EvaluationModule(JudgePhase, AlgorithmPhase, L.LightningModule):
     def _tokenizer(self, name: str):
         """The tokenizer of model ``name``, loaded once per evaluation: a model is loaded
         again for each of its uses (answers, KL pairs, the judge), and each tokenizer load
-        costs ~0.3 s (16 loads were 3.6 s of the tiny evaluation's test). Sharing it is
-        safe because the evaluation changes a tokenizer's padding and truncation sides
-        only inside `ucai.padding.tokenizer_sides`, which restores them."""
+        costs ~0.3 s (the tiny evaluation loaded one 14 times; the demo's, 22 times for 5
+        models). Sharing it is safe because the evaluation changes a tokenizer's padding
+        and truncation sides only inside `ucai.padding.tokenizer_sides`, which restores
+        them."""
         from ucai.models import load_tokenizer
 
         if name not in self._tokenizers:
