@@ -1,9 +1,11 @@
 """Stages forked from the pipeline's fork server (`ucai.pipeline.runner`): the same
-outputs as a fresh interpreter, the stage's exit status and error, no orphan when the
-pipeline is killed, and no fork where it is unsafe."""
+outputs as a fresh interpreter, the stage's exit status and error, and no fork where it
+is unsafe. That no stage outlives a pipeline killed with SIGKILL is checked by
+`test_reliability.py`'s SIGKILL test, which kills the pipeline process alone."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -35,43 +37,46 @@ cpu_torch_only = pytest.mark.skipif(
 )
 
 
-def _folder(tmp_path: Path, name: str, fork: bool, **cr_overrides) -> tuple[Path, Path]:
+def _folder(tmp_path: Path, name: str, fork: bool, overrides: dict[str, dict] | None = None) -> tuple[Path, Path]:
     """A scratch folder with the shipped prompts already categorised, and a tiny
-    pipeline config that runs critique-revision only."""
+    pipeline config from critique-revision on, with these overrides by stage."""
     folder = tmp_path / name
     (folder / "out/data").mkdir(parents=True)
     shutil.copy(ROOT / "data/red_team_prompts.jsonl", folder / "out/data/prompts.jsonl")
     config = yaml.safe_load(PIPELINE.read_text())
     config["fork_stages"] = fork
     config["stages"]["categorise"]["enabled"] = False
-    config["stages"]["critique_revision"]["overrides"].update(cr_overrides)
+    for stage, values in (overrides or {}).items():
+        config["stages"][stage]["overrides"].update(values)
     path = folder / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
     return folder, path
 
 
-def _start(folder: Path, config: Path, default_threads: bool = True) -> subprocess.Popen:
-    """The pipeline in a new session; ``default_threads``: with torch's default threads,
-    as `make demo` runs (else the tests' one thread, for a test about processes alone:
-    beside another test worker, OpenMP threads contending for the cores slow it ~6x)."""
-    environment = dict(os.environ)
-    if default_threads:
-        environment = {k: v for k, v in environment.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+def _start(folder: Path, config: Path, stop_after: str) -> subprocess.Popen:
+    """The pipeline in a new session, with torch's default threads, as `make demo` runs."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     return subprocess.Popen(
-        [sys.executable, "-c", PIPELINE_MAIN, "--config", str(config), "--stop-after", "critique_revision"],
+        [sys.executable, "-c", PIPELINE_MAIN, "--config", str(config), "--stop-after", stop_after],
         cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**environment, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
     )
 
 
 @cpu_torch_only
-def test_a_forked_stage_writes_what_a_fresh_interpreter_writes(tmp_path):
+def test_a_forked_stage_writes_what_a_fresh_interpreter_writes_and_a_failing_one_reports_its_error(tmp_path):
+    """Critique-revision forked from the fork server and in a fresh interpreter: the
+    same rows. The forked run then goes on to SFT, which fails: its alias is parsed
+    fine up front and found unknown only when the stage starts. Both checks share one
+    pipeline start, since each start imports Lightning (~12 s here). (Killing a
+    pipeline with its forked stage: `test_reliability.py`'s SIGKILL test.)"""
+    bad_sft = {"sft": {"model.init_args.model": "smollm9"}}
     runs = {}
-    for fork in (True, False):
-        folder, config = _folder(tmp_path, f"fork-{fork}", fork)
-        process = _start(folder, config)
+    for fork, stop_after, want_code in ((True, "sft", 2), (False, "critique_revision", 0)):
+        folder, config = _folder(tmp_path, f"fork-{fork}", fork, bad_sft if fork else None)
+        process = _start(folder, config, stop_after)
         out, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, out[-3000:]
+        assert process.returncode == want_code, out[-3000:]
         runs[fork] = (folder, out)
     forked, fresh = runs[True], runs[False]
     assert "stages are forked from a server process" in forked[1]
@@ -84,65 +89,56 @@ def test_a_forked_stage_writes_what_a_fresh_interpreter_writes(tmp_path):
     sl = "out/data/ethical/sl.jsonl"
     assert (forked[0] / sl).read_bytes() == (fresh[0] / sl).read_bytes()
     assert (forked[0] / sl).read_text().count("\n") == 8
+    # The failing forked stage: its own error as one line (a user's bad input is not a
+    # crash), its exit status, and no output.
+    assert "ucai: error: unknown model alias 'smollm9'" in forked[1] and "Traceback" not in forked[1]
+    assert "sft (ethical) failed with exit status 2" in forked[1]
+    assert not (forked[0] / "out/models/ethical/sl_model").exists()
 
 
-@cpu_torch_only
-def test_a_failing_forked_stage_reports_its_exit_status_and_its_error(tmp_path):
-    # Parsed fine up front; the stage itself finds the alias unknown when it starts.
-    folder, config = _folder(tmp_path, "bad", True, **{"model.init_args.model": "smollm9"})
-    process = _start(folder, config)
-    out, _ = process.communicate(timeout=300)
-    assert process.returncode == 2, out[-3000:]
-    # The stage's own error, as one line: a user's bad input is not a crash.
-    assert "ucai: error: unknown model alias 'smollm9'" in out and "Traceback" not in out
-    assert "critique_revision (ethical) failed with exit status 2" in out
-    assert not (folder / "out/data/ethical/sl.jsonl").exists()
+# A pipeline that starts a fork server as `runner.start_fork_server` does: the server's
+# first import is `ucai.pipeline.fork_server_setup`, with the pipeline's pid in the
+# variable named by argv[1].
+_FAKE_PIPELINE = """
+import os, subprocess, sys, time
+os.environ[sys.argv[1]] = str(os.getpid())
+server = "import ucai.pipeline.fork_server_setup, time; print('imported', flush=True); time.sleep(120)"
+print(subprocess.Popen([sys.executable, "-c", server]).pid, flush=True)
+time.sleep(120)
+"""
 
 
-def _session_processes(session: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == session:
-                    pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
+def _alive(pid: int) -> bool:
+    """Running or sleeping: not gone, and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
-def _describe(pids) -> list[str]:
-    """Each process's command line, for a failure message."""
-    out = []
-    for pid in pids:
-        try:
-            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
-        except OSError:
-            out.append(str(pid))
-    return out
+def test_the_fork_server_dies_with_the_pipeline_that_started_it():
+    """A pipeline killed with SIGKILL takes its fork server with it at once. Otherwise
+    the server exits only when it notices its closed pipe, through an interpreter
+    shutdown of over a second, and its stage, which dies with the server, runs on
+    meanwhile (and may finish writing its output)."""
+    from ucai.pipeline.parent_death import FORK_SERVER_PARENT_ENV
 
-
-@cpu_torch_only
-def test_killing_the_pipeline_kills_its_forked_stage(tmp_path):
-    # Slow generation (one prompt per batch, long answers) keeps the stage running.
-    folder, config = _folder(
-        tmp_path, "kill", True, **{"data.init_args.batch_size": 1, "model.init_args.generation.max_new_tokens": 400}
+    pipeline = subprocess.Popen(
+        [sys.executable, "-c", _FAKE_PIPELINE, FORK_SERVER_PARENT_ENV],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
     )
-    process = _start(folder, config, default_threads=False)
-    shard = folder / "out/data/ethical/sl.jsonl.shards/rank-0.jsonl"
-    deadline = time.monotonic() + 300
-    while not shard.exists():  # the forked stage is writing rows
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "the stage wrote no row"
-        time.sleep(0.05)
-    # The pipeline, its fork server and the stage (and multiprocessing's resource tracker).
-    assert len(_session_processes(process.pid)) >= 3
-    os.kill(process.pid, signal.SIGKILL)  # the pipeline only, not its process group
-    process.wait()
-    deadline = time.monotonic() + 30
-    while _session_processes(process.pid):
-        assert time.monotonic() < deadline, f"outlived the pipeline: {_describe(_session_processes(process.pid))}"
-        time.sleep(0.05)
+    server = int(pipeline.stdout.readline())
+    try:
+        assert pipeline.stdout.readline() == "imported\n"  # the server's line, on the same pipe
+        os.kill(pipeline.pid, signal.SIGKILL)
+        pipeline.wait()
+        deadline = time.monotonic() + 10
+        while _alive(server):
+            assert time.monotonic() < deadline, "the fork server outlived the pipeline that started it"
+            time.sleep(0.02)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
 
 
 def test_no_fork_with_another_interpreter_or_a_gpu_torch(monkeypatch):

@@ -201,6 +201,53 @@ def _kill(process: subprocess.Popen, what: str) -> None:
     process.wait()
 
 
+def _session_processes(session: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == session:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def _describe(pids) -> list[str]:
+    """Each process's command line, for a failure message."""
+    out = []
+    for pid in pids:
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+        except OSError:
+            out.append(str(pid))
+    return out
+
+
+def _kill_the_pipeline_alone(process: subprocess.Popen, what: str, running_stage: bool = False) -> None:
+    """SIGKILL the pipeline's process only, as `kill -9 <its pid>` does, and wait until
+    nothing of its session is left: its stage (and fork server) must die with it, by
+    their parent-death signal, rather than run on orphaned beside the rerun. That
+    signal is Linux's; elsewhere the whole process group is killed. With
+    ``running_stage``: first check that a stage process is there to outlive it."""
+    if not sys.platform.startswith("linux"):
+        return _kill(process, what)
+    assert process.poll() is None, f"{what}: the pipeline ended before the kill"
+    if running_stage:
+        from ucai.pipeline.runner import fork_server_unavailable
+
+        # The pipeline and its stage; forked, also the fork server (and multiprocessing's
+        # resource tracker).
+        at_least = 2 if fork_server_unavailable(sys.executable) else 3
+        assert len(_session_processes(process.pid)) >= at_least, _describe(_session_processes(process.pid))
+    os.kill(process.pid, signal.SIGKILL)  # the pipeline only, not its process group
+    process.wait()
+    deadline = time.monotonic() + 30
+    while left := _session_processes(process.pid):
+        assert time.monotonic() < deadline, f"{what}: outlived the pipeline: {_describe(left)}"
+        time.sleep(0.05)
+
+
 def _wait_for(process: subprocess.Popen, ready, what: str, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
@@ -321,7 +368,9 @@ def _copy(source: Path, target: Path, names: list[str]) -> None:
 def test_sigkill_in_a_generation_and_a_fit_stage_then_rerun_matches(tmp_path):
     """Kill -9 the tiny pipeline inside critique-revision (at a random row of its shard)
     and inside SFT (at a random moment), rerun, and compare with an uninterrupted SFT
-    run on the killed run's revisions (~40 s; the slow test below kills every stage)."""
+    run on the killed run's revisions (~60 s; the slow test below kills every stage).
+    Only the pipeline's process is killed, so its stage must die with it (no orphan
+    writing beside the rerun)."""
     # A fixed seed, so a failure reproduces; UCAI_KILL_SEED draws other kill points.
     seed = int(os.environ.get("UCAI_KILL_SEED", "1234"))
     print(f"kill seed {seed} (UCAI_KILL_SEED)")  # shown when the test fails
@@ -342,14 +391,14 @@ def test_sigkill_in_a_generation_and_a_fit_stage_then_rerun_matches(tmp_path):
     # 1. Inside critique-revision, once its shard holds a random number of rows.
     rows_before_kill = rng.randint(1, 7)  # of its 8 prompts
     _wait_for(process, lambda: _complete_lines(killed / CR_SHARD) >= rows_before_kill, "critique-revision rows")
-    _kill(process, "critique-revision")
+    _kill_the_pipeline_alone(process, "critique-revision", running_stage=True)  # its shard is being written
     assert not (killed / "out/data/ethical/sl.jsonl").exists()
     # 2. The rerun resumes critique-revision; kill it inside SFT (whose run, like that
     # of the resumed critique-revision, is mostly starting Python and loading the model).
     process = start(killed, log)
     _wait_for(process, lambda: _state(killed, "sft-ethical").get("status") == "running", "sft")
     time.sleep(rng.uniform(0.2, 0.6) * _stage_seconds(killed, "out/data/ethical/.sl.jsonl.ucai-stage.json"))
-    _kill(process, "sft")
+    _kill_the_pipeline_alone(process, "sft")
     # 3. The reference trains SFT, uninterrupted, on the killed run's revisions, while
     # the killed run is rerun to completion.
     _copy(killed, reference, ["out/data/ethical/sl.jsonl", "out/data/ethical/.sl.jsonl.ucai-stage.json"])

@@ -7,9 +7,9 @@ does anything, so on a CPU machine the pipeline starts the standard library's fo
 server with those imports preloaded (``multiprocessing`` "forkserver") and each stage is
 forked from it, ready to run: `ucai.stage_cli.main` with the stage's arguments, exactly
 what ``python -m ucai.cli`` runs. What the fork server cannot give is kept here: each
-stage asks the kernel to kill it when its parent dies (``PR_SET_PDEATHSIG``), so a
-pipeline killed with SIGKILL takes its stages with it (the fork server exits with the
-pipeline).
+stage asks the kernel to kill it when its parent dies (``PR_SET_PDEATHSIG``), and so
+does the fork server (`ucai.pipeline.parent_death`), so a pipeline killed with SIGKILL
+takes the fork server and its stages with it at once.
 
 Stages start fresh interpreters instead (`fork_server_unavailable` says why) off Linux,
 with another interpreter than the pipeline's, and with a GPU build of torch: the fork
@@ -25,7 +25,6 @@ itself never imports Lightning.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from ucai.errors import UcaiError, user_error
+from ucai.pipeline.parent_death import FORK_SERVER_PARENT_ENV, die_with_parent
 from ucai.pipeline.plan import StageRun
 from ucai.stage_catalog import STAGE_MODULES
 
@@ -55,7 +55,6 @@ PRELOAD_MODULES = (
     "ucai.lightning_cli",
     *STAGE_MODULES,
 )
-_PR_SET_PDEATHSIG = 1
 _Result = TypeVar("_Result")
 
 
@@ -67,12 +66,6 @@ class StageProcess(Protocol):
 
     def interrupt(self) -> None:
         """Send the stage SIGINT (Ctrl-C), as the terminal would."""
-
-
-def die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """If the stage's parent dies (even by SIGKILL), the stage must not run on orphaned."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def fork_server_unavailable(python: str) -> str | None:
@@ -95,7 +88,13 @@ def start_fork_server() -> multiprocessing.context.BaseContext:
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(PRELOAD_MODULES))
-    forkserver.ensure_running()
+    # The server dies with the thread that starts it (`ucai.pipeline.parent_death`): the
+    # pipeline's `main`, which lives as long as the pipeline does.
+    os.environ[FORK_SERVER_PARENT_ENV] = str(os.getpid())
+    try:
+        forkserver.ensure_running()
+    finally:
+        del os.environ[FORK_SERVER_PARENT_ENV]
     return context
 
 
@@ -143,11 +142,14 @@ def release_fork_server_alive_pipe() -> None:  # pragma: no cover - runs in the 
     multiprocessing hands every process forked by the fork server the write end of a
     pipe, and the fork server exits only once every holder has closed it. The stage's
     parent is the fork server, so its parent-death signal fires only when the fork
-    server exits. Holding the pipe, a stage would keep the fork server alive after the
-    pipeline was killed, and the fork server would keep the stage running: each waiting
-    on the other. Closed here, the pipeline is the pipe's last holder, its death ends the
-    fork server, and that ends the stage. (Stages fork no processes of their own
-    through the fork server, so nothing in the stage needs the pipe.)
+    server exits. A fork server that the pipeline started dies with the pipeline by
+    its own signal (`ucai.pipeline.parent_death.die_with_the_pipeline`); one that
+    multiprocessing restarted on its own has no such signal, and then, holding the
+    pipe, a stage would keep the fork server alive after the pipeline was killed, and
+    the fork server would keep the stage running: each waiting on the other. Closed
+    here, the pipeline is the pipe's last holder, and its death ends the fork server
+    either way. (Stages fork no processes of their own through the fork server, so
+    nothing in the stage needs the pipe.)
     """
     from multiprocessing import forkserver
 
