@@ -202,13 +202,16 @@ def _kill(process: subprocess.Popen, what: str) -> None:
 
 
 def _session_processes(session: int) -> list[int]:
+    """The live processes of a session: zombies, dead and waiting for the system to reap
+    them, write nothing."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.getsid(int(entry)) == session:
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                if os.getsid(int(entry)) == session and state != "Z":
                     pids.append(int(entry))
-            except OSError:
+            except (OSError, IndexError):
                 pass
     return pids
 
