@@ -1,7 +1,8 @@
 """Stages forked from the pipeline's fork server (`ucai.pipeline.runner`): the same
 outputs as a fresh interpreter, the stage's exit status and error, and no fork where it
-is unsafe. That no stage outlives a pipeline killed with SIGKILL is checked by
-`test_reliability.py`'s SIGKILL test, which kills the pipeline process alone."""
+is unsafe, and the fork server's death with the pipeline. That no stage outlives a
+pipeline killed with SIGKILL is checked by `test_reliability.py`'s SIGKILL test, which
+kills the pipeline process alone."""
 
 from __future__ import annotations
 
@@ -139,6 +140,27 @@ def test_the_fork_server_dies_with_the_pipeline_that_started_it():
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(server, signal.SIGKILL)
+
+
+def test_the_fork_server_arms_its_signal_only_when_named_and_exits_if_its_pipeline_is_gone(monkeypatch):
+    """`die_with_the_pipeline`'s branches, in this process with the signal and the exit
+    replaced: no variable, nothing; the pipeline as parent, the signal; a pipeline
+    already gone (another parent), the signal and then exit 1. The variable is
+    consumed, so nothing forked from the server inherits it."""
+    from ucai.pipeline import parent_death
+
+    armed, exits = [], []
+    monkeypatch.setattr(parent_death, "die_with_parent", lambda: armed.append(True))
+    monkeypatch.setattr(parent_death.os, "_exit", exits.append)
+    monkeypatch.delenv(parent_death.FORK_SERVER_PARENT_ENV, raising=False)
+    parent_death.die_with_the_pipeline()
+    assert (armed, exits) == ([], [])
+    for parent, want_exits in ((os.getppid(), []), (os.getppid() + 1, [1])):
+        armed.clear()
+        monkeypatch.setenv(parent_death.FORK_SERVER_PARENT_ENV, str(parent))
+        parent_death.die_with_the_pipeline()
+        assert (armed, exits) == ([True], want_exits)
+        assert parent_death.FORK_SERVER_PARENT_ENV not in os.environ
 
 
 def test_no_fork_with_another_interpreter_or_a_gpu_torch(monkeypatch):
