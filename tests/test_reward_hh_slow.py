@@ -1,6 +1,8 @@
 """Real data: a reward model trained on 2,000 hh-rlhf harmless-base pairs must rank the
 other 312 clearly above chance (95% Wilson interval above 0.5). Slow: on 2 CPU cores
-about 2 min (all-MiniLM-L6-v2) and 18 min (SmolLM2-135M).
+with native bf16 about 2 min (all-MiniLM-L6-v2) and 18 min (SmolLM2-135M). The reward
+config's bf16-mixed becomes 32-true where bf16 is not native, as the pipeline does
+(`ucai.hardware.precision_fallback`): in bf16 an AVX2-only CPU takes several times as long.
 
     pytest -m slow tests/test_reward_hh_slow.py -s
 """
@@ -9,16 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ucai.data.preference_data import read_preferences
+from ucai.hardware import precision_fallback
 from ucai.reward_scoring import RewardScorer
 from ucai.stats import wilson_interval
 
 pytestmark = pytest.mark.slow
 
+CONFIG = "configs/reward_ethical.yaml"
 TEST_PAIRS = 312
 BACKBONES = {
     # backbone: (learning rate, epochs, batch size, max tokens per text; long texts keep their end)
@@ -48,14 +54,17 @@ def all_cores():
 def test_reward_model_beats_chance_on_held_out_hh_rlhf(backbone, hh_rlhf_path, tmp_path, run_cli, all_cores):
     lr, epochs, batch, max_length = BACKBONES[backbone]
     out = tmp_path / "rm"
+    configured = yaml.safe_load(Path(CONFIG).read_text())["trainer"]["precision"]
+    precision = precision_fallback(configured, "cpu")  # None: the config's own stands
     code = run_cli(
-        "fit", "--config", "configs/reward_ethical.yaml",
+        "fit", "--config", CONFIG,
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.max_epochs={epochs}",
         "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
         "--model.init_args.model", backbone, "--model.init_args.output_dir", out,
         f"--model.init_args.learning_rate={lr}", "--model.init_args.center_coef=0.0",
         "--data.init_args.path", hh_rlhf_path, f"--data.init_args.val_size={TEST_PAIRS}",
         f"--data.init_args.max_length={max_length}", f"--data.init_args.batch_size={batch}",
+        *([f"--trainer.precision={precision}"] if precision else []),
     )
     assert code == 0
     pairs = read_preferences(hh_rlhf_path)[-TEST_PAIRS:]
