@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from ucai import cli, help_cache, stage_catalog, stage_cli
 from ucai.resources import configs_dir
 from ucai.stage_cli import resolve_config_args
+from ucai.stage_progress import PROGRESS_FILE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ANSWER = ROOT / "tests" / "conf" / "answer_tiny.yaml"
@@ -189,18 +191,22 @@ def test_a_missing_stage_module_fails_instead_of_being_skipped(run_cli, monkeypa
 
 def test_bare_config_names_resolve_to_shipped_configs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing named like a config here
-    resolved = resolve_config_args(["fit", "--config", "answer.yaml", "--config=answer"])
-    assert resolved[2] == str(configs_dir() / "answer.yaml")
-    assert resolved[3] == "--config=" + str(configs_dir() / "answer.yaml")
+    resolved = resolve_config_args(["fit", "--config", "answer.yaml", "--config=answer", "-c", "answer", "-c=answer"])
+    shipped = str(configs_dir() / "answer.yaml")
+    assert resolved == ["fit", "--config", shipped, f"--config={shipped}", "-c", shipped, f"-c={shipped}"]
     # An existing local file wins over the shipped one.
     (tmp_path / "answer.yaml").write_text("x: 1\n")
     assert resolve_config_args(["--config", "answer.yaml"])[1] == "answer.yaml"
 
 
-def test_answer_stage_writes_jsonl_and_csv(run_cli, tmp_path):
+def test_answer_stage_writes_jsonl_and_csv(run_cli, tmp_path, monkeypatch):
     output = tmp_path / "answers.jsonl"
+    # As the pipeline runs a stage side by side: where it stands also goes to a file.
+    monkeypatch.setenv(PROGRESS_FILE_ENV, str(tmp_path / "answer.progress"))
     code = run_cli("predict", "--config", TINY_ANSWER, "--model.init_args.output", output)
     assert code == 0
+    # Written at the first batch, then at most every 5 s.
+    assert re.fullmatch(r"predicting: batch 1/\d+, \d+\.\d\d prompts/s\n", (tmp_path / "answer.progress").read_text())
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(rows) == 10 and len({r["id"] for r in rows}) == 10
     assert rows[0]["id"] == "peace-001" and set(rows[0]) == {"id", "prompt", "principle", "response", "model"}
@@ -249,6 +255,67 @@ def test_a_bad_value_is_one_error_line_naming_the_option_and_value():
     assert result.stderr.strip().splitlines() == [
         "ucai: error: --trainer.max_steps: Expected a <class 'int'>. Got value: many"
     ]
+
+
+def test_progress_lines_say_the_phase_epoch_and_batch_and_are_written_at_most_every_few_seconds(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from ucai.lightning_cli import ProgressToFile
+
+    clock = [100.0]
+    monkeypatch.setattr("ucai.lightning_cli.time.monotonic", lambda: clock[0])
+    path = tmp_path / "sft.progress"
+    callback = ProgressToFile(path, every=5.0)
+    trainer = SimpleNamespace(is_global_zero=True, current_epoch=1, max_epochs=2, num_training_batches=13,
+                              num_test_batches=[float("inf")])
+    module = SimpleNamespace()
+    callback.on_train_batch_end(trainer, module, None, None, 6)
+    assert path.read_text() == "training: epoch 2/2, batch 7/13\n"
+    clock[0] += 4.9  # within 5 s of the last line: not rewritten
+    callback.on_train_batch_end(trainer, module, None, None, 7)
+    assert path.read_text() == "training: epoch 2/2, batch 7/13\n"
+    clock[0] += 0.1
+    trainer.max_epochs = -1  # a run bounded by max_steps: no epoch count
+    callback.on_train_batch_end(trainer, module, None, None, 8)
+    assert path.read_text() == "training: batch 9/13\n"
+    clock[0] += 5
+    callback.on_test_batch_end(trainer, module, None, None, 0)  # an iterable without a length
+    assert path.read_text() == "testing: batch 1/?\n"
+    trainer.is_global_zero = False
+    clock[0] += 5
+    callback.on_test_batch_end(trainer, module, None, None, 1)  # only rank 0 writes
+    assert path.read_text() == "testing: batch 1/?\n"
+
+
+@pytest.mark.parametrize(("args", "got"), [((), ""), (("fitt", "--config", "x.yaml"), "got 'fitt'; ")])
+def test_a_missing_or_unknown_subcommand_lists_every_subcommand_pipeline_included(run_cli, capsys, monkeypatch, args, got):
+    def no_lightning(*args, **kwargs):
+        raise AssertionError("answered by Lightning's parser")
+
+    monkeypatch.setattr(stage_cli, "main", no_lightning)
+    assert run_cli(*args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"ucai: error: {got}expected a subcommand: fit, validate, test, predict, pipeline (ucai --help says what each does)"
+    ]
+
+
+def test_an_unknown_generation_engine_is_refused_as_the_arguments_are_parsed(run_cli, capsys, monkeypatch, tmp_path):
+    """Before the model is loaded, as a bad range is."""
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr("ucai.models.load_causal_lm", no_model)
+    out = tmp_path / "answers.jsonl"
+    code = run_cli(
+        "predict", "--config", TINY_ANSWER, "--model.init_args.generation.engine=vllm", f"--model.init_args.output={out}"
+    )
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "ucai: error: --model.init_args.generation.engine: unknown generation engine 'vllm'; "
+        "choose one of: auto, hf, decode_loop, fast"
+    )
+    assert not out.exists()
 
 
 def test_a_class_argument_error_names_the_init_arg():

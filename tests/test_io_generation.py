@@ -41,6 +41,22 @@ def test_empty_jsonl_is_an_error(tmp_path):
         load_jsonl(path)
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"prompt": "cut off', "invalid JSON (Unterminated string starting at: column 12)"),
+        ("{bad json", "invalid JSON (Expecting property name enclosed in double quotes: column 2)"),
+    ],
+)
+def test_invalid_json_is_one_sentence_with_its_column(tmp_path, line, message):
+    """Python's own message, then the column (its messages may end in "at")."""
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(UcaiError) as error:
+        load_jsonl(path)
+    assert str(error.value) == f"{path}:2: {message}"
+
+
 def test_resumable_jsonl_cuts_a_torn_last_line(tmp_path):
     path = tmp_path / "log.jsonl"
     log = ResumableJsonl(path)

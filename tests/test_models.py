@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ucai import models
+from ucai.embeddings import SentenceEncoder
 from ucai.errors import UcaiError
 
 
@@ -52,6 +53,27 @@ def test_folder_without_config_is_rejected(tmp_path):
 def test_hub_id_resolves_to_hub_without_touching_the_network():
     source = models.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert source.kind == "hub" and source.location == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize(
+    "load",
+    [models.load_tokenizer, models.load_causal_lm, models.load_sequence_classifier, SentenceEncoder],
+    ids=["tokenizer", "causal-lm", "sequence-classifier", "sentence-encoder"],
+)
+def test_a_hub_id_that_cannot_be_loaded_is_one_line_naming_it(load):
+    """Offline (as every test is), a hub id not in the local cache: transformers raises
+    an OSError chained through several tracebacks; the user gets one line."""
+    with pytest.raises(UcaiError) as error:
+        load("ucai-tests/no-such-model")
+    message = str(error.value)
+    assert message.startswith("could not load model 'ucai-tests/no-such-model': ") and "\n" not in message
+    assert len(message) > len("could not load model 'ucai-tests/no-such-model': ")  # transformers' reason follows
+
+
+def test_a_folder_without_weights_is_one_line_naming_it(tmp_path, tiny_model):
+    tiny_model.config.save_pretrained(tmp_path)  # config.json only
+    with pytest.raises(UcaiError, match=rf"^could not load model '{tmp_path}': .*(no file named|does not appear to have)"):
+        models.load_causal_lm(str(tmp_path))
 
 
 def test_local_folder_round_trip(tmp_path, tiny_model, tiny_tokenizer):

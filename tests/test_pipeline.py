@@ -276,6 +276,27 @@ def test_rerun_skips_and_a_changed_stage_reruns_with_everything_after_it(tmp_pat
     assert fake.ran == ["reward (ethical)", "ppo (ethical)", "eval"]
 
 
+def test_the_closing_time_counts_from_the_invocations_start(tmp_path, fake, capsys, monkeypatch):
+    """Not from after the fork server and the plan: a rerun that skips every stage took
+    the seconds those took, not 0.0 s."""
+    import time
+
+    path = _config(tmp_path, sides=["ethical"])
+    assert pipeline.main(["--config", str(path)]) == 0
+    now = [0.0]
+    real_plan = pipeline.plan
+
+    def plan_taking_30_s(cfg):
+        now[0] += 30.0
+        return real_plan(cfg)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(pipeline, "plan", plan_taking_30_s)
+    capsys.readouterr()
+    assert pipeline.main(["--config", str(path)]) == 0
+    assert "ucai pipeline finished in 30.0 s" in capsys.readouterr().out
+
+
 def test_an_edited_constitution_reruns_the_stages_that_read_it(tmp_path, fake):
     """The constitution (principle texts, response openers) decides what critique-revision
     and preferences generate, so editing it reruns the stage that reads it."""
@@ -382,6 +403,43 @@ def test_parallel_sides_run_each_stage_for_both_sides_at_once(tmp_path, monkeypa
     assert rerun.ran == []
 
 
+def test_parallel_sides_print_where_each_side_stands_while_they_run(tmp_path, monkeypatch, capsys):
+    """Their consoles are in log files, where no progress bar is drawn: the pipeline
+    prints each side's progress line (`ucai.stage_progress`) while it waits."""
+    from ucai.stage_progress import progress_file
+
+    path = _config(tmp_path, sides=["ethical", "unethical"], parallel_sides=True)
+    stale = progress_file(tmp_path / "out/logs/console/sft_ethical.log")
+    stale.parent.mkdir(parents=True)
+    stale.write_text("training: batch 9/9\n")  # an earlier invocation's last line
+    monkeypatch.setattr(runner, "PROGRESS_EVERY", 0.05)
+    ethical_reported = threading.Event()
+
+    def stage(run, threads=None, log=None):
+        if run.stage == "sft" and run.side == "ethical":
+            assert not progress_file(log).exists()
+            progress_file(log).write_text("training: epoch 1/1, batch 2/3\n")
+            assert ethical_reported.wait(10)
+        elif run.stage == "sft":
+            assert ethical_reported.wait(10)  # never reported as started: still "starting"
+        return FakeRunner()(run)
+
+    _stages_run_by(monkeypatch, stage)
+    printed = []
+    original = pipeline.Console.progress
+
+    def progress(self, seconds, lines):
+        original(self, seconds, lines)
+        printed.append(dict((run.side, line) for run, line in lines))
+        if printed[-1]["ethical"] is not None:
+            ethical_reported.set()
+
+    monkeypatch.setattr(pipeline.Console, "progress", progress)
+    assert pipeline.main(["--config", str(path), "--stop-after", "sft"]) == 0
+    assert {"ethical": "training: epoch 1/1, batch 2/3", "unethical": None} in printed
+    assert "ethical: training: epoch 1/1, batch 2/3 | unethical: starting" in capsys.readouterr().out
+
+
 def test_parallel_sides_run_a_lone_side_on_this_console(tmp_path, monkeypatch, capsys):
     # One side's sft input changed, the other's is up to date: the one that reruns
     # runs alone, with every CPU and its output on this console, as it says.
@@ -435,6 +493,8 @@ def test_missing_input_names_the_stage_that_makes_it(tmp_path, fake):
         ({"parallel_sides": "yes"}, "'parallel_sides' must be true or false, got 'yes'"),
         ({"rl": "a2c"}, r"'rl' must be one of \['ppo', 'rloo', 'dpo'\] or a list of distinct ones, got 'a2c'"),
         ({"rl": ["ppo", "ppo"]}, "'rl' must be one of"),
+        ({"model": "tiny-lama"}, r"pipeline.yaml: model: unknown model alias 'tiny-lama'; expected "),
+        ({"model": "./no/such/folder"}, r"pipeline.yaml: model: model folder './no/such/folder' does not exist"),
     ],
 )
 def test_bad_pipeline_configs_name_the_problem(tmp_path, changes, message):
@@ -447,6 +507,37 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path, fake, capsys):
     assert pipeline.main(["--config", str(_config(tmp_path)), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert fake.ran == [] and "-m ucai.cli test --config" in out and "[12/12] eval" in out
+    assert "would be skipped" not in out
+
+
+def _dry_run(path: Path, capsys, *args: str) -> list[str]:
+    """The runs a dry run lists as up to date, by label."""
+    capsys.readouterr()
+    assert pipeline.main(["--config", str(path), "--dry-run", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return [line.split("] ", 1)[1].split(": ")[0] for line in lines if "up to date, would be skipped" in line]
+
+
+def test_dry_run_says_what_a_real_run_would_skip_and_what_it_would_run(tmp_path, fake, capsys):
+    path = _config(tmp_path, sides=["ethical"])
+    assert pipeline.main(["--config", str(path)]) == 0
+    labels = list(fake.ran)
+    fake.ran.clear()
+    assert _dry_run(path, capsys) == labels
+    # --force: that stage and every later one would run.
+    assert _dry_run(path, capsys, "--force", "sft") == ["categorise", "critique_revision (ethical)"]
+    # A changed setting: that stage, and the stages whose inputs it would remake (here
+    # all after it; a real run finds out from the new outputs' content, see above).
+    data = yaml.safe_load(path.read_text())
+    data["stages"]["reward"]["overrides"] = {"trainer.max_steps": 5}
+    path.write_text(yaml.safe_dump(data))
+    assert _dry_run(path, capsys) == labels[:4]
+    assert fake.ran == []
+    # An input that no stage makes must exist, as for a real run.
+    data["prompts"] = str(tmp_path / "nowhere.jsonl")
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UcaiError, match=r"^categorise: input .*nowhere.jsonl not found$"):
+        pipeline.main(["--config", str(path), "--dry-run"])
 
 
 def test_headline_lists_only_corrected_between_side_differences(tmp_path):
@@ -475,6 +566,13 @@ def test_headline_lists_only_corrected_between_side_differences(tmp_path):
     assert "  rl_ethical vs rl_unethical differ (holm-corrected, n=60 prompts) on: rm_ethical" in lines
     assert "  rm_ethical vs rm_unethical scores: Pearson r = -0.42 over 300 answers" in lines
     assert any("judge check FAILED" in line and "no information" in line for line in lines)
+
+
+def test_an_unknown_model_fails_before_any_stage_runs(tmp_path, fake):
+    """Not when critique-revision loads it, after categorise has run."""
+    with pytest.raises(UcaiError, match=r"model: unknown model alias 'tiny-lama'"):
+        pipeline.main(["--config", str(_config(tmp_path, model="tiny-lama"))])
+    assert fake.ran == []
 
 
 def test_a_bad_override_of_a_late_stage_fails_before_any_stage_runs(tmp_path, fake):

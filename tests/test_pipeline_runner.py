@@ -230,3 +230,25 @@ def test_ctrl_c_during_a_call_in_the_fork_server_stops_it_at_once():
         signal.signal(signal.SIGALRM, previous)
     assert time.monotonic() - started < 10
     assert not [p for p in multiprocessing.active_children() if p.name == "ucai-plan"]
+
+
+def test_a_stage_with_its_console_in_a_log_is_told_where_to_write_its_progress(tmp_path, monkeypatch, capfd):
+    """The same variables for forked and spawned stages (`runner.stage_environment`):
+    with a log, the progress file beside it and the threads given; without, no progress
+    file even where the pipeline's environment names one, and its threads left alone."""
+    from ucai.stage_progress import PROGRESS_FILE_ENV
+
+    log = tmp_path / "sft_ethical.log"
+    assert runner.stage_environment(2, log) == {
+        PROGRESS_FILE_ENV: str(tmp_path / "sft_ethical.progress"), "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"
+    }
+    assert runner.stage_environment(None, None) == {PROGRESS_FILE_ENV: ""}
+    # A spawned stage sees them (and a forked one applies the same to os.environ).
+    monkeypatch.setenv(PROGRESS_FILE_ENV, "inherited.progress")
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    show = [sys.executable, "-c", f"import os; print(os.environ.get({PROGRESS_FILE_ENV!r}), os.environ['OMP_NUM_THREADS'])"]
+    assert runner.SpawnedStage(show, 2, log).wait() == 0
+    assert log.read_text() == f"{tmp_path / 'sft_ethical.progress'} 2\n"
+    capfd.readouterr()
+    assert runner.SpawnedStage(show, None, None).wait() == 0  # on this console
+    assert capfd.readouterr().out == "None 7\n"

@@ -51,6 +51,14 @@ def main(args: Sequence[str] | None = None) -> int:
     if argv and argv[0] in stage_cli.HELP_FLAGS:
         top_level_parser().print_help()
         return 0
+    # Options may come before the subcommand (``ucai --config X fit``): Lightning's parser
+    # checks those. A missing or misspelt subcommand is answered here, pipeline included,
+    # without importing Lightning.
+    if not argv or (not argv[0].startswith("-") and argv[0] not in SUBCOMMAND_SUMMARIES):
+        got = f"got {argv[0]!r}; " if argv else ""
+        print(f"ucai: error: {got}expected a subcommand: {', '.join(SUBCOMMAND_SUMMARIES)} (ucai --help says what each does)",
+              file=sys.stderr)
+        return 2
     if argv and argv[0] == "pipeline":
         from ucai import pipeline  # no Lightning: the plan imports it (in the fork server's process if any)
 

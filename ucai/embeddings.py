@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ucai.models import MINILM_ALIAS, resolve_model
+from ucai.models import MINILM_ALIAS, named_load_errors, resolve_model
 
 
 class SentenceEncoder:
@@ -25,8 +25,9 @@ class SentenceEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         location = resolve_model(model).location
-        self.tokenizer = AutoTokenizer.from_pretrained(location)
-        self.model = AutoModel.from_pretrained(location).to(device).eval()
+        with named_load_errors(model):
+            self.tokenizer = AutoTokenizer.from_pretrained(location)
+            self.model = AutoModel.from_pretrained(location).to(device).eval()
         self.device = torch.device(device)
         self.max_length = max_length
 

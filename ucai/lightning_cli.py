@@ -4,16 +4,22 @@ checking a stage's arguments without running it (`StageArgumentParser`)."""
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
+import time
 import warnings
 from argparse import ArgumentError
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ucai.errors import UcaiError
 from ucai.hardware import bf16_warning
 from ucai.stage_catalog import DESCRIPTION, STAGE_CLASSES
+from ucai.stage_progress import PROGRESS_FILE_ENV, write_progress
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,44 @@ class RunConfigSaver(SaveConfigCallback):
         if trainer.logger is None:
             return
         super().setup(trainer, pl_module, stage)
+
+
+class ProgressToFile(Callback):
+    """Writes where the stage stands (``training: epoch 1/2, batch 7/13``) to the file the
+    pipeline names in ``UCAI_PROGRESS_FILE`` (`ucai.stage_progress`), at most once every
+    ``every`` seconds and from rank 0 only, for the pipeline to print while the sides
+    run side by side with their consoles in log files."""
+
+    def __init__(self, path: str | Path, every: float = 5.0):
+        self.path = Path(path)
+        self.every = every
+        self.last = -math.inf
+
+    def report(self, trainer, pl_module, text: str) -> None:
+        now = time.monotonic()
+        if not trainer.is_global_zero or now - self.last < self.every:
+            return
+        self.last = now
+        rates = getattr(pl_module, "throughput", None)  # the generating stages' prompts/s
+        if rates and "prompts/s" in rates:
+            text += f", {rates['prompts/s']:.2f} prompts/s"
+        write_progress(self.path, text)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        epochs = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, " if (trainer.max_epochs or 0) > 0 else ""
+        self.report(trainer, pl_module, f"training: {epochs}batch {batch_idx + 1}/{_count(trainer.num_training_batches)}")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        total = _count(trainer.num_predict_batches[dataloader_idx])
+        self.report(trainer, pl_module, f"predicting: batch {batch_idx + 1}/{total}")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        total = _count(trainer.num_test_batches[dataloader_idx])
+        self.report(trainer, pl_module, f"testing: batch {batch_idx + 1}/{total}")
+
+
+def _count(batches: float) -> str:
+    return "?" if math.isinf(batches) else str(int(batches))
 
 
 def stage_listing(stage_classes: Mapping[str, str]) -> str:
@@ -111,6 +155,12 @@ class UcaiCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if progress := os.environ.get(PROGRESS_FILE_ENV):  # set by the pipeline for a stage run side by side
+            trainer.callbacks.append(ProgressToFile(progress))
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config

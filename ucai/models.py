@@ -81,21 +81,18 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
-def resolve_model(name: str) -> ModelSource:
-    """Turn a model name into a loadable location, converting the GGUF alias if needed.
+def check_model_name(name: str) -> Literal["alias", "folder", "hub"]:
+    """What kind of name ``name`` is, converting and downloading nothing (a pipeline checks
+    its model before the first stage runs).
 
     Raises `UcaiError` naming what was asked and the accepted forms when the name is
-    neither an alias, an existing folder, nor a hub id.
+    neither an alias, an existing model folder, nor a hub id.
     """
     if not isinstance(name, str) or not name.strip():
         raise UcaiError(f"model name is empty; expected {accepted_forms()}")
     name = name.strip()
-    if name == TINY_ALIAS:
-        return ModelSource(name, "tiny", TINY_ALIAS)
-    if name == SMOLLM2_ALIAS:
-        return ModelSource(name, "folder", str(smollm2_folder()))
-    if name == MINILM_ALIAS:
-        return ModelSource(name, "folder", str(minilm_folder()))
+    if name in ALIASES:
+        return "alias"
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -103,12 +100,38 @@ def resolve_model(name: str) -> ModelSource:
                 f"model folder {name!r} has no config.json; expected a Hugging Face model "
                 f"folder, or {accepted_forms()}"
             )
-        return ModelSource(name, "folder", str(path))
+        return "folder"
     if _looks_like_hub_id(name) and not path.exists():
-        return ModelSource(name, "hub", name)
+        return "hub"
     if _looks_like_path(name):
         raise UcaiError(f"model folder {name!r} does not exist; expected {accepted_forms()}")
     raise UcaiError(f"unknown model alias {name!r}; expected {accepted_forms()}")
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Turn a model name into a loadable location, converting the GGUF alias if needed
+    (`check_model_name` says which names are accepted)."""
+    kind = check_model_name(name)
+    name = name.strip()
+    if kind == "folder":
+        return ModelSource(name, "folder", str(Path(name).expanduser()))
+    if kind == "hub":
+        return ModelSource(name, "hub", name)
+    if name == TINY_ALIAS:
+        return ModelSource(name, "tiny", TINY_ALIAS)
+    return ModelSource(name, "folder", str(smollm2_folder() if name == SMOLLM2_ALIAS else minilm_folder()))
+
+
+@contextmanager
+def named_load_errors(name: str):
+    """Turn transformers' `OSError` (a hub id that does not exist or cannot be reached, a
+    folder missing a weight file) into one line naming the model, instead of a chain of
+    tracebacks."""
+    try:
+        yield
+    except OSError as exc:
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UcaiError(f"could not load model {name!r}: {reason}") from exc
 
 
 def _gguf_path() -> Path:
@@ -225,7 +248,8 @@ def load_tokenizer(
 
     source = resolve_model(name)
     location = str(_smollm2_tokenizer_folder()) if source.kind == "tiny" else source.location
-    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    with named_load_errors(name):
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = padding_side
     if tokenizer.eos_token_id is None and tokenizer.sep_token_id is not None:
         tokenizer.eos_token = tokenizer.sep_token  # encoders (BERT) used as reward backbones
@@ -530,10 +554,8 @@ def load_causal_lm(
         kwargs["device_map"] = device_map or {"": torch.cuda.current_device()}
     elif device_map is not None:
         kwargs["device_map"] = device_map
-    try:
+    with named_load_errors(name):
         return AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
-    except OSError as exc:
-        raise UcaiError(f"could not load model {name!r}: {exc}".splitlines()[0]) from exc
 
 
 def load_sequence_classifier(
@@ -564,13 +586,10 @@ def load_sequence_classifier(
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    try:
-        with _held_load_reports() as reports:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                source.location, output_loading_info=True, **kwargs
-            )
-    except OSError as exc:
-        raise UcaiError(f"could not load model {name!r}: {exc}".splitlines()[0]) from exc
+    with named_load_errors(name), _held_load_reports() as reports:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source.location, output_loading_info=True, **kwargs
+        )
     _report_load(model, info, reports, name)
     return model
 

@@ -54,17 +54,18 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 DESCRIPTION = (
     "ucai: Constitutional AI and its mirror image as Lightning stages. "
-    "Subcommands: fit (sft, reward, ppo, dpo), predict (categorise, critique-revision, preferences), "
-    "test (evaluation, judge check); `ucai pipeline --config configs/pipeline/demo.yaml` runs every stage."
+    "Subcommands: fit (sft, reward and its pre-training, ppo, rloo, dpo), predict (answer, categorise, "
+    "critique-revision, preferences, reward scores), test (evaluation, judge check); "
+    "`ucai pipeline --config configs/pipeline/demo.yaml` runs every stage."
 )
 
 # One line per subcommand for ``ucai --help``, which is printed without Lightning.
 # tests/test_cli.py checks the names against LightningCLI's subcommands.
 SUBCOMMAND_SUMMARIES = {
-    "fit": "Train a stage (sft, reward, ppo, dpo): Trainer.fit, the full optimization routine.",
+    "fit": "Train a stage (sft, reward, reward pre-training, ppo, rloo, dpo): Trainer.fit.",
     "validate": "Run one evaluation epoch over the validation set: Trainer.validate.",
     "test": "Evaluate (evaluation, judge check): Trainer.test, one epoch over the test set.",
-    "predict": "Generate (answer, categorise, critique-revision, preferences): Trainer.predict.",
+    "predict": "Generate or score (answer, categorise, critique-revision, preferences, reward scores): Trainer.predict.",
     "pipeline": "Run every stage of a pipeline config in order; stages up to date are skipped.",
 }
 

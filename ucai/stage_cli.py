@@ -22,19 +22,24 @@ from ucai.stage_catalog import SUBCOMMANDS, import_stages
 HELP_FLAGS = ("-h", "--help")
 
 
+CONFIG_FLAGS = ("--config", "-c")
+
+
 def resolve_config_args(argv: Sequence[str]) -> list[str]:
-    """Replace each ``--config NAME`` whose file does not exist with the shipped config."""
+    """Replace each ``--config NAME`` (or ``-c NAME``) whose file does not exist with the
+    shipped config."""
     out = []
     expect_value = False
     for arg in argv:
+        flag, equals, value = arg.partition("=")
         if expect_value:
             out.append(str(resolve_shipped(arg, "configs")))
             expect_value = False
-        elif arg == "--config":
+        elif arg in CONFIG_FLAGS:
             out.append(arg)
             expect_value = True
-        elif arg.startswith("--config="):
-            out.append("--config=" + str(resolve_shipped(arg.split("=", 1)[1], "configs")))
+        elif flag in CONFIG_FLAGS and equals:
+            out.append(f"{flag}={resolve_shipped(value, 'configs')}")
         else:
             out.append(arg)
     return out

@@ -68,7 +68,7 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> Iterator[tuple
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise located(path, line_number, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+            raise located(path, line_number, f"invalid JSON ({exc.msg}: column {exc.colno})") from None
         if not isinstance(row, dict):
             raise located(path, line_number, f"expected a JSON object, got {type(row).__name__}")
         missing = [key for key in required if key not in row]

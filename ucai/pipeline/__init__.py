@@ -3,7 +3,7 @@ then the evaluation.
 
     ucai pipeline --config configs/pipeline/demo.yaml
     ucai pipeline --config configs/pipeline/demo.yaml --force sft     # rerun sft and later
-    ucai pipeline --config configs/pipeline/demo.yaml --dry-run       # print the commands
+    ucai pipeline --config configs/pipeline/demo.yaml --dry-run       # what would run, and how
 
 Stages, in order: categorise (once), then critique_revision → sft → preferences →
 reward → ppo, each for every side before the next stage starts, then eval (once).
@@ -32,6 +32,7 @@ import argparse
 import itertools
 import sys
 import time
+from collections.abc import Callable
 
 from ucai.errors import UcaiError
 from ucai.part_times import fmt_seconds
@@ -44,7 +45,7 @@ from ucai.stage_outputs import RL_STAGES, STAGE_ORDER
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ucai pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="pipeline YAML (e.g. configs/pipeline/demo.yaml)")
+    parser.add_argument("-c", "--config", required=True, help="pipeline YAML (e.g. configs/pipeline/demo.yaml)")
     parser.add_argument("--force", choices=[*STAGE_ORDER, "all"], help="rerun this stage and every later one")
     parser.add_argument("--stop-after", choices=STAGE_ORDER, help="stop once this stage has run for every side")
     parser.add_argument(
@@ -65,6 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ucai pipeline``; returns the exit status."""
+    began = time.perf_counter()  # the closing line's time includes the fork server and the plan
     try:
         args = parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # argparse has printed its message
@@ -76,15 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     everything = starter.call(plan, cfg) if starter else plan(cfg)
     stop_at = STAGE_ORDER.index(args.stop_after) if args.stop_after else len(STAGE_ORDER)
     runs = [run for run in everything if run.enabled and STAGE_ORDER.index(run.stage) <= stop_at]
-    console = Console(cfg, runs)
+    console = Console(cfg, runs, began)
     console.opening(starter.how if starter else None)
-    if args.dry_run:
-        console.commands()
-        return 0
     force_from = 0 if args.force == "all" else (STAGE_ORDER.index(args.force) if args.force else None)
+
+    def forced(stage: str) -> bool:
+        return force_from is not None and STAGE_ORDER.index(stage) >= force_from
+
+    if args.dry_run:
+        console.commands(would_skip(runs, everything, forced))
+        return 0
     for stage, group in itertools.groupby(runs, key=lambda run: run.stage):
-        forced = force_from is not None and STAGE_ORDER.index(stage) >= force_from
-        pending = prepare_group(list(group), everything, cfg, forced, console)
+        pending = prepare_group(list(group), everything, cfg, forced(stage), console)
         if pending:
             failed = run_group(pending, starter, cfg, console)
             if failed:
@@ -93,21 +98,47 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_inputs(run: StageRun, everything: list[StageRun], made_before_it: set = frozenset()) -> None:
+    """Raise `UcaiError` for an input of ``run`` that is missing (and not among
+    ``made_before_it``), naming the stage that makes it, if any."""
+    for path in run.inputs:
+        if path not in made_before_it and state.input_fingerprint(path) == "missing":
+            maker = next((other for other in everything if path in other.outputs), None)
+            hint = f"; it is made by the {maker.label} stage ({maker.configs[0]})" if maker else ""
+            raise UcaiError(f"{run.label}: input {path} not found{hint}")
+
+
+def up_to_date(run: StageRun, current_hash: str) -> bool:
+    """Whether ``run`` finished with these inputs and settings and its outputs are whole."""
+    return state.read_json(state.marker_path(run)).get("hash") == current_hash and state.outputs_complete(run)
+
+
+def would_skip(runs: list[StageRun], everything: list[StageRun], forced: Callable[[str], bool]) -> set[int]:
+    """id() of the runs a real invocation would skip as up to date, for ``--dry-run``.
+    A run whose input another run of this invocation would make is not (its input is
+    yet to be written); an input nothing makes must exist, as it must for a real run."""
+    remade: set = set()
+    skipped = set()
+    for run in runs:
+        check_inputs(run, everything, remade)
+        remade_input = any(path in remade for path in run.inputs)
+        if not forced(run.stage) and not remade_input and up_to_date(run, state.stage_hash(run)):
+            skipped.add(id(run))
+        else:
+            remade.update(run.outputs)
+    return skipped
+
+
 def prepare_group(
     group: list[StageRun], everything: list[StageRun], cfg: PipelineConfig, forced: bool, console: Console
 ) -> list[tuple[StageRun, str]]:
     """The runs of one stage that must run, with their hashes: inputs checked, up-to-date
     runs skipped, interrupted runs resumed, changed runs cleaned."""
-    producers = {path: run for run in everything for path in run.outputs}
     pending = []
     for run in group:
-        for path in run.inputs:
-            if state.input_fingerprint(path) == "missing":
-                maker = producers.get(path)
-                hint = f"; it is made by the {maker.label} stage ({maker.configs[0]})" if maker else ""
-                raise UcaiError(f"{run.label}: input {path} not found{hint}")
+        check_inputs(run, everything)
         current = state.stage_hash(run)
-        if not forced and state.read_json(state.marker_path(run)).get("hash") == current and state.outputs_complete(run):
+        if not forced and up_to_date(run, current):
             console.skipped(run)
             continue
         previous = state.read_json(state.state_file(cfg.output_root, run))
@@ -143,7 +174,9 @@ def run_group(pending: list[tuple[StageRun, str]], starter: runner.StageStarter,
     logs = cfg.output_root / "logs"
     side_by_side = cfg.parallel_sides and len(runs) > 1
     console.print_starts(logs if side_by_side else None)
-    results = runner.run_side_by_side(runs, starter, logs) if side_by_side else runner.run_in_order(runs, starter)
+    results = (
+        runner.run_side_by_side(runs, starter, logs, console.progress) if side_by_side else runner.run_in_order(runs, starter)
+    )
     failed = 0
     for (run, current), (code, elapsed) in zip(pending, results, strict=False):
         if code != 0:

@@ -21,11 +21,12 @@ TIMES_FILE = "stage_times.json"
 class Console:
     """What the pipeline tells its user: each run numbered, what it does and how long it took."""
 
-    def __init__(self, cfg: PipelineConfig, runs: list[StageRun]):
+    def __init__(self, cfg: PipelineConfig, runs: list[StageRun], began: float | None = None):
+        """``began``: the invocation's `time.perf_counter` at its start (now if None)."""
         self.cfg = cfg
         self.runs = runs
         self.numbers = {id(run): number for number, run in enumerate(runs, start=1)}
-        self.began = time.perf_counter()
+        self.began = time.perf_counter() if began is None else began
         self.finished: list[tuple[StageRun, float | None]] = []  # seconds; None: skipped
         self.starts: list[tuple[StageRun, str]] = []
         self.resumed: set[int] = set()  # id() of runs that resumed an interrupted one
@@ -35,9 +36,13 @@ class Console:
     def header(self, run: StageRun) -> str:
         return f"[{self.numbers[id(run)]}/{len(self.runs)}] {run.label}"
 
-    def commands(self) -> None:
+    def commands(self, skipped: set[int] = frozenset()) -> None:
+        """Each run's command, or that it is up to date (``skipped``: their id())."""
         for run in self.runs:
-            print(f"{self.header(run)}: {_quote(run.command(self.cfg.python))}")
+            if id(run) in skipped:
+                print(f"{self.header(run)}: up to date, would be skipped ({run.outputs[0]})")
+            else:
+                print(f"{self.header(run)}: {_quote(run.command(self.cfg.python))}")
 
     def opening(self, how_stages_start: str | None) -> None:
         cfg = self.cfg
@@ -69,6 +74,11 @@ class Console:
             where = f"\n    console: {console_log(side_logs, run)}" if side_logs is not None else ""
             print(line + where, flush=True)
         self.starts = []
+
+    def progress(self, seconds: float, lines: list[tuple[StageRun, str | None]]) -> None:
+        """Where the runs going side by side stand (their consoles are in log files)."""
+        where = " | ".join(f"{run.side or run.label}: {line or 'starting'}" for run, line in lines)
+        print(f"    ... {fmt_seconds(seconds)}: {where}", flush=True)
 
     def done(self, run: StageRun, seconds: float) -> None:
         print(f"<== {run.label} done in {fmt_seconds(seconds)}", flush=True)

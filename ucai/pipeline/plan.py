@@ -17,6 +17,7 @@ from typing import Any
 
 from ucai.errors import UcaiError
 from ucai.hardware import precision_fallback
+from ucai.models import check_model_name
 from ucai.pipeline.config import PipelineConfig
 from ucai.resources import resolve_shipped
 from ucai.stage_outputs import RL_STAGES, STAGE_ORDER, STAGES
@@ -193,6 +194,10 @@ class _Planner:
 def plan(cfg: PipelineConfig) -> list[StageRun]:
     """Every stage run of ``cfg`` in the order they run: categorise, then each per-side
     stage for every side before the next stage, then eval."""
+    try:  # here, not when critique-revision loads it after categorise has run
+        check_model_name(cfg.model)
+    except UcaiError as error:
+        raise UcaiError(f"{cfg.source}: model: {error}") from None
     planner = _Planner(cfg)
     output = planner.output
     prompts = output("categorise")

@@ -34,7 +34,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -42,6 +42,7 @@ from ucai.errors import UcaiError, user_error
 from ucai.pipeline.parent_death import FORK_SERVER_PARENT_ENV, die_with_parent
 from ucai.pipeline.plan import StageRun
 from ucai.stage_catalog import STAGE_MODULES
+from ucai.stage_progress import PROGRESS_FILE_ENV, progress_file, read_progress
 
 # What a stage imports before it starts working; the fork server imports it once.
 PRELOAD_MODULES = (
@@ -98,13 +99,32 @@ def start_fork_server() -> multiprocessing.context.BaseContext:
     return context
 
 
+def stage_environment(threads: int | None, log: Path | None) -> dict[str, str]:
+    """The variables a stage runs with, forked or spawned: its OpenMP threads where the
+    pipeline sets them (else the pipeline's own settings stand), and the file for its
+    progress line where its console goes to ``log`` (no progress bar is drawn there);
+    "" for none, so that a stage does not inherit one meant for another."""
+    env = {PROGRESS_FILE_ENV: str(progress_file(log)) if log is not None else ""}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _apply(changes: dict[str, str], environment) -> None:
+    """Set ``changes`` in ``environment``, removing the ones set to ""."""
+    for name, value in changes.items():
+        if value:
+            environment[name] = value
+        else:
+            environment.pop(name, None)
+
+
 class SpawnedStage:
     """A stage in a fresh interpreter: ``python -m ucai.cli <mode> <args>``."""
 
     def __init__(self, command: list[str], threads: int | None, log: Path | None):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if threads is not None:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        _apply(stage_environment(threads, log), env)
         preexec = die_with_parent if sys.platform.startswith("linux") else None
         with open(log, "w", encoding="utf-8") if log is not None else contextlib.nullcontext() as sink:
             self.process = subprocess.Popen(
@@ -177,10 +197,10 @@ def _stage_child(argv: list[str], threads: int | None, log: Path | None, argv0: 
         os.dup2(fd, 2)
         os.close(fd)
     sys.stdout.reconfigure(line_buffering=True)
+    _apply(stage_environment(threads, log), os.environ)  # as a spawned stage's
     if threads is not None:
         import torch
 
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
     # Lightning relaunches a script from sys.argv for multi-process strategies.
     sys.argv = [argv0, *argv]
@@ -306,7 +326,15 @@ def run_in_order(runs: list[StageRun], starter: StageStarter) -> list[tuple[int,
     return results
 
 
-def run_side_by_side(runs: list[StageRun], starter: StageStarter, logs: Path) -> list[tuple[int, float]]:
+# How often the pipeline prints where the sides of a stage run side by side stand.
+PROGRESS_EVERY = 60.0
+
+Progress = Callable[[float, list[tuple[StageRun, str | None]]], None]
+
+
+def run_side_by_side(
+    runs: list[StageRun], starter: StageStarter, logs: Path, report: Progress | None = None
+) -> list[tuple[int, float]]:
     """Run the sides of one stage at the same time, the CPUs split between them.
 
     On a small CPU machine this is faster than one after the other: a stage's import,
@@ -314,10 +342,15 @@ def run_side_by_side(runs: list[StageRun], starter: StageStarter, logs: Path) ->
     and a small model's matmuls gain little from a second thread. Each stage's console
     output goes to ``logs/console/<stage>_<side>.log``. The CPUs are split, not shared:
     OpenMP threads of two stages spinning against each other on the same cores cost
-    more than they give (benchmarks in the README).
+    more than they give (benchmarks in the README). Every `PROGRESS_EVERY` seconds
+    until all have ended, ``report(seconds, [(run, its progress line or None), ...])``
+    (`ucai.stage_progress`).
     """
     threads = max(1, available_cpus() // len(runs))
     (logs / "console").mkdir(parents=True, exist_ok=True)
+    progress = [progress_file(console_log(logs, run)) for run in runs]
+    for path in progress:  # an earlier invocation's last line
+        path.unlink(missing_ok=True)
     begin = time.perf_counter()
     processes = [starter.start(run, threads, console_log(logs, run)) for run in runs]
 
@@ -328,6 +361,11 @@ def run_side_by_side(runs: list[StageRun], starter: StageStarter, logs: Path) ->
     with ThreadPoolExecutor(max_workers=len(runs)) as pool:
         futures = [pool.submit(finish, process) for process in processes]
         try:
+            while wait(futures, timeout=PROGRESS_EVERY).not_done:
+                if report is not None:
+                    lines = [(run, "done" if future.done() else read_progress(path))
+                             for run, future, path in zip(runs, futures, progress, strict=True)]
+                    report(time.perf_counter() - begin, lines)
             return [future.result() for future in futures]
         except KeyboardInterrupt:
             for process in processes:

@@ -64,10 +64,19 @@ class GenerationSettings:
     engine: str = "auto"
 
     def __post_init__(self) -> None:
+        from ucai.generation_engine import ENGINES
+
         if self.do_sample and self.temperature == 0:
             raise UcaiError(
                 "--model.init_args.generation.temperature: must be > 0 when sampling "
                 f"(do_sample: true), got {self.temperature}"
+            )
+        # Checked as the arguments are parsed, not once the model is loaded; an engine
+        # registered (`register_engine`) before then is known here.
+        if self.engine != "auto" and self.engine not in ENGINES:
+            raise UcaiError(
+                f"--model.init_args.generation.engine: unknown generation engine {self.engine!r}; "
+                f"choose one of: auto, {', '.join(ENGINES)}"
             )
 
     def to_kwargs(self) -> dict[str, Any]:
