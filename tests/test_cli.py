@@ -206,7 +206,7 @@ def test_answer_stage_writes_jsonl_and_csv(run_cli, tmp_path, monkeypatch):
     code = run_cli("predict", "--config", TINY_ANSWER, "--model.init_args.output", output)
     assert code == 0
     # Written at the first batch, then at most every 5 s.
-    assert re.fullmatch(r"predicting: batch 1/\d+, \d+\.\d\d prompts/s\n", (tmp_path / "answer.progress").read_text())
+    assert re.fullmatch(r"predicting: batch \d+/\d+, \d+\.\d\d prompts/s\n", (tmp_path / "answer.progress").read_text())
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(rows) == 10 and len({r["id"] for r in rows}) == 10
     assert rows[0]["id"] == "peace-001" and set(rows[0]) == {"id", "prompt", "principle", "response", "model"}
@@ -285,6 +285,11 @@ def test_progress_lines_say_the_phase_epoch_and_batch_and_are_written_at_most_ev
     clock[0] += 5
     callback.on_test_batch_end(trainer, module, None, None, 1)  # only rank 0 writes
     assert path.read_text() == "testing: batch 1/?\n"
+    # A file that cannot be written: the stage goes on, and no more lines are tried.
+    trainer.is_global_zero = True
+    gone = ProgressToFile(tmp_path / "removed" / "sft.progress")
+    gone.on_train_batch_end(trainer, module, None, None, 0)
+    assert gone.last == float("inf") and not (tmp_path / "removed").exists()
 
 
 @pytest.mark.parametrize(("args", "got"), [((), ""), (("fitt", "--config", "x.yaml"), "got 'fitt'; ")])
@@ -297,6 +302,13 @@ def test_a_missing_or_unknown_subcommand_lists_every_subcommand_pipeline_include
     assert capsys.readouterr().err.splitlines() == [
         f"ucai: error: {got}expected a subcommand: fit, validate, test, predict, pipeline (ucai --help says what each does)"
     ]
+
+
+def test_options_before_the_subcommand_go_to_lightnings_parser(run_cli, monkeypatch):
+    seen = []
+    monkeypatch.setattr(stage_cli, "main", lambda argv: seen.append(argv) or 0)
+    assert run_cli("--config", "x.yaml", "fit") == 0
+    assert seen == [["--config", "x.yaml", "fit"]]
 
 
 def test_an_unknown_generation_engine_is_refused_as_the_arguments_are_parsed(run_cli, capsys, monkeypatch, tmp_path):

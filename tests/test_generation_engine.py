@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from ucai import generation_engine
 from ucai.errors import UcaiError
 from ucai.fused_projection import FusedProjection
 from ucai.generation_engine import DecodeLoop, HFGenerate, register_engine, select_engine
@@ -159,7 +160,10 @@ def test_generate_uses_the_loop_and_falls_back_for_other_architectures(tokenizer
     assert out.sequences.shape[0] == 2
 
 
-def test_a_registered_engine_is_used_by_name(tokenizer):
+def test_a_registered_engine_is_used_by_name(tokenizer, monkeypatch):
+    # Registered for this test only: other tests in this process list the engines.
+    monkeypatch.setattr(generation_engine, "ENGINES", dict(generation_engine.ENGINES))
+    monkeypatch.setattr(generation_engine, "_instances", {})
     calls = []
 
     class Recording(HFGenerate):

@@ -252,3 +252,37 @@ def test_a_stage_with_its_console_in_a_log_is_told_where_to_write_its_progress(t
     capfd.readouterr()
     assert runner.SpawnedStage(show, None, None).wait() == 0  # on this console
     assert capfd.readouterr().out == "None 7\n"
+
+
+def test_sides_running_side_by_side_are_stopped_when_the_pipeline_cannot_go_on(tmp_path, monkeypatch):
+    """Ctrl-C, or a progress line that cannot be printed (``ucai pipeline | head`` once
+    head has exited): both stages are interrupted, not left running unattended."""
+
+    class Stage:
+        def __init__(self):
+            self.stopped = threading.Event()
+
+        def wait(self):
+            assert self.stopped.wait(10), "never interrupted"
+            return 130
+
+        def interrupt(self):
+            self.stopped.set()
+
+    class Starter:
+        def __init__(self):
+            self.stages = []
+
+        def start(self, run, threads=None, log=None):
+            self.stages.append(Stage())
+            return self.stages[-1]
+
+    def closed_console(seconds, lines):
+        raise BrokenPipeError("the console is gone")
+
+    monkeypatch.setattr(runner, "PROGRESS_EVERY", 0.01)
+    runs = [type("Run", (), {"stage": "sft", "side": side})() for side in ("ethical", "unethical")]
+    starter = Starter()
+    with pytest.raises(BrokenPipeError):
+        runner.run_side_by_side(runs, starter, tmp_path, closed_console)
+    assert [stage.stopped.is_set() for stage in starter.stages] == [True, True]

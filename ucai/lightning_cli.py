@@ -60,7 +60,11 @@ class ProgressToFile(Callback):
         rates = getattr(pl_module, "throughput", None)  # the generating stages' prompts/s
         if rates and "prompts/s" in rates:
             text += f", {rates['prompts/s']:.2f} prompts/s"
-        write_progress(self.path, text)
+        try:
+            write_progress(self.path, text)
+        except OSError as error:  # a progress line is never worth the stage's run
+            log.warning("progress line not written to %s (%s); no more are tried", self.path, error)
+            self.last = math.inf
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         epochs = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, " if (trainer.max_epochs or 0) > 0 else ""

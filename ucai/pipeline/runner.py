@@ -363,11 +363,11 @@ def run_side_by_side(
         try:
             while wait(futures, timeout=PROGRESS_EVERY).not_done:
                 if report is not None:
-                    lines = [(run, "done" if future.done() else read_progress(path))
+                    lines = [(run, "ended" if future.done() else read_progress(path))
                              for run, future, path in zip(runs, futures, progress, strict=True)]
                     report(time.perf_counter() - begin, lines)
             return [future.result() for future in futures]
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, or the console gone (a closed pipe): stop the stages
             for process in processes:
                 process.interrupt()
             raise
