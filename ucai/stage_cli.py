@@ -20,8 +20,6 @@ from ucai.resources import resolve_shipped
 from ucai.stage_catalog import SUBCOMMANDS, import_stages
 
 HELP_FLAGS = ("-h", "--help")
-
-
 CONFIG_FLAGS = ("--config", "-c")
 
 
