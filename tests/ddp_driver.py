@@ -36,7 +36,9 @@ CR_PROMPTS = 6  # critique-revision's prompts (critique_revision_tiny.yaml's lim
 class RankRecorder(Callback):
     """Writes ``FOLDER/STAGE-rankR.pt``: {"losses", "counts", "weights", "world_size"}.
 
-    ``losses[i]`` is step i's loss as this rank computed it (before that step's update);
+    ``losses[i]`` is step i's loss as this rank computed it (before that step's update;
+    for SFT the rank's mean weighted by its share of the step's tokens, the loss DDP
+    averages);
     ``counts[i]`` what the loss is a mean over (response tokens for SFT, pairs for the
     reward model and DPO). PPO optimises manually and returns nothing; its record is the logged
     value loss, which is already averaged over ranks, and the mean response length. RLOO

@@ -5,8 +5,8 @@ through ``ucai fit`` and ``ucai predict``.
 One launch of tests/ddp_driver.py runs the five fits and the predict in turn (two
 interpreters that import torch cost ~10 s each, so they are paid once). After a few
 optimiser steps the trainable weights (LoRA and heads) must be bit-identical on both
-ranks, and the first step's loss must equal a single-process run on the same global
-batch, the union of the two ranks' batches (run here, in the pytest process, while DDP
+ranks, and the losses must equal a single-process run on the same global batch, the
+union of the two ranks' batches (run here, in the pytest process, while DDP
 runs beside it). The predict must give each rank half of the prompts and merge the
 ranks' shards into one file in input order.
 """
@@ -89,13 +89,19 @@ def test_sft_ddp_matches_one_process_on_the_union_batch(ddp_run, tmp_path, monke
     single = single_process("sft", tmp_path, monkeypatch)
     rank0, rank1 = ddp_run.records("sft")
     assert_same_weights_on_both_ranks(rank0, rank1)
-    # Each rank's loss is a mean over its own response tokens; weighted by those counts
-    # the two give the mean over the union's tokens, which is what one process computes.
-    counts = [rank0["counts"][0], rank1["counts"][0]]
-    assert sum(counts) == single["counts"][0]
-    union = (rank0["losses"][0] * counts[0] + rank1["losses"][0] * counts[1]) / sum(counts)
-    assert union == pytest.approx(single["losses"][0], rel=1e-5)
+    # The ranks hold different numbers of response tokens, so their own means would
+    # weigh tokens unequally; each rank's loss is its mean times world · its count /
+    # the step's count (`share_of_global_mean`), and the two ranks' average is the mean
+    # over the union's tokens, which is what one process computes, at every step.
+    assert any(c0 != c1 for c0, c1 in zip(rank0["counts"], rank1["counts"]))
+    for step in range(ddp_driver.STEPS):
+        assert rank0["counts"][step] + rank1["counts"][step] == single["counts"][step], step
+        union = (rank0["losses"][step] + rank1["losses"][step]) / 2
+        assert union == pytest.approx(single["losses"][step], rel=1e-5), step
     assert rank0["losses"][0] != pytest.approx(rank1["losses"][0], rel=1e-5)  # the ranks saw different rows
+    # And so the averaged gradients, and the weights after the steps, are one process's.
+    for name, weight in single["weights"].items():
+        torch.testing.assert_close(rank0["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_reward_ddp_trains_the_same_model_as_one_process(ddp_run, tmp_path, monkeypatch):

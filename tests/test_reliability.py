@@ -117,8 +117,12 @@ def test_config_key_that_does_not_exist(tmp_path, run_cli, capsys, where):
         config.write_text(ANSWER.read_text().replace("limit: 10", "limitt: 10"))
         args = ["predict", "--config", config]
     assert run_cli(*args, f"--model.init_args.output={out / 'answers.jsonl'}") == 2
-    key = "no_such_key" if where == "command-line" else "limitt"
-    assert f"Option '{key}' is not accepted" in _one_error_line(capsys.readouterr().err)
+    line = _one_error_line(capsys.readouterr().err)
+    if where == "command-line":
+        assert line == "ucai: error: --model.init_args: Option 'no_such_key' is not accepted (given: 1)"
+    else:  # the file and line, not the file's whole mapping as the value given
+        number = config.read_text().splitlines().index("    limitt: 10") + 1
+        assert line == f"ucai: error: {config}:{number}: --data.init_args: Option 'limitt' is not accepted"
     assert _no_output(out)
 
 

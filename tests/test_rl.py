@@ -203,6 +203,31 @@ def test_rollout_rewards_advantages_and_returns_by_hand():
     assert close(targets.advantages, [[1, -1, 0, 0], [1, -1, 1, -1]])
 
 
+def test_k3_on_padding_whose_ratio_overflows_leaves_every_target_finite():
+    # Row 0's padded t = 3 has log r = ref − logp = −5 + 100 = 95: e^95 overflows float32
+    # to inf, and inf · 0 would be NaN, which GAE and the whitening spread to every token.
+    logprobs = torch.tensor([[-1.0, -2.0, -1.0, -100.0], [-1.0, -1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.0, -2.0, -1.0, -5.0], [-1.0, -1.0, -1.0, -1.0]])
+    assert torch.isinf(torch.expm1(ref - logprobs)[0, 3])
+    targets = rollout_targets(
+        logprobs, ref, torch.zeros(2, 4), MASK, torch.tensor([1.0, -1.0]), FINISHED,
+        kl_coef=0.5, kl_estimator="k3", gamma=1.0, lam=1.0, reward_clip=None, missing_eos_penalty=0.0,
+        whiten_rewards=False,
+    )
+    # Policy = reference on every real token: k3 = e^0 − 1 − 0 = 0 there, and 0 on padding.
+    assert torch.equal(targets.kl, torch.zeros(2, 4))
+    # γ = λ = 1, values 0: each real token's advantage is its row's score (1 | −1) before
+    # whitening over the 7 real tokens (mean −1/7); all finite.
+    assert torch.isfinite(targets.advantages).all() and torch.isfinite(targets.returns).all()
+    assert close(targets.returns, [[1, 1, 1, 0], [-1, -1, -1, -1]])
+    rloo = rloo_rollout_targets(
+        torch.cat([logprobs, logprobs]), torch.cat([ref, ref]), torch.cat([MASK, MASK]),
+        torch.tensor([1.0, -1.0, 0.0, 2.0]), torch.cat([FINISHED, FINISHED]),
+        k=2, kl_coef=0.5, kl_estimator="k3", reward_clip=None, missing_eos_penalty=0.0, normalize_advantages=True,
+    )
+    assert torch.isfinite(rloo.advantages).all()
+
+
 def test_whiten_rewards_keeps_the_mean_before_gae():
     targets = rollout_targets(
         logprobs=torch.tensor([[-4.0, -1.0, -1.0, -7.0], [-1.0, -4.0, -1.0, -1.0]]),

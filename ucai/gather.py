@@ -1,4 +1,5 @@
-"""Python objects of every process, collected in rank order.
+"""Python objects of every process, collected in rank order, and the weight of a
+rank's mean in the mean over every rank's items.
 
 Under DDP each rank computes on its own shard (prompts, items, rollouts); a summary or
 a file written by rank 0 needs them all. Outside a distributed run (one process, or no
@@ -9,14 +10,37 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def share_of_global_mean(count: int | float, device: torch.device | str = "cpu") -> float:
+    """``world · count / Σ counts``: the factor that turns this rank's mean over its
+    ``count`` items (response tokens) into its part of the mean over every rank's items.
+
+    DDP averages the ranks' gradients (÷ world), so a loss that is each rank's own mean
+    would weigh a token of a rank with fewer tokens more than one of a rank with more;
+    times this factor, the averaged gradient is that of the mean over the union, as one
+    process given the union computes it. 1.0 outside distributed runs (and where no rank
+    has any item). A collective: every rank must call it, with ``device`` where its
+    backend reduces (the loss's device).
+    """
+    if not _distributed():
+        return 1.0
+    total = torch.tensor([float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return dist.get_world_size() * float(count) / float(total) if float(total) > 0 else 1.0
 
 
 def gather_from_ranks(obj: Any) -> list[Any]:
     """``obj`` of every process, in rank order (a one-item list outside distributed runs).
 
     Every rank must call it (it is a collective), with a picklable ``obj``."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, obj)
         return gathered

@@ -16,6 +16,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from ucai.config_source import value_source
 from ucai.errors import UcaiError
 from ucai.hardware import bf16_warning
 from ucai.stage_catalog import DESCRIPTION, STAGE_CLASSES
@@ -98,17 +99,20 @@ def stage_listing(stage_classes: Mapping[str, str]) -> str:
     )
 
 
-def one_line(error: ArgumentError) -> UcaiError:
+def one_line(error: ArgumentError, argv: Sequence[str] = ()) -> UcaiError:
     """jsonargparse's error, which spans every alternative it tried, as the one line a
     user needs: the option as they would type it and what is wrong with its value.
 
     ``Parser key "model": ... Problem with given class_path 'X': Parser key "kl_coef":
     Expected a <class 'float'>. Got value: abc`` becomes
     ``--model.init_args.kl_coef: Expected a <class 'float'>. Got value: abc``; where the
-    reason leaves the value out, the value jsonargparse was given is added."""
+    reason leaves the value out, the value jsonargparse was given is added. Where a
+    config file among ``argv`` (the parsed arguments) set the option, its file and line
+    lead the message instead of the value (jsonargparse's value would be the file's
+    whole mapping)."""
     lines = [raw.strip().removeprefix("- ").strip() for raw in str(error).splitlines()]
     keys: list[str] = []
-    detail = None
+    detail = given = None
     for number, line in enumerate(lines):
         key = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
         if key:
@@ -122,20 +126,50 @@ def one_line(error: ArgumentError) -> UcaiError:
             if len(keys) == 1:
                 keys.append("init_args")
             continue
+        if line.startswith("Does not validate against any of the Union subtypes"):
+            detail = _union_mismatch(lines[number:])
         if line.startswith(("Does not validate against", "Subtypes:", "Errors:")) or not line:
-            continue
-        detail = line
+            if detail is None:
+                continue
+        detail = detail or line
         given = next((rest.split(":", 1)[1].strip() for rest in lines[number:] if rest.startswith("Given value:")), None)
         nested = re.fullmatch(r"NestedArg\(key='[^']*', val=(.*)\)", given or "")
         if nested:
             given = nested[1].strip("'\"")
-        # jsonargparse names the value after a colon ("Got value: x", "PositiveInt: 0 does ...").
-        if given and not re.search(rf"\w: '?{re.escape(given)}'?(\s|$)", detail):
-            detail = f"{detail} (given: {given})"
         break
     if not keys or detail is None:
-        return UcaiError(" ".join(str(error).split()))
-    return UcaiError(f"--{'.'.join(keys)}: {detail}")
+        text = " ".join(str(error).split())
+        option = re.search(r"does not accept option '([^']+)'", text)
+        source = value_source(argv, option[1].split(".")) if option else None
+        return UcaiError(f"{source[0]}:{source[1]}: {text}" if source else text)
+    unknown = re.match(r"Option '([^']+)' is not accepted", detail)
+    path = ".".join(keys).split(".") + ([unknown[1]] if unknown else [])
+    # A mapping as the value given is a class's whole mapping, as read from a config
+    # file: jsonargparse checks a file's values as it reads it, before any later
+    # command-line option could replace them.
+    from_mapping = bool(given and given.startswith("{"))
+    source = value_source(argv, path, files_only=from_mapping)
+    # jsonargparse names the value after a colon ("Got value: x", "PositiveInt: 0 does ...").
+    if given and not (source and from_mapping) and not re.search(rf"\w: '?{re.escape(given)}'?(\s|$)", detail):
+        detail = f"{detail} (given: {given})"
+    where = f"{source[0]}:{source[1]}: " if source else ""
+    return UcaiError(f"{where}--{'.'.join(keys)}: {detail}")
+
+
+def _union_mismatch(lines: Sequence[str]) -> str | None:
+    """``not one of: 64, 32, 16, '16-mixed', ..., null`` for a value that is none of a
+    union's literal choices (Lightning's ``precision``), rather than the first
+    alternative's complaint alone (``Expected a <class 'int'>``); None where an
+    alternative says more than "Expected a" (its own message is then the one to show)."""
+    subtypes = next((line for line in lines if line.startswith("Subtypes:")), None)
+    errors = [line for line in lines if line.startswith("Expected a")]
+    others = [line for line in lines[lines.index("Errors:") + 1 :] if not line.startswith(("Expected a", "Given value"))] if "Errors:" in lines else []
+    if subtypes is None or not errors or others:
+        return None
+    choices = []
+    for literal, name in re.findall(r"typing\.Literal\[([^\]]*)\]|<class '([^']+)'>", subtypes):
+        choices.append(literal if literal else ("null" if name == "NoneType" else f"any {name}"))
+    return f"not one of: {', '.join(choices)}"
 
 
 class UcaiCLI(LightningCLI):
@@ -217,4 +251,4 @@ class StageArgumentParser:
                     self._parser = _ParserOnly(args=command).parser
             return self._parser.parse_args(command)[subcommand]
         except ArgumentError as error:
-            raise one_line(error) from None
+            raise one_line(error, command) from None

@@ -345,7 +345,11 @@ def final_scores_and_kl(
     final = scores.clamp(-reward_clip, reward_clip) if reward_clip else scores.clone()
     if missing_eos_penalty:
         final = penalise_missing_eos(final, finished, missing_eos_penalty)
-    kl = kl_per_token(logprobs, ref_logprobs, kl_estimator) * mask.float()
+    # Padding's log-probs are whatever the model gives positions it never trains on: a
+    # ratio there can overflow k3's exp to inf, and inf * 0 is NaN, which GAE and the
+    # whitening would carry to every token of the batch. So both sides are 0 there.
+    real = mask.bool()
+    kl = kl_per_token(logprobs.where(real, 0.0), ref_logprobs.where(real, 0.0), kl_estimator)
     return final, kl
 
 

@@ -15,12 +15,12 @@ from argparse import ArgumentError
 from collections.abc import Sequence
 
 from ucai import help_cache, quiet
+from ucai.config_source import CONFIG_FLAGS
 from ucai.errors import exit_status
 from ucai.resources import resolve_shipped
 from ucai.stage_catalog import SUBCOMMANDS, import_stages
 
 HELP_FLAGS = ("-h", "--help")
-CONFIG_FLAGS = ("--config", "-c")
 
 
 def resolve_config_args(argv: Sequence[str]) -> list[str]:
@@ -78,11 +78,12 @@ def run(argv: Sequence[str]) -> int:
         quiet.install_progress_filter()
     from ucai.lightning_cli import UcaiCLI, one_line
 
+    argv = resolve_config_args(argv)
     try:
         with help_cache.recording(argv) if plain_help else contextlib.nullcontext():
-            UcaiCLI(args=resolve_config_args(argv))
+            UcaiCLI(args=argv)
     except ArgumentError as error:
-        raise one_line(error) from None
+        raise one_line(error, argv) from None
     except SystemExit as exc:  # --help and --print_config end the parse with status 0
         if exc.code not in (0, None):
             raise

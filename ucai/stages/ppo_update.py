@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ucai.gather import share_of_global_mean
 from ucai.losses import entropy_bonus, ppo_policy_loss, ppo_value_loss
 from ucai.models import sharded_by_fsdp
 from ucai.rl import entropy_from_logits, logprobs_from_logits, masked_mean
@@ -62,7 +63,14 @@ class UpdatePhase:
         """
         backward = backward or self.manual_backward
         world = self._trainer.world_size if self._trainer is not None else 1
-        if not self.has_critic or self.value_head_kind != "adapter" or world > 1:
+        if world > 1:
+            # Each rank's loss is a mean over its own response tokens (`ucai.losses`):
+            # weighted by its share of the minibatch's tokens, the averaged gradient is
+            # that of the mean over every rank's tokens, as in one process.
+            loss, stats = self.minibatch_loss(rollout, idx)
+            backward(loss * share_of_global_mean(rollout.mask[idx].sum().item(), loss.device))
+            return stats
+        if not self.has_critic or self.value_head_kind != "adapter":
             loss, stats = self.minibatch_loss(rollout, idx)
             backward(loss)
             return stats

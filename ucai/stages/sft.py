@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ucai.data.io import atomic_output, require_writable
 from ucai.data.sft_data import IGNORE_INDEX
 from ucai.errors import UcaiError
+from ucai.gather import share_of_global_mean
 from ucai.hardware import training_attention
 from ucai.lr_schedule import Schedule, per_step, warmup_then_decay
 from ucai.models import LoraSettings, enable_activation_checkpointing
@@ -259,7 +260,9 @@ class SFTModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             self.log("train/lr", scheduler.get_last_lr()[0], batch_size=1)
-        return loss
+        # Under DDP each rank's mean counts by its share of the step's response tokens:
+        # the averaged gradient is the mean over every rank's tokens, as in one process.
+        return loss * share_of_global_mean(count, loss.device)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # Wall time between batch ends includes data loading and the optimizer step.
