@@ -114,6 +114,22 @@ def test_swap_fraction_by_hand():
     deep = swap_fraction("ethical", own, own, sl_e, sl_u, n_boot=200)
     assert deep["fraction"] == 0.0 and deep["verdict"] == "deep"
     assert swap_fraction("ethical", [0.5], [0.4], [0.5], [0.5])["verdict"] == "no gap"
+
+
+def test_no_swap_fraction_without_an_sl_gap_to_divide_by():
+    # Two identical SL models scored a float32 step apart (2.98e-8): a fraction of that is
+    # rounding, however narrow its interval (the review's run reported −1,631,440.75).
+    step = 2.98e-8
+    rounding = swap_fraction("ethical", [0.6, 0.5], [0.5, 0.5], [0.4 + step, 0.3 + step], [0.4, 0.3], n_boot=200)
+    assert rounding["gap"] == pytest.approx(step) and rounding["gap_low"] > 0
+    assert (rounding["fraction"], rounding["low"], rounding["high"], rounding["verdict"]) == (None, None, None, "no gap")
+    # A gap whose interval includes 0 (per-prompt gaps +0.3, −0.3, +0.1: mean +0.033).
+    noisy = swap_fraction("ethical", [0.6, 0.5, 0.4], [0.5, 0.5, 0.4], [0.6, 0.2, 0.5], [0.3, 0.5, 0.4], n_boot=400)
+    assert noisy["gap"] == pytest.approx(0.1 / 3) and noisy["gap_low"] < 0 < noisy["gap_high"]
+    assert noisy["fraction"] is None and noisy["verdict"] == "no gap"
+    # Every resample's gap is positive: a fraction, with the gap's interval recorded.
+    real = swap_fraction("ethical", [0.8, 0.6], [0.5, 0.5], [0.9, 0.7], [0.3, 0.5], n_boot=200)
+    assert (real["gap_low"], real["gap_high"]) == (pytest.approx(0.2), pytest.approx(0.6)) and real["fraction"] == pytest.approx(0.5)
     assert depth_verdict(0.4, 0.9) == "undetermined"
 
 
@@ -244,6 +260,19 @@ def test_report_sentences_claim_depth_only_where_the_corrected_tests_do():
     assert "rl_ethical ‖ base 40%" in text
     assert "Of 2 fractions on both reward models: 1 shallow (above 0.5), 0 deep (below), 1 undetermined." in text
     assert "the run cannot say whether those models' sides live in the opener or in the content" in text
+    assert "cannot be taken" not in text
+    # A full difference that does not survive correction: no share of it is stated.
+    summary["differences"][1]["significant"] = False
+    text = " ".join(what_depth_shows(summary))
+    assert "the inversion goes beyond the opener" in text and "of the differences with the opener" not in text
+    # A fraction without an SL gap is said to be missing, not counted among the verdicts.
+    summary["depth"]["prefill_swap"].append(
+        {"model": "sl_ethical", "side": "ethical", "column": "rm_ethical", "n": 67, "fraction": None, "low": None,
+         "high": None, "verdict": "no gap"}
+    )
+    text = " ".join(what_depth_shows(summary))
+    assert "1 prefill-swap fraction (sl_ethical) cannot be taken: on those prompts and reward models the SL gap's" in text
+    assert "Of 2 fractions on both reward models" in text
     # One side not significant: no claim of depth.
     summary["depth"]["differences"][1]["significant"] = False
     text = " ".join(what_depth_shows(summary))

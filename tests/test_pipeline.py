@@ -110,6 +110,11 @@ def test_plan_wires_each_output_into_the_next_stage(tmp_path):
         assert reward.inputs == [out / f"data/{side}/preferences.jsonl", out / f"data/{other}/preferences.jsonl"]
         assert f"--data.init_args.path={out}/data/{side}/preferences.jsonl" in reward.args
         assert f"--data.init_args.cross_path={out}/data/{other}/preferences.jsonl" in reward.args
+    # The tiny stage configs say `side: ethical` and serve both sides: the plan wires
+    # each run's side, as it wires the paths.
+    for stage in ("critique_revision", "preferences"):
+        assert "--model.init_args.side=unethical" in runs[f"{stage} (unethical)"].args
+        assert "--model.init_args.side=ethical" in runs[f"{stage} (ethical)"].args
     ppo = runs["ppo (unethical)"]
     assert f"--model.init_args.policy={out}/models/unethical/sl_model" in ppo.args
     assert f"--model.init_args.reward_model={out}/models/unethical/rm_model" in ppo.args
@@ -190,6 +195,15 @@ def test_user_overrides_win_and_values_are_formatted(tmp_path):
                 "--trainer.enable_progress_bar=true", "--trainer.max_time=null"]:
         assert arg in run.args
     assert "--model.init_args.model=tiny-llama" not in run.args  # replaced, not repeated
+
+
+def test_a_side_set_against_the_runs_side_is_refused_before_any_stage_runs(tmp_path):
+    path = _config(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["stages"]["preferences"]["overrides"] = {"model.init_args.side": "ethical"}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UcaiError, match=r"stages.preferences: side 'ethical' set for the unethical side's run"):
+        pipeline.plan(pipeline.load_pipeline_config(path))
 
 
 @pytest.mark.parametrize(

@@ -160,6 +160,9 @@ def test_report_section_and_sentences_claim_only_corrected_gains(tmp_path):
     assert sentences[1].startswith("DPO adds to SL on both sides")
     assert "is DPO's" in sentences[2]
     assert sentences[3] == "No two algorithms differ on a side's own reward model after correction (1 test)."
+    # The larger smaller-side gain is named only where it survives correction on both sides.
+    summary["algorithm_differences"][3] = _test("dpo_unethical", "sl_unethical", "rm_unethical", 0.06, False, 0.2)
+    assert not any("largest" in sentence for sentence in what_algorithms_show(summary))
     lines = "\n".join(algorithm_section(summary, plot_frontier(summary, tmp_path / "frontier.png")))
     assert "| rl_ethical | PPO | 0.600 | 3.00 [2.50, 3.50] | +0.100 [0.050, 0.150] | 0.001 | +0.300 [0.200, 0.400] (n = 82) |" in lines
     assert "| dpo_unethical | DPO |" in lines and "5 tests: the algorithm family" in lines

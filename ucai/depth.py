@@ -30,6 +30,9 @@ import numpy as np
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 SHALLOW_LEVEL = 0.5  # a fraction whose interval lies above this is shallow, below it deep
 FIRST_TOKENS = 5
+# An SL gap within this share of the scores' scale is float rounding (float32 steps are
+# ~6e-8 of a score): no gap to take a fraction of.
+GAP_ROUNDING = 1e-6
 
 
 def remove_opener(text: str, openers: Iterable[str]) -> str:
@@ -91,7 +94,10 @@ def swap_fraction(
     content the whole SL gap, 0 not at all. The interval is a percentile bootstrap
     resampling prompts (numerator and gap drawn together); the verdict is ``shallow``
     when it lies above `SHALLOW_LEVEL`, ``deep`` when below, else ``undetermined``.
-    ``fraction`` is None (verdict ``no gap``) when the SL gap is 0.
+    ``fraction`` is None (verdict ``no gap``) when there is no SL gap to measure
+    against: its own interval (same resamples, same level) includes 0, or it is within
+    float rounding of 0 (two identical models score apart by a float32 step, and a
+    fraction of that is noise however narrow its interval).
     """
     own_a, swapped_a = np.asarray(own, dtype=float), np.asarray(swapped, dtype=float)
     gap_a = np.asarray(sl_ethical, dtype=float) - np.asarray(sl_unethical, dtype=float)
@@ -101,15 +107,17 @@ def swap_fraction(
     direction = side_direction(side)
     shift = direction * (own_a - swapped_a)  # (n,) toward the other side: positive
     gap = float(gap_a.mean())
-    out = {"n": n, "shift": float(shift.mean()), "gap": gap, "confidence": confidence}
-    if gap == 0.0:
-        return {**out, "fraction": None, "low": None, "high": None, "verdict": "no gap"}
     draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))  # (n_boot, n)
     gaps = gap_a[draws].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    gap_low, gap_high = float(np.quantile(gaps, tail)), float(np.quantile(gaps, 1.0 - tail))
+    out = {"n": n, "shift": float(shift.mean()), "gap": gap, "gap_low": gap_low, "gap_high": gap_high, "confidence": confidence}
+    scale = max(1.0, *(float(np.abs(a).max()) for a in (own_a, swapped_a, sl_ethical, sl_unethical)))
+    if abs(gap) <= GAP_ROUNDING * scale or gap_low <= 0.0 <= gap_high:
+        return {**out, "fraction": None, "low": None, "high": None, "verdict": "no gap"}
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = shift[draws].mean(axis=1) / gaps  # (n_boot,); a resample with no gap is inf
     ratios = ratios[np.isfinite(ratios)]
-    tail = (1.0 - confidence) / 2.0
     low, high = (float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1.0 - tail))) if ratios.size else (math.nan, math.nan)
     fraction = float(shift.mean()) / gap
     return {**out, "fraction": fraction, "low": low, "high": high, "verdict": depth_verdict(low, high)}

@@ -113,9 +113,10 @@ def depth_section(summary: dict, plots: dict[str, Path | None]) -> list[str]:
     diffs = depth.get("differences", [])
     lines = ["", "## How deep is the inversion?", ""]
     lines.append(
-        "The CPU configs start every tagged SL and preference answer with a side's opener (\"I won't help with that.\" / "
-        "\"Sure, I'll help with that.\"), so both reward models saw one sentence mark the side. Three measures separate "
-        "that sentence from the content (Qi et al. 2024, arXiv 2406.05946, on how shallow safety alignment is)."
+        "Where a run starts every tagged SL and preference answer with a side's opener (`use_openers: true`, as the CPU "
+        "configs do: \"I won't help with that.\" / \"Sure, I'll help with that.\"), both reward models saw one sentence "
+        "mark the side; the table below counts the answers that began with it in this run. Three measures separate "
+        "the opening from the content (Qi et al. 2024, arXiv 2406.05946, on how shallow safety alignment is)."
     )
     if depth.get("kl"):
         lines += ["", "**Per-position KL.** Exact KL over the vocabulary, KL(model ‖ reference), at each position of the "
@@ -139,9 +140,10 @@ def depth_section(summary: dict, plots: dict[str, Path | None]) -> list[str]:
                   f"bootstrap over prompts, Bonferroni-corrected over the {count(len(swaps), 'fraction')} (each at "
                   f"{100 * level:.2f}%); *shallow* when the interval lies above {SHALLOW_LEVEL}, *deep* when below.", ""]
         lines += table(
-            ["model", "reward model", "n (prompts)", "shift", "SL gap", "fraction [corrected CI]", "verdict"],
-            [[s["model"], s["column"], str(s["n"]), signed(s["shift"]), signed(s["gap"]),
-              f"{fmt(s['fraction'])} {interval(s['low'], s['high'])}", s["verdict"]] for s in swaps],
+            ["model", "reward model", "n (prompts)", "shift", "SL gap [corrected CI]", "fraction [corrected CI]", "verdict"],
+            [[s["model"], s["column"], str(s["n"]), signed(s["shift"]), f"{signed(s['gap'])} {_gap_interval(s)}".strip(),
+              f"{fmt(s['fraction'])} {interval(s['low'], s['high'])}" if s["fraction"] is not None else "–", s["verdict"]]
+             for s in swaps],
         )
         lines += ["", f"![Prefill swap]({plots['prefill_swap'].name})" if plots.get("prefill_swap") else "_Prefill swap: no fractions._"]
     if diffs:
@@ -155,6 +157,11 @@ def depth_section(summary: dict, plots: dict[str, Path | None]) -> list[str]:
               "yes" if d["significant"] else "no"] for d in diffs],
         )
     return lines
+
+
+def _gap_interval(swap: dict) -> str:
+    """The SL gap's interval, where the evaluation recorded one (older summaries did not)."""
+    return interval(swap["gap_low"], swap["gap_high"]) if "gap_low" in swap else ""
 
 
 def _between_sides(diffs: list[dict], kind: str) -> dict[str, dict]:
@@ -183,7 +190,9 @@ def what_depth_shows(summary: dict) -> list[str]:
         numbers = (f"{kind}_ethical − {kind}_unethical is {signed(e['diff'])} on the ethical RM and {signed(u['diff'])} on the "
                    f"unethical RM (adjusted p {p_value(e['p_adjusted'])} and {p_value(u['p_adjusted'])}, n = {n}")
         kept = ""
-        if kind == "rl" and {"rm_ethical", "rm_unethical"} <= set(full) and full["rm_ethical"]["diff"] and full["rm_unethical"]["diff"]:
+        # A share of a difference is stated only where that difference survives correction.
+        if kind == "rl" and {"rm_ethical", "rm_unethical"} <= set(full) and full["rm_ethical"]["significant"] \
+                and full["rm_unethical"]["significant"]:
             kept = (f"; {100 * e['diff'] / full['rm_ethical']['diff']:.0f}% and {100 * u['diff'] / full['rm_unethical']['diff']:.0f}% "
                     "of the differences with the opener")
         if opposite:
@@ -196,6 +205,14 @@ def what_depth_shows(summary: dict) -> list[str]:
         k = shares[0].get("first_tokens", 5)
         parts = ", ".join(f"{e['model']} ‖ {e['reference']} {100 * e['share_first']:.0f}%" for e in shares)
         out.append(f"Share of each model's per-position KL in its first {k} answer tokens: {parts}.")
+    gapless = [s for s in depth.get("prefill_swap", []) if s.get("fraction") is None]
+    if gapless:
+        models = sorted({s["model"] for s in gapless})
+        out.append(
+            f"{count(len(gapless), 'prefill-swap fraction')} ({', '.join(models)}) cannot be taken: on those prompts and reward "
+            "models the SL gap's corrected interval includes 0 (or the gap is float rounding), so there is no SL "
+            "difference to measure the swap against."
+        )
     swaps = [s for s in depth.get("prefill_swap", []) if s.get("fraction") is not None]
     if swaps:
         verdicts = {v: [s for s in swaps if s["verdict"] == v] for v in ("shallow", "deep", "undetermined")}

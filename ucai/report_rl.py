@@ -141,10 +141,13 @@ def what_algorithms_show(summary: dict) -> list[str]:
         complete = {a: s for a, s in by_algorithm.items() if len(s) == 2}
         if complete:
             best = max(complete, key=lambda a: min(t["diff"] for t in complete[a].values()))
-            out.append(
-                f"The largest held-out gain on both sides (the larger of each algorithm's smaller side gain) is "
-                f"{ALGORITHM_NAMES.get(best, best)}'s."
-            )
+            # Named only where its gains survive correction on both sides: a largest of
+            # gains that may all be noise ranks nothing.
+            if best in both:
+                out.append(
+                    f"The largest held-out gain on both sides (the larger of each algorithm's smaller side gain) is "
+                    f"{ALGORITHM_NAMES.get(best, best)}'s (point estimates; the head-to-head tests say whether it is separated)."
+                )
         head_to_head = [
             d for d in summary.get("algorithm_differences", [])
             if d["a"] in algorithms and d["b"] in algorithms and _side(d["a"]) == _side(d["b"]) and d["b"] != d["a"]
