@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -26,6 +28,33 @@ def test_atomic_output_leaves_old_file_on_failure(tmp_path):
             raise RuntimeError("crash")
     assert load_jsonl(path) == [{"id": 1}]
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+@pytest.fixture
+def umask_027():
+    """The process's umask set to 0o027 for the test (ucai reads it once per process)."""
+    from ucai import file_modes
+
+    before = os.umask(0o027)
+    file_modes._umask.cache_clear()
+    yield
+    os.umask(before)
+    file_modes._umask.cache_clear()
+
+
+def test_outputs_get_the_mode_the_umask_gives_new_files(tmp_path, umask_027, tiny_model, tiny_tokenizer):
+    # mkstemp, mkdtemp and safetensors' save make private files (0o600, 0o700): on a
+    # shared machine colleagues could not read a run's data or models.
+    from ucai.models import save_pretrained_atomic
+
+    with atomic_output(tmp_path / "rows.jsonl") as handle:
+        handle.write("{}\n")
+    assert stat.S_IMODE((tmp_path / "rows.jsonl").stat().st_mode) == 0o640
+    folder = save_pretrained_atomic(tmp_path / "model", tiny_model, tiny_tokenizer, {"ucai_sft.json": {"a": 1}})
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    assert any(path.name == "model.safetensors" for path in files)
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == {path.name: 0o640 for path in files}
 
 
 def test_csv_twin_encodes_lists_as_json(tmp_path):

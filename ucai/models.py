@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from ucai.errors import UcaiError
+from ucai.file_modes import as_ordinary_tree
 from ucai.value_ranges import FractionBelowOne, PositiveInt
 
 log = logging.getLogger(__name__)
@@ -169,10 +170,10 @@ def _atomic_folder(target: Path, build) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
     try:
         build(tmp)
         (tmp / _COMPLETE_MARKER).write_text("ok\n")
+        as_ordinary_tree(tmp)  # mkdtemp's folder and safetensors' files are private
         if target.exists() and not (target / _COMPLETE_MARKER).is_file():
             shutil.rmtree(target, ignore_errors=True)
         try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ucai.errors import UcaiError, located
+from ucai.file_modes import as_ordinary_file
 
 
 def read_text(path: str | Path) -> str:
@@ -134,6 +135,7 @@ def atomic_output(path: str | Path, mode: str = "w"):
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        as_ordinary_file(tmp)  # mkstemp's file is private; the output is an ordinary one
         os.replace(tmp, path)
     except BaseException:
         try:

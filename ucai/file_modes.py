@@ -1,0 +1,46 @@
+"""The permissions of files written through a private temporary file.
+
+Outputs are written to a temporary file or folder and renamed into place, so a reader
+never sees half of one. `tempfile.mkstemp` and `mkdtemp` make them readable by their
+owner alone, and so does safetensors' own save; renamed as they are, a run's data,
+report and models would stay hidden from colleagues on a shared machine. These give
+them the mode an ordinary new file or folder gets: 0o666 (0o777 for a folder) less the
+process's umask.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+
+@functools.cache
+def _umask() -> int:
+    # Reading the umask means setting it; once per process (the umask rarely changes).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    return 0o777 & ~_umask()
+
+
+def as_ordinary_file(path: str | Path) -> None:
+    """Give ``path`` the mode a newly created file gets."""
+    os.chmod(path, file_mode())
+
+
+def as_ordinary_tree(folder: str | Path) -> None:
+    """Give ``folder``, and every folder and file in it, the modes new ones get."""
+    os.chmod(folder, folder_mode())
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            os.chmod(os.path.join(root, name), folder_mode())
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode())
