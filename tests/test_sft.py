@@ -99,7 +99,15 @@ def test_memorises_generates_and_exports_a_loadable_merged_model(tmp_path, tiny_
     # The adapter alone, on a fresh base, gives the same model.
     adapted = PeftModel.from_pretrained(load_causal_lm("tiny-llama"), out / "adapter")
     assert generate(adapted, merged_tokenizer, prompts, greedy).texts == [r["response"] for r in rows]
-    assert json.loads((out / "ucai_sft.json").read_text())["global_step"] == 30
+    info = json.loads((out / "ucai_sft.json").read_text())
+    assert info["global_step"] == 30 and info["system_prompt"] == SYSTEM
+    # Asked without a system message, the exported template puts the trained one first
+    # (not the template's own default): plain transformers answers as trained.
+    plain = [merged_tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                                  add_generation_prompt=True) for r in rows]
+    assert plain == prompts
+    assert generate(merged, merged_tokenizer, plain, greedy).texts == [r["response"] for r in rows]
+    assert tokenizer.chat_template != merged_tokenizer.chat_template  # the training tokenizer keeps its own
 
 
 def _tensorboard_steps(version_dir: Path, tag: str) -> list[int]:

@@ -215,3 +215,24 @@ def test_length_buckets_shard_evenly_across_ranks():
     # Both ranks step through batches of similar length together.
     for b0, b1 in zip(*ranks, strict=True):
         assert abs(max(lengths[i] for i in b0) - max(lengths[i] for i in b1)) <= 1
+
+
+def test_an_exported_template_defaults_to_the_trained_system_prompt_and_keeps_a_given_one(tiny_tokenizer):
+    from ucai.chat import tokenizer_for_export
+
+    user = [{"role": "user", "content": "hi"}]
+    trained = 'Be "careful".\nAlways.'  # quotes and a newline survive as a Jinja literal
+    exported = tokenizer_for_export(tiny_tokenizer, trained)
+    assert exported.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == render_chat(
+        tiny_tokenizer, user, trained
+    )
+    assert exported.apply_chat_template(user, tokenize=False, add_generation_prompt=True).count("<|im_start|>system") == 1
+    # A conversation that brings its own system message keeps it.
+    given = [{"role": "system", "content": "Other."}, *user]
+    assert exported.apply_chat_template(given, tokenize=False) == tiny_tokenizer.apply_chat_template(given, tokenize=False)
+    # Exported again (PPO from an SL model's tokenizer): the new prompt replaces the old.
+    again = tokenizer_for_export(exported, "Second.")
+    assert again.chat_template.count("ucai: the trained system prompt") == 1
+    assert again.apply_chat_template(user, tokenize=False) == render_chat(tiny_tokenizer, user, "Second.", add_generation_prompt=False)
+    # Trained with the template's own (null): nothing to change.
+    assert tokenizer_for_export(tiny_tokenizer, None) is tiny_tokenizer

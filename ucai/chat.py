@@ -8,6 +8,8 @@ given, which would silently differ between stages that pass one and stages that 
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Sequence
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -51,3 +53,38 @@ def render_chat(
 def end_of_turn(tokenizer) -> str:
     """The text that closes an assistant turn in the chat format (e.g. ``<|im_end|>``)."""
     return tokenizer.eos_token or ""
+
+
+# Marks the part `template_with_system_prompt` adds, so a re-export replaces it.
+_SYSTEM_PROMPT_BEGIN = "{#- ucai: the trained system prompt, where none is given -#}"
+_SYSTEM_PROMPT_END = "{#- ucai: end -#}"
+
+
+def template_with_system_prompt(template: str, system_prompt: str) -> str:
+    """``template`` with ``system_prompt`` put first in a conversation that does not
+    start with a system message, as every ucai stage renders one (`with_system`).
+
+    An exported model then answers ``apply_chat_template([user message])`` as it was
+    trained and evaluated, rather than after the template's own default system message
+    (SmolLM2's names the model and its maker). A template given one before gets the new
+    one instead."""
+    if _SYSTEM_PROMPT_BEGIN in template and _SYSTEM_PROMPT_END in template:
+        template = template.split(_SYSTEM_PROMPT_END, 1)[1]
+    literal = json.dumps(system_prompt, ensure_ascii=False)  # a JSON string is a Jinja string literal
+    return (
+        f"{_SYSTEM_PROMPT_BEGIN}{{%- if not messages or messages[0]['role'] != 'system' %}}"
+        f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}{{%- endif %}}"
+        f"{_SYSTEM_PROMPT_END}{template}"
+    )
+
+
+def tokenizer_for_export(tokenizer, system_prompt: str | None):
+    """A copy of ``tokenizer`` to save beside a trained model: its chat template defaults
+    to ``system_prompt`` (`template_with_system_prompt`). The tokenizer itself, where
+    the stages rendered without a system prompt (null: the template's own) or where
+    it has no chat template."""
+    if system_prompt is None or not getattr(tokenizer, "chat_template", None):
+        return tokenizer
+    exported = copy.copy(tokenizer)  # the training tokenizer keeps its template
+    exported.chat_template = template_with_system_prompt(tokenizer.chat_template, system_prompt)
+    return exported

@@ -42,6 +42,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from ucai.chat import tokenizer_for_export
 from ucai.data.io import require_writable
 from ucai.errors import UcaiError
 from ucai.hardware import training_attention
@@ -504,13 +505,16 @@ class DPOModule(L.LightningModule):
         state = self.full_policy_state()  # collective under FSDP: every rank takes part
         if self.trainer.is_global_zero:
             model = self.merged_policy({k: v.to("cpu") for k, v in state.items()})
+            # The data module rendered every pair with it: the template defaults to it.
+            system_prompt = getattr(self.trainer.datamodule, "system_prompt", None)
             save_pretrained_atomic(
                 self.output_dir,
                 model,
-                self.tokenizer,
+                tokenizer_for_export(self.tokenizer, system_prompt),
                 extra_files={
                     "ucai_dpo.json": {
                         "policy": self.policy_name,
+                        "system_prompt": system_prompt,
                         "beta": self.beta,
                         "label_smoothing": self.label_smoothing,
                         "steps": int(self.trainer.global_step),

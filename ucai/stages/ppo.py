@@ -77,7 +77,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from ucai.chat import DEFAULT_SYSTEM_PROMPT
+from ucai.chat import DEFAULT_SYSTEM_PROMPT, tokenizer_for_export
 from ucai.data.io import require_writable
 from ucai.errors import UcaiError
 from ucai.gather import rows_from_all_ranks
@@ -718,11 +718,12 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
             save_pretrained_atomic(
                 self.output_dir,
                 model,
-                self.tokenizer,
+                tokenizer_for_export(self.tokenizer, self.system_prompt),  # its template defaults to the trained prompt
                 extra_files={
                     "ucai_ppo.json": {
                         "advantage": self.advantage,  # which estimator made this model: gae (PPO) or rloo
                         "policy": self.policy_name,
+                        "system_prompt": self.system_prompt,
                         "reward_model": self.reward_model_name,
                         "rollout_steps": self.rollout_step,
                         "kl_coef": self.kl_ctl.value,

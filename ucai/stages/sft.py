@@ -33,6 +33,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from ucai.chat import tokenizer_for_export
 from ucai.data.io import atomic_output, require_writable
 from ucai.data.sft_data import IGNORE_INDEX
 from ucai.errors import UcaiError
@@ -355,9 +356,15 @@ class SFTModule(L.LightningModule):
         from ucai.stages.lora_io import export_full_model, export_lora_model
 
         output_dir = Path(self.output_dir)
+        # The data module rendered every training prompt with it: the exported template
+        # defaults to it, so the model answers as trained without being told it.
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        system_prompt = getattr(datamodule, "system_prompt", None)
+        tokenizer = tokenizer_for_export(self.tokenizer, system_prompt)
         info = {
             "stage": "sft",
             "base_model": self.model_name,
+            "system_prompt": system_prompt,
             "global_step": int(self.trainer.global_step) if self._trainer is not None else None,
             "lora": None if self.lora is None else {
                 "r": self.lora.r, "alpha": self.lora.alpha, "dropout": self.lora.dropout,
@@ -367,13 +374,13 @@ class SFTModule(L.LightningModule):
         extra = {"ucai_sft.json": info}
         if self.lora is not None:
             export_lora_model(
-                self.lm, self.tokenizer, output_dir, extra_files=extra, base_loader=self._load_base, state_dict=trainable_state
+                self.lm, tokenizer, output_dir, extra_files=extra, base_loader=self._load_base, state_dict=trainable_state
             )
         else:
             state = trainable_state
             if state is not None:
                 state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
-            export_full_model(self._causal_lm(), self.tokenizer, output_dir, extra_files=extra, state_dict=state)
+            export_full_model(self._causal_lm(), tokenizer, output_dir, extra_files=extra, state_dict=state)
         log.info("SFT model written to %s (adapter in %s/adapter)", output_dir, output_dir)
         if log_dir:
             with atomic_output(Path(log_dir) / "exported_model.json") as handle:
