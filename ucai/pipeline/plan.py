@@ -123,6 +123,27 @@ def _logs_to_a_folder(settings) -> bool:
     return all(arg in parameters for arg in LOGGER_FOLDER_ARGS)
 
 
+def _checkpoints_under(settings, folder: Path) -> list[dict] | None:
+    """The stage's callbacks with the ``dirpath`` of each `ModelCheckpoint` that names
+    one moved to ``folder/checkpoints`` (a second to ``checkpoints-2``, ...); None when
+    there is none to move. The shipped configs fix ``dirpath`` under ./lightning_logs
+    so that ``--ckpt_path last`` finds it by hand: every pipeline (and both sides of a
+    run sharing one config) would write into that one folder."""
+    callbacks = settings.trainer.get("callbacks")
+    if not isinstance(callbacks, list):
+        return None
+    entries, moved = [], 0
+    for callback in callbacks:
+        entry = callback.as_dict() if hasattr(callback, "as_dict") else callback
+        init_args = entry.get("init_args") if isinstance(entry, dict) else None
+        if isinstance(init_args, dict) and init_args.get("dirpath") and str(entry.get("class_path")).endswith(".ModelCheckpoint"):
+            moved += 1
+            name = "checkpoints" if moved == 1 else f"checkpoints-{moved}"
+            entry = {**entry, "init_args": {**init_args, "dirpath": str(folder / name)}}
+        entries.append(entry)
+    return entries if moved else None
+
+
 class _Planner:
     """Builds the `StageRun` of each stage from the pipeline config."""
 
@@ -174,6 +195,10 @@ class _Planner:
             overrides["trainer.logger.init_args.save_dir"] = str(self.logs)
             overrides["trainer.logger.init_args.name"] = f"{stage}_{side}" if side else stage
         overrides.update(wired)
+        if "trainer.callbacks" not in overrides:  # a user's own list is theirs
+            checkpoints = _checkpoints_under(effective, self.logs / (f"{stage}_{side}" if side else stage))
+            if checkpoints is not None:
+                overrides["trainer.callbacks"] = checkpoints
         fallback = None
         if cfg.bf16_fallback and "trainer.precision" not in overrides:
             fallback = precision_fallback(effective.trainer.get("precision"), effective.trainer.get("accelerator"))
