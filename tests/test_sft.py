@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import lightning.pytorch
 import pytest
 import torch
 
@@ -142,7 +143,15 @@ def test_cli_fit_small_checkpoint_and_exact_resume(tmp_path, monkeypatch, run_cl
     assert len(saved["state_dict"]) == 8 and all("lora_" in k for k in saved["state_dict"])
     assert checkpoint.stat().st_size < 200_000
     first_run = tmp_path / "lightning_logs" / "sft_tiny" / "version_0"
-    assert json.loads((first_run / "exported_model.json").read_text())["global_step"] == 3
+    exported = json.loads((first_run / "exported_model.json").read_text())
+    assert exported["global_step"] == 3
+    # The saved config and the model's note name the code that made them.
+    from ucai.provenance import ucai_version
+
+    assert ucai_version().startswith("ucai==") and exported["ucai_version"] == ucai_version()
+    assert (first_run / "config.yaml").read_text().splitlines()[:2] == [
+        f"# lightning.pytorch=={lightning.pytorch.__version__}", f"# {ucai_version()}"
+    ]
 
     assert run_cli(*base, "--trainer.max_steps=5", "--ckpt_path", "last") == 0
     resumed = tmp_path / "lightning_logs" / "sft_tiny" / "version_1"

@@ -13,12 +13,14 @@ from argparse import ArgumentError
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import lightning.pytorch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from ucai.config_source import value_source
 from ucai.errors import UcaiError
 from ucai.hardware import bf16_warning
+from ucai.provenance import ucai_version
 from ucai.stage_catalog import DESCRIPTION, STAGE_CLASSES
 from ucai.stage_progress import PROGRESS_FILE_ENV, write_progress
 
@@ -177,9 +179,11 @@ class UcaiCLI(LightningCLI):
     and errors raised (`one_line` makes them a line) rather than printed with the usage."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True):
-        parser_kwargs: dict = {"prog": "ucai", "description": DESCRIPTION, "exit_on_error": False}
+        # The saved config.yaml names the code that ran it, beside Lightning's version.
+        header = [f"lightning.pytorch=={lightning.pytorch.__version__}", ucai_version()]
+        parser_kwargs: dict = {"prog": "ucai", "description": DESCRIPTION, "exit_on_error": False, "dump_header": header}
         for subcommand in self.subcommands():
-            parser_kwargs[subcommand] = {"epilog": stage_listing(STAGE_CLASSES), "exit_on_error": False}
+            parser_kwargs[subcommand] = {"epilog": stage_listing(STAGE_CLASSES), "exit_on_error": False, "dump_header": header}
         super().__init__(
             model_class=None,
             datamodule_class=None,

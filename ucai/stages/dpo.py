@@ -61,6 +61,7 @@ from ucai.models import (
 )
 from ucai.packing import attention_takes_4d_mask, packed_hidden
 from ucai.padding import position_ids
+from ucai.provenance import ucai_version
 from ucai.resume import RNGStateCheckpoint
 from ucai.stage_outputs import require_stage_output
 from ucai.stages.lora_io import load_merged, lora_scaling
@@ -513,6 +514,7 @@ class DPOModule(L.LightningModule):
                 tokenizer_for_export(self.tokenizer, system_prompt),
                 extra_files={
                     "ucai_dpo.json": {
+                        "ucai_version": ucai_version(),
                         "policy": self.policy_name,
                         "system_prompt": system_prompt,
                         "beta": self.beta,

@@ -96,6 +96,7 @@ from ucai.models import (
 )
 from ucai.packing import PACKED_ROW_TOKENS, EpisodePacker, attention_takes_4d_mask, packed_hidden
 from ucai.padding import position_ids
+from ucai.provenance import ucai_version
 from ucai.resume import RNGStateCheckpoint
 from ucai.reward_scoring import TOKEN_REWARD_PREFIX, TokenReward
 from ucai.rl import (
@@ -721,6 +722,7 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
                 tokenizer_for_export(self.tokenizer, self.system_prompt),  # its template defaults to the trained prompt
                 extra_files={
                     "ucai_ppo.json": {
+                        "ucai_version": ucai_version(),
                         "advantage": self.advantage,  # which estimator made this model: gae (PPO) or rloo
                         "policy": self.policy_name,
                         "system_prompt": self.system_prompt,

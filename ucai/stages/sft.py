@@ -41,6 +41,7 @@ from ucai.gather import share_of_global_mean
 from ucai.hardware import training_attention
 from ucai.lr_schedule import Schedule, per_step, warmup_then_decay
 from ucai.models import LoraSettings, enable_activation_checkpointing
+from ucai.provenance import ucai_version
 from ucai.uniform_dropout import use_uniform_dropout
 from ucai.value_ranges import (
     ClosedUnitInterval,
@@ -363,6 +364,7 @@ class SFTModule(L.LightningModule):
         tokenizer = tokenizer_for_export(self.tokenizer, system_prompt)
         info = {
             "stage": "sft",
+            "ucai_version": ucai_version(),
             "base_model": self.model_name,
             "system_prompt": system_prompt,
             "global_step": int(self.trainer.global_step) if self._trainer is not None else None,
