@@ -70,8 +70,10 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
 def masked_whiten(
     values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
 ) -> torch.Tensor:
-    """Scale ``values`` to unit variance over the real positions (and zero mean unless
-    ``shift_mean`` is False, which keeps the sign of rewards when whitening them).
+    """Scale ``values`` to unit variance over the real positions, at zero mean; with
+    ``shift_mean`` False the mean is added back, ``(v − μ)/σ + μ``, as TRL whitens
+    rewards: the spread becomes 1 while the rewards keep their mean (and so, on
+    average, their sign).
 
     Args:
         values: (B, T).

@@ -184,9 +184,13 @@ class _Planner:
         effective = parse_stage(label, mode, configs, {**cfg.common_overrides, **wired})
         staged_side = (effective.model.get("init_args") or {}).get("side")
         if side is not None and staged_side is not None and staged_side != side:
-            # Only a user's override can get here (the plan wires each run's side): the
-            # run would write this side's files with the other side's principles.
-            raise UcaiError(f"{cfg.source}: stages.{stage}: side '{staged_side}' set for the {side} side's run")
+            # The run would write this side's files with the other side's principles.
+            if "model.init_args.side" in {**cfg.common_overrides, **settings.overrides}:
+                raise UcaiError(f"{cfg.source}: stages.{stage}: side '{staged_side}' set for the {side} side's run")
+            # A stage config shared by both sides (or named for the other): the run's
+            # side is set like its paths. Only where it differs, so that a run whose
+            # config names its side keeps its command (and stays up to date).
+            wired["model.init_args.side"] = side
         overrides = dict(cfg.common_overrides)
         redirected = _logs_to_a_folder(effective)
         if redirected:
@@ -238,18 +242,11 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
         _plan_pretraining(planner)
     for side in cfg.sides:
         generation_input = {"data.init_args.path": str(prompts), "data.init_args.split": "train"}
-        # The side is wired like the paths: a config shared by both sides (or one named
-        # for the other side) must not label one side's data with the other's principles.
         planner.add(
             "critique_revision",
             side,
             [prompts],
-            {
-                **generation_input,
-                "model.init_args.model": cfg.model,
-                "model.init_args.side": side,
-                "model.init_args.output": str(output("critique_revision", side)),
-            },
+            {**generation_input, "model.init_args.model": cfg.model, "model.init_args.output": str(output("critique_revision", side))},
         )
         planner.add(
             "sft",
@@ -268,7 +265,6 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
             {
                 **generation_input,
                 "model.init_args.model": str(output("sft", side)),
-                "model.init_args.side": side,
                 "model.init_args.output": str(output("preferences", side)),
             },
         )
