@@ -154,3 +154,13 @@ def test_option_probabilities_do_not_depend_on_left_padding(tiny_model, tiny_tok
     singles = torch.cat([option_probabilities(tiny_model, tiny_tokenizer, [p], ["A", "B"]) for p in prompts])
     torch.testing.assert_close(batched, singles, rtol=1e-4, atol=1e-5)
     assert torch.allclose(batched.sum(1), torch.ones(2))
+
+
+def test_a_filesystem_that_refuses_chmod_still_gets_the_output(tmp_path, monkeypatch):
+    def refuse(path, mode):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr("ucai.file_modes.os.chmod", refuse)
+    with atomic_output(tmp_path / "rows.jsonl") as handle:
+        handle.write("{}\n")
+    assert (tmp_path / "rows.jsonl").read_text() == "{}\n"

@@ -31,16 +31,23 @@ def folder_mode() -> int:
     return 0o777 & ~_umask()
 
 
+def _chmod(path: str | Path, mode: int) -> None:
+    try:
+        os.chmod(path, mode)
+    except OSError:  # a filesystem that keeps its own modes (some network mounts): as written
+        pass
+
+
 def as_ordinary_file(path: str | Path) -> None:
-    """Give ``path`` the mode a newly created file gets."""
-    os.chmod(path, file_mode())
+    """Give ``path`` the mode a newly created file gets (where the filesystem lets it)."""
+    _chmod(path, file_mode())
 
 
 def as_ordinary_tree(folder: str | Path) -> None:
     """Give ``folder``, and every folder and file in it, the modes new ones get."""
-    os.chmod(folder, folder_mode())
+    _chmod(folder, folder_mode())
     for root, folders, files in os.walk(folder):
         for name in folders:
-            os.chmod(os.path.join(root, name), folder_mode())
+            _chmod(os.path.join(root, name), folder_mode())
         for name in files:
-            os.chmod(os.path.join(root, name), file_mode())
+            _chmod(os.path.join(root, name), file_mode())
