@@ -118,10 +118,13 @@ def test_plan_wires_each_output_into_the_next_stage(tmp_path):
         assert not any(arg.startswith("--model.init_args.side") for arg in runs[f"{stage} (ethical)"].args)
     # Checkpoints go under the run's logs, per stage and side, not into the folder the
     # stage config names (./lightning_logs/sft_tiny/checkpoints, shared by every run).
-    for side in ("ethical", "unethical"):
-        callbacks = json.loads(next(a for a in runs[f"sft ({side})"].args if a.startswith("--trainer.callbacks=")).split("=", 1)[1])
-        assert [c["init_args"]["dirpath"] for c in callbacks] == [f"{out}/logs/sft_{side}/checkpoints"]
-        assert callbacks[0]["init_args"]["every_n_train_steps"] == 1  # the rest as configured
+    # PPO's checkpoint callback is a subclass of Lightning's (PPOCheckpoint).
+    for stage in ("sft", "ppo"):
+        for side in ("ethical", "unethical"):
+            args = runs[f"{stage} ({side})"].args
+            callbacks = json.loads(next(a for a in args if a.startswith("--trainer.callbacks=")).split("=", 1)[1])
+            assert [c["init_args"]["dirpath"] for c in callbacks] == [f"{out}/logs/{stage}_{side}/checkpoints"]
+            assert callbacks[0]["init_args"]["every_n_train_steps"] == 1  # the rest as configured
     ppo = runs["ppo (unethical)"]
     assert f"--model.init_args.policy={out}/models/unethical/sl_model" in ppo.args
     assert f"--model.init_args.reward_model={out}/models/unethical/rm_model" in ppo.args

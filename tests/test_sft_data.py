@@ -236,3 +236,22 @@ def test_an_exported_template_defaults_to_the_trained_system_prompt_and_keeps_a_
     assert again.apply_chat_template(user, tokenize=False) == render_chat(tiny_tokenizer, user, "Second.", add_generation_prompt=False)
     # Trained with the template's own (null): nothing to change.
     assert tokenizer_for_export(tiny_tokenizer, None) is tiny_tokenizer
+
+
+def test_named_templates_each_get_the_prompt_and_a_templates_leading_text_is_kept(tiny_tokenizer):
+    import copy
+
+    from ucai.chat import tokenizer_for_export
+
+    user = [{"role": "user", "content": "hi"}]
+    plain = "\n{% for m in messages %}[{{ m['role'] }}:{{ m['content'] }}]{% endfor %}"
+    tokenizer = copy.copy(tiny_tokenizer)
+    tokenizer.chat_template = plain
+    exported = tokenizer_for_export(tokenizer, "S")
+    # The leading newline is the template's own text: kept after the added prefix.
+    assert exported.apply_chat_template(user, tokenize=False) == "\n[system:S][user:hi]"
+    tokenizer.chat_template = {"default": plain, "tool_use": plain + "(tools)"}
+    named = tokenizer_for_export(tokenizer, "S").chat_template
+    assert isinstance(named, dict) and set(named) == {"default", "tool_use"}
+    exported.chat_template = named["tool_use"]
+    assert exported.apply_chat_template(user, tokenize=False) == "\n[system:S][user:hi](tools)"

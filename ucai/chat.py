@@ -57,7 +57,9 @@ def end_of_turn(tokenizer) -> str:
 
 # Marks the part `template_with_system_prompt` adds, so a re-export replaces it.
 _SYSTEM_PROMPT_BEGIN = "{#- ucai: the trained system prompt, where none is given -#}"
-_SYSTEM_PROMPT_END = "{#- ucai: end -#}"
+# Ends in an expression, not a tag: transformers renders with trim_blocks, which would
+# drop a newline that starts the template right after a tag.
+_SYSTEM_PROMPT_END = "{#- ucai: end #}{{ '' }}"
 
 
 def template_with_system_prompt(template: str, system_prompt: str) -> str:
@@ -83,8 +85,12 @@ def tokenizer_for_export(tokenizer, system_prompt: str | None):
     to ``system_prompt`` (`template_with_system_prompt`). The tokenizer itself, where
     the stages rendered without a system prompt (null: the template's own) or where
     it has no chat template."""
-    if system_prompt is None or not getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None)
+    if system_prompt is None or not template:
         return tokenizer
     exported = copy.copy(tokenizer)  # the training tokenizer keeps its template
-    exported.chat_template = template_with_system_prompt(tokenizer.chat_template, system_prompt)
+    if isinstance(template, dict):  # named templates ("default", "tool_use"): each one
+        exported.chat_template = {name: template_with_system_prompt(text, system_prompt) for name, text in template.items()}
+    else:
+        exported.chat_template = template_with_system_prompt(template, system_prompt)
     return exported

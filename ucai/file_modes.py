@@ -17,7 +17,14 @@ from pathlib import Path
 
 @functools.cache
 def _umask() -> int:
-    # Reading the umask means setting it; once per process (the umask rarely changes).
+    """The process's umask, read once (it rarely changes)."""
+    try:  # Linux says it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere reading it means setting it, process-wide, for an instant.
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -18,22 +18,24 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def share_of_global_mean(count: int | float, device: torch.device | str = "cpu") -> float:
+def share_of_global_mean(count: int | float | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor | float:
     """``world · count / Σ counts``: the factor that turns this rank's mean over its
     ``count`` items (response tokens) into its part of the mean over every rank's items.
 
     DDP averages the ranks' gradients (÷ world), so a loss that is each rank's own mean
     would weigh a token of a rank with fewer tokens more than one of a rank with more;
     times this factor, the averaged gradient is that of the mean over the union, as one
-    process given the union computes it. 1.0 outside distributed runs (and where no rank
-    has any item). A collective: every rank must call it, with ``device`` where its
-    backend reduces (the loss's device).
+    process given the union computes it. 1.0 outside distributed runs. Under DDP a
+    scalar tensor on ``device`` (where the backend reduces: the loss's device), never
+    read back to the host, so the step does not wait for the GPU. A collective: every
+    rank must call it.
     """
     if not _distributed():
         return 1.0
-    total = torch.tensor([float(count)], dtype=torch.float64, device=device)
+    local = torch.as_tensor(count, dtype=torch.float32, device=device)
+    total = local.clone()
     dist.all_reduce(total)
-    return dist.get_world_size() * float(count) / float(total) if float(total) > 0 else 1.0
+    return dist.get_world_size() * local / total.clamp(min=1.0)  # no rank has any: 0, the loss is 0 anyway
 
 
 def gather_from_ranks(obj: Any) -> list[Any]:

@@ -123,6 +123,21 @@ def _logs_to_a_folder(settings) -> bool:
     return all(arg in parameters for arg in LOGGER_FOLDER_ARGS)
 
 
+def _is_model_checkpoint(class_path: object) -> bool:
+    """Whether ``class_path`` names Lightning's `ModelCheckpoint` or a subclass of it
+    (PPO's `PPOCheckpoint`)."""
+    if not isinstance(class_path, str):
+        return False
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False  # the stage's own parse named the class; nothing to move here
+    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
+
+
 def _checkpoints_under(settings, folder: Path) -> list[dict] | None:
     """The stage's callbacks with the ``dirpath`` of each `ModelCheckpoint` that names
     one moved to ``folder/checkpoints`` (a second to ``checkpoints-2``, ...); None when
@@ -136,7 +151,7 @@ def _checkpoints_under(settings, folder: Path) -> list[dict] | None:
     for callback in callbacks:
         entry = callback.as_dict() if hasattr(callback, "as_dict") else callback
         init_args = entry.get("init_args") if isinstance(entry, dict) else None
-        if isinstance(init_args, dict) and init_args.get("dirpath") and str(entry.get("class_path")).endswith(".ModelCheckpoint"):
+        if isinstance(init_args, dict) and init_args.get("dirpath") and _is_model_checkpoint(entry.get("class_path")):
             moved += 1
             name = "checkpoints" if moved == 1 else f"checkpoints-{moved}"
             entry = {**entry, "init_args": {**init_args, "dirpath": str(folder / name)}}

@@ -68,7 +68,7 @@ class UpdatePhase:
             # weighted by its share of the minibatch's tokens, the averaged gradient is
             # that of the mean over every rank's tokens, as in one process.
             loss, stats = self.minibatch_loss(rollout, idx)
-            backward(loss * share_of_global_mean(rollout.mask[idx].sum().item(), loss.device))
+            backward(loss * share_of_global_mean(rollout.mask[idx].sum(), loss.device))
             return stats
         if not self.has_critic or self.value_head_kind != "adapter":
             loss, stats = self.minibatch_loss(rollout, idx)
