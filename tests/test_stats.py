@@ -257,3 +257,18 @@ def test_cluster_bootstrap_pearson():
     b = -0.5 * a + rng.normal(size=300)
     low, high = cluster_bootstrap_pearson(a, b, groups=list(range(300)), n_boot=500)
     assert low < pearson(a, b).r < high < 0
+
+
+def test_a_nan_score_is_left_out_of_a_paired_test_not_made_significant():
+    from ucai.stages.paired_tests import paired_differences
+
+    # Ten prompts where A − B is +1, −1 alternately (no shift), and one more prompt whose
+    # A score is NaN (an empty answer's judge score): NaN compares false with every
+    # pattern's statistic, which gave p = 0 and "significant".
+    assert math.isnan(sign_flip_test([1.0, float("nan"), -1.0]).p)
+    scores = [{"model": "a", "id": str(i), "judge": 0.5 + (0.5 if i % 2 else -0.5)} for i in range(10)]
+    scores += [{"model": "b", "id": str(i), "judge": 0.5} for i in range(11)]
+    scores.append({"model": "a", "id": "10", "judge": float("nan")})
+    [entry], family = paired_differences(scores, [("a", "b", "judge")], "the test")
+    assert entry["n"] == 10 and entry["diff"] == pytest.approx(0.0)
+    assert entry["p"] == 1.0 and not entry["significant"]

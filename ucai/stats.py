@@ -328,8 +328,10 @@ def sign_flip_test(
     data = np.asarray(diffs, dtype=float)
     sums, sizes = _group_sums(data, groups)
     n = int(sums.size)
-    if n == 0:
-        return SignFlipResult(math.nan, math.nan, math.nan, math.nan, confidence, 0, True)
+    # No test on a non-finite difference: NaN compares false with everything, which
+    # would count no pattern as extreme and give p = 0 (callers drop such pairs first).
+    if n == 0 or not np.isfinite(data).all():
+        return SignFlipResult(math.nan, math.nan, math.nan, math.nan, confidence, n, True)
     mean = float(sums.sum() / sizes.sum())
     exact = n <= exact_max
     if exact:

@@ -34,10 +34,12 @@ def paired_differences(
     by_key = {(r["model"], r["id"]): r for r in scores}
     tests = []
     for a, b, column in family_tests:
+        # A prompt counts where both scores are numbers: a NaN (an empty answer's judge
+        # score) would make every sign pattern compare false, p 0, and "significant".
         ids = [
             r["id"] for r in scores
             if r["model"] == a and (b, r["id"]) in by_key
-            and r.get(column) is not None and by_key[(b, r["id"])].get(column) is not None
+            and _finite(r.get(column)) and _finite(by_key[(b, r["id"])].get(column))
         ]
         if not ids:
             continue
@@ -84,3 +86,6 @@ def paired_differences(
     }
     return out, family
 
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
