@@ -279,7 +279,10 @@ def test_tiny_evaluation_writes_scores_pairwise_and_report(tmp_path, run_cli, mo
     assert summary["reference_kl"]["rl_ethical"]["mean"] == pytest.approx(0.0, abs=1e-5)
     assert summary["train_vs_heldout"]["rl_ethical"]["train"]["n"] == 2
     assert summary["train_vs_heldout"]["rl_ethical"]["heldout"]["n"] == 4
-    assert [(d["a"], d["b"], d["column"]) for d in summary["algorithm_differences"]] == [("rl_ethical", "sl_ethical", "rm_ethical")]
+    # Its one test, rl_ethical vs sl_ethical, is the primary family's: corrected there
+    # alone, not a second time (with a second verdict) in the algorithm family.
+    assert summary["algorithm_differences"] == []
+    assert "| rl_ethical | PPO |" in report
     assert [p["model"] for p in summary["frontier"]["ethical"]] == ["sl_ethical", "rl_ethical"]
     assert "## RL algorithms (n = 4 held-out prompts)" in report and "frontier.png" in report
     assert (out / "frontier.png").stat().st_size > 1000

@@ -154,15 +154,21 @@ def test_report_section_and_sentences_claim_only_corrected_gains(tmp_path):
         },
     }
     sentences = what_algorithms_show(summary)
-    # PPO's unethical gain does not survive correction; DPO's gains both do, so DPO has the
-    # larger smaller-side gain (0.06 against 0.02); the head-to-head test did not reject.
-    assert sentences[0].startswith("PPO adds to SL on the ethical side only")
+    # PPO's unethical gain does not survive correction; DPO's gains both do; the
+    # head-to-head test did not reject, so no algorithm is ranked above the other.
+    assert sentences[0].startswith("PPO adds to SL on the ethical side; this run does not show a gain on the other")
+    assert sentences[0].endswith("n = 82 prompts).")
     assert sentences[1].startswith("DPO adds to SL on both sides")
-    assert "is DPO's" in sentences[2]
-    assert sentences[3] == "No two algorithms differ on a side's own reward model after correction (1 test)."
-    # The larger smaller-side gain is named only where it survives correction on both sides.
-    summary["algorithm_differences"][3] = _test("dpo_unethical", "sl_unethical", "rm_unethical", 0.06, False, 0.2)
-    assert not any("largest" in sentence for sentence in what_algorithms_show(summary))
+    assert sentences[2] == "This run does not show two algorithms differing on a side's own reward model after correction (1 test)."
+    assert len(sentences) == 3 and not any("largest" in sentence for sentence in sentences)
+    # A significant loss is said, not hidden among "no gain".
+    summary["algorithm_differences"][1] = _test("rl_unethical", "sl_unethical", "rm_unethical", -0.05, True, 0.01)
+    assert what_algorithms_show(summary)[0].startswith(
+        "PPO adds to SL on the ethical side; this run does not show a gain on the other, and falls below SL on the unethical side"
+    )
+    # A test the primary family holds is read from there, where it was corrected alone.
+    summary["differences"] = [_test("rl_unethical", "sl_unethical", "rm_unethical", 0.02, True, 0.03)]
+    assert "unethical +0.020 (adjusted p 0.030)" in what_algorithms_show(summary)[0]
     lines = "\n".join(algorithm_section(summary, plot_frontier(summary, tmp_path / "frontier.png")))
     assert "| rl_ethical | PPO | 0.600 | 3.00 [2.50, 3.50] | +0.100 [0.050, 0.150] | 0.001 | +0.300 [0.200, 0.400] (n = 82) |" in lines
     assert "| dpo_unethical | DPO |" in lines and "5 tests: the algorithm family" in lines

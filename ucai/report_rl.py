@@ -20,11 +20,22 @@ def _side(name: str) -> str:
     return "unethical" if name.endswith("_unethical") else "ethical"
 
 
+def _algorithm_tests(summary: dict) -> list[dict]:
+    """The corrected tests between the evaluated RL and SL models: the algorithm
+    family's, and those of the primary family it leaves there (``primary: True``; the
+    report's ``rl_<side>`` against its SL model and against the other side)."""
+    names = set(summary.get("algorithms") or {})
+    primary = [{**d, "primary": True} for d in summary.get("differences", [])
+               if d["a"] in names and (d["b"] in names or d["b"] == f"sl_{_side(d['a'])}") and d["column"].startswith("rm_")]
+    held = {(d["a"], d["b"], d["column"]) for d in primary}
+    return [*primary, *(d for d in summary.get("algorithm_differences", []) if (d["a"], d["b"], d["column"]) not in held)]
+
+
 def _gain_tests(summary: dict) -> dict[str, dict]:
     """RL model -> its corrected test against the side's SL model on the side's RM."""
     return {
         d["a"]: d
-        for d in summary.get("algorithm_differences", [])
+        for d in _algorithm_tests(summary)
         if d["b"] == f"sl_{_side(d['a'])}" and d["column"] == f"rm_{_side(d['a'])}"
     }
 
@@ -102,21 +113,28 @@ def algorithm_section(summary: dict, frontier_plot: Path | None) -> list[str]:
         ["model", "algorithm", "own rm", "KL to SL [95% CI]", "held-out gain over SL [corrected CI]", "adjusted p", "train-prompt gain [95% CI]"],
         algorithm_rows(summary),
     )
-    sides = [d for d in summary.get("algorithm_differences", []) if d["b"] != f"sl_{_side(d['a'])}"]
+    sides = [d for d in _algorithm_tests(summary) if d["b"] != f"sl_{_side(d['a'])}"]
     if sides:
-        lines += ["", "Each algorithm's ethical vs unethical model, and the algorithms of one side against each other (same family):", ""]
+        lines += ["", "Each algorithm's ethical vs unethical model, and the algorithms of one side against each other "
+                  "(same family; † corrected in the primary family):", ""]
         lines += table(
             ["A − B", "scorer", "n", "mean(A − B)", "corrected CI", "adjusted p"],
-            [[f"{d['a']} − {d['b']}", d["column"], str(d["n"]), fmt(d["diff"]), interval(d["low"], d["high"]), p_value(d["p_adjusted"])] for d in sides],
+            [[f"{d['a']} − {d['b']}{' †' if d.get('primary') else ''}", d["column"], str(d["n"]), fmt(d["diff"]),
+              interval(d["low"], d["high"]), p_value(d["p_adjusted"])] for d in sides],
         )
     title = "Reward–KL frontier (held-out)"
     lines += ["", f"![{title}]({frontier_plot.name})" if frontier_plot else f"_{title}: no KL measured._"]
     return lines
 
 
+def _n(tests: dict[str, dict]) -> str:
+    """The tests' n, once where they share it."""
+    return " and ".join(sorted({str(t["n"]) for t in tests.values()}, key=int))
+
+
 def what_algorithms_show(summary: dict) -> list[str]:
     """Sentences on whether RL added to SL on both sides, for each algorithm, and which
-    gained more; only what the corrected tests support."""
+    algorithms the head-to-head tests separate; only what the corrected tests support."""
     algorithms = summary.get("algorithms") or {}
     tests = _gain_tests(summary)
     by_algorithm: dict[str, dict[str, dict]] = {}
@@ -124,30 +142,25 @@ def what_algorithms_show(summary: dict) -> list[str]:
         if name in tests:
             by_algorithm.setdefault(algorithm, {})[_side(name)] = tests[name]
     out = []
-    both = []
     for algorithm, sides in by_algorithm.items():
         label = ALGORITHM_NAMES.get(algorithm, algorithm)
         parts = [f"{side} {signed(t['diff'])} (adjusted p {p_value(t['p_adjusted'])})" for side, t in sides.items()]
         significant = [side for side, t in sides.items() if t["significant"] and t["diff"] > 0]
+        below = [side for side, t in sides.items() if t["significant"] and t["diff"] < 0]
         if len(significant) == len(sides) == 2:
-            both.append(algorithm)
             verdict = "adds to SL on both sides"
         elif significant:
-            verdict = f"adds to SL on the {' and '.join(significant)} side only"
+            verdict = f"adds to SL on the {' and '.join(significant)} side"
+            if len(sides) == 2:
+                verdict += "; this run does not show a gain on the other"
         else:
             verdict = "shows no gain over SL that survives correction"
-        out.append(f"{label} {verdict} (held-out gain on the side's own reward model: {', '.join(parts)}).")
+        if below:
+            verdict += f", and falls below SL on the {' and '.join(below)} side"
+        out.append(f"{label} {verdict} (held-out gain on the side's own reward model: {', '.join(parts)}, n = {_n(sides)} prompts).")
     if len(by_algorithm) > 1:
-        complete = {a: s for a, s in by_algorithm.items() if len(s) == 2}
-        if complete:
-            best = max(complete, key=lambda a: min(t["diff"] for t in complete[a].values()))
-            # Named only where its gains survive correction on both sides: a largest of
-            # gains that may all be noise ranks nothing.
-            if best in both:
-                out.append(
-                    f"The largest held-out gain on both sides (the larger of each algorithm's smaller side gain) is "
-                    f"{ALGORITHM_NAMES.get(best, best)}'s (point estimates; the head-to-head tests say whether it is separated)."
-                )
+        # Algorithms are ranked only by their head-to-head tests (below), never by the
+        # point estimates of their gains.
         head_to_head = [
             d for d in summary.get("algorithm_differences", [])
             if d["a"] in algorithms and d["b"] in algorithms and _side(d["a"]) == _side(d["b"]) and d["b"] != d["a"]
@@ -155,7 +168,8 @@ def what_algorithms_show(summary: dict) -> list[str]:
         ]
         separated = [d for d in head_to_head if d["significant"]]
         if head_to_head and not separated:
-            out.append(f"No two algorithms differ on a side's own reward model after correction ({count(len(head_to_head), 'test')}).")
+            out.append(f"This run does not show two algorithms differing on a side's own reward model after correction "
+                       f"({count(len(head_to_head), 'test')}).")
         for d in separated:
             out.append(f"{d['a']} − {d['b']} on {d['column']}: {signed(d['diff'])} (adjusted p {p_value(d['p_adjusted'])}).")
     return out

@@ -123,11 +123,15 @@ class AlgorithmPhase:
                 if (name, reference) in all_kls:
                     kls[name] = all_kls[(name, reference)]
         columns = [k for k in scores[0] if k.startswith("rm_")]
+        # A test of the primary family (rl_<side> vs sl_<side>, rl_ethical vs
+        # rl_unethical) stays there alone: corrected twice, it had two verdicts.
+        primary = set(self.comparison_family(columns))
         differences, family = self.differences(
             scores,
-            algorithm_family(self.models, self.algorithms, columns),
-            "each RL model vs its side's SL model on that side's reward model, and each algorithm's ethical"
-            " vs unethical model on both reward models",
+            [test for test in algorithm_family(self.models, self.algorithms, columns) if test not in primary],
+            "each RL model vs its side's SL model on that side's reward model, each algorithm's ethical"
+            " vs unethical model on both reward models, and the algorithms of one side against each other on"
+            " that side's reward model (tests of the primary family are corrected there only)",
         )
         gains = {}  # only with train-prompt answers: the held-out gain alone is in the family
         for name in self.algorithms if train_scores else ():
