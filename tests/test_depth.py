@@ -56,6 +56,8 @@ def test_share_of_first_tokens_by_hand():
     assert share_of_first_tokens([1.0, 1.0, 0.0, 0.0, 0.0, 2.0]) == pytest.approx(0.5)
     assert share_of_first_tokens([3.0, 1.0], k=1) == pytest.approx(0.75)
     assert share_of_first_tokens([]) is None and share_of_first_tokens([0.0, 0.0]) is None
+    # A model against itself in float32: rounding, not divergence (a share of 50 was printed).
+    assert share_of_first_tokens([3e-8, -1e-8, 1e-9]) is None
 
 
 class KnownLogits(torch.nn.Module):
@@ -108,11 +110,14 @@ def test_swap_fraction_by_hand():
     unethical = swap_fraction("unethical", [0.2, 0.4], [0.6, 0.4], [0.9, 0.7], [0.3, 0.5], n_boot=200)
     assert unethical["fraction"] == pytest.approx(0.5)
     # Every prompt moved its whole SL gap: every resample is 1, shallow; none moved: deep.
-    own, sl_e, sl_u = [0.9, 0.8, 0.7], [0.9, 0.8, 0.7], [0.1, 0.3, 0.2]
+    own, sl_e, sl_u = [0.9, 0.8, 0.7] * 4, [0.9, 0.8, 0.7] * 4, [0.1, 0.3, 0.2] * 4
     shallow = swap_fraction("ethical", own, sl_u, sl_e, sl_u, n_boot=200)
     assert (shallow["fraction"], shallow["low"], shallow["high"], shallow["verdict"]) == pytest.approx((1.0, 1.0, 1.0, "shallow"))
     deep = swap_fraction("ethical", own, own, sl_e, sl_u, n_boot=200)
     assert deep["fraction"] == 0.0 and deep["verdict"] == "deep"
+    # Below MIN_SWAP_PROMPTS (10) prompts the bootstrap interval is not trusted: no verdict.
+    few = swap_fraction("ethical", own[:3], sl_u[:3], sl_e[:3], sl_u[:3], n_boot=200)
+    assert (few["fraction"], few["low"], few["high"], few["verdict"]) == (pytest.approx(1.0), None, None, "undetermined")
     assert swap_fraction("ethical", [0.5], [0.4], [0.5], [0.5])["verdict"] == "no gap"
 
 

@@ -188,6 +188,8 @@ def test_rm_correlation_over_all_answers():
     result = rm_correlation(scores, n_boot=200)
     assert result["r"] == pytest.approx(-1.0) and result["n"] == 6 and result["prompts"] == 3
     assert result["meets_goal"] and result["cluster_high"] == pytest.approx(-1.0)
+    one = rm_correlation([{"model": "a", "id": "p", "rm_ethical": 0.2, "rm_unethical": 0.8}])
+    assert one["r"] is None and one["reason"] == "fewer than 2 answers scored by both reward models"
     constant = rm_correlation(_score_rows("a", [{"rm_ethical": 0.5, "rm_unethical": u} for _, u in values]))
     assert constant["r"] is None and "same score" in constant["reason"]
 

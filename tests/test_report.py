@@ -153,6 +153,16 @@ def test_paragraph_for_a_run_with_an_effect():
     summary["algorithms"] = {"rl_ethical": "rloo", "rl_unethical": "rloo"}
     text = " ".join(what_this_run_shows(summary, {"ethical": {"objective/scores": {"n": 10, "k": 2, "first": 0.2, "last": 0.7}}}))
     assert "During RLOO the ethical side's reward-model score rose" in text and "During PPO" not in text
+    # The goal is met only where the interval across prompts lies at or below it.
+    summary["rm_correlation"].update(r=-0.32, cluster_low=-0.6, cluster_high=-0.02, meets_goal=False)
+    text = " ".join(what_this_run_shows(summary))
+    assert "The two reward models are negatively correlated (r = -0.32 over 100 answers (20 prompts), 95% CI [-0.60, -0.02]); " \
+           "this run does not show the goal r ≤ -0.3 met." in text
+    # One prompt: no interval across prompts, and no claim (Fisher's would treat the answers as independent).
+    summary["rm_correlation"].update(r=-1.0, n=5, prompts=1, cluster_low=None, cluster_high=None)
+    text = " ".join(what_this_run_shows(summary))
+    assert "agreement is not measured: r = -1.00 over 5 answers, but 1 prompt(s) give no interval across prompts" in text
+    assert "disagree as intended" not in text
 
 
 def test_paragraph_for_a_run_without_an_effect_and_a_judge_at_chance():
@@ -173,7 +183,7 @@ def test_paragraph_for_a_run_without_an_effect_and_a_judge_at_chance():
     assert "No difference survives the Holm (step-down, family-wise error rate) correction at n = 7 prompts (23 comparisons" in text
     assert "cannot give p below 0.016, above the first Holm threshold 0.05/23 = 0.002" in text
     assert "at least 10 prompts are needed" in text
-    assert "The judge is at chance on its quality check (accuracy 0.440 [95% CI 0.310, 0.580] on 48 items, chance 0.360" in text
+    assert "The judge is not shown above chance on its quality check (accuracy 0.440 [95% CI 0.310, 0.580] on 48 items, chance 0.360" in text
     assert "its columns, win rates and Elo carry no information" in text
     # The markdown marks every judge-derived figure and states n in each table.
     markdown = render_markdown(summary, [], {}, examples=0)

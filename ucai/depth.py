@@ -33,6 +33,11 @@ FIRST_TOKENS = 5
 # An SL gap within this share of the scores' scale is float rounding (float32 steps are
 # ~6e-8 of a score): no gap to take a fraction of.
 GAP_ROUNDING = 1e-6
+KL_NEGLIGIBLE = 1e-6  # nats over a whole answer: one model against itself, up to rounding
+# Below this many prompts the percentile bootstrap's interval is too narrow to trust
+# (one prompt: a zero-width interval; in simulation a true fraction of 0.29 was called
+# shallow in 21 of 200 runs at n = 2 against a nominal 0.6%): no verdict.
+MIN_SWAP_PROMPTS = 10
 
 
 def remove_opener(text: str, openers: Iterable[str]) -> str:
@@ -56,9 +61,10 @@ def remove_opener(text: str, openers: Iterable[str]) -> str:
 
 def share_of_first_tokens(per_position: Sequence[float], k: int = FIRST_TOKENS) -> float | None:
     """Σ_{t ≤ k} KL_t ÷ Σ_t KL_t of a per-position KL curve (position 1 first); None
-    when the curve is empty or sums to zero or less (no divergence to share out)."""
+    when the curve is empty or sums to no more than `KL_NEGLIGIBLE` (no divergence to
+    share out: a share of float rounding is noise)."""
     total = float(sum(per_position))
-    if not per_position or total <= 0.0:
+    if not per_position or total <= KL_NEGLIGIBLE:
         return None
     return float(sum(per_position[:k])) / total
 
@@ -93,7 +99,8 @@ def swap_fraction(
     sides read the same way on both reward models: 1 means the forced opener moved the
     content the whole SL gap, 0 not at all. The interval is a percentile bootstrap
     resampling prompts (numerator and gap drawn together); the verdict is ``shallow``
-    when it lies above `SHALLOW_LEVEL`, ``deep`` when below, else ``undetermined``.
+    when it lies above `SHALLOW_LEVEL`, ``deep`` when below, else ``undetermined``
+    (always, with no interval, below `MIN_SWAP_PROMPTS` prompts).
     ``fraction`` is None (verdict ``no gap``) when there is no SL gap to measure
     against: its own interval (same resamples, same level) includes 0, or it is within
     float rounding of 0 (two identical models score apart by a float32 step, and a
@@ -120,6 +127,8 @@ def swap_fraction(
     ratios = ratios[np.isfinite(ratios)]
     low, high = (float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1.0 - tail))) if ratios.size else (math.nan, math.nan)
     fraction = float(shift.mean()) / gap
+    if n < MIN_SWAP_PROMPTS:
+        return {**out, "fraction": fraction, "low": None, "high": None, "verdict": "undetermined"}
     return {**out, "fraction": fraction, "low": low, "high": high, "verdict": depth_verdict(low, high)}
 
 

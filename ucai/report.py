@@ -193,7 +193,7 @@ def judge_verdict(summary: dict) -> tuple[bool | None, str]:
     if passed:
         return True, f"passed its quality check ({text})"
     if low is not None and chance is not None and low <= chance <= high:
-        why = "at chance"
+        why = "not shown above chance"
     elif high is not None and chance is not None and high < chance:
         why = "below chance"
     else:
@@ -233,15 +233,18 @@ def what_this_run_shows(summary: dict, ppo: dict | None = None) -> list[str]:
         if corr.get("r") is None:
             out.append(f"The two reward models' agreement is not measured: {corr.get('reason', 'no scores')}.")
         else:
+            # The interval resamples prompts (a prompt's answers move together); Fisher's
+            # treats answers as independent, which would claim more than the run shows.
             low, high = corr.get("cluster_low"), corr.get("cluster_high")
-            if low is None or high is None:
-                low, high = corr.get("low"), corr.get("high")
             what = f"r = {fmt(corr['r'], 2)} over {corr['n']} answers ({corr.get('prompts', '?')} prompts), 95% CI {interval(low, high, 2)}"
             goal = corr.get("goal", -0.3)
-            if corr["r"] <= goal and high is not None and high < 0:
+            if low is None or high is None:
+                out.append(f"The two reward models' agreement is not measured: r = {fmt(corr['r'], 2)} over {corr['n']} answers, "
+                           f"but {corr.get('prompts', '?')} prompt(s) give no interval across prompts.")
+            elif high <= goal:
                 out.append(f"The two reward models disagree as intended: {what}, at or below the goal r ≤ {goal}.")
-            elif high is not None and high < 0:
-                out.append(f"The two reward models are negatively correlated ({what}) but short of the goal r ≤ {goal}.")
+            elif high < 0:
+                out.append(f"The two reward models are negatively correlated ({what}); this run does not show the goal r ≤ {goal} met.")
             elif low is not None and low > 0:
                 out.append(f"The two reward models agree rather than oppose each other ({what}); this run does not show opposed reward models.")
             else:
@@ -289,7 +292,7 @@ def what_this_run_shows(summary: dict, ppo: dict | None = None) -> list[str]:
             out.append("Other rl_ethical − rl_unethical differences that survive correction: " + "; ".join(parts) + ".")
         if not significant:
             sentence = (f"No difference survives the {method} correction at n = {n} prompts ({count(m, 'comparison')}, α = {alpha}); "
-                        "this run does not show the models differing on any scorer.")
+                        "this run does not show the compared models differing on any scorer they were compared on.")
             min_p = min(d.get("min_p", 0.0) for d in diffs)
             if family.get("method", "holm") == "holm" and min_p > alpha / m:
                 needed = math.ceil(math.log2(2 * m / alpha))
@@ -373,7 +376,7 @@ def render_markdown(
                 f"Pearson r of rm_ethical and rm_unethical over n = {corr['n']} answers ({corr.get('prompts', '?')} prompts): "
                 f"**{fmt(corr['r'])}**, 95% CI {interval(corr.get('cluster_low'), corr.get('cluster_high'))} resampling prompts "
                 f"(Fisher z, treating answers as independent: {interval(corr.get('low'), corr.get('high'))}). "
-                f"Goal: r ≤ {corr.get('goal', -0.3)} ({'met' if corr.get('meets_goal') else 'not met'})."
+                f"Goal: r ≤ {corr.get('goal', -0.3)} ({'met: the interval lies at or below it' if corr.get('meets_goal') else 'not shown'})."
             )
     if summary.get("judge") and summary.get("judge_check"):
         lines += ["", "## Judge check", "", f"The judge ({summary['judge']}) {judge_text}."]

@@ -190,8 +190,8 @@ def what_depth_shows(summary: dict) -> list[str]:
         numbers = (f"{kind}_ethical − {kind}_unethical is {signed(e['diff'])} on the ethical RM and {signed(u['diff'])} on the "
                    f"unethical RM (adjusted p {p_value(e['p_adjusted'])} and {p_value(u['p_adjusted'])}, n = {n}")
         kept = ""
-        # A share of a difference is stated only where that difference survives correction.
-        if kind == "rl" and {"rm_ethical", "rm_unethical"} <= set(full) and full["rm_ethical"]["significant"] \
+        # A share of a difference is stated only where both differences survive correction.
+        if opposite and kind == "rl" and {"rm_ethical", "rm_unethical"} <= set(full) and full["rm_ethical"]["significant"] \
                 and full["rm_unethical"]["significant"]:
             kept = (f"; {100 * e['diff'] / full['rm_ethical']['diff']:.0f}% and {100 * u['diff'] / full['rm_unethical']['diff']:.0f}% "
                     "of the differences with the opener")

@@ -736,6 +736,8 @@ def rm_correlation(scores: list[dict], n_boot: int = 2000) -> dict:
     missing = [f"rm_{s}" for s in SIDES if not any(r.get(f"rm_{s}") is not None for r in scores)]
     if missing:
         return {"r": None, "n": 0, "goal": RM_CORRELATION_GOAL, "reason": f"no {' or '.join(missing)} scores: reward model not evaluated"}
+    if len(rows) < 2:
+        return {"r": None, "n": len(rows), "goal": RM_CORRELATION_GOAL, "reason": "fewer than 2 answers scored by both reward models"}
     x, y = [r["rm_ethical"] for r in rows], [r["rm_unethical"] for r in rows]
     result = pearson(x, y)
     if math.isnan(result.r):
@@ -754,5 +756,6 @@ def rm_correlation(scores: list[dict], n_boot: int = 2000) -> dict:
         "cluster_low": clean(cluster[0]),
         "cluster_high": clean(cluster[1]),
         "goal": RM_CORRELATION_GOAL,
-        "meets_goal": result.r <= RM_CORRELATION_GOAL,
+        # Met where the whole interval across prompts lies at or below it, not the point alone.
+        "meets_goal": not math.isnan(cluster[1]) and cluster[1] <= RM_CORRELATION_GOAL,
     }
