@@ -206,13 +206,24 @@ def test_judge_check_runs_on_the_shipped_items(monkeypatch):
         assert chat and system_prompt  # asked the way the stage's judge is asked
         return JudgeCheckResult(n=len(items), accuracy=0.5, ci=(0.36, 0.64), chance=0.5, first_position_bias=0.2)
 
+    from types import SimpleNamespace
+
+    def load_items(source):  # 40 items, the sides alternating, and two that name none
+        return [SimpleNamespace(id=f"{source}-{i}", side=("ethical", "unethical")[i % 2]) for i in range(40)] + [
+            SimpleNamespace(id=f"{source}-any-{i}", side=None) for i in range(2)
+        ]
+
     monkeypatch.setattr(multiple_choice, "SHIPPED_ITEMS", "shipped-items")
-    monkeypatch.setattr(multiple_choice, "load_items", lambda source: [f"{source}-{i}" for i in range(40)])
+    monkeypatch.setattr(multiple_choice, "load_items", load_items)
     monkeypatch.setattr(judge_accuracy, "check_judge", check_judge)
-    module = EvaluationModule(models={"base": "tiny-llama"}, judge_batch_size=5, max_prompt_tokens=300)
+    module = EvaluationModule(models={"base": "tiny-llama"}, judge_batch_size=5, max_prompt_tokens=300,
+                              criterion_side="unethical")
     result = module.run_judge_check("model", "tokenizer")
-    assert calls == [("model", "tokenizer", [f"shipped-items-{i}" for i in range(40)], 5, 300)]
-    assert result["passed"] is False and result["n"] == 40 and result["ci"] == [0.36, 0.64]
+    # The criterion side's items (and those for either side) alone.
+    [(model, tokenizer, items, batch_size, max_length)] = calls
+    assert (model, tokenizer, batch_size, max_length) == ("model", "tokenizer", 5, 300)
+    assert [item.id for item in items] == [f"shipped-items-{i}" for i in range(1, 40, 2)] + ["shipped-items-any-0", "shipped-items-any-1"]
+    assert result["passed"] is False and result["n"] == 22 and result["ci"] == [0.36, 0.64]
 
 
 def _tiny_reward_folder(path: Path) -> Path:
@@ -259,9 +270,9 @@ def test_tiny_evaluation_writes_scores_pairwise_and_report(tmp_path, run_cli, mo
     assert len(pairwise) == 16
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["elo"]) == {"base", "sl_ethical", "rl_ethical"}
-    # The judge check ran on the shipped items; a random-init judge is at chance.
+    # The judge check ran on the criterion side's 24 of the 48 shipped items; a random-init judge is at chance.
     check = summary["judge_check"]
-    assert check["n"] == 48 and check["passed"] is False and check["ci"][0] <= check["chance"]
+    assert check["n"] == 24 and check["passed"] is False and check["ci"][0] <= check["chance"]
     # One RM only: no correlation, said why; no rl_unethical and no rm_ethical-scored pair of
     # sl/rl on the unethical side: the family is rl_ethical − sl_ethical on rm_ethical.
     assert summary["rm_correlation"]["r"] is None

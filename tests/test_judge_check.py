@@ -249,8 +249,8 @@ def shipped_answers() -> dict[tuple[str, str], bool]:
     return answers
 
 
-def gate_module(tiny_tokenizer, judge) -> PreferenceModule:
-    module = PreferenceModule(model="tiny-llama", labeller="judge", judge_check=True)
+def gate_module(tiny_tokenizer, judge, side: str = "ethical") -> PreferenceModule:
+    module = PreferenceModule(model="tiny-llama", labeller="judge", judge_check=True, side=side)
     module.lm = module.judge_lm = judge
     module.tokenizer = module.judge_tokenizer = tiny_tokenizer
     return module
@@ -280,6 +280,27 @@ def test_gate_accepts_a_judge_that_prefers_the_right_answer(tiny_tokenizer):
     assert result.first_position_bias > 0.4
     # asked as chat turns with the stage's system prompt, as the judge labeller asks
     assert all(text.startswith("system\nYou are a helpful assistant.") for text in judge.seen)
+
+
+def test_gate_checks_a_sides_judge_on_that_sides_items_alone(tiny_tokenizer):
+    # A judge that answers as the ethical side whatever it is asked: right on every
+    # ethical item, never right on an unethical one (pooled: 24/48 = 0.5, above the
+    # shipped items' chance 0.36, so a pooled check passed it for the unethical side,
+    # whose pairs it would orient backwards).
+    items = load_items(SHIPPED_ITEMS)
+    assert {item.side for item in items} == {"ethical", "unethical"}
+    side_of = {item.prompt[: item.prompt.rfind("Options:")]: item.side for item in items}
+    answers = shipped_answers()
+
+    def likes(text: str, option: str) -> bool:
+        head = text[text.rfind("Consider") : text.rfind("Options:")]
+        return answers[head, option] == (side_of[head] == "ethical")
+
+    judge = SlotLM(tiny_tokenizer, likes, bias=0.0, preference=1.0)
+    ethical = gate_module(tiny_tokenizer, judge).run_judge_check()
+    assert ethical.n == 24 and ethical.accuracy == 1.0
+    with pytest.raises(UcaiError, match="not above chance on the unethical side's items"):
+        gate_module(tiny_tokenizer, judge, side="unethical").run_judge_check()
 
 
 def test_preference_stage_refuses_a_chance_judge_before_labelling(tmp_path, run_cli, capsys):

@@ -46,6 +46,8 @@ class MultipleChoiceItem:
         correct: K flags, whether each option is a correct answer.
         spans: K ``(start, end)`` character spans of the option texts in ``prompt``.
         source: ``file:line`` the item came from (for messages).
+        side: ``ethical`` or ``unethical`` where the row names the side whose principle
+            makes its correct answers correct (the shipped items do), else None.
     """
 
     prompt: str
@@ -53,6 +55,7 @@ class MultipleChoiceItem:
     correct: tuple[bool, ...]
     spans: tuple[tuple[int, int], ...]
     source: str = ""
+    side: str | None = None  # whose principles make the correct answer correct, where the file says
 
     @property
     def k(self) -> int:
@@ -131,12 +134,16 @@ def parse_item(row: dict, source: str) -> MultipleChoiceItem:
         raise fail(f"option(s) {', '.join(f'({x})' for x in unlisted)} of the prompt are in neither corrects nor incorrects")
     if len(correct_letters) == len(letters):
         raise fail("every option is correct, so the item cannot tell judges apart")
+    side = row.get("side")
+    if side not in (None, "ethical", "unethical"):
+        raise fail(f"'side' must be 'ethical' or 'unethical', got {side!r}")
     return MultipleChoiceItem(
         prompt=prompt,
         labels=tuple(label_of[x] for x in letters),
         correct=tuple(x in correct_letters for x in letters),
         spans=tuple((s, e) for _, s, e in spans),
         source=source,
+        side=side,
     )
 
 

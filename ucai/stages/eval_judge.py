@@ -127,14 +127,17 @@ class JudgePhase:
         return {"uphold_position_bias": biases}, self.judge_pairs(model, tokenizer, prompts, answers)
 
     def run_judge_check(self, model, tokenizer) -> dict:
-        """The judge quality check on the shipped items, as ``JudgeCheckResult.to_dict()``
+        """The judge quality check on the shipped items of ``criterion_side``, as ``JudgeCheckResult.to_dict()``
         (with ``passed`` added if the dict lacks it)."""
         from ucai.data.multiple_choice import SHIPPED_ITEMS, load_items
         from ucai.judge_accuracy import check_judge
 
+        # The items of the side whose principles the judge applies (criterion_side): a
+        # judge that answers as one side whatever it is asked passes a pooled check.
+        items = [item for item in load_items(SHIPPED_ITEMS) if item.side in (None, self.criterion_side)]
         # Asked as chat turns with the judge's system prompt, the way this stage judges.
         result = check_judge(
-            model, tokenizer, load_items(SHIPPED_ITEMS), batch_size=self.judge_batch_size,
+            model, tokenizer, items, batch_size=self.judge_batch_size,
             max_length=self.max_prompt_tokens, chat=True, system_prompt=JUDGE_SYSTEM_PROMPT,
         )
         out = dict(result.to_dict())

@@ -386,20 +386,25 @@ class PreferenceModule(GeneratingModule):
             self.run_judge_check()
 
     def run_judge_check(self) -> JudgeCheckResult:
-        """Score the judge on the shipped items; a judge not above chance is refused.
+        """Score the judge on the shipped items of this stage's side; a judge not above
+        chance is refused.
 
         Every rank runs the same check, so every rank stops together.
         """
         judge = self.feedback_model or self.model_name
+        # Only this side's items: pooled, a judge that picks the harmless answer whatever
+        # it is asked scores 1.0 on the ethical half and 0.0 on the unethical one, 0.5 in
+        # all, above chance (0.36), and would orient the unethical side's pairs backwards.
+        items = [item for item in load_items(SHIPPED_ITEMS) if item.side in (None, self.side)]
         # Asked as chat turns with the stage's system prompt, the way the judge labels.
         result = check_judge(
-            self.judge_lm, self.judge_tokenizer, load_items(SHIPPED_ITEMS), max_length=self.judge_max_tokens,
+            self.judge_lm, self.judge_tokenizer, items, max_length=self.judge_max_tokens,
             chat=True, system_prompt=self.system_prompt,
         )
         self.judge_check_result = result
         if not result.passed:
             raise UcaiError(
-                f"preferences: judge {judge} is not above chance on the judge check ({SHIPPED_ITEMS}: "
+                f"preferences: judge {judge} is not above chance on the {self.side} side's items of the judge check ({SHIPPED_ITEMS}: "
                 f"accuracy {result.accuracy:.3f}, 95% CI [{result.ci[0]:.3f}, {result.ci[1]:.3f}], "
                 f"chance {result.chance:.3f}); use labeller: contrastive or labeller: embedding, "
                 f"a stronger feedback_model, or judge_check: false to label with it anyway"
