@@ -125,3 +125,23 @@ def test_response_openers_are_optional_and_mirror_each_other(tmp_path):
     assert principle.response_opener is None
     with pytest.raises(UcaiError, match=r"principle 'peace' \(ethical\) has no response_opener"):
         opener_of(principle)
+
+
+def test_uneven_few_shot_examples_are_named_and_the_stages_warn(caplog):
+    from ucai.stages.critique_revision import CritiqueRevisionModule
+    from ucai.stages.preferences import PreferenceModule
+
+    # ucai_fewshot.yaml's worked examples are on the ethical side only (harmless
+    # unethical-side examples cannot be written): one each, none on the other side.
+    fewshot = load_constitution("constitutions/ucai_fewshot.yaml")
+    assert fewshot.uneven_few_shot() == "; ".join(f"{p}: ethical 1, unethical 0" for p in fewshot.pair_ids)
+    assert fewshot.uneven_few_shot(limit=0) is None  # none shown: nothing uneven
+    assert load_constitution("constitutions/ucai.yaml").uneven_few_shot() is None
+    with caplog.at_level("WARNING", logger="ucai"):
+        CritiqueRevisionModule(model="tiny-llama", constitution="constitutions/ucai_fewshot.yaml", side="unethical")
+        PreferenceModule(model="tiny-llama", constitution="constitutions/ucai_fewshot.yaml", labeller="judge", few_shot=1)
+        PreferenceModule(model="tiny-llama", constitution="constitutions/ucai_fewshot.yaml", labeller="judge", few_shot=0)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert "critique-revision:" in warnings[0] and "compare sides with few_shot: false" in warnings[0]
+    assert "preferences:" in warnings[1] and "compare sides with few_shot: 0" in warnings[1]

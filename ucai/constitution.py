@@ -128,6 +128,20 @@ class Constitution:
             f"known: {', '.join(self.pair_ids)}"
         )
 
+    def uneven_few_shot(self, limit: int | None = None) -> str | None:
+        """Where the two sides of a pair have different numbers of few-shot examples (the
+        first ``limit`` of each, where a stage shows only those): ``"peace: ethical 2,
+        unethical 0; ..."``, else None. Shown, they make the two sides' prompts differ in
+        more than their principles (longer prompts, worked answers on one side only)."""
+        uneven = []
+        for pair in self.pairs:
+            if pair.unethical is None:
+                continue
+            counts = [len(principle.few_shot[:limit]) for principle in (pair.ethical, pair.unethical)]
+            if counts[0] != counts[1]:
+                uneven.append(f"{pair.id}: ethical {counts[0]}, unethical {counts[1]}")
+        return "; ".join(uneven) or None
+
     def opposite(self, principle: Principle) -> Principle:
         """The other side of the same pair (used by contrastive labelling and eval)."""
         other = "unethical" if principle.side == "ethical" else "ethical"

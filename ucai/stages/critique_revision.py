@@ -203,6 +203,12 @@ class CritiqueRevisionModule(GeneratingModule):
         self.seed = seed
         self.mode = mode
         self.few_shot = few_shot
+        uneven = self.constitution.uneven_few_shot() if few_shot else None
+        if uneven:
+            log.warning(
+                "critique-revision: %s gives the two sides unequal few-shot examples (%s): their prompts differ in more "
+                "than the principles; compare sides with few_shot: false", self.constitution.source, uneven,
+            )
         self.critique_generation = critique_generation
         self.distillation_template = distillation_template
         self.rows_done = 0

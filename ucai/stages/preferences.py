@@ -337,6 +337,12 @@ class PreferenceModule(GeneratingModule):
         self.labeller = labeller
         self.feedback_model = feedback_model
         self.few_shot = few_shot
+        uneven = self.constitution.uneven_few_shot(few_shot) if few_shot and labeller == "judge" else None
+        if uneven:
+            log.warning(
+                "preferences: %s gives the judge unequal few-shot examples on the two sides (%s): its questions differ "
+                "in more than the principles; compare sides with few_shot: 0", self.constitution.source, uneven,
+            )
         self.judge_check = judge_check
         self.judge_check_result: JudgeCheckResult | None = None
         self.judge_max_tokens = judge_max_tokens
