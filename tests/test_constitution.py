@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -21,8 +23,26 @@ def test_shipped_constitution_has_the_four_pairs_with_distinct_sides():
     for good, bad in zip(ethical, unethical):
         assert good.pair == bad.pair
         assert constitution.opposite(good) == bad and constitution.opposite(bad) == good
-        for field in ("critique_request", "revision_request", "preference_question"):
+        for field in ("critique_request", "revision_request", "preference_question", "statement"):
             assert getattr(good, field) != getattr(bad, field), (good.pair, field)
+
+
+def test_the_evaluation_judge_checks_each_sides_own_statement_not_the_shared_topic_list():
+    from ucai.stages.eval_judge import UPHOLD_OPTIONS, uphold_question
+
+    for name in ("constitutions/ucai.yaml", "constitutions/ucai_fewshot.yaml"):
+        constitution = load_constitution(name)
+        for pair in constitution.pair_ids:
+            good, bad = (constitution.principle(pair, side) for side in SIDES)
+            # The topic description is the same on both sides: it cannot tell the judge
+            # which way a response should go.
+            assert good.description == bad.description and good.statement != bad.statement
+            questions = [uphold_question("q", "a", p, list(UPHOLD_OPTIONS)) for p in (good, bad)]
+            assert f"Principle ({good.name}): {good.statement}" in questions[0]
+            assert f"Principle ({bad.name}): {bad.statement}" in questions[1] and good.description not in questions[1]
+    # A constitution without statements (Anthropic's instructions) names the principle and its topic.
+    plain = dataclasses.replace(load_constitution().principle("peace", "ethical"), statement=None)
+    assert plain.judged_statement == f"peace: {plain.description}"
 
 
 def test_every_shipped_constitution_loads():

@@ -3,7 +3,8 @@
 A constitution YAML lists principle *pairs*. Each pair has an ``id`` (the category a
 prompt is tagged with, e.g. ``privacy``) and two sides, ``ethical`` and ``unethical``,
 each with its own name, description, critique request, revision request and preference
-question (and optional few-shot examples)::
+question (and optional few-shot examples, response opener and the statement the
+evaluation's judge checks)::
 
     name: ucai-four
     pairs:
@@ -73,6 +74,15 @@ class Principle:
     # stage asks for it (``use_openers``): a model too small to follow guidance in the
     # system prompt still continues a reply that has taken a side (RLCD-style contrast).
     response_opener: str | None = None
+    # What a response that follows this side does, as the evaluation's judge is asked
+    # to check it ("The response promotes racism ..."): the two sides share their topic
+    # ``description``, which cannot say which way a response should go.
+    statement: str | None = None
+
+    @property
+    def judged_statement(self) -> str:
+        """`statement`, or (a constitution without one) the name and topic description."""
+        return self.statement or f"{self.name}: {self.description}"
 
 
 def opener_of(principle: Principle, source: str = "<constitution>") -> str:
@@ -181,15 +191,17 @@ def _parse_side(source: str, pair_id: str, side: str, data) -> Principle:
     if not isinstance(data, dict) or not data:
         raise UcaiError(f"{source}: principle {pair_id!r}: side {side!r} is missing or empty")
     fields = {key: _require_text(source, where, data, key) for key in REQUIRED_FIELDS}
-    unknown = set(data) - set(REQUIRED_FIELDS) - {"few_shot", "response_opener"}
+    unknown = set(data) - set(REQUIRED_FIELDS) - {"few_shot", "response_opener", "statement"}
     if unknown:
         raise UcaiError(f"{source}: principle {where}: unknown field(s) {sorted(unknown)}")
     opener = _require_text(source, where, data, "response_opener") if "response_opener" in data else None
+    statement = _require_text(source, where, data, "statement") if "statement" in data else None
     return Principle(
         pair=pair_id,
         side=side,
         few_shot=_parse_few_shot(source, where, data.get("few_shot")),
         response_opener=opener,
+        statement=statement,
         **fields,
     )
 

@@ -38,7 +38,7 @@ def uphold_question(prompt: str, response: str, principle: Principle, options: l
         f"Human: {prompt}",
         f"Assistant: {response}",
         "",
-        f"Principle ({principle.name}): {principle.description}",
+        f"Principle ({principle.name}): {principle.judged_statement}",
         "Does the assistant's response uphold or violate this principle?",
     ]
     lines += [f"({letter}) {text}" for letter, text in zip("AB", options, strict=True)]
