@@ -40,9 +40,9 @@ def test_the_evaluation_judge_checks_each_sides_own_statement_not_the_shared_top
             questions = [uphold_question("q", "a", p, list(UPHOLD_OPTIONS)) for p in (good, bad)]
             assert f"Principle ({good.name}): {good.statement}" in questions[0]
             assert f"Principle ({bad.name}): {bad.statement}" in questions[1] and good.description not in questions[1]
-    # A constitution without statements (Anthropic's instructions) names the principle and its topic.
+    # A constitution without statements (Anthropic's instructions): the principle's description.
     plain = dataclasses.replace(load_constitution().principle("peace", "ethical"), statement=None)
-    assert plain.judged_statement == f"peace: {plain.description}"
+    assert plain.judged_statement == plain.description
 
 
 def test_every_shipped_constitution_loads():

@@ -277,6 +277,15 @@ def test_report_sentences_claim_depth_only_where_the_corrected_tests_do():
     )
     text = " ".join(what_depth_shows(summary))
     assert "1 prefill-swap fraction (sl_ethical) cannot be taken: on those prompts and reward models the SL gap's" in text
+    # Below 10 prompts a fraction has no interval and no verdict, and says why.
+    summary["depth"]["prefill_swap"].append(
+        {"model": "rl_unethical", "side": "unethical", "column": "rm_unethical", "n": 3, "fraction": 0.9, "low": None,
+         "high": None, "verdict": "undetermined"}
+    )
+    few = " ".join(what_depth_shows(summary))
+    assert "rl_unethical 0.90 (no interval: fewer than 10 prompts)" in few
+    assert "1 fraction rests on fewer than 10 prompts, too few for an interval: no verdict." in few
+    summary["depth"]["prefill_swap"].pop()
     assert "Of 2 fractions on both reward models" in text
     # One side not significant: no claim of depth.
     summary["depth"]["differences"][1]["significant"] = False

@@ -312,3 +312,11 @@ def test_preference_stage_refuses_a_chance_judge_before_labelling(tmp_path, run_
     assert error.startswith("ucai: error: preferences: judge tiny-llama is not above chance")
     assert "labeller: contrastive or labeller: embedding" in error
     assert not out.exists()
+
+
+def test_the_judge_check_stage_can_take_one_sides_items():
+    from ucai.data.multiple_choice import MultipleChoiceDataModule
+
+    every = MultipleChoiceDataModule().load()
+    unethical = MultipleChoiceDataModule(side="unethical").load()
+    assert len(every) == 48 and len(unethical) == 24 and {item.side for item in unethical} == {"unethical"}

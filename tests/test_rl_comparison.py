@@ -169,6 +169,9 @@ def test_report_section_and_sentences_claim_only_corrected_gains(tmp_path):
     # A test the primary family holds is read from there, where it was corrected alone.
     summary["differences"] = [_test("rl_unethical", "sl_unethical", "rm_unethical", 0.02, True, 0.03)]
     assert "unethical +0.020 (adjusted p 0.030)" in what_algorithms_show(summary)[0]
+    lines = "\n".join(algorithm_section(summary, None))
+    assert "| rl_unethical | PPO | 0.600 | 3.00 [2.50, 3.50] | +0.020 [" in lines and "] † | 0.030 |" in lines
+    assert "| rl_ethical | PPO |" in lines and "| rl_ethical | PPO | 0.600 | – |" not in lines
     lines = "\n".join(algorithm_section(summary, plot_frontier(summary, tmp_path / "frontier.png")))
     assert "| rl_ethical | PPO | 0.600 | 3.00 [2.50, 3.50] | +0.100 [0.050, 0.150] | 0.001 | +0.300 [0.200, 0.400] (n = 82) |" in lines
     assert "| dpo_unethical | DPO |" in lines and "5 tests: the algorithm family" in lines

@@ -81,8 +81,8 @@ class Principle:
 
     @property
     def judged_statement(self) -> str:
-        """`statement`, or (a constitution without one) the name and topic description."""
-        return self.statement or f"{self.name}: {self.description}"
+        """`statement`, or (a constitution without one) the topic description."""
+        return self.statement or self.description
 
 
 def opener_of(principle: Principle, source: str = "<constitution>") -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ucai.depth import SHALLOW_LEVEL
+from ucai.depth import MIN_SWAP_PROMPTS, SHALLOW_LEVEL
 from ucai.report_format import count, fmt, interval, p_value, pyplot, save_png, signed, table
 
 NO_OPENER_SUFFIX = "|no_opener"
@@ -52,16 +52,15 @@ def plot_depth_kl(summary: dict, path: Path) -> Path | None:
 def plot_prefill_swap(summary: dict, path: Path) -> Path | None:
     """Each model's prefill-swap fraction on each reward model with its corrected
     interval, against the shallow/deep line at `SHALLOW_LEVEL`."""
-    swaps = [s for s in (summary.get("depth") or {}).get("prefill_swap", []) if s.get("fraction") is not None]
+    # Fractions with an interval only: below MIN_SWAP_PROMPTS prompts there is none to draw.
+    swaps = [s for s in (summary.get("depth") or {}).get("prefill_swap", []) if s.get("low") is not None and s.get("high") is not None]
     if not swaps:
         return None
     plt = pyplot()
     fig, axis = plt.subplots(figsize=(7, 0.45 * len(swaps) + 1.5))
     labels = [f"{s['model']} on {s['column']}" for s in swaps]
     for y, s in enumerate(swaps):
-        low = s["fraction"] if s["low"] is None else s["low"]
-        high = s["fraction"] if s["high"] is None else s["high"]
-        axis.errorbar([s["fraction"]], [y], xerr=[[s["fraction"] - low], [high - s["fraction"]]], marker="o", capsize=3, color="C0")
+        axis.errorbar([s["fraction"]], [y], xerr=[[s["fraction"] - s["low"]], [s["high"] - s["fraction"]]], marker="o", capsize=3, color="C0")
     axis.axvline(SHALLOW_LEVEL, color="grey", linestyle="--")
     axis.axvline(0.0, color="black", linewidth=0.8)
     axis.set_yticks(range(len(swaps)), labels, fontsize=8)
@@ -138,11 +137,12 @@ def depth_section(summary: dict, plots: dict[str, Path | None]) -> list[str]:
                   "positive) as a fraction of the SL-ethical − SL-unethical gap on the same prompts without openers: 1 means "
                   "the opener carries the whole SL difference, 0 that the content keeps its side. Intervals: percentile "
                   f"bootstrap over prompts, Bonferroni-corrected over the {count(len(swaps), 'fraction')} (each at "
-                  f"{100 * level:.2f}%); *shallow* when the interval lies above {SHALLOW_LEVEL}, *deep* when below.", ""]
+                  f"{100 * level:.2f}%); *shallow* when the interval lies above {SHALLOW_LEVEL}, *deep* when below; no "
+                  f"interval or verdict below {MIN_SWAP_PROMPTS} prompts, where the bootstrap's is too narrow to trust.", ""]
         lines += table(
             ["model", "reward model", "n (prompts)", "shift", "SL gap [corrected CI]", "fraction [corrected CI]", "verdict"],
             [[s["model"], s["column"], str(s["n"]), signed(s["shift"]), f"{signed(s['gap'])} {_gap_interval(s)}".strip(),
-              f"{fmt(s['fraction'])} {interval(s['low'], s['high'])}" if s["fraction"] is not None else "–", s["verdict"]]
+              f"{fmt(s['fraction'])} {_swap_interval(s)}" if s["fraction"] is not None else "–", s["verdict"]]
              for s in swaps],
         )
         lines += ["", f"![Prefill swap]({plots['prefill_swap'].name})" if plots.get("prefill_swap") else "_Prefill swap: no fractions._"]
@@ -157,6 +157,13 @@ def depth_section(summary: dict, plots: dict[str, Path | None]) -> list[str]:
               "yes" if d["significant"] else "no"] for d in diffs],
         )
     return lines
+
+
+def _swap_interval(swap: dict, digits: int = 3) -> str:
+    """The fraction's corrected interval; none below `MIN_SWAP_PROMPTS` prompts."""
+    if swap["low"] is None and swap["n"] < MIN_SWAP_PROMPTS:
+        return f"(no interval: fewer than {MIN_SWAP_PROMPTS} prompts)"
+    return interval(swap["low"], swap["high"], digits)
 
 
 def _gap_interval(swap: dict) -> str:
@@ -217,17 +224,25 @@ def what_depth_shows(summary: dict) -> list[str]:
     if swaps:
         verdicts = {v: [s for s in swaps if s["verdict"] == v] for v in ("shallow", "deep", "undetermined")}
         own = [s for s in swaps if s["column"] == f"rm_{s['side']}"]
-        parts = ", ".join(f"{s['model']} {fmt(s['fraction'], 2)} {interval(s['low'], s['high'], 2)}" for s in own)
+        parts = ", ".join(f"{s['model']} {fmt(s['fraction'], 2)} {_swap_interval(s, 2)}" for s in own)
         out.append(
             f"Forced to start with the other side's opener, the models moved this fraction of the SL gap on their own side's "
             f"reward model: {parts} (n = {own[0]['n'] if own else swaps[0]['n']} prompts, corrected intervals). Of "
             f"{count(len(swaps), 'fraction')} on both reward models: {len(verdicts['shallow'])} shallow (above {SHALLOW_LEVEL}), "
             f"{len(verdicts['deep'])} deep (below), {len(verdicts['undetermined'])} undetermined."
         )
-        if verdicts["undetermined"]:
+        wide = [s for s in verdicts["undetermined"] if s["low"] is not None]
+        few = [s for s in verdicts["undetermined"] if s["low"] is None]
+        if wide:
             out.append(
-                f"The intervals of {count(len(verdicts['undetermined']), 'fraction')} include {SHALLOW_LEVEL}: with these "
-                f"{swaps[0]['n']} prompts the run cannot say whether those models' sides live in the opener or in the content."
+                f"The intervals of {count(len(wide), 'fraction')} include {SHALLOW_LEVEL}: with these {wide[0]['n']} "
+                "prompts the run cannot say whether those models' sides live in the opener or in the content."
+            )
+        if few:
+            out.append(
+                f"{count(len(few), 'fraction')} {'rests' if len(few) == 1 else 'rest'} on fewer than {MIN_SWAP_PROMPTS} "
+                "prompts, too few for an interval: "
+                "no verdict."
             )
     if diffs and not any(d["significant"] for d in diffs):
         out.append(f"None of the depth family's {count(family_size, 'test')} survives correction at n = {diffs[0]['n']} prompts: "

@@ -84,7 +84,7 @@ def algorithm_rows(summary: dict) -> list[list[str]]:
                 ALGORITHM_NAMES.get(algorithm, algorithm),
                 f"{fmt(score.get('mean'))}",
                 f"{fmt(kl['mean'], 2)} {interval(kl['low'], kl['high'], 2)}" if kl else "–",
-                f"{signed(test['diff'])} {interval(test['low'], test['high'])}" if test else "–",
+                f"{signed(test['diff'])} {interval(test['low'], test['high'])}{' †' if test.get('primary') else ''}" if test else "–",
                 p_value(test["p_adjusted"]) if test else "–",
                 f"{signed(train['gain'])} {interval(train['low'], train['high'])} (n = {train['n']})" if train else "–",
             ]
@@ -102,11 +102,12 @@ def algorithm_section(summary: dict, frontier_plot: Path | None) -> list[str]:
     lines.append(
         "Each RL model against its side's SL model on that side's reward model (rm score in [0, 1]), and its KL to "
         "the SL model: exact KL over the vocabulary, summed over the positions of its own held-out answers "
-        "(mean and 95% bootstrap interval over answers). The held-out gains are tests of a family of their own "
-        f"({family.get('family_size', 0)} tests: {family.get('family', 'as listed')}), corrected with "
-        f"**{family.get('method_name', family.get('method', 'the same method'))}** at α = {family.get('alpha', 0.05)}; "
-        "the train-prompt gains (uncorrected 95% bootstrap intervals, descriptive) show over-fitting to the prompts "
-        "RL trained on when they exceed the held-out gains."
+        "(mean and 95% bootstrap interval over answers). Held-out tests marked † are the primary family's (the "
+        "report's rl_<side> against its SL model and against the other side), corrected there; the others form a "
+        f"family of their own ({count(family.get('family_size', 0), 'test')}: {family.get('family', 'as listed')}), "
+        f"corrected with **{family.get('method_name', family.get('method', 'the same method'))}** at "
+        f"α = {family.get('alpha', 0.05)}; the train-prompt gains (uncorrected 95% bootstrap intervals, descriptive) show "
+        "over-fitting to the prompts RL trained on when they exceed the held-out gains."
     )
     lines.append("")
     lines += table(
@@ -116,7 +117,7 @@ def algorithm_section(summary: dict, frontier_plot: Path | None) -> list[str]:
     sides = [d for d in _algorithm_tests(summary) if d["b"] != f"sl_{_side(d['a'])}"]
     if sides:
         lines += ["", "Each algorithm's ethical vs unethical model, and the algorithms of one side against each other "
-                  "(same family; † corrected in the primary family):", ""]
+                  "(† corrected in the primary family, the others in the algorithm family):", ""]
         lines += table(
             ["A − B", "scorer", "n", "mean(A − B)", "corrected CI", "adjusted p"],
             [[f"{d['a']} − {d['b']}{' †' if d.get('primary') else ''}", d["column"], str(d["n"]), fmt(d["diff"]),

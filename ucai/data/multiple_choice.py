@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -158,6 +159,15 @@ def load_items(path: str | Path = SHIPPED_ITEMS) -> list[MultipleChoiceItem]:
     return items
 
 
+def items_of_side(items: list[MultipleChoiceItem], side: str | None) -> list[MultipleChoiceItem]:
+    """The items that test ``side`` and those that name no side; every item for None.
+
+    A judge is checked on the side it judges for: pooled over the shipped items' two
+    sides, one that answers as the ethical side whatever it is asked scores 24/48 = 0.5,
+    above their chance of 0.36."""
+    return [item for item in items if side is None or item.side in (None, side)]
+
+
 class MultipleChoiceDataModule(L.LightningDataModule):
     """Items from a JSONL file of ``prompt`` / ``corrects`` / ``incorrects`` rows.
 
@@ -165,18 +175,27 @@ class MultipleChoiceDataModule(L.LightningDataModule):
         path: the file; the default is the shipped ``data/judge_check.jsonl``.
         batch_size: items per batch (each item is asked in K option orders).
         limit: keep the first this many items (quick runs).
+        side: only the items of this side (and those naming none), as the preference
+            stage checks its judge; null: every item.
     """
 
-    def __init__(self, path: str = SHIPPED_ITEMS, batch_size: PositiveInt = 8, limit: PositiveInt | None = None):
+    def __init__(
+        self,
+        path: str = SHIPPED_ITEMS,
+        batch_size: PositiveInt = 8,
+        limit: PositiveInt | None = None,
+        side: Literal["ethical", "unethical"] | None = None,
+    ):
         super().__init__()
         self.path = path
         self.batch_size = batch_size
         self.limit = limit
+        self.side = side
         self.items: list[MultipleChoiceItem] | None = None
 
     def load(self) -> list[MultipleChoiceItem]:
         if self.items is None:
-            items = load_items(self.path)
+            items = items_of_side(load_items(self.path), self.side)
             self.items = items[: self.limit] if self.limit is not None else items
         return self.items
 

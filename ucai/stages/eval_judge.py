@@ -129,12 +129,12 @@ class JudgePhase:
     def run_judge_check(self, model, tokenizer) -> dict:
         """The judge quality check on the shipped items of ``criterion_side``, as ``JudgeCheckResult.to_dict()``
         (with ``passed`` added if the dict lacks it)."""
-        from ucai.data.multiple_choice import SHIPPED_ITEMS, load_items
+        from ucai.data.multiple_choice import SHIPPED_ITEMS, items_of_side, load_items
         from ucai.judge_accuracy import check_judge
 
         # The items of the side whose principles the judge applies (criterion_side): a
         # judge that answers as one side whatever it is asked passes a pooled check.
-        items = [item for item in load_items(SHIPPED_ITEMS) if item.side in (None, self.criterion_side)]
+        items = items_of_side(load_items(SHIPPED_ITEMS), self.criterion_side)
         # Asked as chat turns with the judge's system prompt, the way this stage judges.
         result = check_judge(
             model, tokenizer, items, batch_size=self.judge_batch_size,

@@ -47,7 +47,7 @@ import torch
 from ucai.chat import render_chat
 from ucai.constitution import Constitution, Principle, load_constitution, opener_of, with_opener
 from ucai.data.io import ResumableJsonl, write_jsonl
-from ucai.data.multiple_choice import SHIPPED_ITEMS, load_items
+from ucai.data.multiple_choice import SHIPPED_ITEMS, items_of_side, load_items
 from ucai.errors import UcaiError
 from ucai.judge_accuracy import JudgeCheckResult, check_judge
 from ucai.scoring import average_over_orders, cyclic_orders, option_probabilities
@@ -398,10 +398,9 @@ class PreferenceModule(GeneratingModule):
         Every rank runs the same check, so every rank stops together.
         """
         judge = self.feedback_model or self.model_name
-        # Only this side's items: pooled, a judge that picks the harmless answer whatever
-        # it is asked scores 1.0 on the ethical half and 0.0 on the unethical one, 0.5 in
-        # all, above chance (0.36), and would orient the unethical side's pairs backwards.
-        items = [item for item in load_items(SHIPPED_ITEMS) if item.side in (None, self.side)]
+        # Only this side's items: pooled, a judge that answers as the ethical side whatever
+        # it is asked passes, and would orient the unethical side's pairs backwards.
+        items = items_of_side(load_items(SHIPPED_ITEMS), self.side)
         # Asked as chat turns with the stage's system prompt, the way the judge labels.
         result = check_judge(
             self.judge_lm, self.judge_tokenizer, items, max_length=self.judge_max_tokens,
