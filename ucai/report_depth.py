@@ -241,8 +241,7 @@ def what_depth_shows(summary: dict) -> list[str]:
         if few:
             out.append(
                 f"{count(len(few), 'fraction')} {'rests' if len(few) == 1 else 'rest'} on fewer than {MIN_SWAP_PROMPTS} "
-                "prompts, too few for an interval: "
-                "no verdict."
+                "prompts, too few for an interval: no verdict."
             )
     if diffs and not any(d["significant"] for d in diffs):
         out.append(f"None of the depth family's {count(family_size, 'test')} survives correction at n = {diffs[0]['n']} prompts: "
