@@ -183,6 +183,13 @@ def test_paragraph_for_a_run_without_an_effect_and_a_judge_at_chance():
     assert "No difference survives the Holm (step-down, family-wise error rate) correction at n = 7 prompts (23 comparisons" in text
     assert "cannot give p below 0.016, above the first Holm threshold 0.05/23 = 0.002" in text
     assert "at least 10 prompts are needed" in text
+    # A judge column with NaN scores dropped has fewer prompts: the range is stated, and
+    # the smallest attainable p goes with the n of the test that attains it.
+    mixed = [dict(d) for d in summary["differences"]]
+    mixed[2].update(n=5, min_p=2 / 32)
+    summary_mixed = {**summary, "differences": mixed}
+    text_mixed = " ".join(what_this_run_shows(summary_mixed))
+    assert "correction at n = 5–7 prompts" in text_mixed and "With 7 prompts the sign-flip test cannot give p below 0.016" in text_mixed
     assert "The judge is not shown above chance on its quality check (accuracy 0.440 [95% CI 0.310, 0.580] on 48 items, chance 0.360" in text
     assert "its columns, win rates and Elo carry no information" in text
     # The markdown marks every judge-derived figure and states n in each table.

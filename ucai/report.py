@@ -263,7 +263,8 @@ def what_this_run_shows(summary: dict, ppo: dict | None = None) -> list[str]:
         method = family.get("method_name", diffs[0].get("method", "corrected"))
         m = family.get("family_size", len(diffs))
         alpha = family.get("alpha", 0.05)
-        n = min(d["n"] for d in diffs)
+        ns = sorted({d["n"] for d in diffs})  # a test drops prompts with a missing (NaN) score
+        n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
         significant = [d for d in diffs if d["significant"]]
         rl = _rl_vs(summary)
         ethical_rm, unethical_rm = rl.get("rm_ethical"), rl.get("rm_unethical")
@@ -300,10 +301,12 @@ def what_this_run_shows(summary: dict, ppo: dict | None = None) -> list[str]:
         if not significant:
             sentence = (f"No difference survives the {method} correction at n = {n} prompts ({count(m, 'comparison')}, α = {alpha}); "
                         "this run does not show the compared models differing on any scorer they were compared on.")
-            min_p = min(d.get("min_p", 0.0) for d in diffs)
+            # The test with the most prompts can reach the smallest p; its n goes with it.
+            best = min(diffs, key=lambda d: d.get("min_p", 0.0))
+            min_p = best.get("min_p", 0.0)
             if family.get("method", "holm") == "holm" and min_p > alpha / m:
                 needed = math.ceil(math.log2(2 * m / alpha))
-                sentence += (f" With {n} prompts the sign-flip test cannot give p below {p_value(min_p)}, above the first Holm "
+                sentence += (f" With {best['n']} prompts the sign-flip test cannot give p below {p_value(min_p)}, above the first Holm "
                              f"threshold {alpha}/{m} = {p_value(alpha / m)}: no comparison could have passed; at least {needed} prompts are needed.")
             out.append(sentence)
     elif diffs:
