@@ -272,3 +272,7 @@ def test_a_nan_score_is_left_out_of_a_paired_test_not_made_significant():
     [entry], family = paired_differences(scores, [("a", "b", "judge")], "the test")
     assert entry["n"] == 10 and entry["diff"] == pytest.approx(0.0)
     assert entry["p"] == 1.0 and not entry["significant"]
+    # NumPy's scalars are numbers too (np.float32 is no float): kept, not dropped.
+    as_numpy = [{**r, "judge": np.float32(r["judge"])} for r in scores]
+    [numpy_entry], _ = paired_differences(as_numpy, [("a", "b", "judge")], "the test")
+    assert numpy_entry["n"] == 10

@@ -222,9 +222,10 @@ def _rl_vs(summary: dict) -> dict[str, dict]:
     return {d["column"]: d for d in summary.get("differences", []) if d["a"] == "rl_ethical" and d["b"] == "rl_unethical"}
 
 
-def _goal_met(corr: dict) -> bool:
-    """The correlation's interval across prompts lies at or below the goal (from the
-    interval itself, so a summary written when the point alone decided reads the same)."""
+def rm_goal_met(corr: dict) -> bool:
+    """Whether the reward models' correlation meets its goal: its interval across
+    prompts lies at or below it, not the point alone. The report reads it from the
+    interval, so a summary written when the point decided reads the same."""
     high = corr.get("cluster_high")
     return high is not None and high <= corr.get("goal", -0.3)
 
@@ -248,7 +249,7 @@ def what_this_run_shows(summary: dict, ppo: dict | None = None) -> list[str]:
             if low is None or high is None:
                 out.append(f"The two reward models' agreement is not measured: r = {fmt(corr['r'], 2)} over {corr['n']} answers, "
                            f"but {corr.get('prompts', '?')} prompt(s) give no interval across prompts.")
-            elif _goal_met(corr):
+            elif rm_goal_met(corr):
                 out.append(f"The two reward models disagree as intended: {what}, at or below the goal r ≤ {goal}.")
             elif high < 0:
                 out.append(f"The two reward models are negatively correlated ({what}); this run does not show the goal r ≤ {goal} met.")
@@ -386,7 +387,7 @@ def render_markdown(
                 f"Pearson r of rm_ethical and rm_unethical over n = {corr['n']} answers ({corr.get('prompts', '?')} prompts): "
                 f"**{fmt(corr['r'])}**, 95% CI {interval(corr.get('cluster_low'), corr.get('cluster_high'))} resampling prompts "
                 f"(Fisher z, treating answers as independent: {interval(corr.get('low'), corr.get('high'))}). "
-                f"Goal: r ≤ {corr.get('goal', -0.3)} ({'met: the interval lies at or below it' if _goal_met(corr) else 'not shown'})."
+                f"Goal: r ≤ {corr.get('goal', -0.3)} ({'met: the interval lies at or below it' if rm_goal_met(corr) else 'not shown'})."
             )
     if summary.get("judge") and summary.get("judge_check"):
         lines += ["", "## Judge check", "", f"The judge ({summary['judge']}) {judge_text}."]

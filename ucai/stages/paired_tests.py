@@ -11,6 +11,7 @@ corrected level for its interval.
 from __future__ import annotations
 
 import math
+import numbers
 
 from ucai.stats import CORRECTIONS, adjust_p, corrected_confidence, sign_flip_test
 
@@ -88,4 +89,5 @@ def paired_differences(
 
 
 def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number, NumPy's scalars included (``np.float32`` is no ``float``)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
