@@ -111,6 +111,55 @@ def test_memorises_generates_and_exports_a_loadable_merged_model(tmp_path, tiny_
     assert tokenizer.chat_template != merged_tokenizer.chat_template  # the training tokenizer keeps its own
 
 
+def test_frozen_weights_in_bf16_change_nothing_under_bf16_mixed(tmp_path, tiny_trainer):
+    # Autocast rounds the weight of every matmul to bf16 anyway, so holding LoRA's frozen
+    # base layers in bf16 must leave every step's loss and the trained adapter bit for bit
+    # as they were (LoRA dropout on: the same random draws), and the export must merge
+    # into the base re-read at full precision, not its bf16 rounding.
+    import lightning as L
+    from safetensors.torch import load_file
+
+    from ucai.data.sft_data import SFTDataModule
+    from ucai.models import LoraSettings
+    from ucai.stages.sft import SFTModule
+
+    class RecordLoss(L.Callback):
+        def __init__(self):
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+    runs = {}
+    for cast in (False, True):
+        L.seed_everything(0)
+        module = SFTModule(
+            model="tiny-llama",
+            output_dir=str(tmp_path / f"sl_{cast}"),
+            lora=LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"]),
+            learning_rate=1e-2,
+            warmup_steps=0,
+            frozen_linear_bf16=cast,
+        )
+        record = RecordLoss()
+        trainer = tiny_trainer(tmp_path, 3, logger=False, precision="bf16-mixed", callbacks=[record])
+        trainer.fit(module, SFTDataModule(path=str(FIXTURE), val_fraction=0, batch_size=4, max_length=64))
+        runs[cast] = (module, record.losses)
+    module, losses = runs[True]
+    layer = module._causal_lm().model.layers[0]
+    assert layer.self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16  # adapted: its frozen base
+    assert layer.self_attn.k_proj.weight.dtype == torch.bfloat16  # not adapted
+    assert layer.self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32  # trained: untouched
+    assert module._causal_lm().get_input_embeddings().weight.dtype == torch.float32  # tied to lm_head
+    assert runs[False][0]._causal_lm().model.layers[0].self_attn.k_proj.weight.dtype == torch.float32
+    assert len(losses) == 3 and losses == runs[False][1]
+    assert losses[-1] != losses[0]  # it trained
+    exported = {cast: load_file(tmp_path / f"sl_{cast}" / "model.safetensors") for cast in (False, True)}
+    assert exported[True].keys() == exported[False].keys()
+    for name, tensor in exported[False].items():
+        assert tensor.dtype == torch.float32 and torch.equal(exported[True][name], tensor), name
+
+
 def _tensorboard_steps(version_dir: Path, tag: str) -> list[int]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

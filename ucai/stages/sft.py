@@ -110,6 +110,15 @@ class SFTModule(L.LightningModule):
         schedule: ``cosine``, ``linear`` or ``constant`` after warm-up.
         min_lr_ratio: final learning rate as a share of the peak.
         gradient_checkpointing: recompute activations in backward (less memory, slower).
+        frozen_linear_bf16: under ``bf16-mixed``, hold the frozen linear weights (LoRA's
+            base layers) in bf16. Autocast rounds them to bf16 for every matmul anyway, so
+            no result changes; it halves the memory of those weights (a 7B model's
+            frozen base: ~13 GB instead of ~26) and stops autocast casting them again at
+            every forward (it caches casts only of weights that require grad). On the
+            2-core native-bf16 CPU the experiment's SFT epoch took the same time either
+            way (1:26 and 1:30, both sides at once). The export merges the adapter into
+            the base re-read at full precision. Skipped under FSDP (one dtype per flat
+            parameter).
         export: write the adapter and merged model at the end of fit.
         seed: weight seed of the random-init ``tiny-llama`` (tests).
         trust_remote_code: allow custom model code from the hub (off unless you ask).
@@ -129,6 +138,7 @@ class SFTModule(L.LightningModule):
         schedule: Schedule = "cosine",
         min_lr_ratio: ClosedUnitInterval = 0.0,
         gradient_checkpointing: bool = False,
+        frozen_linear_bf16: bool = True,
         export: bool = True,
         seed: int = 0,
         trust_remote_code: bool = False,
@@ -151,6 +161,7 @@ class SFTModule(L.LightningModule):
         self.schedule = schedule
         self.min_lr_ratio = min_lr_ratio
         self.gradient_checkpointing = gradient_checkpointing
+        self.frozen_linear_bf16 = frozen_linear_bf16
         self.export = export
         self.seed = seed
         self.trust_remote_code = trust_remote_code
@@ -173,7 +184,13 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.lm is not None:
             return
-        from ucai.models import dtype_from_precision, refuse_half_precision_training, trainer_precision
+        from ucai.models import (
+            cast_frozen_linear,
+            dtype_from_precision,
+            refuse_half_precision_training,
+            sharded_by_fsdp,
+            trainer_precision,
+        )
 
         refuse_half_precision_training(self, "sft")
         check_quantization(self.quantization)
@@ -194,6 +211,13 @@ class SFTModule(L.LightningModule):
 
             lm = get_peft_model(lm, self.lora.to_peft("CAUSAL_LM"))
             use_uniform_dropout(lm)
+        if (
+            self.frozen_linear_bf16
+            and trainer_precision(self) in ("bf16-mixed", "bf16")
+            and dtype == torch.float32
+            and not sharded_by_fsdp(self._trainer)
+        ):
+            cast_frozen_linear(lm, torch.bfloat16)
         # from_pretrained returns eval mode and Lightning keeps each module's mode, which
         # would leave gradient checkpointing (training-only) and dropout silently off.
         self.lm = lm.train()
