@@ -25,7 +25,7 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/ucai pipeline --config configs/pipeline/demo.yaml
 
-# The CPU experiment (both sides, every shipped prompt; 22 to 45 minutes on 2 cores):
+# The CPU experiment (both sides, every shipped prompt; 18 to 45 minutes on 2 cores):
 # report in lightning_logs/experiment_cpu/eval/report.md. PMP=FILE first pre-trains the
 # reward models on human comparisons in the hh-rlhf format (a local file or
 # hf://datasets/OWNER/NAME/FILE), e.g. make experiment PMP=../shared/data/hh-rlhf/harmless-base-test.jsonl.gz

@@ -113,7 +113,7 @@ class SFTModule(L.LightningModule):
         frozen_linear_bf16: under ``bf16-mixed``, hold the frozen linear weights (LoRA's
             base layers) in bf16. Autocast rounds them to bf16 for every matmul anyway, so
             no result changes; it halves the memory of those weights (a 7B model's
-            frozen base: ~13 GB instead of ~26) and stops autocast casting them again at
+            frozen base: ~13 GiB instead of ~26) and stops autocast casting them again at
             every forward (it caches casts only of weights that require grad). On the
             2-core native-bf16 CPU the experiment's SFT epoch took the same time either
             way (1:26 and 1:30, both sides at once). The export merges the adapter into
