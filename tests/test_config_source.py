@@ -45,6 +45,12 @@ def test_the_last_argument_that_sets_a_key_is_its_source(tmp_path):
     assert value_source(["fit", "-c", str(first), "--model.init_args.lora.r=2"], keys) == (first, 6)
     # ... unless the value is known to come from a file.
     assert value_source(["fit", "-c", str(first), "--model.init_args.learning_rate=1"], keys, files_only=True) == (first, 6)
+    # A mapping given on the command line is not the file's, though (the file's line
+    # would name a valid value).
+    lora = ["model", "init_args", "lora", "r"]
+    assert value_source(["fit", "-c", str(first), '--model.init_args.lora={"r": "abc"}'], lora, files_only=True) is None
+    assert value_source(["fit", "-c", str(first), "--model", '{"init_args": {}}'], lora, files_only=True) is None
+    assert value_source(["fit", "-c", str(first), "--model.init_args.lora.r=2"], lora, files_only=True) == (first, 8)
     assert value_source(["fit", "--trainer.precision=16"], keys) is None
 
 

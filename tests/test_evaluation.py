@@ -295,7 +295,9 @@ def test_tiny_evaluation_writes_scores_pairwise_and_report(tmp_path, run_cli, mo
     # Its one test, rl_ethical vs sl_ethical, is the primary family's: corrected there
     # alone, not a second time (with a second verdict) in the algorithm family.
     assert summary["algorithm_differences"] == []
-    assert "| rl_ethical | PPO |" in report
+    # Its row shows that test, marked † (the primary family's), not "–".
+    row = next(line for line in report.splitlines() if line.startswith("| rl_ethical | PPO |"))
+    assert row.split(" | ")[4].endswith("] †"), row
     assert [p["model"] for p in summary["frontier"]["ethical"]] == ["sl_ethical", "rl_ethical"]
     assert "## RL algorithms (n = 4 held-out prompts)" in report and "frontier.png" in report
     assert (out / "frontier.png").stat().st_size > 1000

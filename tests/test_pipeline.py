@@ -92,6 +92,27 @@ def fake(monkeypatch):
     return stages
 
 
+def test_a_checkpoint_setting_parsed_into_an_object_plans_and_parses_back(tmp_path):
+    # Moving a checkpoint's dirpath rewrites the stage's callbacks from its parsed
+    # settings, where "0:10:00" is a timedelta: it must go back as the string the
+    # stage's parser reads (it raised TypeError from json.dumps).
+    from ucai.pipeline.plan import parse_stage
+
+    text = (CONF / TINY_CONFIGS["sft"]).read_text()
+    assert "every_n_train_steps: 1" in text
+    config = tmp_path / "sft_timed.yaml"
+    config.write_text(text.replace("every_n_train_steps: 1", 'train_time_interval: "0:10:00"'))
+    cfg = pipeline.load_pipeline_config(_config(tmp_path, stages={**_tiny_stages(), "sft": {"config": str(config)}}))
+    sft = {r.label: r for r in pipeline.plan(cfg)}["sft (ethical)"]
+    override = next(a for a in sft.args if a.startswith("--trainer.callbacks="))
+    callbacks = json.loads(override.split("=", 1)[1])
+    assert callbacks[0]["init_args"]["train_time_interval"] == "0:10:00"
+    assert callbacks[0]["init_args"]["dirpath"] == f"{tmp_path}/out/logs/sft_ethical/checkpoints"
+    reparsed = parse_stage("sft", "fit", [config], {"trainer.callbacks": callbacks})
+    interval = reparsed.trainer["callbacks"][0]["init_args"]["train_time_interval"]
+    assert str(interval) == "0:10:00"
+
+
 def test_plan_wires_each_output_into_the_next_stage(tmp_path):
     cfg = pipeline.load_pipeline_config(_config(tmp_path))
     runs = {r.label: r for r in pipeline.plan(cfg) if r.enabled}

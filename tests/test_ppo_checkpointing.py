@@ -123,3 +123,35 @@ def test_split_backward_gives_the_gradients_of_the_summed_loss(value_head, backw
         assert torch.equal(got[name], grad), name
     _, summed = module.minibatch_loss(rollout, torch.arange(rollout.size))
     assert {k: float(v) for k, v in stats.items()} == {k: float(v) for k, v in summed.items()}
+
+
+@pytest.mark.parametrize("value_head", ["head", "adapter"])
+def test_under_ddp_one_backward_of_the_summed_loss_weighted_by_the_ranks_token_share(value_head, configured, monkeypatch):
+    # Each rank's loss is its own token mean; DDP averages ranks equally, so the loss is
+    # scaled by this rank's share of the minibatch's response tokens across ranks
+    # (`share_of_global_mean`, which tests/test_ddp.py checks with two real processes).
+    # Here the world is faked: the wiring must pass the minibatch's token count (not the
+    # rollout's, not the episode count) and backpropagate the summed loss once, scaled,
+    # in adapter mode too (DDP's reducer wants every parameter in one backward).
+    import types
+
+    import ucai.stages.ppo_update as ppo_update
+
+    module = configured(value_head, checkpointing=False)
+    perturb(module)
+    rollout = rollout_for(module)
+    counts = []
+
+    def share(count, device):
+        counts.append(float(count))
+        return 0.25
+
+    monkeypatch.setattr(ppo_update, "share_of_global_mean", share)
+    module._trainer = types.SimpleNamespace(world_size=2)
+    idx = torch.tensor([0, 2])  # row 2 ends early: 5 + 3 response tokens
+    losses = []
+    module.minibatch_backward(rollout, idx, backward=lambda loss: losses.append(float(loss.detach())))
+    module._trainer = None
+    summed, _ = module.minibatch_loss(rollout, idx)
+    assert counts == [8.0]
+    assert losses == [pytest.approx(0.25 * float(summed.detach()), rel=1e-6)]

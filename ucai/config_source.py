@@ -48,8 +48,10 @@ def _option_keys(arg: str) -> list[str] | None:
 def value_source(argv: Sequence[str], keys: Sequence[str], files_only: bool = False) -> tuple[Path, int] | None:
     """The config file and line that set ``keys`` last among ``argv`` (a stage's
     arguments, ``fit --config X.yaml --model.init_args.k=v``), or None where a
-    command-line option set them last or no argument did. With ``files_only`` the
-    command-line options are passed over (the value is known to come from a file)."""
+    command-line option set them last or no argument did. With ``files_only`` (the
+    value reached the parser as a mapping) only the command-line options that give a
+    mapping (``--model.init_args.lora={"r": ...}``) count, as a file does: the others
+    are checked one by one, after the files' mappings."""
     keys = list(keys)
     source: tuple[Path, int] | None = None
     args = list(argv)
@@ -63,6 +65,8 @@ def value_source(argv: Sequence[str], keys: Sequence[str], files_only: bool = Fa
             continue
         option = _option_keys(arg)
         # ``--data.init_args.limitt=3`` sets the key; ``--data=...`` sets the mapping above it.
-        if not files_only and option is not None and option == keys[: len(option)]:
-            source = None
+        if option is not None and option == keys[: len(option)]:
+            value = arg.partition("=")[2] if "=" in arg else (args[index + 1] if index + 1 < len(args) else "")
+            if not files_only or value.lstrip().startswith("{"):
+                source = None
     return source

@@ -205,7 +205,7 @@ def what_depth_shows(summary: dict) -> list[str]:
         if opposite:
             out.append(f"With each answer's opener removed, {numbers}{kept}): the inversion goes beyond the opener.")
         else:
-            out.append(f"With each answer's opener removed, {numbers}{kept}): not opposite and significant on both reward "
+            out.append(f"With each answer's opener removed, {numbers}): not opposite and significant on both reward "
                        "models, so this run does not show the inversion beyond the opener.")
     shares = [e for e in depth.get("kl", []) if e.get("share_first") is not None]
     if shares:

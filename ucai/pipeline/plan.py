@@ -73,7 +73,9 @@ def format_value(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, (dict, list)):
-        return json.dumps(value)
+        # Values the stage's parser made of a config's strings (a ModelCheckpoint's
+        # ``train_time_interval`` as a timedelta) go back as the strings it reads.
+        return json.dumps(value, default=str)
     return str(value)
 
 
@@ -108,34 +110,41 @@ def parse_stage(run_label: str, mode: str, configs: list[Path], overrides: dict[
 LOGGER_FOLDER_ARGS = ("save_dir", "name")
 
 
+def _class_of(class_path: object) -> type | None:
+    """The class a config's ``class_path`` names, or None where it names none that
+    imports (the stage's own parse reports that; the plan leaves such a setting as it is)."""
+    if not isinstance(class_path, str):
+        return None
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return cls if isinstance(cls, type) else None
+
+
 def _logs_to_a_folder(settings) -> bool:
     """Whether the stage logs through one configurable logger (a class with init args)
     whose ``__init__`` names its folder by ``save_dir`` and ``name`` (TensorBoard, CSV,
     W&B loggers do; MLflow's does not and is left as configured)."""
     logger = settings.trainer.get("logger")
-    if not hasattr(logger, "get") or not isinstance(logger.get("class_path"), str):
+    cls = _class_of(logger.get("class_path")) if hasattr(logger, "get") else None
+    if cls is None:
         return False
-    module, _, name = logger["class_path"].rpartition(".")
     try:
-        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return False  # the stage's own parse named the class; nothing to redirect here
+        parameters = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
     return all(arg in parameters for arg in LOGGER_FOLDER_ARGS)
 
 
 def _is_model_checkpoint(class_path: object) -> bool:
     """Whether ``class_path`` names Lightning's `ModelCheckpoint` or a subclass of it
     (PPO's `PPOCheckpoint`)."""
-    if not isinstance(class_path, str):
-        return False
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return False  # the stage's own parse named the class; nothing to move here
-    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
+    cls = _class_of(class_path)
+    return cls is not None and issubclass(cls, ModelCheckpoint)
 
 
 def _checkpoints_under(settings, folder: Path) -> list[dict] | None:
