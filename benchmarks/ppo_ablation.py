@@ -12,6 +12,9 @@ factor:
   state (ucai's default before issue 22) instead of the RM-initialised adapter;
 * ``bf16-rollout`` — ``rollout_precision: trainer``: sampling, the rollout forward and
   RM scoring under bf16 autocast too (frozen linears held in bf16);
+* ``bf16-sampling`` — ``sampling_precision: bf16``: sampling alone from a bf16 copy of
+  the policy with the adapter merged (`ucai.sampling_copy`), the rollout forward, RM
+  scoring and update as in the starting point;
 * ``clip-1`` — ``max_grad_norm: 1`` instead of no clipping: ucai's shipped stage
   configs (`configs/ppo_<side>.yaml`).
 
@@ -54,7 +57,7 @@ from ppo_learning import (  # noqa: E402
     trl_child,
 )
 
-ABLATION = ["adapter", "head", "bf16-rollout", "clip-1"]
+ABLATION = ["adapter", "head", "bf16-rollout", "bf16-sampling", "clip-1"]
 
 
 def parse_args():

@@ -542,6 +542,9 @@ UCAI_VARIANTS = {
     "adapter": MATCHED,
     "head": {**MATCHED, "value_head": "head"},  # a zero-initialised scalar head on the policy
     "bf16-rollout": {**MATCHED, "rollout_precision": "trainer", "frozen_linear_bf16": True},
+    # Sampling alone from a bf16 copy of the policy (adapter merged); the rollout
+    # forward, RM scoring and update as in MATCHED.
+    "bf16-sampling": {**MATCHED, "sampling_precision": "bf16"},
     "clip-1": {**MATCHED, "max_grad_norm": 1.0},  # ucai's shipped stage configs
 }
 TRL = "trl"
@@ -569,7 +572,10 @@ def describe_variant(name: str, trl_precision: str) -> str:
         if variant["max_grad_norm"]
         else "no clipping"
     )
-    return f"ucai {name}: critic {critic}; {PRECISION_SCOPE[variant['rollout_precision']]}; {clip}"
+    scope = PRECISION_SCOPE[variant["rollout_precision"]]
+    if variant.get("sampling_precision", "rollout") == "bf16":
+        scope = f"sampling from a bf16 copy of the policy (adapter merged); {scope.removeprefix('sampling, ')}"
+    return f"ucai {name}: critic {critic}; {scope}; {clip}"
 
 
 def arm_label(variant: str, learning_rate: float) -> str:

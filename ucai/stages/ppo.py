@@ -108,7 +108,7 @@ from ucai.rl import (
 from ucai.stage_outputs import require_stage_output
 from ucai.stages.generation import GenerationSettings
 from ucai.stages.lora_io import load_merged, lora_scaling
-from ucai.stages.ppo_rollout import RolloutPhase
+from ucai.stages.ppo_rollout import POLICY_ADAPTER, RolloutPhase
 from ucai.stages.ppo_update import UpdatePhase
 from ucai.stages.rollouts import Rollout, append_rollout_rows, engine_model_kl, rollout_rows
 from ucai.stages.sampling import check_model_sampling, check_plain_sampling
@@ -242,6 +242,18 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
             (`ucai.packing.PackedEpisodes`; the same log-probs and gradients up to
             rounding). Needs SDPA or eager attention and no sliding window; otherwise
             rows are not packed.
+        sampling_precision: ``rollout`` — episodes are sampled from the policy, as the
+            rollout forward computes (``rollout_precision``); ``bf16`` — from a bf16
+            copy of the policy with the adapter merged (`ucai.sampling_copy`, refreshed
+            before every rollout), while the rollout forward that gives the old and
+            reference log-probs, reward scoring and the update keep their precision.
+            The samples then come from a policy that differs from the one the ratios
+            and the KL are computed with by bf16 rounding; the stage logs that gap per
+            token (``rollout/kl_engine_model``). Costs one bf16 copy of the model; on a
+            CPU, where sampling is bound by reading the weights, it samples ~2x
+            faster. Not under FSDP (refused: the copy needs the whole weights); where
+            the device has no native bf16, sampling falls back to the policy (one
+            warning).
         rollouts_file: file name of the episode log in the run's log folder.
         export: write the merged policy to ``output_dir`` at the end of fit (off for
             benchmarks, whose peak memory should be that of training).
@@ -285,6 +297,7 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
         gradient_checkpointing: bool = False,
         frozen_linear_bf16: bool = True,
         rollout_precision: Literal["trainer", "fp32"] = "trainer",
+        sampling_precision: Literal["rollout", "bf16"] = "rollout",
         pack_shared_prompts: bool = True,
         rollouts_file: str = "rollouts.csv",
         export: bool = True,
@@ -333,6 +346,9 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.frozen_linear_bf16 = frozen_linear_bf16
         self.rollout_precision = rollout_precision
+        self.sampling_precision = sampling_precision
+        self._sampler = None  # the bf16 sampling copy (`sampling_model`), built at the first rollout
+        self._sampling_fallback_logged = False
         self._frozen_cast = False  # whether the frozen weights are held in bf16
         self.pack_shared_prompts = pack_shared_prompts
         self._packer: EpisodePacker | None = None  # built with the tokenizer
@@ -369,7 +385,7 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
         from ucai.models import load_causal_lm, load_tokenizer, refuse_half_precision_training
 
         refuse_half_precision_training(self, "ppo")
-        self._refuse_fp32_rollouts_under_fsdp_mixed()
+        self._refuse_rollout_precisions_fsdp_cannot_run()
         dtype = dtype_from_precision(trainer_precision(self))
         self.tokenizer = load_tokenizer(self.policy_name, trust_remote_code=self.trust_remote_code)
         base = load_causal_lm(self.policy_name, dtype=dtype, trust_remote_code=self.trust_remote_code, seed=self.seed)
@@ -378,10 +394,10 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
         if self.gradient_checkpointing:
             enable_activation_checkpointing(base, context_fn=self._checkpoint_contexts)
         config = self.lora.to_peft("CAUSAL_LM")
-        self.policy = get_peft_model(base, config, adapter_name="policy")
+        self.policy = get_peft_model(base, config, adapter_name=POLICY_ADAPTER)
         if self.has_critic and self.value_head_kind == "adapter":
             self.policy.add_adapter("value", config)
-            self.policy.set_adapter("policy")
+            self.policy.set_adapter(POLICY_ADAPTER)
         # Dropout off so that the log-probs of a rollout and of the first PPO pass agree
         # exactly (ratio 1), as in TRL; RL noise already comes from sampling.
         disable_dropout(self.policy)
@@ -409,7 +425,7 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
                 if not isinstance(reward, TokenReward):
                     cast_frozen_linear(reward.model, torch.bfloat16)
 
-    def _refuse_fp32_rollouts_under_fsdp_mixed(self) -> None:
+    def _refuse_rollout_precisions_fsdp_cannot_run(self) -> None:
         # FSDP's mixed precision keeps its unsharded parameters in bf16/fp16, so no
         # forward can run in fp32 there, autocast or not.
         precision = trainer_precision(self)
@@ -417,6 +433,11 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
             raise UcaiError(
                 f"ppo: rollout_precision: fp32 is impossible under FSDP with {precision} (it computes with "
                 "half-precision parameters); set rollout_precision: trainer or use another strategy"
+            )
+        if self.sampling_precision != "rollout" and sharded_by_fsdp(self._trainer):
+            raise UcaiError(
+                f"ppo: sampling_precision: {self.sampling_precision} needs the whole weights for its copy, "
+                "which FSDP shards; set sampling_precision: rollout or use another strategy"
             )
 
     @property
@@ -707,7 +728,7 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
         dtype = torch.float32 if self._frozen_cast else next(iter(state.values())).dtype
         model = load_causal_lm(self.policy_name, dtype=dtype, trust_remote_code=self.trust_remote_code, seed=self.seed)
         return load_merged(
-            model, state, "policy", lora_scaling(self.policy, "policy"), full_precision_base=self._frozen_cast
+            model, state, POLICY_ADAPTER, lora_scaling(self.policy, POLICY_ADAPTER), full_precision_base=self._frozen_cast
         )
 
     def on_fit_end(self) -> None:

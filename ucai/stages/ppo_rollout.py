@@ -4,7 +4,8 @@ reference's log-probs, and form the KL, rewards and advantages (`ucai.rl`).
 
 `RolloutPhase` is a mixin of `PPOModule` and reads its settings and models: ``policy``,
 ``tokenizer``, the reward models ``_reward``, ``generation``, ``system_prompt``,
-``max_prompt_tokens``, ``minibatch_size``, ``rollout_precision``, ``normalize_score``,
+``max_prompt_tokens``, ``minibatch_size``, ``rollout_precision``,
+``sampling_precision`` (and the copy it builds, ``_sampler``), ``normalize_score``,
 ``kl_ctl``, ``rollout_step``, ``episodes_per_prompt``, ``has_critic`` and the
 estimator's settings, and its forward helpers ``response_hidden``, ``response_logits``,
 ``values_for`` and ``sequence_logprobs``.
@@ -12,12 +13,14 @@ estimator's settings, and its forward helpers ``response_hidden``, ``response_lo
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import nullcontext
 
 import torch
 
 from ucai.chat import render_chat
+from ucai.hardware import bf16_is_native
 from ucai.models import dtype_from_precision, trainer_precision
 from ucai.next_token import StepRecorder
 from ucai.padding import prompt_attention_mask
@@ -26,6 +29,11 @@ from ucai.reward_scoring import TokenReward
 from ucai.rl import RolloutTargets, logprobs_from_logits, rloo_rollout_targets, rollout_targets
 from ucai.stages.generation import generate, synced_gpus_needed
 from ucai.stages.rollouts import Rollout, episode_seeds
+
+log = logging.getLogger(__name__)
+
+# The name of the policy's LoRA adapter (PPO's critic may add a second, "value").
+POLICY_ADAPTER = "policy"
 
 
 class RolloutPhase:
@@ -119,6 +127,32 @@ class RolloutPhase:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, enabled=False)
 
+    def sampling_model(self):
+        """The model episodes are sampled from: the policy (``sampling_precision:
+        rollout``), or its bf16 copy with the adapter merged (``bf16``, `SamplingCopy`,
+        built at the first rollout, on the policy's device, and refreshed with the
+        adapter's current weights at every one). On a device without native bf16
+        (an AVX2-only CPU, where bf16 is several times slower than fp32, as the
+        pipeline's precision fallback knows) ``bf16`` samples from the policy, with
+        one warning."""
+        if self.sampling_precision == "rollout":
+            return self.policy
+        if not bf16_is_native(self.device.type):
+            if not self._sampling_fallback_logged:
+                self._sampling_fallback_logged = True
+                log.warning(
+                    "sampling_precision: bf16 has no native bf16 kernels on this %s; sampling from the "
+                    "policy instead (as sampling_precision: rollout)", self.device.type,
+                )
+            return self.policy
+        if self._sampler is None:
+            from ucai.sampling_copy import SamplingCopy
+
+            self._sampler = SamplingCopy(self.policy, POLICY_ADAPTER, torch.bfloat16)
+        else:
+            self._sampler.refresh()
+        return self._sampler.model
+
     def episode_prompts(self, rows: list[dict]) -> list[str]:
         """The prompt of each episode: each row's once (GAE) or ``rloo_k`` times in a row
         (RLOO), so that a prompt's group is consecutive and on this rank."""
@@ -143,7 +177,7 @@ class RolloutPhase:
         prompts = self.episode_prompts(rows)
         sampled = StepRecorder()
         generated = generate(
-            self.policy,
+            self.sampling_model(),
             self.tokenizer,
             self.render(prompts),
             self.generation,
