@@ -156,7 +156,7 @@ def test_rloo_samples_from_the_bf16_copy_and_keeps_the_policys_log_probs(tmp_pat
     assert sampled_from == [(False, {torch.bfloat16})] * 2  # every rollout, from the copy
     assert all(d < 1e-6 for d in checked["logprobs"]), checked  # old log-probs: the fp32 policy's
     assert all(d > 1e-3 for d in checked["engine"]), checked  # the sampling distribution: bf16's
-    # The copy was refreshed after the first update: it holds the trained adapter.
+    # At each rollout the copy held the adapter as it was then: refreshed, not built once.
     assert checked["copy_is_current"] == [True, True]
     assert not torch.equal(*checked["merged"])  # the adapter did move between the rollouts
 
