@@ -99,8 +99,11 @@ def test_refresh_follows_the_adapter_and_merges_only_the_policys(tiny_model, tin
                 param.add_(0.1)
     stale = _logits(sampler.model)
     assert (stale - _logits(policy)).abs().max() > 1e-3  # the copy does not follow by itself
+    sampling = _logits(policy)
+    policy.set_adapter("value")  # the critic's turn (PPO's value pass) when the copy refreshes
     sampler.refresh()
-    torch.testing.assert_close(_logits(sampler.model), _logits(policy), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(sampler.model), sampling, rtol=1e-5, atol=1e-5)
+    policy.set_adapter(POLICY_ADAPTER)
 
     # Inside a caller's autocast (PPO's rollouts under the trainer's precision) the merge
     # is still formed in full precision: B @ A in bf16 would round it differently.
@@ -110,11 +113,56 @@ def test_refresh_follows_the_adapter_and_merges_only_the_policys(tiny_model, tin
     assert torch.equal(_logits(bf16_copy.model), _logits(_merged(policy, torch.bfloat16)))
 
 
-def test_a_base_that_is_not_a_plain_linear_is_refused(tiny_model, tiny_lora):
-    lora = dataclasses.replace(tiny_lora, target_modules=["q_proj", "embed_tokens"])
+def test_an_adapted_head_tied_to_the_embeddings_is_untied_in_the_copy(tiny_model, tiny_lora):
+    # The policy's embeddings keep the base weight while its head adds the update;
+    # merged into one tied tensor, the update would reach the embeddings too.
+    lora = dataclasses.replace(tiny_lora, target_modules=["q_proj", "v_proj", "lm_head"])
     policy = get_peft_model(copy.deepcopy(tiny_model), lora.to_peft("CAUSAL_LM"), adapter_name=POLICY_ADAPTER)
-    with pytest.raises(UcaiError, match=r"embed_tokens is a Embedding, not a plain linear layer.*sampling_precision: rollout"):
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    sampler = SamplingCopy(policy, POLICY_ADAPTER, torch.float32)
+    torch.testing.assert_close(_logits(sampler.model), _logits(policy), rtol=1e-5, atol=1e-5)
+    source = policy.get_base_model()
+    assert torch.equal(sampler.model.model.embed_tokens.weight, source.model.embed_tokens.weight)
+    assert sampler.model.lm_head.weight is not sampler.model.model.embed_tokens.weight
+
+
+def _refusal(policy) -> str:
+    with pytest.raises(UcaiError) as caught:
         SamplingCopy(policy, POLICY_ADAPTER, torch.bfloat16)
+    return str(caught.value)
+
+
+def test_what_a_merged_copy_cannot_sample_as_is_refused(tiny_model, tiny_lora):
+    from peft import LoraConfig
+
+    def policy_with(**options):
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **options)
+        return get_peft_model(copy.deepcopy(tiny_model), config, adapter_name=POLICY_ADAPTER)
+
+    embedding = dataclasses.replace(tiny_lora, target_modules=["q_proj", "embed_tokens"]).to_peft("CAUSAL_LM")
+    message = _refusal(get_peft_model(copy.deepcopy(tiny_model), embedding, adapter_name=POLICY_ADAPTER))
+    assert "embed_tokens is a Embedding, not a plain linear layer" in message
+    assert message.endswith("set sampling_precision: rollout")
+    assert "uses DoRA" in _refusal(policy_with(use_dora=True))
+    assert "has a LoRA bias" in _refusal(policy_with(lora_bias=True))
+    assert "o_proj.modules_to_save.policy.weight trains outside the adapter" in _refusal(policy_with(modules_to_save=["o_proj"]))
+
+
+def test_hooks_added_to_either_model_stay_with_it(tiny_model, tiny_lora):
+    policy = _policy(tiny_model, tiny_lora)
+    source = policy.get_base_model()
+    seen = []
+    handle = source.model.norm.register_forward_hook(lambda module, args, kwargs, out: seen.append(1), with_kwargs=True)
+    sampler = SamplingCopy(policy, POLICY_ADAPTER, torch.bfloat16)
+    handle.remove()  # removed from the policy only: the copy keeps the hook it was built with
+    _logits(sampler.model)
+    assert seen == [1]
+    sampler.model.model.norm.register_forward_hook(lambda *args: seen.append(2))
+    _logits(policy)
+    assert seen == [1]  # the copy's new hook did not reach the policy
 
 
 def test_rloo_samples_from_the_bf16_copy_and_keeps_the_policys_log_probs(tmp_path, tiny_ppo, tiny_trainer, monkeypatch):

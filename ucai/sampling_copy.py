@@ -9,8 +9,9 @@ docs/performance.md, "Sampling from a bf16 copy of the policy"). The copy is ref
 from the policy before each rollout; everything that trains (the rollout's log-probs,
 the update) stays with the policy.
 
-The copy costs one model in ``dtype`` beside the policy and nothing else: each weight
-is cast as it is copied, and no other attribute is duplicated.
+The copy costs one model in ``dtype`` beside the policy (on a CPU the decode engine
+packs its projections for its kernels: a second), nothing more: each weight is cast as
+it is copied, and no other attribute is duplicated.
 """
 
 from __future__ import annotations
@@ -32,6 +33,32 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+def _unmergeable(source: nn.Module, layers: dict[str, nn.Module], adapter: str) -> str | None:
+    """Why merging ``adapter`` into a copy of ``source`` would not give its function
+    (None: it would)."""
+    for name, layer in layers.items():
+        base = layer.get_base_layer()
+        if type(base) is not nn.Linear:
+            return f"{name} is a {type(base).__name__}, not a plain linear layer"
+        if getattr(layer, "use_dora", {}).get(adapter):
+            return f"{name} uses DoRA (its magnitude vector is not a weight update)"
+        if getattr(layer, "lora_bias", {}).get(adapter):
+            return f"{name} has a LoRA bias"
+    for name, param in source.named_parameters():
+        if param.requires_grad and ".lora_" not in name:
+            return f"{name} trains outside the adapter (modules_to_save or a trained bias)"
+    return None
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """ids of the parameters that more than one module holds (tied weights)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, param in model.named_parameters(remove_duplicate=False):
+        (shared if id(param) in seen else seen).add(id(param))
+    return shared
+
+
 def _cloned_tree(root: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of ``root``'s module tree whose floating parameters are ``dtype`` copies
     (tied ones stay tied) and whose adapters' own weights are left out.
@@ -39,8 +66,7 @@ def _cloned_tree(root: nn.Module, dtype: torch.dtype) -> nn.Module:
     Each module is copied shallowly: its other attributes (config, buffers, the
     gradient-checkpointing function, which may hold the LightningModule itself) are
     shared, not deep-copied, so nothing but the weights is duplicated; the hook
-    registries are copied so that a hook added to one model later is not added to the
-    other.
+    registries are copied (the hooks themselves shared).
     """
     casts: dict[int, nn.Parameter | None] = {}
 
@@ -55,7 +81,10 @@ def _cloned_tree(root: nn.Module, dtype: torch.dtype) -> nn.Module:
     def clone(module: nn.Module) -> nn.Module:
         new = copy.copy(module)
         for key, value in vars(module).items():
-            if key.endswith("hooks") and isinstance(value, dict):
+            # Hook registries (and the flags kept beside them, such as which hooks take
+            # kwargs) and the names of non-persistent buffers: copied, so that adding
+            # or removing one on either model leaves the other as it was.
+            if ("hook" in key or key == "_non_persistent_buffers_set") and isinstance(value, (dict, set)):
                 setattr(new, key, type(value)(value))
         new._parameters = {name: cast(param) for name, param in module._parameters.items()}
         new._buffers = dict(module._buffers)
@@ -79,9 +108,16 @@ class SamplingCopy:
         adapter: the adapter merged into the copy (the one the policy samples with).
         dtype: the copy's dtype.
 
+    An adapted weight shared with another module (a LoRA-adapted ``lm_head`` tied to
+    the embeddings) gets its own copy: the merge is the head's, and the embeddings
+    keep the base weight, as in the policy.
+
     Raises:
-        UcaiError: when an adapted layer's base is not a plain ``nn.Linear`` (a
-            quantised base has no weight to merge into).
+        UcaiError: where merging ``W + scale * B @ A`` would not give the policy: an
+            adapted layer whose base is not a plain ``nn.Linear`` (a quantised base has
+            no weight to merge into), DoRA or a LoRA bias, or a trainable parameter
+            outside the adapters (``modules_to_save``, trained biases), which the copy
+            would hold at its first value.
     """
 
     def __init__(self, policy: nn.Module, adapter: str, dtype: torch.dtype):
@@ -90,18 +126,21 @@ class SamplingCopy:
         self.adapter = adapter
         self.dtype = dtype
         self._sources = _lora_layers(source)
-        for name, layer in self._sources.items():
-            if type(layer.get_base_layer()) is not nn.Linear:
-                raise UcaiError(
-                    f"sampling_precision: {name} is a {type(layer.get_base_layer()).__name__}, not a plain "
-                    "linear layer, so no adapter can be merged into a copy of it; set sampling_precision: rollout"
-                )
+        refusal = _unmergeable(source, self._sources, adapter)
+        if refusal is not None:
+            raise UcaiError(
+                f"sampling_precision: {refusal}, so a copy with the adapter merged would not sample as the "
+                "policy does; set sampling_precision: rollout"
+            )
         self.model = _cloned_tree(source, dtype)
+        shared = _shared_weights(self.model)
         self._targets: dict[str, nn.Linear] = {}
         for name in self._sources:
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name)
             plain = getattr(parent, child).get_base_layer()
+            if id(plain.weight) in shared:
+                plain.weight = nn.Parameter(plain.weight.detach().clone(), requires_grad=False)
             setattr(parent, child, plain)
             self._targets[name] = plain
         self.model.eval().requires_grad_(False)
