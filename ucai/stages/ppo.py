@@ -253,9 +253,8 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
             on a CPU, where the decode engine packs it), freed before the export; on
             a CPU, where sampling is bound by reading the weights, it samples ~2.5x
             faster (SmolLM2, one core). Not under FSDP (refused: the copy needs the
-            whole weights); where
-            the device has no native bf16, sampling falls back to the policy (one
-            warning).
+            whole weights); where the device has no native bf16, sampling falls back
+            to the policy (one warning).
         rollouts_file: file name of the episode log in the run's log folder.
         export: write the merged policy to ``output_dir`` at the end of fit (off for
             benchmarks, whose peak memory should be that of training).
@@ -429,7 +428,8 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
 
     def _refuse_rollout_precisions_fsdp_cannot_run(self) -> None:
         # FSDP's mixed precision keeps its unsharded parameters in bf16/fp16, so no
-        # forward can run in fp32 there, autocast or not.
+        # forward can run in fp32 there, autocast or not; and no rank holds the whole
+        # weights a sampling copy is made of.
         precision = trainer_precision(self)
         if self.rollout_precision == "fp32" and sharded_by_fsdp(self._trainer) and "mixed" in precision:
             raise UcaiError(
