@@ -265,7 +265,8 @@ def test_a_nan_score_is_left_out_of_a_paired_test_not_made_significant():
     # Ten prompts where A − B is +1, −1 alternately (no shift), and one more prompt whose
     # A score is NaN (an empty answer's judge score): NaN compares false with every
     # pattern's statistic, which gave p = 0 and "significant".
-    assert math.isnan(sign_flip_test([1.0, float("nan"), -1.0]).p)
+    untested = sign_flip_test([1.0, float("nan"), -1.0])
+    assert math.isnan(untested.p) and not untested.exact  # no pattern was enumerated
     scores = [{"model": "a", "id": str(i), "judge": 0.5 + (0.5 if i % 2 else -0.5)} for i in range(10)]
     scores += [{"model": "b", "id": str(i), "judge": 0.5} for i in range(11)]
     scores.append({"model": "a", "id": "10", "judge": float("nan")})

@@ -294,7 +294,7 @@ class SignFlipResult:
     high: float
     confidence: float
     n: int  # clusters (prompts)
-    exact: bool  # all 2**n sign patterns enumerated (else Monte Carlo)
+    exact: bool  # all 2**n sign patterns enumerated (else Monte Carlo, or no test: non-finite input)
 
 
 def sign_flip_test(
@@ -331,7 +331,9 @@ def sign_flip_test(
     # No test on a non-finite difference: NaN compares false with everything, which
     # would count no pattern as extreme and give p = 0 (callers drop such pairs first).
     if n == 0 or not np.isfinite(data).all():
-        return SignFlipResult(math.nan, math.nan, math.nan, math.nan, confidence, n, True)
+        # No pattern was enumerated or drawn: neither exact nor Monte Carlo, but exact
+        # would claim a smallest attainable p of 2 / 2**n for a test that never ran.
+        return SignFlipResult(math.nan, math.nan, math.nan, math.nan, confidence, n, False)
     mean = float(sums.sum() / sizes.sum())
     exact = n <= exact_max
     if exact:
