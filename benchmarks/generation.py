@@ -52,7 +52,6 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,6 +63,7 @@ from harness import (  # noqa: E402
     peak_rss_mb,
     ratios_against_best,
     run_alternating,
+    run_worker,
     set_threads,
     token_rates,
 )
@@ -253,16 +253,11 @@ def fidelity_worker(args) -> dict:
 
 
 def run_side(side: str, args) -> dict:
-    command = [
-        sys.executable, __file__, "--worker", side, "--model", args.model, "--batch", str(args.batch),
-        "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--threads", str(args.threads),
-        "--prompt-tokens", str(args.prompt_tokens),
+    options = [
+        "--model", args.model, "--batch", str(args.batch), "--new-tokens", str(args.new_tokens), "--dtype", args.dtype,
+        "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
     ]
-    environment = {**os.environ, **UCAI_SIDES.get(side, {})}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=environment)
-    if result.returncode != 0:
-        sys.exit(f"{side} side failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, side, options, env={**os.environ, **UCAI_SIDES.get(side, {})})
 
 
 def identical_ids(runs: dict[str, list[dict]]) -> dict[str, bool]:

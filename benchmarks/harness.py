@@ -92,3 +92,19 @@ def ratios_against_best(summary: dict[str, dict], ours: str, peers: Sequence[str
         summary[ours]["tokens_per_s"] / summary[best]["tokens_per_s"],
         summary[ours]["peak_rss_mb"] / summary[best]["peak_rss_mb"],
     )
+
+
+def run_worker(script: str, side: str, options: Sequence[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``script --worker SIDE OPTIONS`` in its own process (its peak RSS its own) from
+    the repository root and return the JSON of its last stdout line; stop with the
+    worker's error output if it fails."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = [sys.executable, script, "--worker", side, *options]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env)
+    if result.returncode != 0:
+        sys.exit(f"{side} side failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from harness import (  # noqa: E402
     peak_rss_mb,
     ratios_against_best,
     run_alternating,
+    run_worker,
     set_threads,
     token_rates,
 )
@@ -135,14 +135,9 @@ def worker(args) -> dict:
 
 
 def run_side(side: str, args) -> dict:
-    command = [
-        sys.executable, __file__, "--worker", side, "--model", args.model, "--prompts", str(args.prompts),
-        "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if result.returncode != 0:
-        sys.exit(f"{side} side failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    options = ["--model", args.model, "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens),
+               "--threads", str(args.threads)]
+    return run_worker(__file__, side, options)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from harness import alternating, check_same_work, run_alternating  # noqa: E402
+from harness import alternating, check_same_work, run_alternating, run_worker  # noqa: E402
 
 
 def test_alternating_reverses_the_order_every_other_repeat():
@@ -46,3 +46,18 @@ def test_token_rates_and_ratios_against_the_best_peer():
     assert summary["ours"]["peak_rss_mb"] == 1000
     # peer-b is the faster (50 tokens/s vs 25): 75 / 50 = 1.5 times the speed, 1000 / 2000 the memory.
     assert ratios_against_best(summary, "ours", ("peer-a", "peer-b")) == ("peer-b", 1.5, 0.5)
+
+
+def test_run_worker_returns_the_last_json_line_or_stops_with_the_workers_error(tmp_path):
+    script = tmp_path / "side.py"
+    script.write_text(
+        "import json, sys\n"
+        "side, option = sys.argv[2], sys.argv[3]\n"
+        "if side == 'bad':\n"
+        "    sys.exit('worker broke: ' + option)\n"
+        "print('a log line first')\n"
+        "print(json.dumps({'side': side, 'option': option}))\n"
+    )
+    assert run_worker(str(script), "good", ["x"]) == {"side": "good", "option": "x"}
+    with pytest.raises(SystemExit, match="bad side failed:\n.*worker broke: y"):
+        run_worker(str(script), "bad", ["y"])

@@ -468,6 +468,18 @@ def sharded_by_fsdp(trainer) -> bool:
     return trainer is not None and "FSDP" in type(trainer.strategy).__name__
 
 
+def holds_frozen_linears_in_bf16(module: Any, enabled: bool, dtype: torch.dtype) -> bool:
+    """Whether a training stage with ``frozen_linear_bf16: enabled`` whose weights load
+    in ``dtype`` casts its frozen linears (`cast_frozen_linear`): under bf16 autocast
+    over float32 weights, and not under FSDP (its flat parameters need one dtype)."""
+    return (
+        enabled
+        and trainer_precision(module) in ("bf16-mixed", "bf16")
+        and dtype == torch.float32
+        and not sharded_by_fsdp(module._trainer)
+    )
+
+
 def cast_frozen_linear(net: torch.nn.Module, dtype: torch.dtype, untie: bool = False) -> int:
     """Cast the weights of linear layers that are not trained; returns how many.
 

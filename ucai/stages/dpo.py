@@ -54,6 +54,7 @@ from ucai.models import (
     disable_dropout,
     dtype_from_precision,
     enable_activation_checkpointing,
+    holds_frozen_linears_in_bf16,
     output_head,
     save_pretrained_atomic,
     sharded_by_fsdp,
@@ -316,12 +317,7 @@ class DPOModule(L.LightningModule):
         # from_pretrained returns eval mode and Lightning keeps each module's mode, which
         # would leave gradient checkpointing (training-only) and dropout silently off.
         self.policy.train()
-        self._frozen_cast = (
-            self.frozen_linear_bf16
-            and trainer_precision(self) in ("bf16-mixed", "bf16")
-            and dtype == torch.float32
-            and not sharded_by_fsdp(self._trainer)
-        )
+        self._frozen_cast = holds_frozen_linears_in_bf16(self, self.frozen_linear_bf16, dtype)
         if self._frozen_cast:
             cast_frozen_linear(self.policy, torch.bfloat16)
         trainable = sum(p.numel() for p in self.policy.parameters() if p.requires_grad)

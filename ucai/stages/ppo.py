@@ -89,6 +89,7 @@ from ucai.models import (
     disable_dropout,
     dtype_from_precision,
     enable_activation_checkpointing,
+    holds_frozen_linears_in_bf16,
     output_head,
     save_pretrained_atomic,
     sharded_by_fsdp,
@@ -251,8 +252,8 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
             and the KL are computed with by bf16 rounding; the stage logs that gap per
             token (``rollout/kl_engine_model``). Costs one bf16 copy of the model (two
             on a CPU, where the decode engine packs it), freed before the export; on
-            a CPU, where sampling is bound by reading the weights, it samples ~2.5x
-            faster (SmolLM2, one core). Not under FSDP (refused: the copy needs the
+            a CPU, where sampling is bound by reading the weights, it samples ~2x
+            faster (SmolLM2, one core: `benchmarks/rl_sampling.py`). Not under FSDP (refused: the copy needs the
             whole weights); where the device has no native bf16, sampling falls back
             to the policy (one warning).
         rollouts_file: file name of the episode log in the run's log folder.
@@ -413,12 +414,7 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
         if self.value_head is not None:
             self._trainable += list(self.value_head.parameters())
         self._load_reward(dtype)
-        self._frozen_cast = (
-            self.frozen_linear_bf16
-            and trainer_precision(self) in ("bf16-mixed", "bf16")
-            and dtype == torch.float32
-            and not sharded_by_fsdp(self._trainer)
-        )
+        self._frozen_cast = holds_frozen_linears_in_bf16(self, self.frozen_linear_bf16, dtype)
         if self._frozen_cast:
             # After the value head has copied the reward head at full precision.
             cast_frozen_linear(self.policy, torch.bfloat16)

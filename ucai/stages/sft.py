@@ -187,8 +187,8 @@ class SFTModule(L.LightningModule):
         from ucai.models import (
             cast_frozen_linear,
             dtype_from_precision,
+            holds_frozen_linears_in_bf16,
             refuse_half_precision_training,
-            sharded_by_fsdp,
             trainer_precision,
         )
 
@@ -211,12 +211,7 @@ class SFTModule(L.LightningModule):
 
             lm = get_peft_model(lm, self.lora.to_peft("CAUSAL_LM"))
             use_uniform_dropout(lm)
-        if (
-            self.frozen_linear_bf16
-            and trainer_precision(self) in ("bf16-mixed", "bf16")
-            and dtype == torch.float32
-            and not sharded_by_fsdp(self._trainer)
-        ):
+        if holds_frozen_linears_in_bf16(self, self.frozen_linear_bf16, dtype):
             cast_frozen_linear(lm, torch.bfloat16)
         # from_pretrained returns eval mode and Lightning keeps each module's mode, which
         # would leave gradient checkpointing (training-only) and dropout silently off.
