@@ -166,6 +166,35 @@ def test_rope_attention_matches_rotation_cache_write_and_sdpa(dtype, dim, heads,
 
 
 @needs_kernels
+@pytest.mark.skipif(not generation_engine.bf16_kernels_faithful_here(), reason="bf16 kernels used on native-bf16 CPUs only")
+@pytest.mark.parametrize("length", [37, 80, 200])
+def test_bf16_attention_over_many_keys_rounds_as_pytorchs_flash_kernel(length):
+    """Over more than 16 keys the bf16 softmax runs 16 scores a vector (its exp, the
+    weights' rounding to bf16 and the float32 total as PyTorch's CPU flash kernel
+    computes them), so the kernel's output is bf16 SDPA's but for a rounding flipped
+    now and then: PyTorch takes the exact exp for the last length mod 16 keys and sums
+    in another order. (A wrong constant in the vector exp misses by tens of steps.)"""
+    heads, kv_heads, dim, batch = 9, 3, 64, 4
+    q, k, v, cos, sin_signed, keys, values = attention_inputs(
+        torch.bfloat16, batch=batch, heads=heads, kv_heads=kv_heads, dim=dim, capacity=256
+    )
+    mask = torch.zeros(batch, 256, dtype=torch.bfloat16)
+    mask[0, :21] = float("-inf")  # a left-padded row, its padding across a 16-key block
+    expected_keys, expected_values = keys.clone(), values.clone()
+    rotated = rotate(torch.cat((q, k), dim=-1).view(batch, -1, dim), cos[:, None], sin_signed[:, None])
+    expected_keys[:, :, length - 1] = rotated[:, heads:]
+    expected_values[:, :, length - 1] = v.view(batch, kv_heads, dim)
+    flash = F.scaled_dot_product_attention(
+        rotated[:, :heads, None], expected_keys[:, :, :length], expected_values[:, :, :length],
+        attn_mask=mask[:, None, None, :length], scale=dim**-0.5, enable_gqa=True,
+    ).reshape(batch, -1)
+    out = torch.empty(batch, heads * dim, dtype=torch.bfloat16)
+    KERNELS.rope_attention(q, k, v, cos, sin_signed, keys, values, mask, out, length, dim**-0.5)
+    assert bf16_ulps(out, flash).max() <= 4
+    assert (out == flash).float().mean() >= 0.99
+
+
+@needs_kernels
 def test_a_row_with_every_position_masked_attends_to_nothing():
     """As PyTorch's flash kernel: zeros, not NaN (the engine never asks this: the new
     position is always attended)."""

@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ucai.hardware import cpu_bf16_is_native
+from ucai.native_decode import native_kernels
+
+# Row counts up to which the AMX tile matmul is tried (`_tile_kernels`): a decode step's
+# batch. Beyond 32 rows oneDNN sums in another order, and the exactness check (below)
+# keeps oneDNN there.
+TILE_MAX_ROWS = 32
 
 
 def _plain_base(module: nn.Module) -> nn.Linear | None:
@@ -58,6 +64,17 @@ def _packing_available(dtype: torch.dtype) -> bool:
     if not hasattr(ops, "_reorder_linear_weight") or not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_bf16_is_native())
+
+
+def _tile_kernels(rows: int, n: int, k: int):
+    """The native kernels when their AMX bf16 tile matmul can run this projection
+    (`NativeDecodeKernels.tile_linear`); None otherwise."""
+    if rows > TILE_MAX_ROWS:
+        return None
+    kernels = native_kernels()
+    if kernels is None or not kernels.tiles_fit(n, k) or not kernels.tiles_ready():
+        return None
+    return kernels
 
 
 def _free_memory() -> int | None:
@@ -108,7 +125,11 @@ class FusedProjection:
     ``F.linear`` would otherwise re-derive from the plain layout at every call (timed
     by ``benchmarks/generation.py``). bf16 ``F.linear`` on CPU runs
     the same oneDNN kernel, so outputs are unchanged; each rebuild checks that on its
-    real input and drops the packing if they differ.
+    real input and drops the packing if they differ. On a CPU with AMX, at up to
+    `TILE_MAX_ROWS` rows and without a bias, the weight is packed for the native tile
+    matmul instead (`ucai.native_decode`: 1.6x oneDNN's packed matmul over a SmolLM2
+    decode step's projections at 16 rows, two cores), kept only where its outputs equal
+    ``F.linear``'s bit for bit on the real input, as they do where oneDNN runs AMX too.
 
     With ``pack_float32`` (the faithful engine, `FastDecode`) float32 weights are
     packed for oneDNN too. fp32 ``F.linear`` runs MKL's unpacked sgemm, which streams
@@ -147,6 +168,8 @@ class FusedProjection:
         self._weight: torch.Tensor | None = None
         self._bias: torch.Tensor | None = None
         self._packed: torch.Tensor | None = None
+        self._tiles: torch.Tensor | None = None  # the fused weight in the tile matmul's layout
+        self._tile_kernels = None
         self._dtype: torch.dtype | None = None
         self._direct = False  # no copy: the layers' own weights, one matmul each
 
@@ -164,6 +187,7 @@ class FusedProjection:
         exact = dtype == torch.bfloat16  # packing must leave every output unchanged
         packable = (exact or (dtype == torch.float32 and self.pack_float32)) and _packing_available(dtype)
         self._direct = dtype == weights[0].dtype and not packable
+        self._tiles = self._tile_kernels = None
         if self._direct:
             self._weight = self._bias = self._packed = None
             self._key = key
@@ -174,6 +198,8 @@ class FusedProjection:
             self._bias = None if biases[0] is None else torch.cat(biases).to(dtype)
             self._packed = None
             self._dtype = dtype
+            if exact and self._bias is None and self._try_tiles(x, rows):
+                packable = False
             if packable:
                 packed = torch.ops.mkldnn._reorder_linear_weight(self._weight, rows)
                 flat = x.reshape(rows, -1).to(dtype)
@@ -188,10 +214,28 @@ class FusedProjection:
         self._key = key
         FusedProjection.build_seconds += time.perf_counter() - start
 
+    def _try_tiles(self, x: torch.Tensor, rows: int) -> bool:
+        """Hold the fused bf16 weight in the tile matmul's layout instead, if the tile
+        matmul runs here and gives ``F.linear``'s outputs bit for bit on ``x``."""
+        kernels = _tile_kernels(rows, *self._weight.shape)
+        if kernels is None:
+            return False
+        tiles = kernels.pack_tiles(self._weight)
+        flat = x.reshape(rows, -1).to(self._dtype)
+        if not torch.equal(kernels.tile_linear(flat, tiles, self._weight.shape[0]), F.linear(flat, self._weight)):
+            return False
+        self._tiles, self._tile_kernels, self._weight = tiles, kernels, None
+        return True
+
     @property
     def holds_copy(self) -> bool:
         """Whether the last call ran on a fused (and possibly packed) copy of the weights."""
-        return self._weight is not None or self._packed is not None
+        return self._weight is not None or self._packed is not None or self._tiles is not None
+
+    @property
+    def uses_tiles(self) -> bool:
+        """Whether the last call ran the native tile matmul."""
+        return self._tiles is not None
 
     def _packed_linear(self, flat: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(flat, packed, self._bias, "none", [], "")
@@ -209,7 +253,11 @@ class FusedProjection:
         if self._direct:
             pieces = [F.linear(x, base.weight, base.bias) for base in self.bases]
         else:
-            if self._packed is not None:
+            if self._tiles is not None:
+                flat = x.reshape(-1, x.shape[-1]).to(self._dtype)
+                out = self._tile_kernels.tile_linear(flat, self._tiles, sum(self.sizes), check=refresh)
+                out = out.view(*x.shape[:-1], -1)
+            elif self._packed is not None:
                 flat = x.reshape(-1, x.shape[-1]).to(self._dtype)
                 out = self._packed_linear(flat, self._packed).view(*x.shape[:-1], -1)
             else:

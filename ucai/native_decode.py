@@ -5,7 +5,8 @@ few kilobytes each, plus a flash-attention call built for long queries; at batch
 CPU that is as much time as the matmuls (see the C++ file's header). The C++ file fuses
 them into three calls a layer: `NativeDecodeKernels.add_rms_norm` (residual add and
 the next norm), `rope_attention` (rotary embedding, cache write and one-row
-attention) and `silu_mul`.
+attention) and `silu_mul`. On a CPU with AMX bf16, `tile_linear` runs the step's
+projections (`ucai.fused_projection` uses it where its outputs equal oneDNN's).
 
 The source is compiled on first use with the system's C++ compiler (``$CXX`` or
 ``c++``) for this CPU (``-march=native``) into ``$UCAI_CACHE/kernels`` (about 2 s),
@@ -61,6 +62,13 @@ _SIGNATURES = {
     "rope_attention": (
         _p, _i64, _p, _i64, _p, _i64, _p, _p, _p, _p, _p, _i64, _p, _i, _i, _i, _i, _i, _i, _i, _f, _i,
     ),
+}
+# The bf16 tile matmul (AMX), built only for a CPU that has it.
+_TILE_SIGNATURES = {
+    "ucai_tiles_built": ((), _i),
+    "ucai_tiles_request": ((), _i),
+    "ucai_tiles_pack_bf16": ((_p, _i, _i, _p), None),
+    "ucai_tiles_linear_bf16": ((_p, _i64, _i, _i, _p, _i, _p, _i64, _i), None),
 }
 
 
@@ -144,6 +152,11 @@ class NativeDecodeKernels:
                 function = getattr(library, f"ucai_{name}_{suffix}")
                 function.argtypes, function.restype = arguments, None
                 self._functions[name, dtype] = function
+        for name, (arguments, result) in _TILE_SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = arguments, result
+            self._functions[name] = function
+        self._tiles_granted_in: int | None = None  # the process the tile state was granted to
 
     def add_rms_norm(
         self,
@@ -231,6 +244,51 @@ class NativeDecodeKernels:
             out.data_ptr(), batch, heads, kv_heads, dim, capacity, length - 1, length, scale,
             self.threads(),
         )
+
+    def tiles_ready(self) -> bool:
+        """Whether `tile_linear` runs here: the library was built for a CPU with AMX
+        bf16 and Linux granted this process the tile state (asked once per process, as
+        a forked stage is a new one)."""
+        if self._tiles_granted_in == os.getpid():
+            return True
+        if not self._functions["ucai_tiles_built"]() or self._functions["ucai_tiles_request"]() != 0:
+            return False
+        self._tiles_granted_in = os.getpid()
+        return True
+
+    @staticmethod
+    def tiles_fit(n: int, k: int) -> bool:
+        """Whether a (n, k) weight has the shape the tile matmul takes."""
+        return n % 16 == 0 and k % 32 == 0 and n > 0 and k > 0
+
+    def pack_tiles(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight: (N, K) bf16 -> its tile layout for `tile_linear`, (N * K,) bf16."""
+        n, k = weight.shape
+        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not self.tiles_fit(n, k):
+            raise ValueError(
+                f"native tile matmul: needs a CPU bf16 weight with N % 16 == 0 and K % 32 == 0, "
+                f"got {tuple(weight.shape)} {weight.dtype} on {weight.device}"
+            )
+        weight = weight.contiguous()
+        packed = torch.empty(n * k, dtype=torch.bfloat16)
+        self._functions["ucai_tiles_pack_bf16"](weight.data_ptr(), n, k, packed.data_ptr())
+        return packed
+
+    def tile_linear(self, x: torch.Tensor, packed: torch.Tensor, n: int, check: bool = True) -> torch.Tensor:
+        """x: (M, K) bf16 with contiguous rows, packed: `pack_tiles` of a (n, K) weight
+        -> (M, n) bf16, ``x @ weight.T`` with float32 sums rounded once."""
+        m, k = x.shape
+        if check:
+            _check(x, torch.bfloat16, "x")
+            if packed.numel() != n * k or packed.dtype != torch.bfloat16 or not self.tiles_fit(n, k):
+                raise ValueError(f"native tile matmul: packed weight of {packed.numel()} values for ({n}, {k})")
+            if not self.tiles_ready():
+                raise RuntimeError("native tile matmul: not available on this CPU or process")
+        out = torch.empty((m, n), dtype=torch.bfloat16)
+        self._functions["ucai_tiles_linear_bf16"](
+            x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n, out.data_ptr(), n, self.threads()
+        )
+        return out
 
     def threads(self) -> int:
         """Threads for the kernels' parallel loops: PyTorch's, when its pool is theirs."""
