@@ -575,7 +575,9 @@ extern "C" void ucai_tiles_pack_bf16(const void* weight, int n, int k, void* pac
 
 // out (M, N) = x (M, K) @ W.T in bf16 (float32 sums, rounded once), W packed above.
 // x rows and out rows contiguous with the given row strides. The column blocks split
-// over `threads` threads of PyTorch's OpenMP pool; each thread configures its own tiles.
+// over `threads` threads of PyTorch's OpenMP pool; each thread configures its own tiles
+// and releases them at the end of the call (oneDNN configures its own at the start of
+// each of its executions, so the two never run on each other's configuration).
 extern "C" void ucai_tiles_linear_bf16(const void* input, int64_t x_stride, int m, int k, const void* packed, int n,
                                        void* output, int64_t out_stride, int threads) {
 #if defined(UCAI_TILES)
