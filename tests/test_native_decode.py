@@ -195,6 +195,20 @@ def test_bf16_attention_over_many_keys_rounds_as_pytorchs_flash_kernel(length):
 
 
 @needs_kernels
+@pytest.mark.parametrize("length", [5, 37])  # the tail alone; full vectors and a tail
+def test_a_nan_in_the_cache_shows_as_nan(length):
+    """A diverged activation must not turn into plausible numbers: a NaN key makes its
+    row's outputs non-finite (SDPA gives NaN; the kernel's exp, as PyTorch's, clamps a
+    NaN score to the largest, whose weight then overflows), the other rows untouched."""
+    q, k, v, cos, sin_signed, keys, values = attention_inputs(torch.bfloat16, capacity=48)
+    keys[1, :, 2] = float("nan")
+    out = torch.empty_like(q)
+    KERNELS.rope_attention(q, k, v, cos, sin_signed, keys, values, None, out, length, 0.125)
+    assert not torch.isfinite(out[1]).any()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+
+
+@needs_kernels
 def test_a_row_with_every_position_masked_attends_to_nothing():
     """As PyTorch's flash kernel: zeros, not NaN (the engine never asks this: the new
     position is always attended)."""

@@ -109,6 +109,34 @@ def test_fused_projection_runs_the_tile_matmul_where_it_is_exact():
 
 
 @needs_tiles
+def test_fused_projection_takes_inputs_whose_features_are_not_contiguous():
+    layers = bf16_layers(32, 16)
+    fused = FusedProjection(layers)
+    x = bf16(64, 8, seed=6).T[:, None, :]  # (8, 1, 64), features 8 elements apart
+    assert_matches_layers(fused, layers, x)
+    assert fused.uses_tiles
+    for out, layer in zip(fused(x, refresh=False), layers, strict=True):  # the later steps' path
+        assert torch.equal(out, layer(x))
+
+
+@needs_tiles
+def test_without_shared_threads_oneDNN_keeps_the_projections(monkeypatch):
+    """Under another OpenMP runtime the kernels run on one thread; oneDNN, on all of
+    them, is then faster than the tiles."""
+    kernels = native_kernels()
+    monkeypatch.setattr(kernels, "share_threads", False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layers = bf16_layers(32, 16)
+        fused = FusedProjection(layers)
+        assert_matches_layers(fused, layers, bf16(8, 1, 64, seed=7))
+        assert not fused.uses_tiles
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_tiles
 def test_fused_projection_keeps_onednn_where_the_tiles_would_change_an_output(monkeypatch):
     """Where the tile matmul's bits differ from ``F.linear``'s (another oneDNN, more
     rows), the outputs must not change: oneDNN's packed matmul runs instead."""

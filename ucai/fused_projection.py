@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ucai.hardware import cpu_bf16_is_native
-from ucai.native_decode import native_kernels
+from ucai.native_decode import cpu_has_tiles, native_kernels
 
 # Row counts up to which the AMX tile matmul is tried (`_tile_kernels`): a decode step's
 # batch. Beyond 32 rows oneDNN sums in another order, and the exactness check (below)
@@ -68,13 +68,24 @@ def _packing_available(dtype: torch.dtype) -> bool:
 
 def _tile_kernels(rows: int, n: int, k: int):
     """The native kernels when their AMX bf16 tile matmul can run this projection
-    (`NativeDecodeKernels.tile_linear`); None otherwise."""
-    if rows > TILE_MAX_ROWS:
+    (`NativeDecodeKernels.tile_linear`): up to `TILE_MAX_ROWS` rows, N % 16 == 0 and
+    K % 32 == 0, on a CPU with AMX; None otherwise. Also None where the kernels cannot
+    share PyTorch's threads (another OpenMP runtime): one thread of tiles is slower than
+    oneDNN on all of them."""
+    if rows > TILE_MAX_ROWS or not cpu_has_tiles():
         return None
     kernels = native_kernels()
     if kernels is None or not kernels.tiles_fit(n, k) or not kernels.tiles_ready():
         return None
+    if not kernels.share_threads and torch.get_num_threads() > 1:
+        return None
     return kernels
+
+
+def _rows_of(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x: (..., K) -> (rows, K) in ``dtype`` with contiguous rows, as the tile matmul reads it."""
+    flat = x.reshape(-1, x.shape[-1]).to(dtype)
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
 def _free_memory() -> int | None:
@@ -126,7 +137,8 @@ class FusedProjection:
     by ``benchmarks/generation.py``). bf16 ``F.linear`` on CPU runs
     the same oneDNN kernel, so outputs are unchanged; each rebuild checks that on its
     real input and drops the packing if they differ. On a CPU with AMX, at up to
-    `TILE_MAX_ROWS` rows and without a bias, the weight is packed for the native tile
+    `TILE_MAX_ROWS` rows, without a bias and with N % 16 == 0 and K % 32 == 0 (widths
+    of Llama-family models), the weight is packed for the native tile
     matmul instead (`ucai.native_decode`: 1.6x oneDNN's packed matmul over a SmolLM2
     decode step's projections at 16 rows, two cores), kept only where its outputs equal
     ``F.linear``'s bit for bit on the real input, as they do where oneDNN runs AMX too.
@@ -221,7 +233,7 @@ class FusedProjection:
         if kernels is None:
             return False
         tiles = kernels.pack_tiles(self._weight)
-        flat = x.reshape(rows, -1).to(self._dtype)
+        flat = _rows_of(x, self._dtype)
         if not torch.equal(kernels.tile_linear(flat, tiles, self._weight.shape[0]), F.linear(flat, self._weight)):
             return False
         self._tiles, self._tile_kernels, self._weight = tiles, kernels, None
@@ -254,7 +266,7 @@ class FusedProjection:
             pieces = [F.linear(x, base.weight, base.bias) for base in self.bases]
         else:
             if self._tiles is not None:
-                flat = x.reshape(-1, x.shape[-1]).to(self._dtype)
+                flat = _rows_of(x, self._dtype)
                 out = self._tile_kernels.tile_linear(flat, self._tiles, sum(self.sizes), check=refresh)
                 out = out.view(*x.shape[:-1], -1)
             elif self._packed is not None:

@@ -83,6 +83,12 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_has_tiles() -> bool:
+    """Whether this CPU reports AMX bf16 (the tile matmul is built only for such a CPU):
+    checked before compiling anything for it."""
+    return "amx_bf16" in _cpu_flags().split()
+
+
 def _library_path(compiler: list[str]) -> Path:
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(

@@ -236,8 +236,9 @@ inline __m512 load16(const uint16_t* p) {
 inline __m512 fexp_u20_16(__m512 x) {
     const __m512 ln_flt_min = _mm512_castsi512_ps(_mm512_set1_epi32(0xc2aeac50));
     const __m512 ln_flt_max = _mm512_castsi512_ps(_mm512_set1_epi32(0x42b17218));
-    // max(x, min) returns its second operand for a NaN x, as std::fmax returns the other.
-    const __m512 src = _mm512_mul_ps(_mm512_min_ps(_mm512_max_ps(x, ln_flt_min), ln_flt_max),
+    // The scalar's fmax(fmin(x, max), min): min_ps / max_ps return their second operand
+    // when either is NaN, so x goes first to clamp a NaN to max, as fmin does.
+    const __m512 src = _mm512_mul_ps(_mm512_max_ps(_mm512_min_ps(x, ln_flt_max), ln_flt_min),
                                      _mm512_castsi512_ps(_mm512_set1_epi32(0x3fb8aa3b)));
     const __m512 fraction = _mm512_sub_ps(src, _mm512_roundscale_ps(src, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
     __m512 correction = _mm512_fmadd_ps(fraction, _mm512_set1_ps(-0.079204240219773236f), _mm512_set1_ps(-0.22433836478672356f));
@@ -250,7 +251,8 @@ inline __m512 fexp_u20_16(__m512 x) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, ln_flt_min, _CMP_LT_OQ), value, _mm512_setzero_ps());
 }
 
-// float_to_bf16 then back, for 16 floats (integer rounding as the scalar's; no NaN here).
+// float_to_bf16 then back, for 16 floats (integer rounding as the scalar's; a NaN, which
+// only a NaN score gives, stays a NaN, if not the scalar's quiet one).
 inline __m512 round_to_bf16_16(__m512 v) {
     const __m512i word = _mm512_castps_si512(v);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(word, 16), _mm512_set1_epi32(1));
@@ -264,9 +266,11 @@ inline __m512 round_to_bf16_16(__m512 v) {
 inline float softmax_weights_bf16_16(float* s, int length) {
     __m512 tops = _mm512_set1_ps(-INFINITY);
     int j = 0;
-    for (; j + 16 <= length; j += 16) tops = _mm512_max_ps(tops, _mm512_loadu_ps(s + j));
+    // Scores first: max_ps returns its second operand for a NaN, so a NaN score is
+    // skipped, as the scalar's `s > top ? s : top` skips it.
+    for (; j + 16 <= length; j += 16) tops = _mm512_max_ps(_mm512_loadu_ps(s + j), tops);
     const __mmask16 tail = static_cast<__mmask16>((1u << (length - j)) - 1u);
-    tops = _mm512_max_ps(tops, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, s + j));
+    tops = _mm512_max_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, s + j), tops);
     float top = _mm512_reduce_max_ps(tops);
     if (top == -INFINITY) top = 0.f;  // every position masked: all weights 0
     const __m512 tops_all = _mm512_set1_ps(top);
