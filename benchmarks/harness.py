@@ -84,6 +84,37 @@ def token_rates(runs: dict[str, list[dict]]) -> dict[str, dict]:
     return summary
 
 
+def time_calls(calls: Sequence[tuple[list[str], list[str]]], run_call: Callable[..., int]) -> dict:
+    """A worker's timing of whole ``generate`` calls: one warm-up call (packing, cache
+    allocation), then every call timed; ``run_call(rendered, keys)`` returns the
+    completion tokens it produced. The work and time `calls_line` prints."""
+    import time
+
+    run_call(*calls[0])
+    start = time.perf_counter()
+    tokens = sum(run_call(*call) for call in calls)
+    return {
+        "seconds": time.perf_counter() - start,
+        "completion_tokens": tokens,
+        "rows": sum(len(rendered) for rendered, _ in calls),
+        "calls": len(calls),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def calls_line(side: str, summary: dict[str, dict], first: dict, width: int) -> str:
+    """One side's line for a benchmark of whole ``generate`` calls: median tokens/s and
+    seconds, each run's rate, peak RSS, and the work (``first``: one run's ``rows``,
+    ``calls`` and ``completion_tokens``)."""
+    measured = summary[side]
+    rates = ", ".join(f"{x:.1f}" for x in measured["rates"])
+    return (
+        f"{side:{width}s} {measured['tokens_per_s']:7.1f} tokens/s, {measured['seconds']:6.1f} s "
+        f"(runs: {rates} tokens/s) peak RSS {measured['peak_rss_mb']:6.0f} MB; "
+        f"{first['rows']} rows in {first['calls']} generate calls, {first['completion_tokens']} completion tokens"
+    )
+
+
 def ratios_against_best(summary: dict[str, dict], ours: str, peers: Sequence[str]) -> tuple[str, float, float]:
     """(the fastest peer, our speed ratio over it, our peak-memory ratio over it)."""
     best = max(peers, key=lambda side: summary[side]["tokens_per_s"])

@@ -38,18 +38,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when run as a script
 
 from harness import (  # noqa: E402
+    calls_line,
     check_same_work_of,
-    peak_rss_mb,
     ratios_against_best,
     run_alternating,
     run_worker,
     set_threads,
+    time_calls,
     token_rates,
 )
 
@@ -145,17 +145,7 @@ def worker(args) -> dict:
             return int(out.shape[0] * (out.shape[1] - encoded["input_ids"].shape[1]))
 
     with torch.no_grad():
-        run_call(*calls[0])  # warm-up (the engine's packing, the static cache's allocation)
-        start = time.perf_counter()
-        tokens = sum(run_call(*call) for call in calls)
-        elapsed = time.perf_counter() - start
-    return {
-        "seconds": elapsed,
-        "completion_tokens": tokens,
-        "rows": sum(len(rendered) for rendered, _ in calls),
-        "calls": len(calls),
-        "peak_rss_mb": peak_rss_mb(),
-    }
+        return time_calls(calls, run_call)  # one warm-up call, then every call timed
 
 
 def run_side(side: str, args) -> dict:
@@ -189,12 +179,7 @@ def main() -> None:
     check_same_work_of(runs, "completion_tokens", "completion tokens")
     summary = token_rates(runs)
     for side in SIDES:
-        first = runs[side][0]
-        print(
-            f"{side:16s} {summary[side]['tokens_per_s']:7.1f} tokens/s, {summary[side]['seconds']:6.1f} s "
-            f"(runs: {', '.join(f'{x:.1f}' for x in summary[side]['rates'])} tokens/s) peak RSS {summary[side]['peak_rss_mb']:6.0f} MB; "
-            f"{first['rows']} rows in {first['calls']} generate calls, {first['completion_tokens']} completion tokens"
-        )
+        print(calls_line(side, summary, runs[side][0], width=16))
     _, default_speed, _ = ratios_against_best(summary, "ucai-policy", PEERS)
     print(f"ucai sampling from the policy (sampling_precision: rollout) vs peer's best: speed_ratio={default_speed:.2f}")
     best, speed, memory = ratios_against_best(summary, "ucai", PEERS)

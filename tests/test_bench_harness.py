@@ -61,3 +61,30 @@ def test_run_worker_returns_the_last_json_line_or_stops_with_the_workers_error(t
     assert run_worker(str(script), "good", ["x"]) == {"side": "good", "option": "x"}
     with pytest.raises(SystemExit, match="bad side failed:\n.*worker broke: y"):
         run_worker(str(script), "bad", ["y"])
+
+
+def test_calls_line_names_the_rates_memory_and_work():
+    from harness import calls_line, token_rates
+
+    runs = {"ucai": [{"completion_tokens": 100, "seconds": 2.0, "peak_rss_mb": 1000.0, "rows": 8, "calls": 4}]}
+    line = calls_line("ucai", token_rates(runs), runs["ucai"][0], width=6)
+    assert line == (
+        "ucai      50.0 tokens/s,    2.0 s (runs: 50.0 tokens/s) peak RSS   1000 MB; "
+        "8 rows in 4 generate calls, 100 completion tokens"
+    )
+
+
+def test_time_calls_warms_up_once_then_times_every_call():
+    from harness import time_calls
+
+    made = []
+
+    def run_call(rendered, keys):
+        made.append(len(rendered))
+        return 3 * len(rendered)
+
+    calls = [(["a", "b"], ["1", "2"]), (["c"], ["3"])]
+    result = time_calls(calls, run_call)
+    assert made == [2, 2, 1]  # the warm-up is the first call again, not counted
+    assert result["completion_tokens"] == 9 and result["rows"] == 3 and result["calls"] == 2
+    assert result["seconds"] >= 0 and result["peak_rss_mb"] > 0

@@ -253,7 +253,8 @@ class PPOModule(RolloutPhase, UpdatePhase, L.LightningModule):
             token (``rollout/kl_engine_model``). Costs one bf16 copy of the model (two
             on a CPU, where the decode engine packs it), freed before the export; on
             a CPU, where sampling is bound by reading the weights, it samples ~2x
-            faster (SmolLM2, one core: `benchmarks/rl_sampling.py`). Not under FSDP (refused: the copy needs the
+            faster, ~2.9x where AMX runs the copy's projections (SmolLM2, one core:
+            `benchmarks/rl_sampling.py`). Not under FSDP (refused: the copy needs the
             whole weights); where the device has no native bf16, sampling falls back
             to the policy (one warning).
         rollouts_file: file name of the episode log in the run's log folder.
